@@ -169,20 +169,21 @@ def resolve(name):
 
 def parse_layers(spec, num_layers):
     """'0-3,8,11' -> [0, 1, 2, 3, 8, 11]; 'every2' -> [0, 2, 4, ...]. Sorted, unique, in range."""
-    if spec.startswith("every"):
-        step = int(spec[5:])
-        return list(range(0, num_layers, step))
-    keep = set()
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part:
-            a, b = part.split("-")
-            keep.update(range(int(a), int(b) + 1))
-        elif part:
-            keep.add(int(part))
-    keep = sorted(keep)
+    bad = ValueError(f"--student-layers {spec!r}: expected e.g. '0-3,8' or 'every2' with layers in "
+                     f"[0, {num_layers - 1}]")
+    try:
+        if spec.startswith("every"):
+            keep = list(range(0, num_layers, int(spec[5:])))
+        else:
+            keep = set()
+            for part in filter(None, (p.strip() for p in spec.split(","))):
+                a, _, b = part.partition("-")
+                keep.update(range(int(a), int(b or a) + 1))
+            keep = sorted(keep)
+    except ValueError:
+        raise bad from None
     if not keep or keep[0] < 0 or keep[-1] >= num_layers:
-        raise ValueError(f"--student-layers {spec!r}: layers must be in [0, {num_layers - 1}]")
+        raise bad
     return keep
 
 

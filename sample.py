@@ -108,7 +108,7 @@ def token_logprobs(logits, tokens, temperature=1.0, chunk=8):
     return torch.cat(out, dim=0)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
              seed=None, return_logprobs=True):
     """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows, prompt-major."""
@@ -128,10 +128,13 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     logits = out.logits[:, -1].repeat_interleave(n, dim=0)   # [N, V]
     first_logits = logits                                     # predicts response token 0; kept for the logprobs
     P = prompt_ids.shape[1]
-    attn = prompt_mask.repeat_interleave(n, dim=0)           # [N, P]
-    next_pos = attn.sum(-1, keepdim=True)                    # [N, 1] position of the first response token
+    # The whole attention mask up front; step t uses a view of its first P+t+1 columns (no per-step torch.cat).
+    attn = torch.cat([prompt_mask.repeat_interleave(n, dim=0),
+                      torch.ones(N, max_new_tokens, dtype=prompt_mask.dtype, device=device)], dim=1)
+    next_pos = prompt_mask.sum(-1, keepdim=True).repeat_interleave(n, dim=0)  # [N, 1] first response position
 
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)  # [V] lookup table: one gather a step
+    is_eos[list(eos_ids)] = True
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, alive = [], []
     for t in range(max_new_tokens):
@@ -139,11 +142,10 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
         tok = tok.masked_fill(finished, pad_id)
         tokens.append(tok)
         alive.append(~finished)
-        finished = finished | torch.isin(tok, eos)
-        if finished.all() or t == max_new_tokens - 1:
+        finished = finished | is_eos[tok]
+        if t == max_new_tokens - 1 or finished.all():
             break
-        attn = torch.cat([attn, torch.ones(N, 1, dtype=attn.dtype, device=device)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos + t,
+        out = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1], position_ids=next_pos + t,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         logits = out.logits[:, -1]
