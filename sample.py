@@ -3,7 +3,8 @@
 `generate()` is the rollout engine of every trainer here:
   - left padding, one prefill per prompt: the prompt's KV cache is computed once and copied to its n samples
     (HF `generate(num_return_sequences=n)` repeats the prompt n times before the prefill, so it prefills n times);
-  - a plain decode loop with temperature / top-p and a seeded torch.Generator (same seed, same samples);
+  - a plain decode loop with temperature / top-p; each sample has its own generator seeded from (seed, prompt
+    key, sample index), so a prompt gets the same samples whatever batch, rank or resumed run it lands in;
   - every position after the end-of-turn token is masked (response_mask 0, token = pad);
   - per-token logprobs recomputed by one parallel forward pass over the whole response (on top of the prompt's
     KV cache from the prefill, so the prompt is not recomputed n times) with logits / temperature: the
@@ -19,6 +20,7 @@ failed (rerun to retry them), 2 a bad input row stopped the run.
 """
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -78,23 +80,51 @@ def left_pad(seqs, pad_id, device=None):
     return ids.to(device), mask.to(device)
 
 
+def pack(prompts, responses, pad_id, device=None):
+    """Token lists -> a Rollout in the layout generate() returns (prompts left-padded to one width P, responses
+    right-padded after them), so teacher responses and student samples go through the same code."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    T = max(1, max(len(r) for r in responses))
+    response_ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), T), dtype=torch.long)
+    for i, r in enumerate(responses):
+        response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, :len(r)] = 1
+    return Rollout(prompt_ids, prompt_mask, response_ids.to(device), response_mask.to(device), None)
+
+
 def position_ids_from_mask(mask):
     """Positions count real tokens only, so a left-padded prompt gets the same positions as an unpadded one."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def sample_token(logits, temperature, top_p, generator):
-    """logits [N, V] -> tokens [N]. temperature 0 is greedy."""
+def row_generators(seed, keys, n, device):
+    """One torch.Generator per sample, seeded from (seed, prompt key, sample index) by a stable hash. A sample's
+    randomness then does not depend on which batch, rank or resumed run its prompt lands in: the same global
+    prompt gets the same draws single-process or under torchrun (up to float noise in the logits)."""
+    gens = []
+    for key in keys:
+        for i in range(n):
+            h = hashlib.sha256(f"{seed}|{key}|{i}".encode()).digest()
+            gens.append(torch.Generator(device=device).manual_seed(int.from_bytes(h[:8], "little") >> 1))
+    return gens
+
+
+def sample_token(logits, temperature, top_p, generators):
+    """logits [N, V] -> tokens [N], row i drawing its noise from generators[i]. temperature 0 is greedy.
+    Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and lets each row use its own generator."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)            # [N, V]
     if top_p < 1.0:
-        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+        sorted_logp, sorted_idx = logp.sort(dim=-1, descending=True)
+        sorted_p = sorted_logp.exp()
         # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        logp = logp.scatter(-1, sorted_idx, sorted_logp.masked_fill(drop, float("-inf")))
+    u = torch.stack([torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in generators])  # [N, V]
+    gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20)))
+    return (logp + gumbel).argmax(-1)
 
 
 def token_logprobs(logits, tokens, temperature=1.0, chunk=8):
@@ -110,11 +140,13 @@ def token_logprobs(logits, tokens, temperature=1.0, chunk=8):
 
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
-             seed=None, return_logprobs=True):
-    """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows, prompt-major."""
+             seed=0, prompt_keys=None, return_logprobs=True):
+    """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows, prompt-major.
+    prompt_keys (default: the position in this batch) name the prompts for the per-sample seeds: pass a global
+    index or an id to make samples independent of how prompts are batched."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    keys = range(len(prompts)) if prompt_keys is None else prompt_keys
+    generators = row_generators(seed, keys, n, device)
     from transformers import DynamicCache
 
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # [B, P]
@@ -138,7 +170,7 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, alive = [], []
     for t in range(max_new_tokens):
-        tok = sample_token(logits, temperature, top_p, generator)
+        tok = sample_token(logits, temperature, top_p, generators)
         tok = tok.masked_fill(finished, pad_id)
         tokens.append(tok)
         alive.append(~finished)
@@ -385,7 +417,7 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
         batch = encoded[b:b + args.batch_size]
         ro = generate(model, [ids for _, ids in batch], n=args.n, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                      seed=args.seed + b, return_logprobs=False)
+                      seed=args.seed, prompt_keys=[rec["id"] for rec, _ in batch], return_logprobs=False)
         texts = ro.texts(tokenizer)
         for i, (rec, _) in enumerate(batch):
             writer.write(output_row(rec, texts[i * args.n:(i + 1) * args.n]))

@@ -81,7 +81,7 @@ def test_same_seed_same_samples_and_samples_differ(tiny):
 def test_sample_token_follows_the_tempered_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 6) * 2
-    g = torch.Generator().manual_seed(0)
+    g = sample.row_generators(0, range(40000), 1, "cpu")
     draws = sample.sample_token(logits.expand(40000, 6), 0.5, 1.0, g)
     freq = torch.bincount(draws, minlength=6).float() / len(draws)
     torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.5, -1), atol=0.01, rtol=0)
@@ -89,11 +89,11 @@ def test_sample_token_follows_the_tempered_distribution():
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    g = torch.Generator().manual_seed(0)
+    g = sample.row_generators(0, range(20000), 1, "cpu")
     draws = sample.sample_token(probs.log().expand(20000, 4), 1.0, 0.8, g)
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
-    draws = sample.sample_token(probs.log().expand(100, 4), 1.0, 0.4, g)  # top token alone reaches 0.4
+    draws = sample.sample_token(probs.log().expand(100, 4), 1.0, 0.4, g[:100])  # top token alone reaches 0.4
     assert (draws == 0).all()
 
 
@@ -105,3 +105,12 @@ def test_rollout_texts_drop_end_of_turn_and_padding(tiny):
         kept = [t for t in ids[mask.bool()].tolist() if t < 256]
         assert text == tok.decode(kept)
         assert "<|im_end|>" not in text and "<|pad|>" not in text
+
+
+def test_samples_do_not_depend_on_the_batch(tiny):
+    """Per-sample generators keyed by prompt: a prompt sampled alone or inside a batch gets the same tokens."""
+    model, _, prompts = tiny
+    kw = dict(n=2, max_new_tokens=10, temperature=1.0, eos_ids=[], pad_id=PAD, seed=5)
+    batch = sample.generate(model, prompts, prompt_keys=["a", "b", "c"], **kw)
+    alone = sample.generate(model, prompts[1:2], prompt_keys=["b"], **kw)
+    assert torch.equal(batch.response_ids[2:4], alone.response_ids)

@@ -1,0 +1,385 @@
+"""Held-out metrics for a distilled student (DESIGN.md section 5), and a CLI that prints them as a table.
+
+    python eval.py --model out/gad/final --compare smollm2-135m out/seqkd/final --data teacher.jsonl \
+        --teacher qwen2.5-7b --discriminator out/gad/discriminator
+
+samples the student greedily on each prompt and reports, per model (one table column each):
+  - rouge_l: ROUGE-L F1 of the sample against the teacher's response, as Google's `rouge-score` (RougeL, default
+    tokenizer, no stemming). The papers' diagnostic, not the quality metric (GAD can be below SeqKD on it).
+  - student_nll: nats/token of the teacher's responses under the student (how well it imitates the teacher).
+  - teacher_nll: nats/token of the student's samples under a white-box teacher: how teacher-like the student's own
+    outputs are, the fairest offline quality metric for every method here.
+  - disc_score / disc_score_teacher / disc_acc: a GAD discriminator's mean score of the student's samples and of
+    the teacher's responses, and how often the teacher response outscores the sample (near 1: D still tells them
+    apart; near 0.5: the student fools it).
+  - length (mean response tokens, the end-of-turn token counted), truncated (fraction cut at max_new_tokens:
+    length is capped there, so a length-hacking student shows up here), distinct_2 (unique word bigrams / bigrams
+    over all samples: a collapsed student repeats itself), num_prompts.
+
+Choices beyond the papers, each for a reason:
+  - Greedy decoding (temperature 0) by default: metrics are deterministic, so two checkpoints differ only by their
+    weights. With n > 1 samples per prompt, means run over all samples and disc_acc over the (prompt, sample)
+    pairs, the pairs the discriminator is trained on.
+  - NLLs are token means pooled over all responses (long responses weigh more), as the SFT loss is. The teacher
+    responses are tokenized as for training (data.encode_response): the end-of-turn token is included, so
+    stopping is part of the score; responses over max_response_len are cut (and then carry no end-of-turn token).
+  - teacher_nll feeds the student's token ids to the teacher: they must share a tokenizer (the CLI checks the
+    vocabularies match); Qwen2.5 7B and 1.5B do, although their embedding matrices differ in size.
+  - ROUGE-L's tokenizer keeps only [a-z0-9] runs after lower-casing, exactly as rouge-score does: text in other
+    scripts has no tokens and scores 0. The LCS is the bit-parallel one (same numbers as the textbook DP, tested
+    against it), since teacher responses of a thousand words make the O(m n) Python DP the slowest part of eval.
+  - A metric that cannot be computed (no teacher, no discriminator, no record with a teacher response) is left
+    out of the dict rather than set to nan; the table shows it as "-".
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+
+import torch
+from tqdm import tqdm
+
+from common import print0
+import data as data_lib
+import models
+import sample
+
+# ----------------------------------------------------------------------------------------------------------
+# text metrics
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def words(text):
+    """rouge-score's default tokenizer: lower-case, every run of characters other than [a-z0-9] is a separator."""
+    return _NON_ALNUM.sub(" ", text.lower()).split()
+
+
+def lcs_length(a, b):
+    """Length of the longest common subsequence of two token lists, bit-parallel (Allison & Dix 1986; Hyyro 2004).
+
+    Bit i of V is 1 while row i of the classic DP table has not yet gained its increment; each token of b updates
+    all of a's positions at once with integer arithmetic. The LCS length is the number of bits that turned 0.
+    O(len(b)) big-int operations instead of O(len(a) * len(b)) Python steps."""
+    if not a or not b:
+        return 0
+    match = {}  # token -> bitmask of the positions where a has it
+    for i, tok in enumerate(a):
+        match[tok] = match.get(tok, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for tok in b:
+        u = v & match.get(tok, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F1 in [0, 1] (rouge-score's RougeL fmeasure): LCS over word tokens; 0 if either side has none."""
+    pred, ref = words(prediction), words(reference)
+    lcs = lcs_length(ref, pred)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def distinct_n(texts, n=2):
+    """Unique word n-grams / all word n-grams over the texts (n-grams never cross two texts); 0 if there are none."""
+    grams = [tuple(w[i:i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model metrics
+
+@torch.no_grad()
+def response_nll(model, prompts, responses, batch_size=8, desc=None):
+    """Token-mean NLL (nats/token, temperature 1) of each response given its prompt -> (nll, num_tokens).
+
+    Batched as generate() lays rows out (sample.pack: prompts left-padded, responses right-padded with a mask), so
+    the response starts at one column for every row; empty responses count nothing; (nan, 0) if all are empty."""
+    device = next(model.parameters()).device
+    # similar lengths together: less padding; the sum does not depend on the order
+    rows = sorted((i for i in range(len(responses)) if responses[i]), key=lambda i: len(prompts[i]) + len(responses[i]))
+    total, count = 0.0, 0
+    for b in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=desc is None):
+        idx = rows[b:b + batch_size]
+        batch = sample.pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id=0, device=device)
+        mask = batch.attention_mask                                                      # [B, P+T]
+        T = batch.response_ids.shape[1]
+        # the last T+1 positions' logits: P-1 predicts response token 0, ..., P+T-2 predicts token T-1
+        logits = model(input_ids=batch.input_ids, attention_mask=mask, logits_to_keep=T + 1,
+                       position_ids=sample.position_ids_from_mask(mask)).logits[:, :-1]  # [B, T, V]
+        logprobs = sample.token_logprobs(logits, batch.response_ids)                    # [B, T]
+        total -= (logprobs.double() * batch.response_mask).sum().item()
+        count += int(batch.response_mask.sum())
+    return (total / count if count else float("nan")), count
+
+
+@torch.no_grad()
+def score_pairs(score_fn, prompts, responses, pad_id, batch_size, device):
+    """score_fn over (prompt, response) token lists in batches -> [N] float tensor on the CPU."""
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        batch = sample.pack(prompts[b:b + batch_size], responses[b:b + batch_size], pad_id, device)
+        out.append(score_fn(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """eval() for the duration (no dropout), then each module back to the mode it was in: trainers call evaluate."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+@torch.no_grad()
+def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_new_tokens=64, temperature=0.0, n=1,
+             batch_size=8, seed=0, max_prompt_len=None, max_response_len=None):
+    """Sample the student on each record's prompt and measure (see the header) -> dict of floats, plus "samples":
+    the decoded responses, prompt-major (sample j of kept record i at i * n + j).
+
+    teacher: a causal LM with the student's tokenizer (teacher_nll). score_fn(prompt_ids, prompt_mask, response_ids,
+    response_mask) -> [N] scores, the discriminator's interface, called on rows laid out as generate() returns them.
+    Prompts over max_prompt_len tokens are skipped (a cut prompt is a different question) and counted.
+    One process: under torchrun, call it on rank 0 (the metrics are not all-reduced)."""
+    if max_new_tokens < 1 or n < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens, n and batch_size must be >= 1")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else data_lib.end_of_turn_id(tokenizer)
+    device = next(student.parameters()).device
+    prompts, kept = [], []
+    for rec in records:
+        ids = data_lib.encode_prompt(tokenizer, rec["messages"])
+        if max_prompt_len is None or len(ids) <= max_prompt_len:
+            prompts.append(ids)
+            kept.append(rec)
+    if len(kept) < len(records):
+        print0(f"eval: skipped {len(records) - len(kept)} prompts over max_prompt_len={max_prompt_len} tokens")
+    if not kept:
+        raise ValueError("no prompts to evaluate")
+
+    with eval_mode(*[m for m in (student, teacher) if m is not None]):
+        # 1. the student's responses, n per prompt; prompt_keys = global index, so a sample does not depend on
+        # the batch size (matters when temperature > 0)
+        eos = sample.stop_ids(tokenizer)
+        responses, texts = [], []  # token lists (end-of-turn token included when generated), decoded texts
+        for b in tqdm(range(0, len(prompts), batch_size), desc="eval: sampling", unit="batch"):
+            chunk = prompts[b:b + batch_size]
+            ro = sample.generate(student, chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=1.0, eos_ids=eos, pad_id=pad_id, seed=seed, prompt_keys=range(b, b + len(chunk)),
+                                 return_logprobs=False)
+            responses += [ids[m.bool()].tolist() for ids, m in zip(ro.response_ids, ro.response_mask)]
+            texts += ro.texts(tokenizer)
+        sample_prompts = [p for p in prompts for _ in range(n)]
+
+        # 2. the teacher's responses, tokenized as for training
+        refs = [i for i, rec in enumerate(kept) if rec.get("teacher_response")]
+        ref_prompts = [prompts[i] for i in refs]
+        ref_responses = [data_lib.encode_response(tokenizer, kept[i]["teacher_response"], max_response_len)[0]
+                         for i in refs]
+
+        metrics = {}
+        if refs:
+            metrics["rouge_l"] = _mean(rouge_l(texts[i * n + j], kept[i]["teacher_response"])
+                                       for i in refs for j in range(n))
+            metrics["student_nll"] = response_nll(student, ref_prompts, ref_responses, batch_size,
+                                                  desc="eval: student nll")[0]
+        if teacher is not None:
+            metrics["teacher_nll"] = response_nll(teacher, sample_prompts, responses, batch_size,
+                                                  desc="eval: teacher nll")[0]
+        if score_fn is not None:
+            student_scores = score_pairs(score_fn, sample_prompts, responses, pad_id, batch_size, device)  # [N*n]
+            metrics["disc_score"] = student_scores.mean().item()
+            if refs:
+                teacher_scores = score_pairs(score_fn, ref_prompts, ref_responses, pad_id, batch_size, device)
+                metrics["disc_score_teacher"] = teacher_scores.mean().item()
+                # each sample against its own prompt's teacher response: the pairs L_D is trained on
+                metrics["disc_acc"] = _mean(float(teacher_scores[k] > student_scores[i * n + j])
+                                            for k, i in enumerate(refs) for j in range(n))
+    metrics["length"] = _mean(len(r) for r in responses)
+    metrics["truncated"] = _mean(float(r[-1] not in eos) for r in responses)
+    metrics["distinct_2"] = distinct_n(texts, 2)
+    metrics["num_prompts"] = len(kept)
+    metrics["samples"] = texts
+    return metrics
+
+
+def format_table(rows, keys=None):
+    """{column name: metrics} -> a GitHub markdown table, one metric per line. Numbers only (the "samples" list is
+    skipped); floats with 4 decimals, a metric missing from a column as "-"."""
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if keys is None:
+        keys = []
+        for metrics in rows.values():
+            keys += [k for k, v in metrics.items() if is_number(v) and k not in keys]
+
+    def cell(metrics, key):
+        v = metrics.get(key)
+        if not is_number(v):
+            return "-"
+        return str(v) if isinstance(v, int) else f"{v:.4f}"
+
+    names = list(rows)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {k} | " + " | ".join(cell(rows[name], k) for name in names) + " |" for k in keys]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# discriminator checkpoints (eval does not import discriminator.py: entry points and eval stay independent of it)
+
+def _hf_score_fn(cls_model):
+    """A score_fn from a saved discriminator (AutoModelForSequenceClassification, num_labels=1): the backbone's
+    hidden state at the last response token (the last position where the response mask is 1, never found from
+    pad ids: pad can equal the end-of-turn id), through the `score` head. HF's own forward pools at the last
+    non-pad token instead, which is wrong when pad is the end-of-turn id, hence this function."""
+    backbone, head = cls_model.base_model, cls_model.score
+    device = next(cls_model.parameters()).device
+
+    def score_fn(prompt_ids, prompt_mask, response_ids, response_mask):
+        ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)       # [N, P+T]
+        mask = torch.cat([prompt_mask, response_mask], dim=1).to(device)    # [N, P+T]
+        h = backbone(input_ids=ids, attention_mask=mask,
+                     position_ids=sample.position_ids_from_mask(mask)).last_hidden_state  # [N, P+T, H]
+        P, T = prompt_ids.shape[1], response_ids.shape[1]
+        rmask = response_mask.to(device)
+        # the largest column index with mask 1 (argmax takes the first max; an all-zero row: the last prompt token)
+        last_in_response = (torch.arange(T, device=device) * rmask).argmax(-1)
+        last = torch.where(rmask.any(-1), P + last_in_response, P - 1)     # [N]
+        return head(h[torch.arange(h.shape[0], device=device), last]).squeeze(-1).float()
+
+    return score_fn
+
+
+def load_discriminator(path, dtype, device):
+    from transformers import AutoModelForSequenceClassification
+
+    d = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+    if d.config.num_labels != 1 or not hasattr(d, "score"):
+        raise ValueError(f"{path}: expected a sequence-classification model with num_labels=1 and a `score` head")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate one or more students on held-out prompts and print a table "
+                                            "(one column per model).")
+    m = p.add_argument_group("models")
+    m.add_argument("--model", required=True, help="student: alias (tiny, smollm2-135m, qwen2.5-1.5b, ...) or folder")
+    m.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
+                   help="more models for more columns, e.g. the checkpoint before training")
+    m.add_argument("--teacher", help="white-box teacher for teacher_nll (must share the students' tokenizer)")
+    m.add_argument("--discriminator", help="GAD discriminator folder (sequence classification, num_labels=1) for "
+                                           "disc_score / disc_acc")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", required=True, help="records with teacher responses: jsonl, parquet, ShareGPT json")
+    d.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"], help="input format")
+    d.add_argument("--split", default="val", choices=["val", "train", "all"],
+                   help="which side of data.train_val_split to use (val: the trainers' held-out prompts)")
+    d.add_argument("--val-fraction", type=float, default=0.1, help="as given to the trainer")
+    d.add_argument("--split-seed", type=int, default=0, help="as given to the trainer (data.train_val_split seed)")
+    d.add_argument("--limit", type=int, default=None, help="first L records of the split")
+    d.add_argument("--max-prompt-len", type=int, default=1024, help="skip longer prompts (counted)")
+    d.add_argument("--max-response-len", type=int, default=1024, help="cut teacher responses for student_nll")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="max response tokens")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic metrics)")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call and rows per forward pass")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (only matters with --temperature > 0)")
+    c = p.add_argument_group("compute and output")
+    c.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    c.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    c.add_argument("--out", default=None, help="also write {model: metrics, with the samples} to this json file")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.val_fraction <= 1.0:
+        p.error("--val-fraction must be in [0, 1]")
+    if min(args.max_new_tokens, args.n, args.batch_size) < 1:
+        p.error("--max-new-tokens, --n and --batch-size must be >= 1")
+    return args
+
+
+def load_split(args):
+    records, _ = data_lib.read_records(args.data, fmt=args.format)
+    if args.split != "all":
+        train, val = data_lib.train_val_split(records, args.val_fraction, seed=args.split_seed)
+        records = val if args.split == "val" else train
+    return records[:args.limit] if args.limit is not None else records
+
+
+def column_names(names):
+    """The model names as given, made unique (a folder compared with itself gets '#2')."""
+    seen, out = Counter(), []
+    for name in names:
+        base = name.rstrip("/") or name
+        seen[base] += 1
+        out.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    try:
+        records = load_split(args)
+    except data_lib.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"error: no records in the {args.split} split of {args.data} (try --split all)", file=sys.stderr)
+        return 2
+    print0(f"eval: {len(records)} prompts ({args.split} split of {args.data})")
+
+    teacher = teacher_vocab = score_fn = None
+    if args.teacher:
+        teacher = models.load_model(args.teacher, dtype=dtype, device=device)
+        teacher_vocab = models.load_tokenizer(args.teacher).get_vocab()
+    if args.discriminator:
+        score_fn = _hf_score_fn(load_discriminator(args.discriminator, models.DTYPES[dtype], device))
+
+    results = {}
+    for name, col in zip([args.model] + args.compare, column_names([args.model] + args.compare)):
+        t0 = time.time()
+        student, tokenizer = models.load(name, dtype=dtype, device=device)
+        if teacher_vocab is not None and tokenizer.get_vocab() != teacher_vocab:
+            print(f"error: {name} and the teacher {args.teacher} have different tokenizers: teacher_nll needs one "
+                  f"vocabulary", file=sys.stderr)
+            return 2
+        results[col] = evaluate(student, tokenizer, records, teacher=teacher, score_fn=score_fn,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
+                                batch_size=args.batch_size, seed=args.seed, max_prompt_len=args.max_prompt_len,
+                                max_response_len=args.max_response_len)
+        print0(f"eval: {col} done in {time.time() - t0:.1f}s; first sample: {results[col]['samples'][0][:200]!r}")
+        del student
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(results, f, ensure_ascii=False, indent=1)
+    print(format_table(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

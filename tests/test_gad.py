@@ -1,0 +1,206 @@
+"""GAD: the discriminator's scoring position, the stages, resume, DDP and learning, on tiny models."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import discriminator
+import eval as eval_lib
+import gad
+import losses
+import models
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAD = 256
+# Small enough for a subprocess to finish in seconds; every stage still takes several optimizer steps.
+SMALL = ["--student", "tiny", "--warmup-steps", "3", "--gad-steps", "4", "--freeze-g-steps", "1", "--eval-prompts",
+         "4", "--save-every", "1"]
+
+
+def run(args, torchrun=False, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
+                              else []) + ["gad.py"] + args
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def metrics(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+def student_weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "student", "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ discriminator
+
+@pytest.fixture(scope="module")
+def tiny_d():
+    torch.manual_seed(0)
+    d = discriminator.from_student(models.tiny_model(seed=0)).eval()
+    torch.nn.init.normal_(d.score.weight)  # a non-zero head, so scores differ between inputs
+    return d
+
+
+def test_score_reads_the_last_response_token(tiny_d):
+    ro = sample.pack([[5, 6, 7], [8, 9]], [[10, 11, 12, 258], [13, 258]], PAD)
+    base = discriminator.score_rollout(tiny_d, ro)
+    # padding after the last response token and before the prompt does not change the score ...
+    padded = sample.Rollout(ro.prompt_ids.clone(), ro.prompt_mask, ro.response_ids.clone(), ro.response_mask, None)
+    padded.response_ids[1, 2:] = 77
+    padded.prompt_ids[1, 0] = 99
+    torch.testing.assert_close(discriminator.score_rollout(tiny_d, padded), base)
+    # ... and neither does a wider padding layout (the score is read at the last response token wherever it is)
+    wide = sample.pack([[5, 6, 7], [8, 9]], [[10, 11, 12, 258, PAD, PAD], [13, 258]], PAD)
+    wide.response_mask[0, 4:] = 0
+    torch.testing.assert_close(discriminator.score_rollout(tiny_d, wide), base, atol=1e-5, rtol=1e-5)
+    # changing the last response token does
+    changed = sample.Rollout(ro.prompt_ids, ro.prompt_mask, ro.response_ids.clone(), ro.response_mask, None)
+    changed.response_ids[1, 1] = 40
+    new = discriminator.score_rollout(tiny_d, changed)
+    assert new[0] == base[0] and abs(new[1] - base[1]) > 1e-4
+    # and the score is the head at that position: an independent full forward agrees
+    ids = torch.tensor([[8, 9, 13, 258]])
+    h = tiny_d.model(input_ids=ids).last_hidden_state[0, -1]
+    torch.testing.assert_close(base[1], tiny_d.score(h).squeeze(), atol=1e-5, rtol=1e-5)
+
+
+def test_discriminator_update_learns_and_accumulates_exactly():
+    torch.manual_seed(0)
+    student = models.tiny_model(seed=0)
+    teacher = sample.pack([[5, 6], [7, 8, 9]], [[100, 101, 258], [102, 258]], PAD)
+    samples = sample.pack([[5, 6]] * 2 + [[7, 8, 9]] * 2, [[30, 31, 32, 33], [34, 258], [35, 258], [36, 37]], PAD)
+    grads = []
+    for mb in (None, 3):  # whole batch vs one prompt (1 teacher + 2 samples) per micro-batch
+        d = discriminator.from_student(student)
+        opt = torch.optim.SGD(d.parameters(), lr=0.0)
+        discriminator.update(d, opt, teacher, samples, n=2, micro_batch_size=mb)
+        grads.append(torch.cat([p.grad.flatten() for p in d.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    d = discriminator.from_student(student)
+    opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
+    first = discriminator.update(d, opt, teacher, samples, n=2)
+    for _ in range(20):
+        last = discriminator.update(d, opt, teacher, samples, n=2)
+    assert first["d_loss"] == pytest.approx(losses.bt_loss(torch.zeros(1), torch.zeros(1)).item())  # zero head: log 2
+    assert last["d_loss"] < 0.2 and last["d_acc"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+def test_pipeline_tiny_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = run(SMALL + ["--out", str(out), "--ppo-epochs", "2", "--mini-batches", "2"])
+    rows = metrics(out)
+    assert [m["stage"] for m in rows] == ["warmup"] * 3 + ["gad"] * 4
+    for key in ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac", "response_len",
+                "tokens_per_s", "s_per_step"):
+        assert all(key in m for m in rows if m["stage"] == "gad"), key
+    assert any(m["clipfrac"] > 0 for m in rows if m["stage"] == "gad"), "2 epochs x 2 mini-batches must clip"
+    assert all("sft_loss" not in m for m in rows[:1]) and all("sft_loss" in m for m in rows[1:3])  # G frozen 1 step
+    table = json.loads((out / "eval.json").read_text())
+    assert set(table) == {"before", "after"} and "disc_score" in table["after"] and "teacher_nll" in table["after"]
+    assert "| rouge_l |" in r.stdout
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    g = AutoModelForCausalLM.from_pretrained(out / "student")  # the final student in Hugging Face format
+    d = AutoModelForSequenceClassification.from_pretrained(out / "discriminator")
+    start = models.tiny_model(seed=0)
+    assert not torch.equal(g.model.norm.weight, start.model.norm.weight), "the exported student was trained"
+    assert d.score.weight.abs().sum() > 0, "the discriminator head was trained"
+
+
+def test_each_stage_runs_alone(tmp_path):
+    seqkd = tmp_path / "seqkd"
+    run(["--student", "tiny", "--stage", "seqkd", "--seqkd-epochs", "0.2", "--eval-prompts", "4", "--out", str(seqkd)])
+    rows = metrics(seqkd)
+    assert {m["stage"] for m in rows} == {"seqkd"} and rows[-1]["sft_loss"] < rows[0]["sft_loss"]
+    warm = tmp_path / "warm"
+    run(SMALL + ["--stage", "warmup", "--out", str(warm)])
+    assert {m["stage"] for m in metrics(warm)} == {"warmup"} and (warm / "discriminator" / "config.json").exists()
+    g = tmp_path / "gad"
+    run(SMALL + ["--stage", "gad", "--init-from", str(warm), "--out", str(g)])
+    rows = metrics(g)
+    assert {m["stage"] for m in rows} == {"gad"}
+    # GAD started from the warmup's D, not a fresh zero head: its first reward already separates samples
+    assert rows[0]["reward_std"] > 0
+    from safetensors.torch import load_file
+    warm_g = load_file(warm / "student" / "model.safetensors")
+    assert not torch.equal(warm_g["model.norm.weight"], student_weights(g)["model.norm.weight"])
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(SMALL + ["--out", str(full)])
+    r = run(SMALL + ["--out", str(cut), "--stop-after", "5"])  # killed after step 5 of 7 (2nd GAD step)
+    assert "--stop-after 5" in r.stdout and not (cut / "student").exists()
+    run(SMALL + ["--out", str(cut), "--resume"])
+    a, b = student_weights(full), student_weights(cut)
+    for k in a:  # tolerance 0: the same ops in the same order on CPU
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = metrics(full), metrics(cut)
+    assert len(ma) == len(mb) == 7
+    for x, y in zip(ma, mb):
+        for key in ("d_loss", "reward_mean", "pg_loss", "kl"):
+            if key in x:
+                assert x[key] == y[key], (x["stage"], x["step"], key)
+    assert json.loads((full / "eval.json").read_text()) == json.loads((cut / "eval.json").read_text())
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = SMALL + ["--prompts-per-step", "8", "--micro-batch-size", "6"]
+    run(common + ["--out", str(one)])
+    run(common + ["--out", str(two)], torchrun=True)
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m1) == len(m2) == 7
+    for x, y in zip(m1, m2):  # same global batch and samples: per-row means agree up to float reordering
+        for key in ("d_loss", "d_acc", "reward_mean", "response_len"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["stage"], x["step"], key)
+    a, b = student_weights(one), student_weights(two)
+    for k in a:
+        # Adam turns float-reordering noise in near-zero gradients into ~1e-5 weight differences at lr 1e-2
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+    r = run(SMALL + ["--out", str(tmp_path / "nan"), "--d-lr", "nan", "--max-bad-steps", "2"], check=False)
+    assert r.returncode != 0
+    assert "2 steps in a row had a non-finite loss or gradient" in r.stderr
+    rows = metrics(tmp_path / "nan")
+    assert rows[0]["d_skipped"] == 0 and rows[-1]["d_skipped"] == 1  # the NaN lr poisons D after its first step
+
+
+def test_gad_raises_a_held_out_discriminators_score(tmp_path):
+    """Learning: 40 GAD steps on the tiny pair make the student's samples look more like the teacher's to a
+    discriminator trained separately (on teacher vs the initial student, G frozen) and never used as reward."""
+    held, trained = tmp_path / "held", tmp_path / "gad"
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        gad.main(["--student", "tiny", "--stage", "warmup", "--warmup-steps", "30", "--freeze-g-steps", "100",
+                  "--d-lr", "3e-3", "--seed", "1", "--out", str(held)])
+        gad.main(["--student", "tiny", "--stage", "gad", "--gad-steps", "40", "--eval-prompts", "0", "--seed", "1",
+                  "--out", str(trained)])
+    from transformers import AutoModelForSequenceClassification
+    d_held = AutoModelForSequenceClassification.from_pretrained(held / "discriminator").eval()
+    score_fn = lambda *t: discriminator.score_rollout(d_held, sample.Rollout(*t, None))
+    tok, teacher = models.load_tokenizer("tiny"), models.load_model("tiny-teacher").eval()
+    prompts = gad.tiny_records(40, seed=99)  # prompts neither run saw
+    result = {}
+    for name, student in (("before", models.load_model("tiny", seed=1)),
+                          ("after", models.load_model(str(trained / "student")))):
+        result[name] = eval_lib.evaluate(student.eval(), tok, prompts, teacher=teacher, score_fn=score_fn,
+                                         temperature=1.0, n=4, max_new_tokens=16, seed=1)
+    assert result["after"]["disc_score"] > result["before"]["disc_score"] + 0.3
+    assert result["after"]["teacher_nll"] < result["before"]["teacher_nll"]

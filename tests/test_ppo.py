@@ -1,0 +1,246 @@
+"""ppo.py: advantages against Python loops, logprobs against the sampler, the update's behaviour on a tiny model."""
+
+import statistics
+
+import pytest
+import torch
+
+import losses
+import models
+import ppo
+import sample
+
+PAD = 256
+EOS = list(range(0, 40))   # many end-of-turn ids, so responses stop at different lengths
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are tiny: thread hand-offs cost more than the math, and on a shared CPU two threads per
+    process ran this file 5x slower than one. Restored afterwards, so other test files are unaffected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# advantages
+
+def test_grpo_advantages_match_python_loop():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(5 * 4, generator=g)
+    got = ppo.grpo_advantages(rewards, group_size=4)
+    r = rewards.tolist()
+    for p in range(5):
+        group = r[4 * p:4 * p + 4]
+        mean, std = statistics.mean(group), statistics.stdev(group)   # stdev: unbiased, n - 1
+        for i in range(4):
+            assert got[4 * p + i].item() == pytest.approx((group[i] - mean) / (std + 1e-6), rel=1e-5, abs=1e-6)
+
+
+def test_grpo_constant_group_and_group_size_one_give_zeros():
+    rewards = torch.tensor([0.7, 0.7, 0.7, 0.7, 1.0, 2.0, 3.0, 4.0])
+    adv = ppo.grpo_advantages(rewards, group_size=4)
+    assert (adv[:4] == 0).all() and (adv[4:] != 0).all()
+    assert (ppo.grpo_advantages(rewards, group_size=1) == 0).all()
+    with pytest.raises(ValueError):
+        ppo.grpo_advantages(rewards, group_size=3)
+
+
+def gae_loop(r, v, m, gamma, lam):
+    """Per row, over the unmasked positions only, from the recursion A_t = delta_t + gamma lam A_{t+1}."""
+    adv = [[0.0] * len(row) for row in r]
+    for b in range(len(r)):
+        idx = [t for t in range(len(m[b])) if m[b][t]]
+        last = 0.0
+        for k in reversed(range(len(idx))):
+            t = idx[k]
+            next_v = v[b][idx[k + 1]] if k + 1 < len(idx) else 0.0
+            last = r[b][t] + gamma * next_v - v[b][t] + gamma * lam * last
+            adv[b][t] = last
+    return adv
+
+
+def test_gae_matches_hand_rolled_loop():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0],
+                         [1, 1, 0, 0, 0, 0],
+                         [0, 0, 0, 0, 0, 0],     # empty response
+                         [1, 1, 1, 1, 1, 1],
+                         [0, 0, 1, 1, 1, 1]])    # right-aligned
+    rewards = torch.randn(5, 6, generator=g)
+    values = torch.randn(5, 6, generator=g)
+    values[0, 4] = float("nan")                  # garbage after the response must not matter
+    adv, ret = ppo.gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    want = gae_loop(rewards.tolist(), values.tolist(), mask.tolist(), 0.9, 0.8)
+    torch.testing.assert_close(adv, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret, torch.where(mask.bool(), adv + values, 0.0), atol=1e-6, rtol=1e-6)
+    assert (adv[~mask.bool()] == 0).all() and (ret[~mask.bool()] == 0).all()
+
+
+def test_gae_with_gamma_lam_one_and_zero_values_is_reward_to_go():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    rewards = torch.tensor([[0.0, 0.0, 2.0, 9.0], [1.0, -1.0, 0.5, 3.0]])   # terminal reward on the last token
+    adv, ret = ppo.gae_advantages(rewards, torch.zeros(2, 4), mask, gamma=1.0, lam=1.0)
+    want = torch.tensor([[2.0, 2.0, 2.0, 0.0], [3.5, 2.5, 3.5, 3.0]])
+    torch.testing.assert_close(ret, want)
+    torch.testing.assert_close(adv, want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a tiny model and a rollout
+
+@pytest.fixture(scope="module")
+def rollout():
+    model = models.tiny_model(seed=0).eval()
+    tok = models.tiny_tokenizer()
+    prompts = [tok.encode(s, add_special_tokens=False) for s in ["hi", "a longer prompt, left padded", "third"]]
+    ro = sample.generate(model, prompts, n=4, max_new_tokens=10, temperature=0.7, eos_ids=EOS, pad_id=PAD, seed=0)
+    lengths = ro.response_mask.sum(-1)
+    assert lengths.min() < lengths.max(), "all rows the same length: masking would go untested"
+    return ro
+
+
+def logprobs_of(model, ro, temperature=0.7):
+    with torch.no_grad():
+        return ppo.sequence_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1],
+                                     ro.response_ids.shape[1], temperature)
+
+
+def test_sequence_logprobs_equal_sampler_logprobs(rollout):
+    model = models.tiny_model(seed=0).eval()
+    lp = logprobs_of(model, rollout)
+    torch.testing.assert_close(lp, rollout.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_entropy_and_values_at_the_state_before_each_token(rollout):
+    """Entropy of softmax(logits / temperature) and value_head(h) at the position predicting y_t, checked against
+    one unpadded forward pass per row (no padding, no position-id arithmetic)."""
+    model = models.tiny_model(seed=0).eval()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    with torch.no_grad():
+        lp, ent, values = ppo.sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, P, T, 0.7,
+                                                return_entropy=True, value_head=head)
+        for row in (0, 5, 11):
+            ids = rollout.input_ids[row][rollout.attention_mask[row].bool()][None]   # [1, p + t]
+            t = int(rollout.response_mask[row].sum())
+            p = ids.shape[1] - t
+            out = model(input_ids=ids, output_hidden_states=True)
+            probs = torch.softmax(out.logits[0, p - 1:p - 1 + t].double() / 0.7, -1)      # [t, V]
+            torch.testing.assert_close(ent[row, :t].double(), -(probs * probs.log()).sum(-1), atol=1e-5, rtol=1e-5)
+            want_v = head(out.hidden_states[-1][0, p - 1:p - 1 + t]).squeeze(-1)
+            torch.testing.assert_close(values[row, :t], want_v, atol=1e-5, rtol=1e-5)
+            assert (ent[row, t:] == 0).all() and (lp[row, t:] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the update
+
+def seq_advantages(n_rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ppo.grpo_advantages(torch.randn(n_rows, generator=g), group_size=4)
+
+
+def test_first_step_has_ratio_one(rollout):
+    """One epoch, one mini-batch, old logprobs from the same weights: PPO is REINFORCE, nothing is clipped."""
+    model = models.tiny_model(seed=0)
+    old = logprobs_of(model, rollout)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, old, kl_coef=0.001, micro_batch_size=5,
+                           temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert stats["clipfrac"] == 0.0
+    assert stats["approx_kl"] < 1e-12 and stats["kl"] < 1e-6     # current == old == ref up to float noise
+    assert stats["skipped_steps"] == 0 and stats["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_later_minibatches_get_clipped(rollout):
+    model = models.tiny_model(seed=0)
+    old = logprobs_of(model, rollout)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, ppo_epochs=2, mini_batches=2,
+                           temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert stats["clipfrac"] > 0
+    assert stats["approx_kl"] > 0
+
+
+def test_update_raises_logprobs_of_positive_advantage_samples(rollout):
+    model = models.tiny_model(seed=0)
+    old = logprobs_of(model, rollout)
+    adv = torch.tensor([1.0, -1.0] * 6)                     # each prompt has good and bad samples
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)    # small: the first-order (monotone) regime
+    ppo.ppo_update(model, opt, rollout, adv, old, temperature=0.7)
+    delta = (logprobs_of(model, rollout) - old).sum(-1)     # [N] change of log q(y | x)
+    assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
+    assert (delta[adv > 0] > 0).float().mean() >= 0.5
+    assert (delta[adv < 0] < 0).float().mean() >= 0.5
+
+
+def test_nan_advantage_skips_the_step(rollout):
+    model = models.tiny_model(seed=0)
+    old = logprobs_of(model, rollout)
+    before = [p.detach().clone() for p in model.parameters()]
+    adv = seq_advantages(12)
+    adv[3] = float("nan")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = ppo.ppo_update(model, opt, rollout, adv, old, temperature=0.7)
+    assert stats["skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state                                     # AdamW's moments never saw the NaN
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_loss_is_token_mean_over_the_minibatch_across_micro_batches(rollout):
+    """SGD with lr 1 and no clipping: the weight change is minus the gradient. Micro-batches of uneven token
+    counts must give the gradient of sum(per-token loss) / (all response tokens), computed here in one pass."""
+    old = logprobs_of(models.tiny_model(seed=0), rollout)
+    ref = logprobs_of(models.tiny_model(seed=1), rollout)       # another model: a nonzero k3 term
+    adv = seq_advantages(12)
+    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    mask = rollout.response_mask.bool()
+
+    model = models.tiny_model(seed=0)
+    lp = ppo.sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, P, T, 0.7)
+    pg, _ = losses.ppo_policy_loss(lp, old, adv)
+    loss = losses.masked_sum(pg + 0.1 * losses.kl_k3(lp, ref), mask) / mask.sum()
+    want = torch.autograd.grad(loss, list(model.parameters()))
+
+    def weight_change(token_count_fn):
+        m = models.tiny_model(seed=0)
+        before = [p.detach().clone() for p in m.parameters()]
+        ppo.ppo_update(m, torch.optim.SGD(m.parameters(), lr=1.0), rollout, adv, old, ref, kl_coef=0.1,
+                       micro_batch_size=5, max_grad_norm=None, temperature=0.7, token_count_fn=token_count_fn)
+        return [b - p.detach() for b, p in zip(before, m.parameters())]
+
+    for got, w in zip(weight_change(None), want):
+        torch.testing.assert_close(got, w, atol=1e-6, rtol=1e-4)
+    # a DDP caller's count goes straight into the denominator: twice the count, half the step
+    for got, w in zip(weight_change(lambda n: 2 * n), want):
+        torch.testing.assert_close(got, w / 2, atol=1e-6, rtol=1e-4)
+
+
+def test_value_head_fits_the_returns(rollout):
+    """GAE path: with the reward on each response's last token, repeated updates shrink the value loss."""
+    model = models.tiny_model(seed=0)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    mask = rollout.response_mask.bool()
+    last = mask.sum(-1) - 1
+    token_rewards = torch.zeros(mask.shape)
+    token_rewards[torch.arange(12), last] = torch.linspace(-1, 1, 12)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-2)
+    vf_losses = []
+    for step in range(4):
+        with torch.no_grad():
+            old, old_values = ppo.sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, P, T, 0.7,
+                                                    value_head=head)
+        adv, returns = ppo.gae_advantages(token_rewards, old_values, mask)
+        stats = ppo.ppo_update(model, opt, rollout, adv, old, temperature=0.7, value_head=head, returns=returns,
+                               old_values=old_values, vf_coef=1.0, ppo_epochs=2)
+        vf_losses.append(stats["vf_loss"])
+    assert vf_losses[-1] < 0.5 * vf_losses[0], vf_losses
