@@ -4,6 +4,7 @@ nanochat-style: `compute_init()` reads the torchrun environment (RANK, LOCAL_RAN
 process group only when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU, so DDP is testable on a laptop).
 """
 
+import contextlib
 import json
 import os
 import random
@@ -63,23 +64,28 @@ def seed_everything(seed, rank=0):
     return s
 
 
-def atomic_write_bytes(path, data):
-    """Write to a temp file in the same directory, fsync, then rename: readers see the old file or the new one,
-    never half of one (a crash mid-write leaves the previous version intact)."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path in the same directory; on success rename it over `path`, on failure delete it. Readers
+    see the old file or the new one, never half of one (a kill mid-write leaves the previous version intact)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + ".")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write_bytes(path, data):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path, text):
@@ -88,18 +94,8 @@ def atomic_write_text(path, text):
 
 def atomic_torch_save(obj, path):
     """torch.save through a temp file + rename (checkpoints survive a kill during the save)."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + ".")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def log_metrics(path, metrics):

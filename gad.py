@@ -58,10 +58,10 @@ PRESETS = {
                  seqkd_lr=3e-3, max_prompt_len=64, max_response_len=16, max_new_tokens=16, micro_batch_size=32,
                  dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160),
     # The embedded CPU default: real weights and data from packages, sized for ~10 minutes on 2 cores.
-    "smollm2-135m": dict(PAPER, n=4, prompts_per_step=2, lr=2e-5, d_lr=2e-5, grad_clip=1.0, freeze_g_steps=2,
+    "smollm2-135m": dict(PAPER, n=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4, grad_clip=1.0, freeze_g_steps=2,
                          warmup_steps=10, gad_steps=20, seqkd_epochs=1.0, seqkd_lr=2e-5, max_prompt_len=64,
                          max_response_len=32, max_new_tokens=32, micro_batch_size=8, dtype="float32",
-                         eval_prompts=16, eval_max_new_tokens=32, limit=1200),
+                         eval_prompts=32, eval_max_new_tokens=32, limit=1200),
 }
 DEFAULT_STUDENT = "smollm2-135m"
 
@@ -122,19 +122,12 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     args = p.parse_args(argv)
 
-    preset_name = args.student if args.student in PRESETS else DEFAULT_STUDENT
-    if args.student not in PRESETS and args.dtype is None:
-        preset = dict(PAPER)  # a real model by name or folder: the paper's recipe
-    else:
-        preset = dict(PRESETS[preset_name])
+    preset = PRESETS.get(args.student, PAPER)  # an alias or folder without a preset gets the paper's recipe
     filled = []
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
             filled.append(f"{key}={value}")
-    for key in ("warmup_steps", "gad_steps", "limit"):
-        if not hasattr(args, key) or getattr(args, key) is None:
-            setattr(args, key, preset.get(key))
     print0(f"preset {args.student if args.student in PRESETS else 'paper'}: " + " ".join(filled))
     if args.stage == "gad" and not args.init_from and not args.resume:
         print0("note: --stage gad without --init-from starts GAD from the raw student (no warmup)")
@@ -486,9 +479,10 @@ def main(argv=None):
         teacher = None
         if args.teacher and not args.teacher.startswith("api:"):
             teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval()
-        score_fn = lambda *t: discriminator.score_rollout(D.eval(), sample.Rollout(*t, None), args.micro_batch_size)
-        before = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
-                                   layers=args.student_layers).eval()
+        score_fn = None if args.stage == "seqkd" else (  # SeqKD trains no D: nothing to score with
+            lambda *t: discriminator.score_rollout(D.eval(), sample.Rollout(*t, None), args.micro_batch_size))
+        before = models.load_model(init, dtype=args.dtype, device=device, seed=args.seed,
+                                   layers=None if args.init_from else args.student_layers).eval()
         kw = dict(teacher=teacher, score_fn=score_fn, max_new_tokens=args.eval_max_new_tokens,
                   max_prompt_len=args.max_prompt_len)
         if rank == 0:

@@ -110,9 +110,10 @@ def row_generators(seed, keys, n, device):
     return gens
 
 
-def sample_token(logits, temperature, top_p, generators):
-    """logits [N, V] -> tokens [N], row i drawing its noise from generators[i]. temperature 0 is greedy.
-    Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and lets each row use its own generator."""
+def sample_token(logits, temperature, top_p, uniform):
+    """logits [N, V] -> tokens [N], given uniform noise [N, V] (each row's from its own generator). temperature 0
+    is greedy. Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and lets each row bring its own
+    noise."""
     if temperature == 0:
         return logits.argmax(-1)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)            # [N, V]
@@ -122,8 +123,7 @@ def sample_token(logits, temperature, top_p, generators):
         # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         logp = logp.scatter(-1, sorted_idx, sorted_logp.masked_fill(drop, float("-inf")))
-    u = torch.stack([torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in generators])  # [N, V]
-    gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20)))
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
     return (logp + gumbel).argmax(-1)
 
 
@@ -169,8 +169,14 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     is_eos[list(eos_ids)] = True
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, alive = [], []
+    # Noise for `chunk` steps per generator call (fewer calls per step; the chunk does not depend on N, and on CPU a
+    # generator's stream is the same whether drawn in one call or many, so samples do not depend on it either).
+    V, chunk = logits.shape[-1], max(1, (1 << 18) // logits.shape[-1])
     for t in range(max_new_tokens):
-        tok = sample_token(logits, temperature, top_p, generators)
+        if t % chunk == 0 and temperature > 0:
+            k = min(chunk, max_new_tokens - t)
+            noise = torch.stack([torch.rand(k, V, generator=g, device=device) for g in generators], dim=1)  # [k,N,V]
+        tok = sample_token(logits, temperature, top_p, noise[t % chunk] if temperature > 0 else None)
         tok = tok.masked_fill(finished, pad_id)
         tokens.append(tok)
         alive.append(~finished)
