@@ -3,15 +3,25 @@ only mean something on a GPU.
 
     python bench.py sample                      # sample.generate vs HF generate(num_return_sequences=n)
     python bench.py sample --models tiny --n 8 --prompt-len 256 --max-new-tokens 64
+    python bench.py losses                      # full-vocab KD losses: naive logits vs losses.kd_loss_chunked
+    python bench.py losses --vocab 151936 --seq 1024 --batch 1 --hidden 896 --chunk 128 --losses skl,srkl
 """
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import data as data_lib
+import losses
 import models
 import sample
 
@@ -85,6 +95,101 @@ def bench_sample(args):
         del model
 
 
+KD_LOSSES = {   # name -> (loss_fn, kwargs): DistiLLM's alpha 0.1 (arXiv 2402.03898), GKD's beta 0.5 (arXiv 2306.13649)
+    "skl": (losses.skl, {"alpha": 0.1}), "srkl": (losses.srkl, {"alpha": 0.1}), "jsd": (losses.jsd, {"beta": 0.5}),
+    "forward_kl": (losses.forward_kl, {}), "reverse_kl": (losses.reverse_kl, {}),
+}
+
+
+def peak_memory_mb(device):
+    """Peak since the process started: the resident set on CPU (ru_maxrss is in KiB on Linux), allocated on GPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def losses_worker(args):
+    """One variant of one loss in this (fresh) process: a process's peak memory cannot be reset, so each variant
+    gets its own. Writes its figures and outputs to args.worker_out for the parent to compare."""
+    device = torch.device(args.device)
+    g = torch.Generator(device=device).manual_seed(0)   # the same inputs in every variant's process
+    V, H, Ht = args.vocab, args.hidden, args.teacher_hidden or args.hidden
+    # Scaled so logits have std ~ 2, like a trained LM head's (unit-variance weights would give std ~ 30).
+    student_weight = (torch.randn(V, H, generator=g, device=device) * 2 / H**0.5).requires_grad_(True)
+    teacher_weight = torch.randn(V, Ht, generator=g, device=device) * 2 / Ht**0.5
+    student_hidden = torch.randn(args.batch, args.seq, H, generator=g, device=device).requires_grad_(True)
+    teacher_hidden = torch.randn(args.batch, args.seq, Ht, generator=g, device=device)
+    loss_fn, kwargs = KD_LOSSES[args.loss]
+    inputs_mb = peak_memory_mb(device)
+
+    def step():
+        if args.worker == "naive":
+            student_logits = F.linear(student_hidden, student_weight)                    # [B, T, V]
+            with torch.no_grad():
+                teacher_logits = F.linear(teacher_hidden, teacher_weight)                # [B, T, V]
+            values = loss_fn(student_logits, teacher_logits, **kwargs)                  # [B, T]
+        else:
+            values = losses.kd_loss_chunked(loss_fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                            chunk_size=args.chunk, **kwargs)            # [B, T]
+        values.mean().backward()
+        return values.detach()
+
+    times = []
+    for _ in range(args.repeats):
+        student_weight.grad = student_hidden.grad = None
+        t0 = time.perf_counter()
+        values = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    # A fixed subset of the weight gradient's rows: the whole [V, H] is too big to pass between processes.
+    rows = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:4096].to(device)
+    torch.save({"values": values.cpu(), "grad_hidden": student_hidden.grad.cpu(),
+                "grad_weight_rows": student_weight.grad[rows].cpu()}, args.worker_out + ".pt")
+    with open(args.worker_out, "w") as f:
+        json.dump({"peak_mb": peak_memory_mb(device), "inputs_mb": inputs_mb, "seconds": statistics.median(times)}, f)
+
+
+def bench_losses(args):
+    """Peak memory and time of forward + backward of each loss, naive (full [B, T, V] logits) vs chunked,
+    each variant in a fresh subprocess (see losses_worker)."""
+    if args.worker:
+        return losses_worker(args)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unit = "allocated" if args.device == "cuda" else "RSS"
+    print(f"device={args.device} threads={torch.get_num_threads()} vocab={args.vocab} seq={args.seq} "
+          f"batch={args.batch} hidden={args.hidden} teacher_hidden={args.teacher_hidden or args.hidden} "
+          f"chunk={args.chunk} fp32 repeats={args.repeats}; one fp32 [B, T, V] tensor = "
+          f"{args.batch * args.seq * args.vocab * 4 / 2**20:.0f} MB; memory is peak {unit}, "
+          f"'above inputs' excludes the interpreter, the heads and the hidden states")
+    print(f"{'loss':<11} {'variant':<8} {'peak MB':>8} {'above inputs MB':>16} {'seconds':>8} {'mem ratio':>10} "
+          f"{'time ratio':>11} {'max|d values|':>14} {'max|d grad h|':>14} {'max|d grad W|':>14}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.losses.split(","):
+            res = {}
+            for variant in ("naive", "chunked"):
+                out = os.path.join(tmp, f"{name}_{variant}")
+                cmd = [sys.executable, os.path.abspath(__file__), "losses", "--worker", variant, "--worker-out", out,
+                       "--loss", name, "--vocab", str(args.vocab), "--seq", str(args.seq), "--batch", str(args.batch),
+                       "--hidden", str(args.hidden), "--teacher-hidden", str(args.teacher_hidden),
+                       "--chunk", str(args.chunk), "--repeats", str(args.repeats), "--device", args.device]
+                subprocess.run(cmd, check=True)
+                with open(out) as f:
+                    res[variant] = json.load(f)
+                res[variant]["tensors"] = torch.load(out + ".pt")
+            n, c = res["naive"], res["chunked"]
+            diffs = [(n["tensors"][k] - c["tensors"][k]).abs().max().item()
+                     for k in ("values", "grad_hidden", "grad_weight_rows")]
+            for variant, r in res.items():
+                above = r["peak_mb"] - r["inputs_mb"]
+                line = f"{name:<11} {variant:<8} {r['peak_mb']:>8.0f} {above:>16.0f} {r['seconds']:>8.2f}"
+                if variant == "chunked":
+                    mem_ratio = (n["peak_mb"] - n["inputs_mb"]) / max(above, 1.0)
+                    line += (f" {mem_ratio:>9.1f}x {n['seconds'] / r['seconds']:>10.2f}x "
+                             f"{diffs[0]:>14.2e} {diffs[1]:>14.2e} {diffs[2]:>14.2e}")
+                print(line, flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -96,8 +201,21 @@ def main():
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample")
     s.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    k = sub.add_parser("losses", help="peak memory and time of the full-vocab KD losses, naive vs chunked")
+    k.add_argument("--vocab", type=int, default=151936, help="vocabulary size (Qwen2.5 student: 151936)")
+    k.add_argument("--seq", type=int, default=1024, help="positions per sequence (DistiLLM-2 max length 1024)")
+    k.add_argument("--batch", type=int, default=1, help="sequences")
+    k.add_argument("--hidden", type=int, default=896, help="student hidden size (Qwen2.5-0.5B: 896)")
+    k.add_argument("--teacher-hidden", type=int, default=0, help="teacher hidden size (0: same as --hidden)")
+    k.add_argument("--chunk", type=int, default=128, help="positions per chunk of the chunked path")
+    k.add_argument("--losses", default="skl,srkl", help=f"comma-separated, from {','.join(KD_LOSSES)}")
+    k.add_argument("--repeats", type=int, default=1, help="timed forward+backward per variant (median reported)")
+    k.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    k.add_argument("--worker", choices=["naive", "chunked"], default=None, help=argparse.SUPPRESS)
+    k.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    k.add_argument("--loss", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    {"sample": bench_sample}[args.cmd](args)
+    {"sample": bench_sample, "losses": bench_losses}[args.cmd](args)
 
 
 if __name__ == "__main__":

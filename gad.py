@@ -393,6 +393,14 @@ def main(argv=None):
     def teacher_rollout(batch):
         return sample.pack([ex["prompt"] for ex in batch], [ex["response"] for ex in batch], pad, device)
 
+    @torch.no_grad()
+    def response_logprobs(model, ro):
+        """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches."""
+        P, T, mb = ro.prompt_ids.shape[1], ro.response_ids.shape[1], args.micro_batch_size
+        return torch.cat([ppo.sequence_logprobs(model, ro.input_ids[i:i + mb], ro.attention_mask[i:i + mb], P, T,
+                                                temperature=args.temperature)
+                          for i in range(0, ro.input_ids.shape[0], mb)])
+
     def rollout(batch, keys, stage, step):
         G.eval()
         ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.n, max_new_tokens=args.max_new_tokens,
@@ -447,16 +455,8 @@ def main(argv=None):
             advantages = ppo.grpo_advantages(rewards, args.n)                      # [B*n], per group of n
             m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.n, args.grad_clip,
                                      args.micro_batch_size)
-            P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
-            with torch.no_grad():  # old and ref logprobs by the same forward as training: ratio exactly 1 at first
-                old_lp = torch.cat([ppo.sequence_logprobs(G, ro.input_ids[i:i + args.micro_batch_size],
-                                                          ro.attention_mask[i:i + args.micro_batch_size], P, T,
-                                                          temperature=args.temperature)
-                                    for i in range(0, ro.input_ids.shape[0], args.micro_batch_size)])
-                ref_lp = torch.cat([ppo.sequence_logprobs(ref, ro.input_ids[i:i + args.micro_batch_size],
-                                                          ro.attention_mask[i:i + args.micro_batch_size], P, T,
-                                                          temperature=args.temperature)
-                                    for i in range(0, ro.input_ids.shape[0], args.micro_batch_size)])
+            old_lp = response_logprobs(G, ro)     # by the training forward, so the first ratio is exactly 1
+            ref_lp = response_logprobs(ref, ro)
             g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
                                clip_eps=args.clip_eps, dual_clip=args.dual_clip, ppo_epochs=args.ppo_epochs,
                                mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,

@@ -11,6 +11,7 @@ Masks are 0/1 (bool or numeric). Masked positions may hold anything, NaN include
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,3 +145,169 @@ def entropy_from_logits(logits):
     p = torch.exp(logits - lse)                               # [..., V]
     p_z = torch.where(p > 0, p * logits, torch.zeros_like(p))
     return lse.squeeze(-1) - p_z.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# white-box distillation: divergences between the teacher's p and the student's q over the full vocabulary
+# (DistiLLM-2, arXiv 2503.07067; DistiLLM, Ko et al. 2024, arXiv 2402.03898; GKD, Agarwal et al. 2024,
+# arXiv 2306.13649).
+#
+# Logits [B, T, V] in, per-token values [B, T] out; the mask and the reduction are the caller's (masked_mean).
+# The math is float32 whatever the input dtype: a bf16 log-softmax over 150k ids keeps only ~3 significant
+# digits, and the KL terms are differences of nearly equal log-probabilities. The teacher is a constant: its
+# logits are detached here, so no caller can backprop into the teacher by accident.
+# Mixtures are formed in log space with logaddexp: a p + (1 - a) q in probability space underflows to 0 for a
+# token with p ~ 1e-45 and the log becomes -inf, while log a + log p stays finite.
+
+def align_vocab(student_logits, teacher_logits):
+    """(student_logits, teacher_logits) with the teacher's vocabulary dimension cut or padded to the student's.
+
+    Teacher larger (Qwen2.5-7B 152064 vs Qwen2.5-1.5B 151936): models that share a tokenizer differ only in how
+    far the embedding matrix was padded (to a multiple that suits the matmul kernels); the extra ids are never
+    produced by the shared tokenizer, so the teacher's logits there are dropped. The softmax is taken after the
+    cut, which renormalises p over the shared ids: the distribution the student can actually match.
+    Student larger: the teacher is padded with -inf, so p = 0 on the student's extra ids. Every loss here stays
+    finite and pushes the student's mass off those ids, except reverse_kl (and jsd at beta = 1), which is then
+    +inf wherever q > 0 on them: its true value, since q puts mass where p has none.
+    """
+    v_s, v_t = student_logits.size(-1), teacher_logits.size(-1)
+    if v_t > v_s:
+        teacher_logits = teacher_logits[..., :v_s]
+    elif v_t < v_s:
+        teacher_logits = F.pad(teacher_logits, (0, v_s - v_t), value=float("-inf"))
+    return student_logits, teacher_logits
+
+
+def _logprobs(student_logits, teacher_logits):
+    """log q, log p: float32 log-softmaxes over the student's vocabulary, the teacher's detached."""
+    student_logits, teacher_logits = align_vocab(student_logits, teacher_logits.detach())
+    log_q = F.log_softmax(student_logits.float(), dim=-1)    # [B, T, V]
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)    # [B, T, V]
+    return log_q, log_p
+
+
+def _kl_sum(log_a, log_b):
+    """sum_v a (log a - log b) over the last dimension, with 0 log 0 = 0.
+
+    The difference is zeroed where a = 0 before the product (not only after it): with a = 0 and log a = -inf the
+    product's backward computes 0 * -inf = NaN even where its value is selected away.
+    """
+    a = log_a.exp()
+    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(a))
+    return (a * diff).sum(-1)
+
+
+def _mix_weight(x, like):
+    """A mixing weight (alpha or beta) as float32 of like's rank: a python float, or one per sequence [B]."""
+    if not torch.is_tensor(x):
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"mixing weight must be in [0, 1], got {x}")
+        return torch.full((1,) * like.dim(), float(x), device=like.device)
+    return x.detach().to(device=like.device, dtype=torch.float32).reshape(-1, *(1,) * (like.dim() - 1))
+
+
+def skl(student_logits, teacher_logits, alpha):
+    """Skew KL, DistiLLM: SKL_a = KL(p || a p + (1 - a) q) per token [B, T].
+
+    q is not detached inside the mixture (DESIGN 3): the student's gradient flows through log m1 too.
+    alpha = 0 gives forward KL; DistiLLM uses alpha = 0.1. alpha: float, or [B] (one per sequence).
+    """
+    log_q, log_p = _logprobs(student_logits, teacher_logits)
+    a = _mix_weight(alpha, log_q)
+    log_m1 = torch.logaddexp(torch.log(a) + log_p, torch.log1p(-a) + log_q)           # [B, T, V]
+    return _kl_sum(log_p, log_m1)
+
+
+def srkl(student_logits, teacher_logits, alpha):
+    """Skew reverse KL, DistiLLM: SRKL_a = KL(q || (1 - a) p + a sg(q)) per token [B, T].
+
+    q is detached inside the mixture only (DESIGN 3, as the DistiLLM-2 reference): the gradient is that of
+    sum_v q (log q - c) with the mixture c held fixed. alpha = 0 gives reverse KL. alpha: float, or [B].
+    """
+    log_q, log_p = _logprobs(student_logits, teacher_logits)
+    a = _mix_weight(alpha, log_q)
+    log_m2 = torch.logaddexp(torch.log1p(-a) + log_p, torch.log(a) + log_q.detach())  # [B, T, V]
+    return _kl_sum(log_q, log_m2)
+
+
+def forward_kl(student_logits, teacher_logits):
+    """KL(p || q) per token [B, T]: mass-covering (the student is penalised wherever the teacher has mass)."""
+    log_q, log_p = _logprobs(student_logits, teacher_logits)
+    return _kl_sum(log_p, log_q)
+
+
+def reverse_kl(student_logits, teacher_logits):
+    """KL(q || p) per token [B, T]: mode-seeking (the student is penalised only where it puts mass)."""
+    log_q, log_p = _logprobs(student_logits, teacher_logits)
+    return _kl_sum(log_q, log_p)
+
+
+def jsd(student_logits, teacher_logits, beta):
+    """Generalized JSD of GKD per token [B, T]: beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q.
+
+    The endpoints are a convention, not a limit: the formula itself tends to 0 at both ends (M becomes q or p
+    while the other term's weight vanishes). GKD (and TRL's GKDTrainer) define beta = 0 as KL(p || q) and
+    beta = 1 as KL(q || p), following the small/large-beta behaviour; those are returned exactly here.
+    beta: float, or [B] (one per sequence; a per-sequence endpoint is selected with torch.where, and the
+    mixture is evaluated there at beta = 0.5 instead so that no log 0 reaches the backward).
+    """
+    log_q, log_p = _logprobs(student_logits, teacher_logits)
+    if not torch.is_tensor(beta):
+        if beta == 0.0:
+            return _kl_sum(log_p, log_q)
+        if beta == 1.0:
+            return _kl_sum(log_q, log_p)
+    b = _mix_weight(beta, log_q)                                                     # [B, 1, 1]
+    at_0, at_1 = b[..., 0] == 0, b[..., 0] == 1                                      # [B, 1]
+    b = torch.where((b > 0) & (b < 1), b, torch.full_like(b, 0.5))
+    log_m = torch.logaddexp(torch.log(b) + log_p, torch.log1p(-b) + log_q)           # [B, T, V]
+    loss = b[..., 0] * _kl_sum(log_p, log_m) + (1 - b[..., 0]) * _kl_sum(log_q, log_m)  # [B, T]
+    # Only computed when some sequence needs them: an infinite unselected branch would still give NaN gradients.
+    if at_0.any():
+        loss = torch.where(at_0, _kl_sum(log_p, log_q), loss)
+    if at_1.any():
+        loss = torch.where(at_1, _kl_sum(log_q, log_p), loss)
+    return loss
+
+
+def _head_params(head):
+    """(weight [V, H], bias or None) of an LM head given as a module (nn.Linear, a tied nn.Embedding) or a weight."""
+    if torch.is_tensor(head):
+        return head, None
+    return head.weight, getattr(head, "bias", None)
+
+
+def kd_loss_chunked(loss_fn, student_hidden, student_head, teacher_hidden, teacher_head, chunk_size=128, **kwargs):
+    """loss_fn(student_head(student_hidden), teacher_head(teacher_hidden), **kwargs) per token [B, T], computed
+    chunk_size positions at a time from the final hidden states [B, T, H] and the LM heads (nn.Linear, or a
+    weight [V, H]). Gradients reach student_hidden and the student head; the teacher is a constant.
+
+    Memory. The naive path materialises the logits [B, T, V] of both models, and the loss's graph keeps several
+    fp32 [B, T, V] tensors (log q, log p, log m, the products) alive until backward, which then creates
+    gradients of the same size: at T = 1024, V = 151936 each one is 622 MB. Splitting the positions into chunks
+    alone does not help: every chunk's graph is kept until backward, so the sum over chunks is the naive total.
+    Each chunk therefore runs under torch.utils.checkpoint: its forward keeps only its inputs (views of the
+    hidden states and the weights, no new memory) and frees the logits; backward recomputes one chunk's logits
+    and loss at a time and frees them before the next. Peak extra memory is a few fp32 [B, chunk, V] tensors
+    plus the weight gradient [V, H], independent of T. The price is one more forward of both heads (the
+    recompute): with heads of equal size, 6 head matmuls per step instead of 4.
+    """
+    s_weight, s_bias = _head_params(student_head)
+    t_weight, t_bias = _head_params(teacher_head)
+    teacher_hidden = teacher_hidden.detach()
+
+    def chunk_loss(s_hidden, t_hidden):
+        # 2D matmuls: a [B, c, H] slice of a [B, T, H] tensor is not contiguous, and F.linear would then run a
+        # batched matmul per sequence (measured 2x slower on CPU than one mm over the B * c rows).
+        b, c = s_hidden.shape[:2]
+        with torch.no_grad():
+            t_logits = F.linear(t_hidden.reshape(b * c, -1), t_weight, t_bias)  # [B * c, V_t]
+        s_logits = F.linear(s_hidden.reshape(b * c, -1), s_weight, s_bias)      # [B * c, V_s]
+        return loss_fn(s_logits.view(b, c, -1), t_logits.view(b, c, -1), **kwargs)  # [B, c]
+
+    T = student_hidden.size(1)
+    values = [checkpoint(chunk_loss, student_hidden[:, i:i + chunk_size], teacher_hidden[:, i:i + chunk_size],
+                         use_reentrant=False)
+              for i in range(0, T, chunk_size)]
+    return torch.cat(values, dim=1)                                              # [B, T]
+
