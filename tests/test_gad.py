@@ -122,7 +122,9 @@ def test_pipeline_tiny_end_to_end(tmp_path):
 
 def test_each_stage_runs_alone(tmp_path):
     seqkd = tmp_path / "seqkd"
-    run(["--student", "tiny", "--stage", "seqkd", "--seqkd-epochs", "0.2", "--eval-prompts", "4", "--out", str(seqkd)])
+    # SeqKD with bitsandbytes' 8-bit AdamW (the --adam8bit memory flag; bitsandbytes is in requirements-dev.txt)
+    run(["--student", "tiny", "--stage", "seqkd", "--seqkd-epochs", "0.2", "--eval-prompts", "4", "--adam8bit",
+         "--out", str(seqkd)])
     rows = metrics(seqkd)
     assert {m["stage"] for m in rows} == {"seqkd"} and rows[-1]["sft_loss"] < rows[0]["sft_loss"]
     warm = tmp_path / "warm"

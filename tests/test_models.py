@@ -96,3 +96,16 @@ def test_smollm2_offline_copy_loads_and_answers():
     text = ro.texts(tok)[0]
     assert "Paris" in text
     assert ro.response_mask[0].sum() < 24, "greedy answer should end with <|im_end|> well within 24 tokens"
+
+
+@pytest.mark.slow
+def test_smollm2_in_4bit_still_answers():
+    """--quant 4bit (bitsandbytes NF4) for a frozen teacher: the layers are quantized and the model still works."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in requirements-dev.txt")
+    model = models.load_model("smollm2-135m", quant="4bit").eval()
+    tok = models.load_tokenizer("smollm2-135m")
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    prompt = data.encode_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    ro = sample.generate(model, [prompt], n=1, max_new_tokens=12, temperature=0, eos_ids=sample.stop_ids(tok),
+                         pad_id=tok.pad_token_id)
+    assert "Paris" in ro.texts(tok)[0]
