@@ -139,3 +139,35 @@ def all_reduce_grads(params, bucket_numel=2**24):
                 b.copy_(flat[offset:offset + b.numel()].view_as(b))
                 offset += b.numel()
             bucket, size = [], 0
+
+
+def reduce_metrics(metrics):
+    """Mean of every metric over ranks. Ranks hold equal numbers of prompts and samples, so for per-row means
+    (losses per sequence, accuracies, reward means, lengths) this is the global value; for token-means (pg_loss,
+    kl, clipfrac) and standard deviations it is the mean of the per-rank values, close to the global one."""
+    world = get_world_size()
+    if world == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys])
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def make_optimizer(params, lr, weight_decay, adam8bit=False):
+    """AdamW, or bitsandbytes' 8-bit AdamW (--adam8bit: optimizer state in 8 bits, a memory flag)."""
+    if adam8bit:
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+

@@ -25,6 +25,7 @@ import codecs
 import hashlib
 import json
 import os
+import random
 import re
 
 import torch
@@ -408,3 +409,32 @@ def train_val_split(records, val_fraction, seed=0):
         h = int.from_bytes(hashlib.sha1(f"{seed}:{rec['id']}".encode("utf-8")).digest()[:8], "big")
         (val if h / 2**64 < val_fraction else train).append(rec)
     return train, val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# trainer data: synthetic prompts, and the batch of a step
+
+def tiny_prompts(num, seed):
+    """Synthetic prompts for the tiny presets: three random words each (teacher responses come from a model)."""
+    rng = random.Random(seed)
+    words = ["red", "blue", "cat", "dog", "sun", "moon", "one", "two", "tree", "sky", "run", "jump"]
+    return [{"id": f"tiny-{i}", "messages": [{"role": "user", "content": " ".join(rng.choices(words, k=3))}],
+             "teacher_response": None} for i in range(num)]
+
+
+def batch_at_step(examples, step, per_step, seed, tag, rank, world):
+    """The global batch of `step`: a slice of a seeded per-epoch permutation, so a trainer's data position is its
+    step number (nothing else to checkpoint). Rank r takes rows r::world of it. Also returns a key per row (epoch
+    and id) for keying sampling noise, so a row's samples do not depend on the rank or batch it lands in."""
+    start = step * per_step
+    epoch, offset = divmod(start, len(examples))
+    idx, keys = [], []
+    while len(idx) < per_step:
+        h = hashlib.sha256(f"{seed}|{tag}|{epoch}".encode()).hexdigest()[:8]
+        perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(h, 16))).tolist()
+        take = perm[offset:offset + per_step - len(idx)]
+        idx += take
+        keys += [f"{tag}|{epoch}|{examples[i]['id']}" for i in take]
+        epoch, offset = epoch + 1, 0
+    return [examples[i] for i in idx[rank::world]], keys[rank::world]
+

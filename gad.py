@@ -24,14 +24,11 @@ Departures from the reference, each a flag:
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
 
 import common
@@ -137,19 +134,11 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # data
 
-def tiny_records(num, seed):
-    """Synthetic prompts for the tiny preset: short random words; teacher responses come from `tiny-teacher`."""
-    rng = random.Random(seed)
-    words = ["red", "blue", "cat", "dog", "sun", "moon", "one", "two", "tree", "sky", "run", "jump"]
-    return [{"id": f"tiny-{i}", "messages": [{"role": "user", "content": " ".join(rng.choices(words, k=3))}],
-             "teacher_response": None} for i in range(num)]
-
-
 def load_records(args, rank):
     """Prompts with teacher responses. Rows without one are sampled once from --teacher (rank 0, resumable, into
     OUT/teacher.jsonl), then everyone reads that file."""
     if args.data == "tiny":
-        records = tiny_records(args.limit or 160, args.seed)
+        records = data_lib.tiny_prompts(args.limit or 160, args.seed)
     else:
         records, bad = data_lib.read_records(data_lib.resolve_data_path(args.data), skip_bad=args.skip_bad
                                              or args.data == "sharegpt", limit=args.limit)
@@ -196,21 +185,6 @@ def encode_records(records, tok, args):
     return out, dropped
 
 
-def step_batch(examples, step, per_step, seed, stage, rank, world):
-    """The global batch of `step`: a slice of a seeded per-epoch permutation, so the data position is the step
-    number (nothing else to checkpoint). Rank r takes rows r::world of it; keys are global ids for sampling."""
-    start = step * per_step
-    epoch, offset = divmod(start, len(examples))
-    idx = []
-    while len(idx) < per_step:
-        g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}|{stage}|{epoch}".encode()).hexdigest()[:8], 16))
-        perm = torch.randperm(len(examples), generator=g).tolist()
-        idx += perm[offset:offset + per_step - len(idx)]
-        epoch, offset = epoch + 1, 0
-    mine = idx[rank::world]
-    return [examples[i] for i in mine], [f"{stage}|{epoch}|{examples[i]['id']}" for i in mine]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # steps
 
@@ -238,26 +212,6 @@ def sft_step(model, opt, ro, args):
     return {"sft_loss": total, "g_grad_norm": grad_norm.item(), "g_skipped": int(skipped)}
 
 
-def make_optimizer(model, lr, args):
-    if args.adam8bit:
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-
-
-def reduce_metrics(metrics):
-    """Mean of every metric over ranks. Ranks hold equal numbers of prompts and samples, so for per-row means
-    (d_loss, d_acc, reward_mean, response_len) this is the global value; for token-means (pg_loss, kl, clipfrac)
-    and reward_std it is the mean of the per-rank values, close to but not exactly the global one."""
-    world = common.get_world_size()
-    if world == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys])
-    torch.distributed.all_reduce(t)
-    return {k: v / world for k, v in zip(keys, t.tolist())}
-
-
 def num_steps(explicit, epochs, num_examples, per_step):
     return explicit if explicit is not None else max(1, math.ceil(epochs * num_examples / per_step))
 
@@ -265,22 +219,12 @@ def num_steps(explicit, epochs, num_examples, per_step):
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints
 
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-
-
 def save_checkpoint(path, stage, step, G, D, opt_g, opt_d, ref=None):
     if common.get_rank() != 0:
         return
     common.atomic_torch_save({"stage": stage, "step": step, "G": G.state_dict(), "D": D.state_dict(),
                               "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                              "ref": ref.state_dict() if ref is not None else None, "rng": rng_state()}, path)
+                              "ref": ref.state_dict() if ref is not None else None, "rng": common.rng_state()}, path)
 
 
 def save_hf(G, D, tok, folder):
@@ -330,8 +274,9 @@ def main(argv=None):
     print0(f"data: {len(train)} train prompts ({dropped} over --max-prompt-len dropped), {len(val_recs)} held out")
 
     # -------------------------------------------------------------------- resume
-    opt_g = make_optimizer(G, args.seqkd_lr if args.stage == "seqkd" else args.lr, args)
-    opt_d = make_optimizer(D, args.d_lr, args)
+    opt_g = common.make_optimizer(G.parameters(), args.seqkd_lr if args.stage == "seqkd" else args.lr,
+                                  args.weight_decay, args.adam8bit)
+    opt_d = common.make_optimizer(D.parameters(), args.d_lr, args.weight_decay, args.adam8bit)
     ckpt = None
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -339,7 +284,7 @@ def main(argv=None):
         D.load_state_dict(ckpt["D"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
-        set_rng_state(ckpt["rng"])
+        common.set_rng_state(ckpt["rng"])
         print0(f"resumed from {ckpt_path}: stage {ckpt['stage']} step {ckpt['step']}")
         if rank == 0 and os.path.exists(metrics_path):  # drop rows logged after the checkpoint: they are redone
             order = ["seqkd", "warmup", "gad"]
@@ -356,7 +301,7 @@ def main(argv=None):
 
     def log(stage, step, total, m, t0, tokens):
         nonlocal bad_in_a_row
-        m = reduce_metrics(m)
+        m = common.reduce_metrics(m)
         dt = time.time() - t0
         m.update(stage=stage, step=step, tokens_per_s=common.all_reduce_sum(tokens) / dt, s_per_step=dt)
         common.log_metrics(metrics_path, m)
@@ -409,14 +354,12 @@ def main(argv=None):
         G.train()
         return ro
 
-    local_per_step = args.prompts_per_step // world
-
     # -------------------------------------------------------------------- SeqKD baseline
     if "seqkd" in stages and (start := resume_step("seqkd")) is not None:
         total = num_steps(None, args.seqkd_epochs, len(train), args.prompts_per_step)
         for step in range(start, total):
             t0 = time.time()
-            batch, _ = step_batch(train, step, args.prompts_per_step, args.seed, "seqkd", rank, world)
+            batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "seqkd", rank, world)
             ro = teacher_rollout(batch)
             m = sft_step(G, opt_g, ro, args)
             log("seqkd", step, total, m, t0, ro.response_mask.sum().item())
@@ -429,7 +372,7 @@ def main(argv=None):
         total = num_steps(args.warmup_steps, args.warmup_epochs, len(train), args.prompts_per_step)
         for step in range(start, total):
             t0 = time.time()
-            batch, keys = step_batch(train, step, args.prompts_per_step, args.seed, "warmup", rank, world)
+            batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "warmup", rank, world)
             ro = rollout(batch, keys, "warmup", step)
             t_ro = teacher_rollout(batch)
             m = discriminator.update(D, opt_d, t_ro, ro, args.n, args.grad_clip, args.micro_batch_size)
@@ -449,7 +392,7 @@ def main(argv=None):
         total = num_steps(args.gad_steps, args.gad_epochs, len(train), args.prompts_per_step)
         for step in range(start, total):
             t0 = time.time()
-            batch, keys = step_batch(train, step, args.prompts_per_step, args.seed, "gad", rank, world)
+            batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "gad", rank, world)
             ro = rollout(batch, keys, "gad", step)
             rewards = discriminator.score_rollout(D, ro, args.micro_batch_size)   # [B*n], BEFORE the D step
             advantages = ppo.grpo_advantages(rewards, args.n)                      # [B*n], per group of n

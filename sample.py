@@ -36,7 +36,6 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from common import print0
 import data as data_lib

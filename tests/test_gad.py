@@ -12,6 +12,7 @@ import torch
 
 import discriminator
 import eval as eval_lib
+import data
 import gad
 import losses
 import models
@@ -199,7 +200,7 @@ def test_gad_raises_a_held_out_discriminators_score(tmp_path):
     d_held = AutoModelForSequenceClassification.from_pretrained(held / "discriminator").eval()
     score_fn = lambda *t: discriminator.score_rollout(d_held, sample.Rollout(*t, None))
     tok, teacher = models.load_tokenizer("tiny"), models.load_model("tiny-teacher").eval()
-    prompts = gad.tiny_records(40, seed=99)  # prompts neither run saw
+    prompts = data.tiny_prompts(40, seed=99)  # prompts neither run saw
     result = {}
     for name, student in (("before", models.load_model("tiny", seed=1)),
                           ("after", models.load_model(str(trained / "student")))):
