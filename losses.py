@@ -284,13 +284,14 @@ def kd_loss_chunked(loss_fn, student_hidden, student_head, teacher_hidden, teach
 
     Memory. The naive path materialises the logits [B, T, V] of both models, and the loss's graph keeps several
     fp32 [B, T, V] tensors (log q, log p, log m, the products) alive until backward, which then creates
-    gradients of the same size: at T = 1024, V = 151936 each one is 622 MB. Splitting the positions into chunks
+    gradients of the same size: at T = 1024, V = 151936 each one is 594 MiB. Splitting the positions into chunks
     alone does not help: every chunk's graph is kept until backward, so the sum over chunks is the naive total.
     Each chunk therefore runs under torch.utils.checkpoint: its forward keeps only its inputs (views of the
     hidden states and the weights, no new memory) and frees the logits; backward recomputes one chunk's logits
     and loss at a time and frees them before the next. Peak extra memory is a few fp32 [B, chunk, V] tensors
-    plus the weight gradient [V, H], independent of T. The price is one more forward of both heads (the
-    recompute): with heads of equal size, 6 head matmuls per step instead of 4.
+    plus the weight gradient [V, H] (two of them while a chunk's share is being added), independent of T.
+    The price is one more forward of both heads (the recompute): with heads of equal size, 6 head matmuls per
+    step instead of 4. `python bench.py losses` measures both paths.
     """
     s_weight, s_bias = _head_params(student_head)
     t_weight, t_bias = _head_params(teacher_head)

@@ -139,10 +139,11 @@ def token_logprobs(logits, tokens, temperature=1.0, chunk=8):
 
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
-             seed=0, prompt_keys=None, return_logprobs=True):
+             seed=0, prompt_keys=None, return_logprobs=True, vocab_size=None):
     """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows, prompt-major.
     prompt_keys (default: the position in this batch) name the prompts for the per-sample seeds: pass a global
-    index or an id to make samples independent of how prompts are batched."""
+    index or an id to make samples independent of how prompts are batched. vocab_size: sample only ids below it
+    (a teacher whose embedding matrix is padded past the student's vocabulary must not emit the extra ids)."""
     device = next(model.parameters()).device
     keys = range(len(prompts)) if prompt_keys is None else prompt_keys
     generators = row_generators(seed, keys, n, device)
@@ -156,7 +157,7 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(n)               # the one prefill, shared by the n samples of each prompt
-    logits = out.logits[:, -1].repeat_interleave(n, dim=0)   # [N, V]
+    logits = out.logits[:, -1, :vocab_size].repeat_interleave(n, dim=0)   # [N, V]
     first_logits = logits                                     # predicts response token 0; kept for the logprobs
     P = prompt_ids.shape[1]
     # The whole attention mask up front; step t uses a view of its first P+t+1 columns (no per-step torch.cat).
@@ -185,7 +186,7 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
         out = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1], position_ids=next_pos + t,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1, :vocab_size]
 
     response_ids = torch.stack(tokens, dim=1)            # [N, T]
     response_mask = torch.stack(alive, dim=1).long()     # [N, T] the end-of-turn token itself stays unmasked
@@ -201,7 +202,7 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
             mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1)   # [N, P+T-1]
             rest = model(input_ids=response_ids[:, :-1], attention_mask=mask, past_key_values=cache,
                          position_ids=next_pos + torch.arange(response_ids.shape[1] - 1, device=device),
-                         use_cache=True).logits                          # [N, T-1, V]
+                         use_cache=True).logits[..., :vocab_size]        # [N, T-1, V]
             logits = torch.cat([logits, rest], dim=1)                    # [N, T, V]
         logprobs = token_logprobs(logits, response_ids, temperature) * response_mask
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs)

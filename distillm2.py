@@ -1,0 +1,355 @@
+"""DistiLLM-2: contrastive white-box distillation (arXiv 2503.07067; reference jongwooko/distillm-2), with the
+DistiLLM (SKL, SRKL), GKD (generalized JSD) and forward / reverse KL baselines on the same trainer.
+
+    python distillm2.py                                         # CPU default: SmolLM2-135M teacher, half-depth student
+    python distillm2.py --teacher tiny-teacher --student tiny --out runs/d2-tiny
+    torchrun --nproc_per_node=8 distillm2.py --teacher qwen2.5-7b --student qwen2.5-1.5b --data prompts.jsonl
+
+Each epoch e: for every prompt, y_t ~ teacher and y_s ~ the CURRENT student (temperature 0.8, top-p 0.95), then
+steps over (x, y_t, y_s) with, per token (DESIGN.md section 3),
+    SKL_a  = sum_v p (log p - log m1),  log m1 = logsumexp(log a + log p, log(1-a) + log q)       (q not detached)
+    SRKL_a = sum_v q (log q - log m2),  log m2 = logsumexp(log(1-a) + log p, log a + sg(log q))   (sg inside only)
+each averaged over its sequence's response tokens, and the loss mean_i[(1 - beta) SKL(y_t,i) + beta SRKL(y_s,i)].
+Full-vocabulary losses are computed from hidden states a chunk of positions at a time (losses.kd_loss_chunked).
+
+Schedules, and where we depart from the paper or the released code (each a flag):
+  - beta ramp: the paper's formula is garbled; ours is linear from --beta0 (0.5) at the first step toward 1 at the
+    last: beta = beta0 + (1 - beta0) * step / total_steps. --no-beta-ramp keeps beta0.
+  - alpha curriculum (per sample, from epoch 2 on): with P = exp(mean_t log p) and Q = exp(mean_t log q) over a
+    sequence, gap = P - Q on teacher responses and Q - P on student responses, m = the batch mean of the gap
+    (over the global batch, all ranks: the reference's is per device; ours makes torchrun equal one process),
+    alpha_i = clip(1 - (1 - alpha0) m / (gap_i + 1e-5),
+    0.01, alpha0). --no-alpha-curriculum keeps alpha0.
+  - --released reproduces the released code: both schedules off and the loss SKL + SRKL (twice the paper's at
+    beta 0.5). The reference regenerates responses by hand between runs; here every epoch does.
+  - Baselines (--loss skl|srkl|jsd|fkl|rkl) train on the teacher's responses, or on the student's own samples for
+    a --on-policy-fraction of the steps (GKD's lambda; default 0.5 for jsd, GKD's best, else 0).
+  - A teacher vocabulary larger than the student's (Qwen2.5-7B 152064 vs 1.5B 151936): the teacher samples only
+    ids the student has, and its extra logits are dropped before the softmax (losses.align_vocab).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+import common
+from common import print0
+import data as data_lib
+import eval as eval_lib
+import losses
+import models
+import ppo
+import sample
+
+PAPER = dict(  # DistiLLM-2 reference recipe (DESIGN.md section 3), full fine-tuning instead of LoRA r16
+    teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=128, micro_batch_size=4, lr=5e-5,
+    max_prompt_len=1024, max_new_tokens=1024, temperature=0.8, top_p=0.95, dtype="bfloat16", eval_prompts=256,
+    limit=None, gen_batch_size=32,
+)
+PRESETS = {
+    "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=2, prompts_per_step=8, micro_batch_size=8,
+                 lr=3e-3, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16, limit=64,
+                 gen_batch_size=32),
+    # The CPU default: SmolLM2-135M-Instruct teacher, a student of its every other layer (15 of 30).
+    "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="every2", epochs=2, prompts_per_step=4,
+                         micro_batch_size=4, lr=5e-5, max_prompt_len=64, max_new_tokens=32, dtype="float32",
+                         eval_prompts=16, limit=48, gen_batch_size=8),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DistiLLM-2 and white-box KD baselines")
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default="smollm2-135m", help="student alias/folder; picks the preset")
+    g.add_argument("--student-layers", default=None, help="keep only these student layers, e.g. 'every2'")
+    g.add_argument("--teacher", default=None, help="white-box teacher (same tokenizer as the student)")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    g.add_argument("--adam8bit", action="store_true", help="bitsandbytes 8-bit AdamW")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="prompts: jsonl/parquet/ShareGPT, 'sharegpt', 'tiny'")
+    g.add_argument("--limit", type=int, default=None, help="read at most this many rows")
+    g.add_argument("--max-prompt-len", type=int, default=None, help="drop longer prompts (tokens)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out prompts for eval")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="distillm2", choices=["distillm2", "skl", "srkl", "jsd", "fkl", "rkl"],
+                   help="objective")
+    g.add_argument("--alpha0", type=float, default=0.1, help="skew alpha (DistiLLM: 0.1); curriculum upper bound")
+    g.add_argument("--beta0", type=float, default=0.5, help="DistiLLM-2 starting beta (SRKL weight)")
+    g.add_argument("--no-beta-ramp", action="store_true", help="keep beta at beta0")
+    g.add_argument("--no-alpha-curriculum", action="store_true", help="keep alpha at alpha0")
+    g.add_argument("--released", action="store_true", help="as the released code: no schedules, SKL + SRKL")
+    g.add_argument("--jsd-beta", type=float, default=0.5, help="GKD's beta (0: KL(p||q), 1: KL(q||p))")
+    g.add_argument("--on-policy-fraction", type=float, default=None, help="baselines: share of steps on the "
+                                                                          "student's samples (GKD lambda)")
+    g.add_argument("--chunk-size", type=int, default=128, help="positions per chunk of full-vocab logits")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None, help="epochs; responses are regenerated every epoch")
+    g.add_argument("--prompts-per-step", type=int, default=None, help="global batch (reference: 128)")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
+    g.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generate() call")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (reference: 5e-5 with LoRA), cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="response length when sampling")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (reference: 0.8)")
+    g.add_argument("--top-p", type=float, default=None, help="sampling top-p (reference: 0.95)")
+    g.add_argument("--out", default="runs/distillm2", help="checkpoints, metrics.jsonl, final HF folder")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every k steps (and at epoch ends)")
+    g.add_argument("--stop-after", type=int, default=None, help="exit after this many steps (tests of resume)")
+    g.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts in the before/after table")
+    g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
+    args = p.parse_args(argv)
+    preset = PRESETS.get(args.student, PAPER)
+    filled = []
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+            filled.append(f"{key}={value}")
+    if args.on_policy_fraction is None:
+        args.on_policy_fraction = 0.5 if args.loss == "jsd" else 0.0
+    print0(f"preset {args.student if args.student in PRESETS else 'paper'}: " + " ".join(filled))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedules (pure functions, tested against the formulas)
+
+def beta_at(step, total, beta0):
+    """Linear ramp from beta0 at step 0 toward 1 at the end (our reading of the paper's garbled formula)."""
+    return beta0 + (1.0 - beta0) * step / max(total, 1)
+
+
+def alpha_curriculum(gap, alpha0, m=None):
+    """Per-sample alpha from the likelihood gap [B] (DistiLLM-2): clip(1 - (1 - a0) m / (gap + 1e-5), 0.01, a0)
+    with m the batch mean of the gap (given by the caller under DDP: the global batch's). A sample the student
+    already matches gets a small alpha (a sharper loss), one far behind the batch gets alpha0."""
+    m = gap.mean() if m is None else m
+    return (1 - (1 - alpha0) * m / (gap + 1e-5)).clamp(0.01, alpha0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def hidden_and_head(model, ro):
+    """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM head."""
+    ids = torch.cat([ro.prompt_ids, ro.response_ids], 1)
+    mask = torch.cat([ro.prompt_mask, ro.response_mask], 1)
+    h = model.model(input_ids=ids, attention_mask=mask, position_ids=sample.position_ids_from_mask(mask)
+                    ).last_hidden_state                               # [N, P+T, H]
+    P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
+    return h[:, P - 1:P - 1 + T], model.lm_head                      # position P-1+t predicts token t
+
+
+@torch.no_grad()
+def mean_logprob(model, ro):
+    """Per-sequence mean log-probability of the response (temperature 1) [N]: log P or log Q of the curriculum."""
+    lp = ppo.sequence_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1],
+                               ro.response_ids.shape[1])
+    return losses.masked_mean(lp, ro.response_mask.bool(), dim=-1)
+
+
+def seq_divergence(loss_fn, student, teacher, ro, chunk_size, **kw):
+    """Per-sequence mean over response tokens of a per-token divergence [N] (each sequence weighs the same)."""
+    s_h, s_head = hidden_and_head(student, ro)
+    with torch.no_grad():
+        t_h, t_head = hidden_and_head(teacher, ro)
+    per_token = losses.kd_loss_chunked(loss_fn, s_h, s_head, t_h, t_head, chunk_size=chunk_size, **kw)  # [N, T]
+    return losses.masked_mean(per_token, ro.response_mask.bool(), dim=-1)
+
+
+@torch.no_grad()
+def heldout_divergence(student, teacher, rows, pad, chunk_size):
+    """Token-mean forward and reverse KL(p, q) on held-out teacher responses: the divergence every loss here
+    should lower."""
+    ro = sample.pack([r["prompt"] for r in rows], [r["y_t"] for r in rows], pad)
+    mask = ro.response_mask.bool()
+    out = {}
+    for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl)):
+        s_h, s_head = hidden_and_head(student, ro)
+        t_h, t_head = hidden_and_head(teacher, ro)
+        out[name] = losses.masked_mean(losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, chunk_size), mask).item()
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, local_rank, world, device = common.compute_init(args.device)
+    common.seed_everything(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path, ckpt_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "ckpt.pt")
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
+
+    # -------------------------------------------------------------------- models
+    tok = models.load_tokenizer(args.student)
+    student = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
+                                layers=args.student_layers)
+    teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    eos, pad = sample.stop_ids(tok), tok.pad_token_id
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
+           f"{models.num_params(student) / 1e6:.2f}M params, world {world}, loss {args.loss}")
+
+    # -------------------------------------------------------------------- data: prompts only (white-box)
+    if args.data == "tiny":
+        records = data_lib.tiny_prompts(args.limit, args.seed)
+    else:
+        records, _ = data_lib.read_records(data_lib.resolve_data_path(args.data), skip_bad=args.data == "sharegpt",
+                                           limit=args.limit)
+    train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
+    encode = lambda recs: [{"id": r["id"], "prompt": p} for r in recs
+                           if len(p := data_lib.encode_prompt(tok, r["messages"])) <= args.max_prompt_len]
+    train, val = encode(train_recs), encode(val_recs)[:args.eval_prompts]
+    steps_per_epoch = len(train) // args.prompts_per_step
+    total_steps = steps_per_epoch * args.epochs
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} train prompts: fewer than --prompts-per-step {args.prompts_per_step}")
+    print0(f"data: {len(train)} train prompts, {len(val)} held out; {steps_per_epoch} steps per epoch")
+
+    def respond(model, rows, tag, vocab_size=None):
+        """One response per prompt from `model`, keyed by (tag, id): independent of batching and rank."""
+        out = []
+        for i in range(0, len(rows), args.gen_batch_size):
+            chunk = rows[i:i + args.gen_batch_size]
+            ro = sample.generate(model.eval(), [r["prompt"] for r in chunk], n=1, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
+                                 seed=args.seed, prompt_keys=[f"{tag}|{r['id']}" for r in chunk],
+                                 return_logprobs=False, vocab_size=vocab_size)
+            out += [ids[m.bool()].tolist() for ids, m in zip(ro.response_ids, ro.response_mask)]
+        return out
+
+    # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
+    for r, y in zip(val, respond(teacher, val, "val", student_vocab)):
+        r["y_t"] = y
+    before = heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
+
+    # -------------------------------------------------------------------- optimizer, resume
+    opt = common.make_optimizer(student.parameters(), args.lr, args.weight_decay, args.adam8bit)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over training (reference)
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    start, epoch_rows = 0, None
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        student.load_state_dict(ck["student"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        common.set_rng_state(ck["rng"])
+        start, epoch_rows = ck["step"] + 1, ck["epoch_rows"]
+        print0(f"resumed from {ckpt_path} at step {start}")
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    # -------------------------------------------------------------------- training
+    uses_student_samples = args.loss == "distillm2" or args.on_policy_fraction > 0
+    steps_done = 0
+    for step in range(start, total_steps):
+        t0 = time.time()
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if step_in_epoch == 0 or epoch_rows is None:
+            # Regenerate this epoch's responses from the teacher and the CURRENT student, for the rows this rank
+            # will train on. Kept in the checkpoint: a resumed run trains on the same responses.
+            mine = [row for s in range(steps_per_epoch) for row in
+                    data_lib.batch_at_step(train, epoch * steps_per_epoch + s, args.prompts_per_step, args.seed,
+                                           "d2", rank, world)[0]]
+            y_t = respond(teacher, mine, f"t{epoch}", student_vocab)
+            y_s = respond(student, mine, f"s{epoch}") if uses_student_samples else [[] for _ in mine]
+            epoch_rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
+            student.train()
+        batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "d2", rank, world)
+        prompts = [r["prompt"] for r in batch]
+        t_ro = sample.pack(prompts, [epoch_rows[r["id"]]["y_t"] for r in batch], pad, device)
+        s_ro = sample.pack(prompts, [epoch_rows[r["id"]]["y_s"] for r in batch], pad, device) \
+            if uses_student_samples else None
+        n_global = common.all_reduce_sum(len(batch))
+        m = {"epoch": epoch, "lr": sched.get_last_lr()[0]}
+
+        # schedules
+        beta = args.beta0 if (args.no_beta_ramp or args.released) else beta_at(step, total_steps, args.beta0)
+        alpha_t = alpha_s = torch.full((len(batch),), args.alpha0)
+        if args.loss == "distillm2" and epoch > 0 and not (args.no_alpha_curriculum or args.released):
+            gap_t = mean_logprob(teacher, t_ro).exp() - mean_logprob(student, t_ro).exp()     # P - Q on y_t
+            gap_s = mean_logprob(student, s_ro).exp() - mean_logprob(teacher, s_ro).exp()     # Q - P on y_s
+            m_t, m_s = (common.all_reduce_sum(g.sum().item()) / n_global for g in (gap_t, gap_s))  # global means
+            alpha_t, alpha_s = alpha_curriculum(gap_t, args.alpha0, m_t), alpha_curriculum(gap_s, args.alpha0, m_s)
+            m.update(gap_skl=gap_t.tolist(), gap_srkl=gap_s.tolist())
+
+        # which rows and which per-sequence loss
+        on_policy = uses_student_samples and args.loss != "distillm2" and \
+            torch.rand(1, generator=torch.Generator().manual_seed(args.seed * 7919 + step)).item() < \
+            args.on_policy_fraction
+        ro = s_ro if on_policy else t_ro
+        opt.zero_grad(set_to_none=True)
+        mb, total = args.micro_batch_size, 0.0
+        for i in range(0, len(batch), mb):
+            j = slice(i, i + mb)
+            sub = lambda r: sample.Rollout(r.prompt_ids[j], r.prompt_mask[j], r.response_ids[j], r.response_mask[j],
+                                           None)
+            if args.loss == "distillm2":
+                w_skl, w_srkl = (1.0, 1.0) if args.released else (1.0 - beta, beta)
+                skl = seq_divergence(losses.skl, student, teacher, sub(t_ro), args.chunk_size, alpha=alpha_t[j])
+                srkl = seq_divergence(losses.srkl, student, teacher, sub(s_ro), args.chunk_size, alpha=alpha_s[j])
+                per_seq = w_skl * skl + w_srkl * srkl                                              # [b]
+                m["skl"] = m.get("skl", 0.0) + skl.sum().item() / len(batch)
+                m["srkl"] = m.get("srkl", 0.0) + srkl.sum().item() / len(batch)
+            else:
+                fn, kw = {"skl": (losses.skl, {"alpha": args.alpha0}), "srkl": (losses.srkl, {"alpha": args.alpha0}),
+                          "jsd": (losses.jsd, {"beta": args.jsd_beta}), "fkl": (losses.forward_kl, {}),
+                          "rkl": (losses.reverse_kl, {})}[args.loss]
+                per_seq = seq_divergence(fn, student, teacher, sub(ro), args.chunk_size, **kw)
+            loss = per_seq.sum() / n_global      # mean over the global batch: every sequence weighs the same
+            loss.backward()
+            total += loss.item() * n_global / len(batch)
+        common.all_reduce_grads(student.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        if torch.isfinite(grad_norm).item():
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            m["skipped"] = 1
+        sched.step()
+        m["loss"] = total  # this rank's mean over its sequences; the mean over ranks is the global one
+        m = common.reduce_metrics({k: v for k, v in m.items() if not isinstance(v, list)}) | \
+            {k: v for k, v in m.items() if isinstance(v, list)}
+        m.update(step=step, grad_norm=grad_norm.item(), beta=beta, on_policy=int(on_policy),
+                 alpha_skl=alpha_t.tolist(), alpha_srkl=alpha_s.tolist(), s_per_step=time.time() - t0)
+        common.log_metrics(metrics_path, m)
+        print0(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {m['loss']:.4f} | beta {beta:.3f} | "
+               f"alpha {alpha_t.mean().item():.3f}/{alpha_s.mean().item():.3f} | grad_norm {grad_norm.item():.3f} | "
+               f"{m['s_per_step']:.2f} s/step")
+        if rank == 0 and ((step + 1) % args.save_every == 0 or (step + 1) % steps_per_epoch == 0):
+            common.atomic_torch_save({"step": step, "student": student.state_dict(), "opt": opt.state_dict(),
+                                      "sched": sched.state_dict(), "rng": common.rng_state(),
+                                      "epoch_rows": epoch_rows}, ckpt_path)
+        steps_done += 1
+        if args.stop_after is not None and steps_done >= args.stop_after:
+            print0(f"--stop-after {args.stop_after}: exiting")
+            common.compute_cleanup()
+            return
+
+    # -------------------------------------------------------------------- save, evaluate
+    if rank == 0:
+        student.save_pretrained(os.path.join(args.out, "student"))
+        tok.save_pretrained(os.path.join(args.out, "student"))
+        if val:
+            after = heldout_divergence(student.eval(), teacher, val, pad, args.chunk_size)
+            kw = dict(teacher=teacher, max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len)
+            fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
+                                      layers=args.student_layers).eval()
+            val_recs_by_id = {r["id"]: r for r in val_recs}
+            recs = [dict(val_recs_by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
+                    for r in val]
+            table = {"before": {**before, **eval_lib.evaluate(fresh, tok, recs, **kw)},
+                     "after": {**after, **eval_lib.evaluate(student, tok, recs, **kw)}}
+            print0(eval_lib.format_table(table))
+            common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(
+                {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
+    common.compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""DistiLLM-2 trainer: schedules against their formulas, per-epoch regeneration, vocab mismatch, learning, DDP."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distillm2
+import models
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--student", "tiny", "--limit", "40", "--epochs", "2", "--eval-prompts", "4"]  # 36 train: 4 steps/epoch
+
+
+def run(args, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
+                              else []) + ["distillm2.py"] + args
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def rows(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+def test_schedules_follow_their_formulas():
+    assert distillm2.beta_at(0, 10, 0.5) == 0.5
+    betas = [distillm2.beta_at(s, 10, 0.5) for s in range(10)]
+    assert all(b2 > b1 for b1, b2 in zip(betas, betas[1:])) and betas[-1] < 1.0
+    gap = torch.tensor([0.2, 0.05, -0.1, 1.0, 0.1])
+    m = gap.mean().item()
+    want = [min(max(1 - 0.9 * m / (g + 1e-5), 0.01), 0.1) for g in gap.tolist()]
+    torch.testing.assert_close(distillm2.alpha_curriculum(gap, 0.1), torch.tensor(want))
+    a = distillm2.alpha_curriculum(gap, 0.1)
+    assert a[2] == 0.1 and a[1] == 0.01  # negative gap -> alpha0; a gap well below the mean -> the floor
+
+
+def test_alpha_per_sample_and_beta_are_logged_and_follow_the_schedules(tmp_path):
+    run(TINY + ["--out", str(tmp_path / "a")])
+    log = rows(tmp_path / "a")
+    total = len(log)
+    assert total == 8
+    for m in log:
+        assert m["beta"] == pytest.approx(distillm2.beta_at(m["step"], total, 0.5))
+        if m["epoch"] == 0:  # no curriculum in epoch 1
+            assert m["alpha_skl"] == m["alpha_srkl"] == pytest.approx([0.1] * 8)
+        else:
+            for gap_key, alpha_key in (("gap_skl", "alpha_skl"), ("gap_srkl", "alpha_srkl")):
+                want = distillm2.alpha_curriculum(torch.tensor(m[gap_key]), 0.1)
+                torch.testing.assert_close(torch.tensor(m[alpha_key]), want)
+    assert any(a < 0.1 for m in log if m["epoch"] == 1 for a in m["alpha_skl"]), "the curriculum never acted"
+    run(TINY + ["--released", "--out", str(tmp_path / "r")])
+    released = rows(tmp_path / "r")
+    assert {m["beta"] for m in released} == {0.5}
+    assert all(m["alpha_skl"] == m["alpha_srkl"] == pytest.approx([0.1] * 8) for m in released)
+    for m in released:  # the released loss is SKL + SRKL, not the beta-weighted mean
+        assert m["loss"] == pytest.approx(m["skl"] + m["srkl"], rel=1e-5)
+
+
+def test_epoch_2_trains_on_samples_of_the_epoch_2_student(tmp_path):
+    out = tmp_path / "e"
+    run(TINY + ["--out", str(out), "--save-every", "1", "--stop-after", "4"])  # the end of epoch 1
+    end_of_epoch_1 = torch.load(out / "ckpt.pt", weights_only=False)
+    run(TINY + ["--out", str(out), "--save-every", "1", "--resume", "--stop-after", "1"])  # first step of epoch 2
+    in_epoch_2 = torch.load(out / "ckpt.pt", weights_only=False)
+    tok = models.load_tokenizer("tiny")
+    student = models.tiny_model(seed=0)
+    ids = list(in_epoch_2["epoch_rows"])
+    prompts = {r["id"]: distillm2.data_lib.encode_prompt(tok, r["messages"])
+               for r in distillm2.data_lib.tiny_prompts(40, 0)}
+
+    def regenerate(weights):
+        student.load_state_dict(weights)
+        ro = sample.generate(student.eval(), [prompts[i] for i in ids], n=1, max_new_tokens=16, temperature=0.8,
+                             top_p=0.95, eos_ids=sample.stop_ids(tok), pad_id=tok.pad_token_id, seed=0,
+                             prompt_keys=[f"s1|{i}" for i in ids], return_logprobs=False)
+        return [r[m.bool()].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]
+
+    used = [in_epoch_2["epoch_rows"][i]["y_s"] for i in ids]
+    assert used == regenerate(end_of_epoch_1["student"])          # the student as it was when epoch 2 began
+    initial = models.tiny_model(seed=0).state_dict()
+    assert used != regenerate(initial)                           # not the epoch-1 (initial) student's samples
+    both = [i for i in ids if i in end_of_epoch_1["epoch_rows"]]  # prompts trained on in both epochs
+    assert len(both) > 10
+    assert [in_epoch_2["epoch_rows"][i]["y_s"] for i in both] != [end_of_epoch_1["epoch_rows"][i]["y_s"] for i in both]
+
+
+def test_teacher_with_a_larger_vocabulary(tmp_path):
+    tok = models.tiny_tokenizer()
+    for name, vocab, seed in (("teacher", 1024, 5), ("student", 1000, 0)):
+        m = models.tiny_model(seed=seed, vocab_size=vocab)
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out = tmp_path / "v"
+    run(["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--data", "tiny",
+         "--limit", "24", "--epochs", "1", "--prompts-per-step", "8", "--micro-batch-size", "8", "--lr", "3e-3",
+         "--max-new-tokens", "12", "--max-prompt-len", "64", "--dtype", "float32", "--eval-prompts", "4",
+         "--gen-batch-size", "16", "--save-every", "1", "--out", str(out)])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    teacher_tokens = [t for r in ck["epoch_rows"].values() for t in r["y_t"]]
+    assert teacher_tokens and max(teacher_tokens) < 1000  # the teacher never samples ids the student lacks
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in rows(out))
+    table = json.loads((out / "eval.json").read_text())
+    assert table["after"]["heldout_fkl"] < table["before"]["heldout_fkl"]
+
+
+@pytest.mark.parametrize("loss", ["distillm2", "skl", "srkl", "jsd", "fkl", "rkl"])
+def test_each_loss_lowers_the_held_out_divergence(tmp_path, loss):
+    with contextlib.redirect_stdout(io.StringIO()):
+        distillm2.main(TINY + ["--loss", loss, "--out", str(tmp_path / loss)])
+    table = json.loads((tmp_path / loss / "eval.json").read_text())
+    before = table["before"]["heldout_fkl"] + table["before"]["heldout_rkl"]
+    after = table["after"]["heldout_fkl"] + table["after"]["heldout_rkl"]
+    assert after < before - 0.1, (loss, before, after)
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    run(TINY + ["--out", str(tmp_path / "one")])
+    run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(one) == len(two) == 8
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+    from safetensors.torch import load_file
+    wa = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
