@@ -154,6 +154,15 @@ def reduce_metrics(metrics):
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
+def drop_metrics_after(path, keep):
+    """On resume: keep only the metrics rows for which keep(row) is true (those up to the checkpoint); the rows
+    logged after it are redone by the resumed run and would otherwise appear twice."""
+    if get_rank() != 0 or not os.path.exists(path):
+        return
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if keep(r)))
+
+
 def make_optimizer(params, lr, weight_decay, adam8bit=False):
     """AdamW, or bitsandbytes' 8-bit AdamW (--adam8bit: optimizer state in 8 bits, a memory flag)."""
     if adam8bit:

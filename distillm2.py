@@ -1,7 +1,7 @@
 """DistiLLM-2: contrastive white-box distillation (arXiv 2503.07067; reference jongwooko/distillm-2), with the
 DistiLLM (SKL, SRKL), GKD (generalized JSD) and forward / reverse KL baselines on the same trainer.
 
-    python distillm2.py                                         # CPU default: SmolLM2-135M teacher, half-depth student
+    python distillm2.py                                         # CPU default: SmolLM2-135M teacher, 24-layer student
     python distillm2.py --teacher tiny-teacher --student tiny --out runs/d2-tiny
     torchrun --nproc_per_node=8 distillm2.py --teacher qwen2.5-7b --student qwen2.5-1.5b --data prompts.jsonl
 
@@ -48,16 +48,17 @@ import sample
 PAPER = dict(  # DistiLLM-2 reference recipe (DESIGN.md section 3), full fine-tuning instead of LoRA r16
     teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=128, micro_batch_size=4, lr=5e-5,
     max_prompt_len=1024, max_new_tokens=1024, temperature=0.8, top_p=0.95, dtype="bfloat16", eval_prompts=256,
-    limit=None, gen_batch_size=32,
+    limit=None, gen_batch_size=32, val_fraction=0.1,
 )
 PRESETS = {
     "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=2, prompts_per_step=8, micro_batch_size=8,
                  lr=3e-3, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16, limit=64,
                  gen_batch_size=32),
-    # The CPU default: SmolLM2-135M-Instruct teacher, a student of its every other layer (15 of 30).
-    "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="every2", epochs=2, prompts_per_step=4,
-                         micro_batch_size=4, lr=5e-5, max_prompt_len=64, max_new_tokens=32, dtype="float32",
-                         eval_prompts=16, limit=48, gen_batch_size=8),
+    # The CPU default: SmolLM2-135M-Instruct teacher; the student is the same model without its 6 middle layers
+    # (24 of 30: dropping every other layer leaves a student so broken that a few CPU steps only collapse it).
+    "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=2, prompts_per_step=4,
+                         micro_batch_size=4, lr=2e-5, max_prompt_len=64, max_new_tokens=32, dtype="float32",
+                         eval_prompts=16, limit=160, gen_batch_size=8, val_fraction=0.2),
 }
 
 
@@ -74,7 +75,7 @@ def parse_args(argv=None):
     g.add_argument("--data", default=None, help="prompts: jsonl/parquet/ShareGPT, 'sharegpt', 'tiny'")
     g.add_argument("--limit", type=int, default=None, help="read at most this many rows")
     g.add_argument("--max-prompt-len", type=int, default=None, help="drop longer prompts (tokens)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out prompts for eval")
+    g.add_argument("--val-fraction", type=float, default=None, help="held-out prompts for eval")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="distillm2", choices=["distillm2", "skl", "srkl", "jsd", "fkl", "rkl"],
                    help="objective")
@@ -240,6 +241,7 @@ def main(argv=None):
         sched.load_state_dict(ck["sched"])
         common.set_rng_state(ck["rng"])
         start, epoch_rows = ck["step"] + 1, ck["epoch_rows"]
+        common.drop_metrics_after(metrics_path, lambda r: r["step"] < start)
         print0(f"resumed from {ckpt_path} at step {start}")
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)

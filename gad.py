@@ -286,12 +286,9 @@ def main(argv=None):
         opt_d.load_state_dict(ckpt["opt_d"])
         common.set_rng_state(ckpt["rng"])
         print0(f"resumed from {ckpt_path}: stage {ckpt['stage']} step {ckpt['step']}")
-        if rank == 0 and os.path.exists(metrics_path):  # drop rows logged after the checkpoint: they are redone
-            order = ["seqkd", "warmup", "gad"]
-            done = (order.index(ckpt["stage"]), ckpt["step"])
-            rows = [json.loads(line) for line in open(metrics_path)]
-            keep = [r for r in rows if (order.index(r["stage"]), r["step"]) <= done]
-            common.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+        order = ["seqkd", "warmup", "gad"]
+        done = (order.index(ckpt["stage"]), ckpt["step"])
+        common.drop_metrics_after(metrics_path, lambda r: (order.index(r["stage"]), r["step"]) <= done)
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
