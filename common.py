@@ -154,6 +154,18 @@ def reduce_metrics(metrics):
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
+def fill_preset(args, presets, default):
+    """STYLE's one main dial: --student picks a preset (else `default`, the paper's recipe), which fills every
+    flag left unset (None). What was filled is printed, so a run's log says what it actually ran with."""
+    preset = presets.get(args.student, default)
+    filled = []
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+            filled.append(f"{key}={value}")
+    print0(f"preset {args.student if args.student in presets else 'paper'}: " + " ".join(filled))
+
+
 def drop_metrics_after(path, keep):
     """On resume: keep only the metrics rows for which keep(row) is true (those up to the checkpoint); the rows
     logged after it are redone by the resumed run and would otherwise appear twice."""

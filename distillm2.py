@@ -106,15 +106,9 @@ def parse_args(argv=None):
     g.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts in the before/after table")
     g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     args = p.parse_args(argv)
-    preset = PRESETS.get(args.student, PAPER)
-    filled = []
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-            filled.append(f"{key}={value}")
-    if args.on_policy_fraction is None:
+    common.fill_preset(args, PRESETS, PAPER)
+    if args.on_policy_fraction is None:  # GKD's best lambda for its own loss; the others train off-policy
         args.on_policy_fraction = 0.5 if args.loss == "jsd" else 0.0
-    print0(f"preset {args.student if args.student in PRESETS else 'paper'}: " + " ".join(filled))
     return args
 
 

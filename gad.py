@@ -119,13 +119,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     args = p.parse_args(argv)
 
-    preset = PRESETS.get(args.student, PAPER)  # an alias or folder without a preset gets the paper's recipe
-    filled = []
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-            filled.append(f"{key}={value}")
-    print0(f"preset {args.student if args.student in PRESETS else 'paper'}: " + " ".join(filled))
+    common.fill_preset(args, PRESETS, PAPER)
     if args.stage == "gad" and not args.init_from and not args.resume:
         print0("note: --stage gad without --init-from starts GAD from the raw student (no warmup)")
     return args
