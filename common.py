@@ -5,6 +5,7 @@ process group only when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU, so DDP is tes
 """
 
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -46,12 +47,17 @@ def compute_init(device=None):
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # A long timeout: ranks wait at the final barrier while rank 0 alone evaluates (minutes on real models).
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     return ddp, rank, local_rank, world_size, torch.device(device)
 
 
 def compute_cleanup():
+    """Wait for every rank (rank 0 may still be evaluating or saving), then tear the process group down: a rank
+    that leaves first kills gloo's connections under the others (SIGABRT)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
