@@ -71,6 +71,7 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default=None, help="float32 | bfloat16")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     g.add_argument("--adam8bit", action="store_true", help="bitsandbytes 8-bit AdamW")
+    g.add_argument("--lora-r", type=int, default=0, help="LoRA rank via peft (paper: 16); 0 = full fine-tuning")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="prompts: jsonl/parquet/ShareGPT, 'sharegpt', 'tiny'")
     g.add_argument("--limit", type=int, default=None, help="read at most this many rows")
@@ -130,6 +131,18 @@ def alpha_curriculum(gap, alpha0, m=None):
 
 # ----------------------------------------------------------------------------------------------------------
 
+def add_lora(model, r):
+    """LoRA adapters (peft, optional) on every attention and MLP projection, as the paper's students (r 16,
+    alpha 2r). The adapters are injected in place, so the rest of this file calls the model as before."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise RuntimeError("--lora-r needs peft: pip install peft") from None
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(model, cfg)
+
+
 def hidden_and_head(model, ro):
     """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM head."""
     ids = torch.cat([ro.prompt_ids, ro.response_ids], 1)
@@ -184,6 +197,9 @@ def main(argv=None):
     tok = models.load_tokenizer(args.student)
     student = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
                                 layers=args.student_layers)
+    lora = add_lora(student, args.lora_r) if args.lora_r else None
+    if lora is not None:
+        student = lora.get_base_model()  # the causal LM, its projections now LoRA layers: called as before
     teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
     eos, pad = sample.stop_ids(tok), tok.pad_token_id
     student_vocab = student.get_output_embeddings().weight.shape[0]
@@ -224,7 +240,8 @@ def main(argv=None):
     before = heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
 
     # -------------------------------------------------------------------- optimizer, resume
-    opt = common.make_optimizer(student.parameters(), args.lr, args.weight_decay, args.adam8bit)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters only
+    opt = common.make_optimizer(trainable, args.lr, args.weight_decay, args.adam8bit)
     sched = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over training (reference)
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     start, epoch_rows = 0, None
@@ -300,8 +317,8 @@ def main(argv=None):
             loss = per_seq.sum() / n_global      # mean over the global batch: every sequence weighs the same
             loss.backward()
             total += loss.item() * n_global / len(batch)
-        common.all_reduce_grads(student.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        common.all_reduce_grads(trainable)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         if torch.isfinite(grad_norm).item():
             opt.step()
         else:
@@ -328,6 +345,8 @@ def main(argv=None):
             return
 
     # -------------------------------------------------------------------- save, evaluate
+    if lora is not None:
+        student = lora.merge_and_unload()  # a plain HF model: adapters folded into their base weights
     if rank == 0:
         student.save_pretrained(os.path.join(args.out, "student"))
         tok.save_pretrained(os.path.join(args.out, "student"))

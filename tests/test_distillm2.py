@@ -146,3 +146,21 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     for k in a:  # tolerance 0: same ops in the same order on CPU, the epoch's responses restored from the checkpoint
         assert torch.equal(a[k], b[k]), k
     assert [m["loss"] for m in rows(tmp_path / "full")] == [m["loss"] for m in rows(tmp_path / "cut")]
+
+
+def test_lora_trains_only_adapters_and_exports_a_plain_model(tmp_path):
+    pytest.importorskip("peft", reason="peft is in requirements-dev.txt")
+    out = tmp_path / "lora"
+    run(TINY + ["--lora-r", "4", "--lr", "1e-2", "--save-every", "1", "--out", str(out)])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)["student"]
+    start = models.tiny_model(seed=0).state_dict()
+    base = {k.replace(".base_layer", ""): v for k, v in ck.items() if "lora_" not in k}
+    assert any("lora_A" in k for k in ck)
+    for k, v in start.items():  # the base weights never move: only the adapters train
+        assert torch.equal(base[k], v), k
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(out / "student")  # exported with the adapters merged in
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
+                           start["model.layers.0.self_attn.q_proj.weight"])
+    table = json.loads((out / "eval.json").read_text())
+    assert table["after"]["heldout_fkl"] < table["before"]["heldout_fkl"]
