@@ -46,8 +46,8 @@ def score_rollout(d, ro, micro_batch_size=None):
     """Scores of a Rollout without grad, in micro-batches."""
     mb = micro_batch_size or ro.prompt_ids.shape[0]
     with torch.no_grad():
-        return torch.cat([score(d, ro.prompt_ids[i:i + mb], ro.prompt_mask[i:i + mb], ro.response_ids[i:i + mb],
-                                ro.response_mask[i:i + mb]) for i in range(0, ro.prompt_ids.shape[0], mb)])
+        return torch.cat([score(d, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+                          for r in (ro.rows(slice(i, i + mb)) for i in range(0, ro.prompt_ids.shape[0], mb))])
 
 
 def update(d, optimizer, teacher, student, n, max_grad_norm=1.0, micro_batch_size=None):

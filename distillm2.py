@@ -145,9 +145,8 @@ def add_lora(model, r):
 
 def hidden_and_head(model, ro):
     """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM head."""
-    ids = torch.cat([ro.prompt_ids, ro.response_ids], 1)
-    mask = torch.cat([ro.prompt_mask, ro.response_mask], 1)
-    h = model.model(input_ids=ids, attention_mask=mask, position_ids=sample.position_ids_from_mask(mask)
+    mask = ro.attention_mask
+    h = model.model(input_ids=ro.input_ids, attention_mask=mask, position_ids=sample.position_ids_from_mask(mask)
                     ).last_hidden_state                               # [N, P+T, H]
     P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
     return h[:, P - 1:P - 1 + T], model.lm_head                      # position P-1+t predicts token t
@@ -176,12 +175,9 @@ def heldout_divergence(student, teacher, rows, pad, chunk_size):
     should lower."""
     ro = sample.pack([r["prompt"] for r in rows], [r["y_t"] for r in rows], pad)
     mask = ro.response_mask.bool()
-    out = {}
-    for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl)):
-        s_h, s_head = hidden_and_head(student, ro)
-        t_h, t_head = hidden_and_head(teacher, ro)
-        out[name] = losses.masked_mean(losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, chunk_size), mask).item()
-    return out
+    (s_h, s_head), (t_h, t_head) = hidden_and_head(student, ro), hidden_and_head(teacher, ro)  # once for both
+    return {name: losses.masked_mean(losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, chunk_size), mask).item()
+            for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl))}
 
 
 def main(argv=None):
@@ -300,12 +296,10 @@ def main(argv=None):
         mb, total = args.micro_batch_size, 0.0
         for i in range(0, len(batch), mb):
             j = slice(i, i + mb)
-            sub = lambda r: sample.Rollout(r.prompt_ids[j], r.prompt_mask[j], r.response_ids[j], r.response_mask[j],
-                                           None)
             if args.loss == "distillm2":
                 w_skl, w_srkl = (1.0, 1.0) if args.released else (1.0 - beta, beta)
-                skl = seq_divergence(losses.skl, student, teacher, sub(t_ro), args.chunk_size, alpha=alpha_t[j])
-                srkl = seq_divergence(losses.srkl, student, teacher, sub(s_ro), args.chunk_size, alpha=alpha_s[j])
+                skl = seq_divergence(losses.skl, student, teacher, t_ro.rows(j), args.chunk_size, alpha=alpha_t[j])
+                srkl = seq_divergence(losses.srkl, student, teacher, s_ro.rows(j), args.chunk_size, alpha=alpha_s[j])
                 per_seq = w_skl * skl + w_srkl * srkl                                              # [b]
                 m["skl"] = m.get("skl", 0.0) + skl.sum().item() / len(batch)
                 m["srkl"] = m.get("srkl", 0.0) + srkl.sum().item() / len(batch)
@@ -313,7 +307,7 @@ def main(argv=None):
                 fn, kw = {"skl": (losses.skl, {"alpha": args.alpha0}), "srkl": (losses.srkl, {"alpha": args.alpha0}),
                           "jsd": (losses.jsd, {"beta": args.jsd_beta}), "fkl": (losses.forward_kl, {}),
                           "rkl": (losses.reverse_kl, {})}[args.loss]
-                per_seq = seq_divergence(fn, student, teacher, sub(ro), args.chunk_size, **kw)
+                per_seq = seq_divergence(fn, student, teacher, ro.rows(j), args.chunk_size, **kw)
             loss = per_seq.sum() / n_global      # mean over the global batch: every sequence weighs the same
             loss.backward()
             total += loss.item() * n_global / len(batch)

@@ -189,11 +189,9 @@ def sft_step(model, opt, ro, args):
     tokens = common.all_reduce_sum(ro.response_mask.sum().item())
     mb, total = args.micro_batch_size, 0.0
     for i in range(0, ro.prompt_ids.shape[0], mb):
-        s = slice(i, i + mb)
-        lp = ppo.sequence_logprobs(model, torch.cat([ro.prompt_ids[s], ro.response_ids[s]], 1),
-                                   torch.cat([ro.prompt_mask[s], ro.response_mask[s]], 1),
-                                   ro.prompt_ids.shape[1], ro.response_ids.shape[1])
-        loss = -(lp * ro.response_mask[s]).sum() / max(tokens, 1)
+        r = ro.rows(slice(i, i + mb))
+        lp = ppo.sequence_logprobs(model, r.input_ids, r.attention_mask, r.prompt_ids.shape[1], r.response_ids.shape[1])
+        loss = -(lp * r.response_mask).sum() / max(tokens, 1)
         loss.backward()
         total += loss.item()
     common.all_reduce_grads(model.parameters())
@@ -333,9 +331,9 @@ def main(argv=None):
     def response_logprobs(model, ro):
         """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches."""
         P, T, mb = ro.prompt_ids.shape[1], ro.response_ids.shape[1], args.micro_batch_size
-        return torch.cat([ppo.sequence_logprobs(model, ro.input_ids[i:i + mb], ro.attention_mask[i:i + mb], P, T,
+        return torch.cat([ppo.sequence_logprobs(model, r.input_ids, r.attention_mask, P, T,
                                                 temperature=args.temperature)
-                          for i in range(0, ro.input_ids.shape[0], mb)])
+                          for r in (ro.rows(slice(i, i + mb)) for i in range(0, ro.prompt_ids.shape[0], mb))])
 
     def rollout(batch, keys, stage, step):
         G.eval()

@@ -61,6 +61,12 @@ class Rollout:
     def attention_mask(self):
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)  # [B*n, P+T]
 
+    def rows(self, index):
+        """The Rollout of some rows (a slice or index tensor): micro-batches keep the same layout."""
+        lp = None if self.logprobs is None else self.logprobs[index]
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
+                       self.response_mask[index], lp)
+
     def texts(self, tokenizer):
         """Decoded responses without the end-of-turn token or padding."""
         return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
