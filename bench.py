@@ -119,6 +119,7 @@ def losses_worker(args):
     student_hidden = torch.randn(args.batch, args.seq, H, generator=g, device=device).requires_grad_(True)
     teacher_hidden = torch.randn(args.batch, args.seq, Ht, generator=g, device=device)
     loss_fn, kwargs = KD_LOSSES[args.loss]
+    values_shape = torch.Size((args.batch, args.seq))
     inputs_mb = peak_memory_mb(device)
 
     def step():
@@ -127,10 +128,12 @@ def losses_worker(args):
             with torch.no_grad():
                 teacher_logits = F.linear(teacher_hidden, teacher_weight)                # [B, T, V]
             values = loss_fn(student_logits, teacher_logits, **kwargs)                  # [B, T]
+            values.mean().backward()
         else:
-            values = losses.kd_loss_chunked(loss_fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                            chunk_size=args.chunk, **kwargs)            # [B, T]
-        values.mean().backward()
+            weights = torch.full(values_shape, 1.0 / values_shape.numel(), device=device)  # the same mean
+            loss, values = losses.kd_loss_chunked(loss_fn, student_hidden, student_weight, teacher_hidden,
+                                                  teacher_weight, weights, chunk_size=args.chunk, **kwargs)
+            loss.backward()
         return values.detach()
 
     times = []

@@ -143,15 +143,6 @@ def add_lora(model, r):
     return get_peft_model(model, cfg)
 
 
-def hidden_and_head(model, ro):
-    """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM head."""
-    mask = ro.attention_mask
-    h = model.model(input_ids=ro.input_ids, attention_mask=mask, position_ids=sample.position_ids_from_mask(mask)
-                    ).last_hidden_state                               # [N, P+T, H]
-    P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
-    return h[:, P - 1:P - 1 + T], model.lm_head                      # position P-1+t predicts token t
-
-
 @torch.no_grad()
 def mean_logprob(model, ro):
     """Per-sequence mean log-probability of the response (temperature 1) [N]: log P or log Q of the curriculum."""
@@ -160,24 +151,17 @@ def mean_logprob(model, ro):
     return losses.masked_mean(lp, ro.response_mask.bool(), dim=-1)
 
 
-def seq_divergence(loss_fn, student, teacher, ro, chunk_size, **kw):
-    """Per-sequence mean over response tokens of a per-token divergence [N] (each sequence weighs the same)."""
-    s_h, s_head = hidden_and_head(student, ro)
+def seq_divergence(loss_fn, student, teacher, ro, chunk_size, seq_weight, **kw):
+    """sum_i seq_weight_i * (mean over sequence i's response tokens of a per-token divergence), differentiable in
+    the student, and the per-sequence means [N] (detached, for logging)."""
+    s_h, s_head = sample.response_hidden(student, ro)
     with torch.no_grad():
-        t_h, t_head = hidden_and_head(teacher, ro)
-    per_token = losses.kd_loss_chunked(loss_fn, s_h, s_head, t_h, t_head, chunk_size=chunk_size, **kw)  # [N, T]
-    return losses.masked_mean(per_token, ro.response_mask.bool(), dim=-1)
-
-
-@torch.no_grad()
-def heldout_divergence(student, teacher, rows, pad, chunk_size):
-    """Token-mean forward and reverse KL(p, q) on held-out teacher responses: the divergence every loss here
-    should lower."""
-    ro = sample.pack([r["prompt"] for r in rows], [r["y_t"] for r in rows], pad)
-    mask = ro.response_mask.bool()
-    (s_h, s_head), (t_h, t_head) = hidden_and_head(student, ro), hidden_and_head(teacher, ro)  # once for both
-    return {name: losses.masked_mean(losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, chunk_size), mask).item()
-            for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl))}
+        t_h, t_head = sample.response_hidden(teacher, ro)
+    mask = ro.response_mask.float()                                                         # [N, T]
+    per_token_weight = mask / mask.sum(-1, keepdim=True).clamp(min=1)                       # each sequence: 1
+    weights = per_token_weight * seq_weight.to(mask.device)[:, None]                        # [N, T]
+    loss, values = losses.kd_loss_chunked(loss_fn, s_h, s_head, t_h, t_head, weights, chunk_size=chunk_size, **kw)
+    return loss, (values * per_token_weight).sum(-1)
 
 
 def main(argv=None):
@@ -233,7 +217,7 @@ def main(argv=None):
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
     for r, y in zip(val, respond(teacher, val, "val", student_vocab)):
         r["y_t"] = y
-    before = heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
+    before = eval_lib.heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
 
     # -------------------------------------------------------------------- optimizer, resume
     trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters only
@@ -296,19 +280,21 @@ def main(argv=None):
         mb, total = args.micro_batch_size, 0.0
         for i in range(0, len(batch), mb):
             j = slice(i, i + mb)
+            per_seq = lambda w: torch.full((len(batch[j]),), w / n_global)   # sequence weights in the global mean
             if args.loss == "distillm2":
                 w_skl, w_srkl = (1.0, 1.0) if args.released else (1.0 - beta, beta)
-                skl = seq_divergence(losses.skl, student, teacher, t_ro.rows(j), args.chunk_size, alpha=alpha_t[j])
-                srkl = seq_divergence(losses.srkl, student, teacher, s_ro.rows(j), args.chunk_size, alpha=alpha_s[j])
-                per_seq = w_skl * skl + w_srkl * srkl                                              # [b]
+                skl_loss, skl = seq_divergence(losses.skl, student, teacher, t_ro.rows(j), args.chunk_size,
+                                               per_seq(w_skl), alpha=alpha_t[j])
+                srkl_loss, srkl = seq_divergence(losses.srkl, student, teacher, s_ro.rows(j), args.chunk_size,
+                                                 per_seq(w_srkl), alpha=alpha_s[j])
+                loss = skl_loss + srkl_loss
                 m["skl"] = m.get("skl", 0.0) + skl.sum().item() / len(batch)
                 m["srkl"] = m.get("srkl", 0.0) + srkl.sum().item() / len(batch)
             else:
                 fn, kw = {"skl": (losses.skl, {"alpha": args.alpha0}), "srkl": (losses.srkl, {"alpha": args.alpha0}),
                           "jsd": (losses.jsd, {"beta": args.jsd_beta}), "fkl": (losses.forward_kl, {}),
                           "rkl": (losses.reverse_kl, {})}[args.loss]
-                per_seq = seq_divergence(fn, student, teacher, ro.rows(j), args.chunk_size, **kw)
-            loss = per_seq.sum() / n_global      # mean over the global batch: every sequence weighs the same
+                loss, _ = seq_divergence(fn, student, teacher, ro.rows(j), args.chunk_size, per_seq(1.0), **kw)
             loss.backward()
             total += loss.item() * n_global / len(batch)
         common.all_reduce_grads(trainable)
@@ -345,7 +331,7 @@ def main(argv=None):
         student.save_pretrained(os.path.join(args.out, "student"))
         tok.save_pretrained(os.path.join(args.out, "student"))
         if val:
-            after = heldout_divergence(student.eval(), teacher, val, pad, args.chunk_size)
+            after = eval_lib.heldout_divergence(student.eval(), teacher, val, pad, args.chunk_size)
             kw = dict(teacher=teacher, max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len)
             fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
                                       layers=args.student_layers).eval()

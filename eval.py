@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from common import print0
 import data as data_lib
+import losses
 import models
 import sample
 
@@ -123,6 +124,19 @@ def response_nll(model, prompts, responses, batch_size=8, desc=None):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def heldout_divergence(student, teacher, rows, pad, chunk_size=128):
+    """Token-mean forward and reverse KL(p, q) of a white-box pair on fixed responses (rows: {"prompt": ids,
+    "y_t": ids}, usually held-out teacher samples): the divergence every white-box method should lower."""
+    ro = sample.pack([r["prompt"] for r in rows], [r["y_t"] for r in rows], pad,
+                     next(student.parameters()).device)
+    mask = ro.response_mask.float()
+    weight = mask / mask.sum()                                                              # token mean
+    (s_h, s_head), (t_h, t_head) = sample.response_hidden(student, ro), sample.response_hidden(teacher, ro)
+    return {name: losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight, chunk_size=chunk_size)[0].item()
+            for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl))}
+
+
 def score_pairs(score_fn, prompts, responses, pad_id, batch_size, device):
     """score_fn over (prompt, response) token lists in batches -> [N] float tensor on the CPU."""
     out = []

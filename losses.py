@@ -11,7 +11,6 @@ Masks are 0/1 (bool or numeric). Masked positions may hold anything, NaN include
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,38 +276,88 @@ def _head_params(head):
     return head.weight, getattr(head, "bias", None)
 
 
-def kd_loss_chunked(loss_fn, student_hidden, student_head, teacher_hidden, teacher_head, chunk_size=128, **kwargs):
-    """loss_fn(student_head(student_hidden), teacher_head(teacher_hidden), **kwargs) per token [B, T], computed
-    chunk_size positions at a time from the final hidden states [B, T, H] and the LM heads (nn.Linear, or a
-    weight [V, H]). Gradients reach student_hidden and the student head; the teacher is a constant.
+def kd_loss_chunked(loss_fn, student_hidden, student_head, teacher_hidden, teacher_head, weights=None,
+                    chunk_size=128, **kwargs):
+    """A full-vocabulary per-token loss from final hidden states, without ever holding [B, T, V] logits.
 
-    Memory. The naive path materialises the logits [B, T, V] of both models, and the loss's graph keeps several
-    fp32 [B, T, V] tensors (log q, log p, log m, the products) alive until backward, which then creates
-    gradients of the same size: at T = 1024, V = 151936 each one is 594 MiB. Splitting the positions into chunks
-    alone does not help: every chunk's graph is kept until backward, so the sum over chunks is the naive total.
-    Each chunk therefore runs under torch.utils.checkpoint: its forward keeps only its inputs (views of the
-    hidden states and the weights, no new memory) and frees the logits; backward recomputes one chunk's logits
-    and loss at a time and frees them before the next. Peak extra memory is a few fp32 [B, chunk, V] tensors
-    plus the weight gradient [V, H] (two of them while a chunk's share is being added), independent of T.
-    The price is one more forward of both heads (the recompute): with heads of equal size, 6 head matmuls per
-    step instead of 4. `python bench.py losses` measures both paths.
+    values = loss_fn(student_head(student_hidden), teacher_head(teacher_hidden), **kwargs)   per token [B, T]
+    loss   = sum_{b,t} weights[b, t] * values[b, t]                                             (weights: [B, T])
+    Returns (loss, values): loss is differentiable in student_hidden and the student head's weight and bias;
+    values are detached (for logging). weights carries the mask and the normalisation (0 at padding; e.g.
+    mask / tokens per sequence / sequences in the global batch); None means all ones. Heads: an nn.Linear, a
+    tied nn.Embedding or a weight [V, H]. The teacher is a constant. kwargs (alpha, beta) may be per sequence [B].
+
+    Memory. The naive path materialises both models' logits [B, T, V], and the loss's graph keeps several fp32
+    [B, T, V] tensors (log q, log p, log m, products) alive until backward, which then makes gradients of the same
+    size: at T = 1024, V = 151936 each is 594 MiB. Chunking positions alone does not help (every chunk's graph
+    lives until backward). Because the loss is a weighted sum of per-token values, its gradient is known in
+    forward up to the scalar that backward will multiply it by: so each chunk's logits, loss and gradient are
+    computed, folded into d loss / d hidden [B, T, H] and d loss / d W [V, H] (accumulated in place), and freed
+    before the next chunk ("fused linear loss", as Liger-Kernel's cross-entropy). Peak extra memory is one weight
+    gradient plus a few fp32 [chunk_size, V] tensors, independent of B and T; no logits are recomputed, so it
+    costs the naive path's 4 head matmuls. `python bench.py losses` measures both.
     """
     s_weight, s_bias = _head_params(student_head)
     t_weight, t_bias = _head_params(teacher_head)
-    teacher_hidden = teacher_hidden.detach()
+    if weights is None:
+        weights = torch.ones(student_hidden.shape[:2], device=student_hidden.device)
+    return _FusedKDLoss.apply(student_hidden, s_weight, s_bias, teacher_hidden.detach(), t_weight.detach(),
+                              None if t_bias is None else t_bias.detach(), weights.detach(), loss_fn, chunk_size,
+                              kwargs)
 
-    def chunk_loss(s_hidden, t_hidden):
-        # 2D matmuls: a [B, c, H] slice of a [B, T, H] tensor is not contiguous, and F.linear would then run a
-        # batched matmul per sequence (measured 2x slower on CPU than one mm over the B * c rows).
-        b, c = s_hidden.shape[:2]
-        with torch.no_grad():
-            t_logits = F.linear(t_hidden.reshape(b * c, -1), t_weight, t_bias)  # [B * c, V_t]
-        s_logits = F.linear(s_hidden.reshape(b * c, -1), s_weight, s_bias)      # [B * c, V_s]
-        return loss_fn(s_logits.view(b, c, -1), t_logits.view(b, c, -1), **kwargs)  # [B, c]
 
-    T = student_hidden.size(1)
-    values = [checkpoint(chunk_loss, student_hidden[:, i:i + chunk_size], teacher_hidden[:, i:i + chunk_size],
-                         use_reentrant=False)
-              for i in range(0, T, chunk_size)]
-    return torch.cat(values, dim=1)                                              # [B, T]
+class _FusedKDLoss(torch.autograd.Function):
+    """Forward computes the loss and its gradients chunk by chunk (see kd_loss_chunked); backward scales them."""
 
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, weights, loss_fn, chunk_size, kwargs):
+        B, T, H = s_hidden.shape
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_any = need_h or need_w or need_b
+        # Chunks of chunk_size positions of the flattened batch (memory independent of B and T). Each position is
+        # handed to loss_fn as a sequence of length 1, [c, 1, V], so per-sequence kwargs become per-position ones.
+        hs, ts, ws = s_hidden.reshape(B * T, H), t_hidden.reshape(B * T, -1), weights.reshape(B * T)
+        kwargs = {k: v.reshape(B).repeat_interleave(T) if torch.is_tensor(v) and v.numel() == B else v
+                  for k, v in kwargs.items()}
+        values = torch.zeros(B * T, device=s_hidden.device)
+        grad_h = torch.zeros_like(hs) if need_h else None
+        grad_w = torch.zeros_like(s_weight, dtype=torch.float32) if need_w else None   # [V, H], fp32 sums
+        grad_b = torch.zeros_like(s_bias, dtype=torch.float32) if need_b else None
+        for i in range(0, B * T, chunk_size):
+            rows = slice(i, i + chunk_size)
+            h = hs[rows]                                                                 # [c, H]
+            t_logits = F.linear(ts[rows], t_weight, t_bias)                              # [c, V_t]
+            s_logits = F.linear(h, s_weight, s_bias)                                     # [c, V_s]
+            chunk_kwargs = {k: v[rows] if torch.is_tensor(v) and v.dim() == 1 else v for k, v in kwargs.items()}
+            with torch.enable_grad():
+                s_logits.requires_grad_(need_any)
+                v = loss_fn(s_logits.unsqueeze(1), t_logits.unsqueeze(1), **chunk_kwargs).squeeze(1)  # [c]
+                if need_any:
+                    # where, not a product: a value at a weight-0 (padding) position must not reach the sum
+                    chunk_loss = torch.where(ws[rows] != 0, v * ws[rows], torch.zeros_like(v)).sum()
+                    (g_logits,) = torch.autograd.grad(chunk_loss, s_logits)              # [c, V_s]
+            values[rows] = v.detach()
+            if need_h:
+                grad_h[rows] = g_logits @ s_weight.to(g_logits.dtype)
+            if need_w:
+                grad_w.addmm_(g_logits.t().float(), h.float())
+            if need_b:
+                grad_b += g_logits.sum(0).float()
+            del t_logits, s_logits, v
+            g_logits = None
+        values, grad_h = values.view(B, T), None if grad_h is None else grad_h.view(B, T, H)
+        # Kept on ctx, not save_for_backward: they are neither inputs nor outputs, and backward scales them in
+        # place and hands them over, so no second [V, H] is ever made.
+        ctx.grads = [(grad_h, s_hidden.dtype), (grad_w, s_weight.dtype),
+                     (grad_b, None if s_bias is None else s_bias.dtype)]
+        ctx.mark_non_differentiable(values)
+        loss = torch.where(weights != 0, values * weights, torch.zeros_like(values)).sum()
+        return loss, values
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_values):
+        grads, ctx.grads = ctx.grads, None     # once only: a second backward through this graph is an error
+        if grads is None:
+            raise RuntimeError("kd_loss_chunked: backward called twice (its gradients are handed over once)")
+        scaled = [None if g is None else g.mul_(grad_loss).to(dtype) for g, dtype in grads]
+        return (*scaled, None, None, None, None, None, None, None)

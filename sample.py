@@ -132,6 +132,16 @@ def sample_token(logits, temperature, top_p, uniform):
     return (logp + gumbel).argmax(-1)
 
 
+def response_hidden(model, ro):
+    """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM head: the
+    inputs of the full-vocabulary losses (losses.kd_loss_chunked) and of AMM's adversary."""
+    mask = ro.attention_mask
+    h = model.model(input_ids=ro.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+                    ).last_hidden_state                               # [N, P+T, H]
+    P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
+    return h[:, P - 1:P - 1 + T], model.get_output_embeddings()      # position P-1+t predicts token t
+
+
 def token_logprobs(logits, tokens, temperature=1.0, chunk=8):
     """log softmax(logits / temperature)[tokens] without a [N, T, V] fp32 log-softmax in memory: rows in chunks,
     the logit of the token minus the logsumexp."""

@@ -273,10 +273,10 @@ def heads_and_hidden(seed=30):
     return student_head, teacher_weight, student_hidden, teacher_hidden, weights
 
 
-def value_and_grads(compute, student_head, student_hidden, weights):
+def naive_value_and_grads(fn, kw, student_head, student_hidden, teacher_hidden, teacher_weight, weights):
     student_head.zero_grad()
     h = student_hidden.clone().requires_grad_(True)
-    value = compute(h)
+    value = fn(student_head(h), teacher_hidden @ teacher_weight.T, **kw)                # [B, T, V] logits
     (value * weights).sum().backward()
     return value.detach(), h.grad, student_head.weight.grad.clone(), student_head.bias.grad.clone()
 
@@ -284,39 +284,76 @@ def value_and_grads(compute, student_head, student_hidden, weights):
 @pytest.mark.parametrize("name,fn,ref,w", CASES, ids=[c[0] for c in CASES])
 def test_chunked_equals_naive_values_and_gradients(name, fn, ref, w):
     student_head, teacher_weight, student_hidden, teacher_hidden, weights = heads_and_hidden()
+    weights[1, -5:] = 0                                             # padding: weight 0
     kw = {} if w is None else ({"beta": w} if fn is losses.jsd else {"alpha": w})
+    want = naive_value_and_grads(fn, kw, student_head, student_hidden, teacher_hidden, teacher_weight, weights)
 
-    def naive(h):
-        return fn(student_head(h), teacher_hidden @ teacher_weight.T, **kw)            # [B, T, V] logits
-
-    def chunked(h):
-        return losses.kd_loss_chunked(fn, h, student_head, teacher_hidden, teacher_weight, chunk_size=CHUNK, **kw)
-
-    want = value_and_grads(naive, student_head, student_hidden, weights)
-    got = value_and_grads(chunked, student_head, student_hidden, weights)
-    assert got[0].shape == (B, T_LONG)
+    student_head.zero_grad()
+    h = student_hidden.clone().requires_grad_(True)
+    loss, values = losses.kd_loss_chunked(fn, h, student_head, teacher_hidden, teacher_weight, weights=weights,
+                                          chunk_size=CHUNK, **kw)
+    loss.backward()
+    assert values.shape == (B, T_LONG) and not values.requires_grad
+    torch.testing.assert_close(loss, (want[0] * weights).sum(), rtol=1e-5, atol=1e-5)
+    got = (values, h.grad, student_head.weight.grad, student_head.bias.grad)
     for g_, w_, what in zip(got, want, ("values", "grad hidden", "grad weight", "grad bias")):
         torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5, msg=what)
 
 
-def test_chunked_graph_keeps_no_logits_between_forward_and_backward():
-    """What autograd saves for backward outside the checkpoints: the naive graph holds several [B, T, V] fp32
-    tensors, the chunked one none (only views of its inputs). This is the memory claim of kd_loss_chunked."""
-    student_head, teacher_weight, student_hidden, teacher_hidden, _ = heads_and_hidden()
+def test_chunked_gradient_scales_and_accumulates_like_autograd():
+    """The gradient is computed in forward, so check what backward must still do: multiply by the upstream
+    gradient (here 3 * loss1 - 0.5 * loss2), accumulate over calls (micro-batches), skip a frozen head, and keep
+    a bf16 head's gradient in bf16."""
+    student_head, teacher_weight, student_hidden, teacher_hidden, weights = heads_and_hidden()
+    h1, h2 = student_hidden[:, :20].clone().requires_grad_(True), student_hidden[:, 20:].clone().requires_grad_(True)
+    run = lambda h, t, w: losses.kd_loss_chunked(losses.srkl, h, student_head, t, teacher_weight, weights=w,
+                                                 chunk_size=CHUNK, alpha=torch.tensor([0.1, 0.3, 0.05]))[0]
+    (3 * run(h1, teacher_hidden[:, :20], weights[:, :20]) - 0.5 * run(h2, teacher_hidden[:, 20:], weights[:, 20:])
+     ).backward()
+    got = (h1.grad, h2.grad, student_head.weight.grad.clone())
+    student_head.zero_grad()
+    g1, g2 = student_hidden[:, :20].clone().requires_grad_(True), student_hidden[:, 20:].clone().requires_grad_(True)
+    t_logits = teacher_hidden @ teacher_weight.T
+    alpha = torch.tensor([0.1, 0.3, 0.05])
+    naive = lambda h, t, w: (losses.srkl(student_head(h), t, alpha) * w).sum()
+    (3 * naive(g1, t_logits[:, :20], weights[:, :20]) - 0.5 * naive(g2, t_logits[:, 20:], weights[:, 20:])
+     ).backward()
+    for g_, w_ in zip(got, (g1.grad, g2.grad, student_head.weight.grad)):
+        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+
+    frozen = torch.nn.Linear(H_S, V_S, bias=False).requires_grad_(False)
     h = student_hidden.clone().requires_grad_(True)
+    losses.kd_loss_chunked(losses.skl, h, frozen, teacher_hidden, teacher_weight, alpha=0.1)[0].backward()
+    assert frozen.weight.grad is None and torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
 
-    def saved_bytes(compute):
-        sizes = []
+    bf16 = torch.nn.Linear(H_S, V_S, bias=False).to(torch.bfloat16)
+    hb = student_hidden.to(torch.bfloat16).requires_grad_(True)
+    losses.kd_loss_chunked(losses.forward_kl, hb, bf16, teacher_hidden, teacher_weight)[0].backward()
+    assert bf16.weight.grad.dtype == torch.bfloat16 and hb.grad.dtype == torch.bfloat16
 
-        def pack(x):
-            sizes.append(x.numel() * x.element_size() if x.size(-1) in (V_S, V_T) and x.dim() == 3 else 0)
-            return x
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            compute()
-        return sum(sizes)
 
-    logits_bytes = B * T_LONG * V_S * 4
-    naive = saved_bytes(lambda: losses.skl(student_head(h), teacher_hidden @ teacher_weight.T, 0.1))
-    chunked = saved_bytes(lambda: losses.kd_loss_chunked(losses.skl, h, student_head, teacher_hidden, teacher_weight,
-                                                         chunk_size=CHUNK, alpha=0.1))
-    assert naive >= 3 * logits_bytes and chunked == 0
+def test_chunked_never_makes_a_whole_batch_of_logits():
+    """The memory claim of kd_loss_chunked, counted exactly: the largest tensor any op produces (forward and
+    backward). The naive path makes [B, T, V] tensors; the chunked path nothing bigger than [chunk, V] or the
+    weight gradient [V, H]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if torch.is_tensor(t):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    student_head, teacher_weight, student_hidden, teacher_hidden, weights = heads_and_hidden()
+    h = student_hidden.clone().requires_grad_(True)
+    with LargestOutput() as naive:
+        (losses.skl(student_head(h), teacher_hidden @ teacher_weight.T, 0.1) * weights).sum().backward()
+    with LargestOutput() as chunked:
+        losses.kd_loss_chunked(losses.skl, h, student_head, teacher_hidden, teacher_weight, weights=weights,
+                               chunk_size=CHUNK, alpha=0.1)[0].backward()
+    assert naive.largest >= B * T_LONG * V_S
+    assert chunked.largest <= max(CHUNK * V_T, V_S * H_S, B * T_LONG * H_T)     # chunk logits, dW, hidden
