@@ -1,0 +1,431 @@
+"""AMM: adversarial moment-matching distillation (Jia et al., arXiv 2406.02959, NeurIPS 2024).
+
+    python amm.py                                       # CPU default: SmolLM2-135M teacher, 24-layer student
+    python amm.py --teacher tiny-teacher --student tiny --out runs/amm-tiny
+    torchrun --nproc_per_node=8 amm.py --teacher qwen2.5-7b --student qwen2.5-1.5b --data prompts.jsonl
+
+No public implementation exists. The paper fixes the shape (moment matching of the teacher's and the student's
+next-token distributions, on- and off-policy, against a learned adversary, optimised with a policy gradient);
+the parameterisation below is OUR RECONSTRUCTION (DESIGN.md section 4). Every choice is a flag, listed at the end.
+
+The method. Distillation as imitation in a token-level MDP: state s_t = (x, y_<t), action y_t, teacher policy p,
+student policy q. For a bounded class F of functions f(s, .) over the vocabulary, a moment-matching distance
+compares the policies' moments <p(.|s) - q(.|s), f(s, .)> on a distribution of states:
+    d_off = sup_f E_{x, y ~ p} [ (1/T) sum_t <p_t - q_t, f(s_t)> ]     on the teacher's states
+    d_on  = sup_f E_{x, y ~ q} [ (1/T) sum_t <p_t - q_t, f(s_t)> ]     on the student's own states
+The student minimises beta d_off + (1 - beta) d_on; adversaries f_off, f_on ascend the same objective. With
+|f| <= 1 the sup is f = sign(p - q), where <p - q, f> = ||p - q||_1: an optimal adversary turns each distance
+into the expected L1 distance of the next-token distributions (logged as l1_off / l1_on, the yardstick for how
+close the learned adversary is to the sup).
+
+Each step, for the step's prompts: y_s ~ q (--samples-per-prompt of them, temperature 1) and y_t ~ p (one,
+temperature 1); --adv-steps adversary updates; one student update. With g_t = <p_t - q_t, f(s_t)> per token:
+  - off-policy (teacher responses): the states do not depend on the student, so the gradient of
+    (1/T) sum_t g_t is the plain one;
+  - on-policy (student samples): the states do depend on it. The student minimises the surrogate
+        (1/T) sum_t [ g_t + log q(y_t | s_t) * sg(R_t - b_t) ],    R_t = sum_{t' > t} g_t'   (reward-to-go)
+    whose expected gradient is the exact gradient of d_on for the current adversary: g_t differentiates the
+    moment at a fixed state, the score term the change of the state distribution (y_t affects only later
+    states, hence t' > t). tests/test_amm.py checks this by enumerating every sequence of a small problem.
+
+Reconstruction choices and assumptions (the paper leaves these open; each is a flag):
+  1. Adversary input (--adv-input teacher): f(s_t) = tanh(W h_t + b), a vector over the student's vocabulary,
+     h_t the detached final hidden state of the TEACHER at s_t (its features of the state). "student" uses the
+     student's detached hidden state instead. W, b start at zero (--adv-init-std 0): f = 0, so both distance
+     estimates start at 0 and rise as the adversaries learn.
+  2. Adversary optimisation: AdamW, --adv-lr, --adv-steps (1) updates per student step on the step's batch, before
+     the student's update, which then sees the updated adversaries.
+  3. The 1/T of "mean_t" (--token-mean horizon): 1 / --max-new-tokens for every sequence, so a distance is a
+     sum of per-step costs and the surrogate's score term uses the reward-to-go (DESIGN's form). After its EOS
+     a sequence sits in an absorbing state where p = q and adds 0, which leaves the student an incentive to end
+     early: on the tiny pair at lr 1e-2 the student's responses shrink from 16 tokens to 2 within 14 steps.
+     --token-mean sequence divides by each sequence's own length instead: no reward for stopping, but every
+     action then changes the return through the length, so the score term uses the whole sequence's distance
+     (unbiased, more variance). Both are checked exactly in tests/test_amm.py.
+  4. Baseline (--baseline loo): b_t of a sample = the mean R_t of the other samples of its prompt. It does not
+     depend on the sample's own actions, so the gradient stays unbiased; needs --samples-per-prompt >= 2.
+     "none": b = 0.
+  5. --beta 0.5 (weight of d_off), fixed over training.
+  6. Teacher responses are sampled fresh every step at temperature 1 (no fixed data set of teacher responses);
+     full-vocabulary p and q at temperature 1 (no top-p) in every moment.
+  7. A teacher vocabulary larger than the student's: the teacher samples only the student's ids, and p is
+     renormalised over them before the moments (losses.align_vocab), as in distillm2.py.
+Not done: the [N, T, V] logits and adversary outputs of the step are held in full (no chunking as in
+distillm2.py): fine at the CPU and small-model settings; at V = 151936 and T = 1024 use small micro-batches.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+from common import print0
+import data as data_lib
+import eval as eval_lib
+import losses
+import models
+import sample
+
+PAPER = dict(  # no released recipe; sizes as distillm2.py's PAPER (the paper's students are GPT-2, OpenLLaMA, T5)
+    teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=64, samples_per_prompt=4, micro_batch_size=8,
+    lr=5e-6, adv_lr=1e-4, max_prompt_len=1024, max_new_tokens=512, dtype="bfloat16", eval_prompts=256, limit=None,
+    val_fraction=0.1,
+)
+PRESETS = {
+    "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=3, prompts_per_step=8, micro_batch_size=32,
+                 lr=3e-3, adv_lr=1e-2, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16,
+                 limit=64),
+    # The CPU default, the same pair as distillm2.py's: SmolLM2-135M-Instruct and itself without 6 middle layers.
+    "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=1, prompts_per_step=4,
+                         micro_batch_size=8, lr=2e-5, adv_lr=1e-3, max_prompt_len=64, max_new_tokens=32,
+                         dtype="float32", eval_prompts=16, limit=160, val_fraction=0.2),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="AMM: adversarial moment-matching distillation")
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default="smollm2-135m", help="student alias/folder; picks the preset")
+    g.add_argument("--student-layers", default=None, help="keep only these student layers, e.g. 'every2'")
+    g.add_argument("--teacher", default=None, help="white-box teacher (same tokenizer as the student)")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    g.add_argument("--adam8bit", action="store_true", help="bitsandbytes 8-bit AdamW (student)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="prompts: jsonl/parquet/ShareGPT, 'sharegpt', 'tiny'")
+    g.add_argument("--limit", type=int, default=None, help="read at most this many rows")
+    g.add_argument("--max-prompt-len", type=int, default=None, help="drop longer prompts (tokens)")
+    g.add_argument("--val-fraction", type=float, default=None, help="held-out prompts for eval")
+    g = p.add_argument_group("AMM (reconstruction choices: see the header)")
+    g.add_argument("--beta", type=float, default=0.5, help="weight of d_off; 1 - beta weighs d_on")
+    g.add_argument("--adv-steps", type=int, default=1, help="adversary updates per student update")
+    g.add_argument("--adv-lr", type=float, default=None, help="adversary AdamW learning rate")
+    g.add_argument("--adv-input", default="teacher", choices=["teacher", "student"],
+                   help="whose detached final hidden state the adversary reads")
+    g.add_argument("--adv-init-std", type=float, default=0.0, help="adversary weight init std (0: f = 0 at start)")
+    g.add_argument("--token-mean", default="horizon", choices=["horizon", "sequence"],
+                   help="1/T of the distances: 1/max-new-tokens (reward-to-go) or 1/own length (whole return)")
+    g.add_argument("--baseline", default="loo", choices=["loo", "none"],
+                   help="reward-to-go baseline: leave-one-out mean over the prompt's other samples, or none")
+    g.add_argument("--samples-per-prompt", type=int, default=None, help="student samples per prompt (on-policy)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None, help="passes over the prompts")
+    g.add_argument("--prompts-per-step", type=int, default=None, help="global batch of prompts")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
+    g.add_argument("--lr", type=float, default=None, help="student learning rate, cosine to 0")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (student and adversaries)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (student and each adversary)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="response length when sampling; the horizon T")
+    g.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generate() call")
+    g.add_argument("--out", default="runs/amm", help="checkpoints, metrics.jsonl, final HF folder")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every k steps (and at the end)")
+    g.add_argument("--stop-after", type=int, default=None, help="exit after this many steps (tests of resume)")
+    g.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts in the before/after table")
+    g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
+    args = p.parse_args(argv)
+    common.fill_preset(args, PRESETS, PAPER)
+    if args.baseline == "loo" and args.samples_per_prompt < 2:
+        raise ValueError("--baseline loo needs --samples-per-prompt >= 2 (or use --baseline none)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the moments and the student's surrogate (pure functions, tested by enumeration in tests/test_amm.py)
+
+class Adversary(torch.nn.Module):
+    """f(s_t) = tanh(W h_t + b): a bounded test function over the vocabulary, one vector per state [.., V]."""
+
+    def __init__(self, hidden_size, vocab_size, init_std=0.0):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden_size, vocab_size)
+        torch.nn.init.normal_(self.proj.weight, std=init_std)    # std 0: all zeros
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden):
+        return torch.tanh(self.proj(hidden.detach().float()))                         # [B, T, V]
+
+
+def _probs(student_logits, teacher_logits):
+    """q, p [B, T, V] over the student's vocabulary (p renormalised there), in float32 at least."""
+    student_logits, teacher_logits = losses.align_vocab(student_logits, teacher_logits.detach())
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    return F.softmax(student_logits.to(dtype), dim=-1), F.softmax(teacher_logits.to(dtype), dim=-1)
+
+
+def token_moments(student_logits, teacher_logits, f):
+    """g_t = <p_t - q_t, f(s_t)> per token [B, T]."""
+    q, p = _probs(student_logits, teacher_logits)
+    return ((p - q) * f).sum(-1)
+
+
+def l1_distance(student_logits, teacher_logits):
+    """||p_t - q_t||_1 per token [B, T]: the moment under the optimal bounded adversary f = sign(p - q)."""
+    q, p = _probs(student_logits, teacher_logits)
+    return (p - q).abs().sum(-1)
+
+
+def distance(g, mask, norm):
+    """Per-sequence distance (1/T) sum_t g_t [B]; T = norm [B]: the horizon, or each sequence's own length
+    (--token-mean, header choice 3)."""
+    return losses.masked_sum(g, mask, dim=-1) / norm
+
+
+def reward_to_go(g, mask):
+    """R_t = sum_{t' > t} g_t' [B, T]: what action y_t changes (it moves every later state, not its own)."""
+    g = torch.where(mask.bool(), g, torch.zeros_like(g))
+    return g.flip(-1).cumsum(-1).flip(-1) - g
+
+
+def loo_baseline(x, n):
+    """Per row, the mean of x over the other n - 1 rows of its group [B, ...] (rows prompt-major, n per prompt)."""
+    groups = x.reshape(-1, n, *x.shape[1:])
+    return ((groups.sum(1, keepdim=True) - groups) / (n - 1)).reshape(x.shape)
+
+
+def on_policy_advantages(g, mask, norm, token_mean, samples_per_prompt, baseline):
+    """The score-function weights [B, T] of the on-policy surrogate, from the moments g [B, T] (detached).
+
+    token_mean "horizon" (norm = T for every sequence): the distance (1/T) sum_t g_t is a sum of per-step costs,
+    and action y_t weighs by its reward-to-go R_t / T (it changes only later states). "sequence" (norm = the own
+    length |y|): (1/|y|) sum_t g_t depends on every action through |y| (an EOS shortens it), so every action weighs
+    by the whole sequence's distance. Baseline "loo": the same quantity's mean over the prompt's other samples."""
+    g = g.detach()
+    if token_mean == "horizon":
+        value = reward_to_go(g, mask) / norm[:, None]                                  # [B, T]
+    else:
+        value = distance(g, mask, norm)[:, None].expand_as(g)                          # [B, T], constant in t
+    return value - (loo_baseline(value, samples_per_prompt) if baseline == "loo" else 0.0)
+
+
+def on_policy_surrogate(g, logprobs, advantages, mask, norm):
+    """Per sequence [B]: distance(g) + sum_t log q(y_t|s_t) * sg(advantage_t). Its gradient, in expectation over
+    y ~ q, is the gradient of d_on = E[distance(g)], the states moving with the student (tests/test_amm.py)."""
+    return distance(g, mask, norm) + losses.masked_sum(logprobs * advantages.detach(), mask, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def response_logits(model, ro):
+    """Logits at the positions that predict the response tokens [N, T, V], and the hidden states [N, T, H]."""
+    h, head = sample.response_hidden(model, ro)
+    return head(h), h
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, local_rank, world, device = common.compute_init(args.device)
+    common.seed_everything(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path, ckpt_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "ckpt.pt")
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
+    k, horizon, beta = args.samples_per_prompt, args.max_new_tokens, args.beta
+
+    # -------------------------------------------------------------------- models
+    tok = models.load_tokenizer(args.student)
+    student = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
+                                layers=args.student_layers)
+    teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    eos, pad = sample.stop_ids(tok), tok.pad_token_id
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    adv_hidden = (teacher if args.adv_input == "teacher" else student).config.hidden_size
+    torch.manual_seed(args.seed)
+    adv_off, adv_on = (Adversary(adv_hidden, student_vocab, args.adv_init_std).to(device) for _ in range(2))
+    print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
+           f"{models.num_params(student) / 1e6:.2f}M, adversaries 2 x {models.num_params(adv_on) / 1e6:.2f}M "
+           f"params, world {world}")
+
+    # -------------------------------------------------------------------- data: prompts only (white-box)
+    if args.data == "tiny":
+        records = data_lib.tiny_prompts(args.limit, args.seed)
+    else:
+        records, _ = data_lib.read_records(data_lib.resolve_data_path(args.data), skip_bad=args.data == "sharegpt",
+                                           limit=args.limit)
+    train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
+    encode = lambda recs: [{"id": r["id"], "prompt": p} for r in recs
+                           if len(p := data_lib.encode_prompt(tok, r["messages"])) <= args.max_prompt_len]
+    train, val = encode(train_recs), encode(val_recs)[:args.eval_prompts]
+    steps_per_epoch = len(train) // args.prompts_per_step
+    total_steps = steps_per_epoch * args.epochs
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} train prompts: fewer than --prompts-per-step {args.prompts_per_step}")
+    print0(f"data: {len(train)} train prompts, {len(val)} held out; {total_steps} steps")
+
+    def rollout(model, rows, n, tag, vocab_size=None):
+        """n samples per prompt at temperature 1, keyed by (tag, id): independent of batching and rank."""
+        chunks = [rows[i:i + args.gen_batch_size] for i in range(0, len(rows), args.gen_batch_size)]
+        parts = [sample.generate(model.eval(), [r["prompt"] for r in chunk], n=n, max_new_tokens=horizon,
+                                 temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=pad, seed=args.seed,
+                                 prompt_keys=[f"{tag}|{r['id']}" for r in chunk], return_logprobs=False,
+                                 vocab_size=vocab_size) for chunk in chunks]
+        responses = [ids[m.bool()].tolist() for ro in parts for ids, m in zip(ro.response_ids, ro.response_mask)]
+        prompts = [r["prompt"] for r in rows for _ in range(n)]                        # prompt-major, as generate
+        return sample.pack(prompts, responses, pad, device)
+
+    # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
+    if val:
+        held = rollout(teacher, val, 1, "val", student_vocab)
+        for r, ids, msk in zip(val, held.response_ids, held.response_mask):
+            r["y_t"] = ids[msk.bool()].tolist()
+    before = eval_lib.heldout_divergence(student, teacher, val, pad) if val else {}
+
+    # -------------------------------------------------------------------- optimizers, resume
+    opt = common.make_optimizer(list(student.parameters()), args.lr, args.weight_decay, args.adam8bit)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    adv_params = list(adv_off.parameters()) + list(adv_on.parameters())
+    adv_opt = torch.optim.AdamW(adv_params, lr=args.adv_lr, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        for obj, key in ((student, "student"), (adv_off, "adv_off"), (adv_on, "adv_on"), (opt, "opt"),
+                         (adv_opt, "adv_opt"), (sched, "sched")):
+            obj.load_state_dict(ck[key])
+        common.set_rng_state(ck["rng"])
+        start = ck["step"] + 1
+        common.drop_metrics_after(metrics_path, lambda r: r["step"] < start)
+        print0(f"resumed from {ckpt_path} at step {start}")
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    def moments_of(side, logits, fixed):
+        """g_t [N, T] of one side ('on' or 'off') with its adversary; fixed: the rows' teacher logits and
+        adversary input."""
+        f = (adv_on if side == "on" else adv_off)(fixed["h"])                          # [N, T, V]
+        return token_moments(logits, fixed["p"], f)
+
+    # -------------------------------------------------------------------- training
+    steps_done = 0
+    for step in range(start, total_steps):
+        t0 = time.time()
+        batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "amm", rank, world)
+        on_ro = rollout(student, batch, k, f"s{step}", None)                 # y_s ~ q: k per prompt
+        off_ro = rollout(teacher, batch, 1, f"t{step}", student_vocab)       # y_t ~ p
+        student.train()
+        n_on, n_off = common.all_reduce_sum(len(batch) * k), common.all_reduce_sum(len(batch))
+        masks = {"on": on_ro.response_mask.float(), "off": off_ro.response_mask.float()}
+        rollouts = {"on": on_ro, "off": off_ro}
+        weight = {"on": 1.0 - beta, "off": beta}
+        count = {"on": n_on, "off": n_off}
+        norms = {side: torch.full_like(mk[:, 0], horizon) if args.token_mean == "horizon" else mk.sum(-1).clamp(min=1)
+                 for side, mk in masks.items()}                                          # [N] per side
+
+        # The step's fixed quantities: the teacher's p and the adversaries' input h at every state, and q before
+        # the update (for the adversary steps and the advantages).
+        cache, q_logits = {}, {}
+        with torch.no_grad():
+            for side, ro in rollouts.items():
+                p_logits, t_h = response_logits(teacher, ro)
+                q_logits[side], s_h = response_logits(student, ro)
+                cache[side] = {"p": p_logits, "h": t_h if args.adv_input == "teacher" else s_h}
+
+        def estimates():
+            """Global per-side distance estimates with the current adversaries (means over sequences)."""
+            with torch.no_grad():
+                sums = {side: distance(moments_of(side, q_logits[side], cache[side]), masks[side], norms[side]).sum()
+                        for side in rollouts}
+            return {side: common.all_reduce_sum(v.item()) / count[side] for side, v in sums.items()}
+
+        m = {"lr": sched.get_last_lr()[0]}
+        pre = estimates()
+        # ---- adversaries: ascend beta d_off + (1 - beta) d_on (p, q fixed)
+        for _ in range(args.adv_steps):
+            adv_opt.zero_grad(set_to_none=True)
+            objective = sum(weight[side] * distance(moments_of(side, q_logits[side], cache[side]),
+                                                    masks[side], norms[side]).sum() / count[side] for side in rollouts)
+            (-objective).backward()
+            common.all_reduce_grads(adv_params)
+            torch.nn.utils.clip_grad_norm_(adv_params, args.grad_clip)
+            adv_opt.step()
+        post = estimates()
+        m.update(d_on=post["on"], d_off=post["off"], d_on_gain=post["on"] - pre["on"],
+                 d_off_gain=post["off"] - pre["off"])
+        with torch.no_grad():
+            for side in rollouts:
+                l1 = distance(l1_distance(q_logits[side], cache[side]["p"]), masks[side], norms[side]).sum().item()
+                m[f"l1_{side}"] = common.all_reduce_sum(l1) / count[side]
+            # advantages of the student's samples under the updated adversary, before the student moves
+            advantages = on_policy_advantages(moments_of("on", q_logits["on"], cache["on"]), masks["on"],
+                                              norms["on"], args.token_mean, k, args.baseline)   # [N, T]
+        q_logits.clear()   # the student's own logits are recomputed with gradients below
+
+        # ---- student: descend beta d_off + (1 - beta) (surrogate of d_on)
+        opt.zero_grad(set_to_none=True)
+        mb, total = args.micro_batch_size, 0.0
+        for side, ro in rollouts.items():
+            for i in range(0, ro.response_ids.shape[0], mb):
+                j = slice(i, i + mb)
+                logits, _ = response_logits(student, ro.rows(j))
+                g = moments_of(side, logits, {"h": cache[side]["h"][j], "p": cache[side]["p"][j]})  # [b, T]
+                if side == "on":
+                    logprobs = sample.token_logprobs(logits, ro.response_ids[j])                        # [b, T]
+                    per_seq = on_policy_surrogate(g, logprobs, advantages[j], masks[side][j], norms[side][j])
+                else:
+                    per_seq = distance(g, masks[side][j], norms[side][j])
+                loss = weight[side] * per_seq.sum() / count[side]
+                loss.backward()
+                total += loss.item()
+        common.all_reduce_grads(list(student.parameters()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        if torch.isfinite(grad_norm).item():
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            m["skipped"] = 1
+        sched.step()
+        # The same estimates after the student's step, at the same states with the same adversaries: how far the
+        # student's step moved the moments it was asked to close (d_on's state distribution moves too; that part
+        # is the score term, checked exactly in tests/test_amm.py).
+        with torch.no_grad():
+            for side, ro in rollouts.items():
+                g = moments_of(side, response_logits(student, ro)[0], cache[side])                    # [N, T]
+                after = common.all_reduce_sum(distance(g, masks[side], norms[side]).sum().item()) / count[side]
+                m[f"d_{side}_student"] = after - m[f"d_{side}"]
+        m["response_len"] = on_ro.response_mask.sum().item() / on_ro.response_mask.shape[0]
+        m = common.reduce_metrics(m)
+        m["loss"] = common.all_reduce_sum(total)   # each rank holds its share of the global objective
+        m.update(step=step, grad_norm=grad_norm.item(), s_per_step=time.time() - t0)
+        common.log_metrics(metrics_path, m)
+        print0(f"step {step + 1}/{total_steps} | d_on {m['d_on']:.4f} ({m['d_on_gain']:+.4f} adv, "
+               f"{m['d_on_student']:+.4f} student) | d_off {m['d_off']:.4f} ({m['d_off_gain']:+.4f} adv, "
+               f"{m['d_off_student']:+.4f} student) | l1 {m['l1_on']:.3f}/{m['l1_off']:.3f} | loss {m['loss']:.4f} | "
+               f"grad_norm {grad_norm.item():.3f} | len {m['response_len']:.1f} | {m['s_per_step']:.2f} s/step")
+        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == total_steps):
+            common.atomic_torch_save({"step": step, "student": student.state_dict(), "adv_off": adv_off.state_dict(),
+                                      "adv_on": adv_on.state_dict(), "opt": opt.state_dict(),
+                                      "adv_opt": adv_opt.state_dict(), "sched": sched.state_dict(),
+                                      "rng": common.rng_state()}, ckpt_path)
+        steps_done += 1
+        if args.stop_after is not None and steps_done >= args.stop_after:
+            print0(f"--stop-after {args.stop_after}: exiting")
+            common.compute_cleanup()
+            return
+
+    # -------------------------------------------------------------------- save, evaluate
+    if rank == 0:
+        student.save_pretrained(os.path.join(args.out, "student"))
+        tok.save_pretrained(os.path.join(args.out, "student"))
+        if val:
+            after = eval_lib.heldout_divergence(student.eval(), teacher, val, pad)
+            kw = dict(teacher=teacher, max_new_tokens=horizon, max_prompt_len=args.max_prompt_len)
+            fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
+                                      layers=args.student_layers).eval()
+            val_recs_by_id = {r["id"]: r for r in val_recs}
+            recs = [dict(val_recs_by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
+                    for r in val]
+            table = {"before": {**before, **eval_lib.evaluate(fresh, tok, recs, **kw)},
+                     "after": {**after, **eval_lib.evaluate(student, tok, recs, **kw)}}
+            print0(eval_lib.format_table(table))
+            summary = {when: {key: v for key, v in d.items() if key != "samples"} for when, d in table.items()}
+            common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(summary, indent=1))
+    common.compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

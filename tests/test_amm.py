@@ -1,0 +1,204 @@
+"""AMM: the on-policy surrogate's expected gradient against the exact gradient (every sequence enumerated), the
+adversary and student steps moving the distance estimates their way, learning, resume and DDP on tiny models."""
+
+import contextlib
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import amm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--eval-prompts", "4"]  # 36 train: 4 steps
+
+
+def run(args, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
+                              else []) + ["amm.py"] + args
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def rows(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# exact: a tabular problem small enough to enumerate every response
+
+V, EOS, HORIZON = 3, 2, 3      # tokens 0, 1 and EOS; responses of at most 3 tokens
+
+
+def all_responses():
+    """Every response: up to HORIZON tokens, stopping at (and including) the first EOS."""
+    out = []
+    for length in range(1, HORIZON + 1):
+        for ys in itertools.product(range(V), repeat=length):
+            if EOS not in ys[:-1] and (ys[-1] == EOS or length == HORIZON):
+                out.append(ys)
+    return out
+
+
+STATES = [()] + [s for n in range(1, HORIZON) for s in itertools.product(range(EOS), repeat=n)]  # EOS-free prefixes
+STATE_ID = {s: i for i, s in enumerate(STATES)}
+
+
+def tabular_batch(responses, table):
+    """ids, mask [N, T] and a per-state table [S, V] gathered at every response position [N, T, V]."""
+    ids = torch.tensor([list(y) + [0] * (HORIZON - len(y)) for y in responses])
+    mask = torch.tensor([[1.0] * len(y) + [0.0] * (HORIZON - len(y)) for y in responses])
+    state = torch.tensor([[STATE_ID[y[:t]] if t < len(y) else 0 for t in range(HORIZON)] for y in responses])
+    return ids, mask, table[state]
+
+
+def tabular_problem(seed):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(len(STATES), V, generator=g, dtype=torch.float64).requires_grad_(True)   # student logits
+    teacher = torch.randn(len(STATES), V, generator=g, dtype=torch.float64) * 2
+    f = torch.tanh(torch.randn(len(STATES), V, generator=g, dtype=torch.float64) * 2)           # a fixed adversary
+    return theta, teacher, f
+
+
+def sequence_terms(responses, theta, teacher, f):
+    """Per response: log q(y) [N], the per-token moments g [N, T], token log-probs [N, T], mask [N, T]."""
+    ids, mask, q_logits = tabular_batch(responses, theta)
+    _, _, p_logits = tabular_batch(responses, teacher)
+    _, _, f_t = tabular_batch(responses, f)
+    g = amm.token_moments(q_logits, p_logits, f_t)
+    logprobs = torch.log_softmax(q_logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
+    return logprobs.sum(-1), g, logprobs, mask
+
+
+def test_enumeration_covers_every_response_once():
+    responses = all_responses()
+    theta, teacher, f = tabular_problem(0)
+    log_q, *_ = sequence_terms(responses, theta, teacher, f)
+    assert len(responses) == 15
+    torch.testing.assert_close(log_q.exp().sum(), torch.tensor(1.0, dtype=torch.float64))   # a distribution
+
+
+@pytest.mark.parametrize("token_mean", ["horizon", "sequence"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_surrogate_gradient_in_expectation_is_the_exact_gradient_of_d_on(seed, token_mean):
+    responses = all_responses()
+    theta, teacher, f = tabular_problem(seed)
+    norm_of = lambda mask: torch.full_like(mask[:, 0], HORIZON) if token_mean == "horizon" else mask.sum(-1)
+
+    # exact: d_on(theta) = sum_y Q_theta(y) distance(g(y; theta)), differentiated through Q and g alike
+    log_q, g, _, mask = sequence_terms(responses, theta, teacher, f)
+    d_on = (log_q.exp() * amm.distance(g, mask, norm_of(mask))).sum()
+    (exact,) = torch.autograd.grad(d_on, theta)
+
+    def expected_surrogate_gradient(rows, samples_per_prompt, baseline):
+        """sum over groups of responses of P(group) * mean of the group's surrogates, differentiated."""
+        log_q, g, logprobs, mask = sequence_terms(rows, theta, teacher, f)
+        adv = amm.on_policy_advantages(g, mask, norm_of(mask), token_mean, samples_per_prompt, baseline)
+        per_seq = amm.on_policy_surrogate(g, logprobs, adv, mask, norm_of(mask))
+        group_prob = log_q.view(-1, samples_per_prompt).sum(-1).exp().detach().repeat_interleave(samples_per_prompt)
+        return torch.autograd.grad((group_prob * per_seq).sum() / samples_per_prompt, theta)[0]
+
+    # no baseline: each response weighted by its probability
+    torch.testing.assert_close(expected_surrogate_gradient(responses, 1, "none"), exact, rtol=1e-10, atol=1e-12)
+    # leave-one-out baseline with 2 samples per prompt: every ordered pair (y1, y2), rows prompt-major
+    pairs = [y for y1, y2 in itertools.product(responses, repeat=2) for y in (y1, y2)]
+    torch.testing.assert_close(expected_surrogate_gradient(pairs, 2, "loo"), exact, rtol=1e-10, atol=1e-12)
+
+    # without the score term (states treated as fixed) the gradient is wrong: the test can tell
+    log_q, g, _, mask = sequence_terms(responses, theta, teacher, f)
+    (plain,) = torch.autograd.grad((log_q.exp().detach() * amm.distance(g, mask, norm_of(mask))).sum(), theta)
+    assert (plain - exact).abs().max() > 1e-3
+    if token_mean == "sequence":  # and reward-to-go alone is biased when the length depends on the actions
+        log_q, g, logprobs, mask = sequence_terms(responses, theta, teacher, f)
+        rtg = amm.reward_to_go(g.detach(), mask) / norm_of(mask)[:, None]
+        per_seq = amm.on_policy_surrogate(g, logprobs, rtg, mask, norm_of(mask))
+        (biased,) = torch.autograd.grad((log_q.exp().detach() * per_seq).sum(), theta)
+        assert (biased - exact).abs().max() > 1e-3
+
+
+def test_reward_to_go_and_loo_baseline_against_loops():
+    g = torch.randn(4, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+    want = [[sum(g[i, u].item() for u in range(t + 1, 5) if mask[i, u]) for t in range(5)] for i in range(4)]
+    torch.testing.assert_close(amm.reward_to_go(g, mask), torch.tensor(want, dtype=torch.float64))
+    x = torch.randn(6, 2, dtype=torch.float64)                                   # 2 prompts x 3 samples
+    want = torch.stack([(x[3 * (i // 3):3 * (i // 3) + 3].sum(0) - x[i]) / 2 for i in range(6)])
+    torch.testing.assert_close(amm.loo_baseline(x, 3), want)
+
+
+def test_optimal_bounded_adversary_attains_the_l1_distance():
+    """sup_{|f| <= 1} <p - q, f> = ||p - q||_1, at f = sign(p - q): the yardstick logged as l1_on / l1_off."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 4, 11, generator=g), torch.randn(2, 4, 11, generator=g)
+    best = torch.sign(torch.softmax(t, -1) - torch.softmax(s, -1))
+    torch.testing.assert_close(amm.token_moments(s, t, best), amm.l1_distance(s, t))
+    other = torch.tanh(torch.randn(2, 4, 11, generator=g) * 3)
+    assert (amm.token_moments(s, t, other) <= amm.l1_distance(s, t) + 1e-6).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the trainer on tiny models
+
+def test_adversary_raises_and_student_lowers_the_distances(tmp_path):
+    """Logged every step: the adversary's change of each estimate (same samples) and the student's (same
+    adversaries; on-policy through importance weights). Adversary steps must raise both, student steps lower."""
+    run(TINY + ["--out", str(tmp_path / "a")])
+    log = rows(tmp_path / "a")
+    assert len(log) == 4
+    for m in log:
+        for key in ("d_on", "d_off", "l1_on", "l1_off", "loss", "grad_norm"):
+            assert torch.isfinite(torch.tensor(m[key])), (key, m)
+        assert m["d_on_gain"] > 0 and m["d_off_gain"] > 0, m
+        assert m["d_on"] <= m["l1_on"] + 1e-6 and m["d_off"] <= m["l1_off"] + 1e-6   # never above the sup
+    assert sum(m["d_off_student"] for m in log) < 0 and sum(m["d_on_student"] for m in log) < 0, log
+    assert sum(m["d_off_student"] < 0 for m in log) >= 3
+    assert os.path.exists(tmp_path / "a" / "student" / "model.safetensors")
+
+
+def test_amm_lowers_the_held_out_divergence(tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        amm.main(["--student", "tiny", "--out", str(tmp_path / "l")])
+    table = json.loads((tmp_path / "l" / "eval.json").read_text())
+    before = table["before"]["heldout_fkl"] + table["before"]["heldout_rkl"]
+    after = table["after"]["heldout_fkl"] + table["after"]["heldout_rkl"]
+    assert after < before - 0.1, (before, after)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    run(TINY + ["--out", str(tmp_path / "full")])
+    run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--stop-after", "2"])
+    run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "full" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "student" / "model.safetensors")
+    for k in a:   # tolerance 0: the adversaries, optimizers and sampling keys are all restored
+        assert torch.equal(a[k], b[k]), k
+    assert [m["d_on"] for m in rows(tmp_path / "full")] == [m["d_on"] for m in rows(tmp_path / "cut")]
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    run(TINY + ["--out", str(tmp_path / "one")])
+    run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for key in ("d_on", "d_off", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (key, a["step"])
+    from safetensors.torch import load_file
+    wa = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+
+
+def test_bad_baseline_settings_are_rejected():
+    with pytest.raises(ValueError, match="samples-per-prompt"):
+        amm.parse_args(["--student", "tiny", "--samples-per-prompt", "1"])
