@@ -23,10 +23,12 @@ temperature 1); --adv-steps adversary updates; one student update. With g_t = <p
   - off-policy (teacher responses): the states do not depend on the student, so the gradient of
     (1/T) sum_t g_t is the plain one;
   - on-policy (student samples): the states do depend on it. The student minimises the surrogate
-        (1/T) sum_t [ g_t + log q(y_t | s_t) * sg(R_t - b_t) ],    R_t = sum_{t' > t} g_t'   (reward-to-go)
-    whose expected gradient is the exact gradient of d_on for the current adversary: g_t differentiates the
-    moment at a fixed state, the score term the change of the state distribution (y_t affects only later
-    states, hence t' > t). tests/test_amm.py checks this by enumerating every sequence of a small problem.
+        (1/T) sum_t g_t + sum_t log q(y_t | s_t) * sg(A_t),     A_t = (R_t - b_t) / T,   R_t = sum_{t' > t} g_t'
+    (reward-to-go with a baseline b_t) whose expected gradient is the exact gradient of d_on for the current
+    adversary: g_t differentiates the moment at a fixed state, the score term the change of the state
+    distribution (y_t affects only later states, hence t' > t). With T a sequence's own length (choice 3, our
+    default), A_t = (1/T) sum_t' g_t' - b, the whole sequence's distance. tests/test_amm.py checks both by
+    enumerating every sequence of a small problem.
 
 Reconstruction choices and assumptions (the paper leaves these open; each is a flag):
   1. Adversary input (--adv-input teacher): f(s_t) = tanh(W h_t + b), a vector over the student's vocabulary,
@@ -35,13 +37,14 @@ Reconstruction choices and assumptions (the paper leaves these open; each is a f
      estimates start at 0 and rise as the adversaries learn.
   2. Adversary optimisation: AdamW, --adv-lr, --adv-steps (1) updates per student step on the step's batch, before
      the student's update, which then sees the updated adversaries.
-  3. The 1/T of "mean_t" (--token-mean horizon): 1 / --max-new-tokens for every sequence, so a distance is a
-     sum of per-step costs and the surrogate's score term uses the reward-to-go (DESIGN's form). After its EOS
-     a sequence sits in an absorbing state where p = q and adds 0, which leaves the student an incentive to end
-     early: on the tiny pair at lr 1e-2 the student's responses shrink from 16 tokens to 2 within 14 steps.
-     --token-mean sequence divides by each sequence's own length instead: no reward for stopping, but every
-     action then changes the return through the length, so the score term uses the whole sequence's distance
-     (unbiased, more variance). Both are checked exactly in tests/test_amm.py.
+  3. The 1/T of "mean_t" (--token-mean sequence, our default): each sequence's own length, so a response's
+     distance is the mean moment over its tokens. Every action then changes the return through the length (an
+     EOS shortens it), so the score term weighs each action by the whole sequence's distance, not a reward-to-go
+     (unbiased; more variance). --token-mean horizon is DESIGN.md's form: 1 / --max-new-tokens for every sequence,
+     a sum of per-step costs, and the reward-to-go R_t = sum_{t' > t} g_t' above. After its EOS a sequence then
+     sits in an absorbing state where p = q and adds 0, which pays the student to stop early: measured with
+     `python amm.py --token-mean horizon`, SmolLM2's cut student went from 20-token responses to 1-token ones in 8
+     steps (`--student tiny --token-mean horizon`: 16 to 2 in 14 steps). Both are checked exactly in tests/test_amm.py.
   4. Baseline (--baseline loo): b_t of a sample = the mean R_t of the other samples of its prompt. It does not
      depend on the sample's own actions, so the gradient stays unbiased; needs --samples-per-prompt >= 2.
      "none": b = 0.
@@ -78,11 +81,12 @@ PAPER = dict(  # no released recipe; sizes as distillm2.py's PAPER (the paper's 
 )
 PRESETS = {
     "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=3, prompts_per_step=8, micro_batch_size=32,
-                 lr=3e-3, adv_lr=1e-2, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16,
+                 lr=1e-2, adv_lr=1e-1, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16,
                  limit=64),
     # The CPU default, the same pair as distillm2.py's: SmolLM2-135M-Instruct and itself without 6 middle layers.
     "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=1, prompts_per_step=4,
-                         micro_batch_size=8, lr=2e-5, adv_lr=1e-3, max_prompt_len=64, max_new_tokens=32,
+                         samples_per_prompt=2, micro_batch_size=8, lr=2e-5, adv_lr=1e-3, max_prompt_len=64,
+                         max_new_tokens=32,
                          dtype="float32", eval_prompts=16, limit=160, val_fraction=0.2),
 }
 
@@ -108,7 +112,7 @@ def parse_args(argv=None):
     g.add_argument("--adv-input", default="teacher", choices=["teacher", "student"],
                    help="whose detached final hidden state the adversary reads")
     g.add_argument("--adv-init-std", type=float, default=0.0, help="adversary weight init std (0: f = 0 at start)")
-    g.add_argument("--token-mean", default="horizon", choices=["horizon", "sequence"],
+    g.add_argument("--token-mean", default="sequence", choices=["sequence", "horizon"],
                    help="1/T of the distances: 1/max-new-tokens (reward-to-go) or 1/own length (whole return)")
     g.add_argument("--baseline", default="loo", choices=["loo", "none"],
                    help="reward-to-go baseline: leave-one-out mean over the prompt's other samples, or none")
