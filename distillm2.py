@@ -29,7 +29,6 @@ Schedules, and where we depart from the paper or the released code (each a flag)
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -187,15 +186,9 @@ def main(argv=None):
            f"{models.num_params(student) / 1e6:.2f}M params, world {world}, loss {args.loss}")
 
     # -------------------------------------------------------------------- data: prompts only (white-box)
-    if args.data == "tiny":
-        records = data_lib.tiny_prompts(args.limit, args.seed)
-    else:
-        records, _ = data_lib.read_records(data_lib.resolve_data_path(args.data), skip_bad=args.data == "sharegpt",
-                                           limit=args.limit)
-    train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
-    encode = lambda recs: [{"id": r["id"], "prompt": p} for r in recs
-                           if len(p := data_lib.encode_prompt(tok, r["messages"])) <= args.max_prompt_len]
-    train, val = encode(train_recs), encode(val_recs)[:args.eval_prompts]
+    train, val, val_recs = data_lib.white_box_prompts(
+        tok, args.data, limit=args.limit, val_fraction=args.val_fraction, max_prompt_len=args.max_prompt_len,
+        eval_prompts=args.eval_prompts, seed=args.seed)
     steps_per_epoch = len(train) // args.prompts_per_step
     total_steps = steps_per_epoch * args.epochs
     if steps_per_epoch == 0:
@@ -331,18 +324,11 @@ def main(argv=None):
         student.save_pretrained(os.path.join(args.out, "student"))
         tok.save_pretrained(os.path.join(args.out, "student"))
         if val:
-            after = eval_lib.heldout_divergence(student.eval(), teacher, val, pad, args.chunk_size)
-            kw = dict(teacher=teacher, max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len)
             fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
                                       layers=args.student_layers).eval()
-            val_recs_by_id = {r["id"]: r for r in val_recs}
-            recs = [dict(val_recs_by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
-                    for r in val]
-            table = {"before": {**before, **eval_lib.evaluate(fresh, tok, recs, **kw)},
-                     "after": {**after, **eval_lib.evaluate(student, tok, recs, **kw)}}
-            print0(eval_lib.format_table(table))
-            common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(
-                {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
+            eval_lib.white_box_report(student, fresh, teacher, tok, val, val_recs, before, pad,
+                                      os.path.join(args.out, "eval.json"), max_new_tokens=args.max_new_tokens,
+                                      max_prompt_len=args.max_prompt_len, chunk_size=args.chunk_size)
     common.compute_cleanup()
 
 

@@ -44,6 +44,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+import common
 from common import print0
 import data as data_lib
 import losses
@@ -135,6 +136,23 @@ def heldout_divergence(student, teacher, rows, pad, chunk_size=128):
     (s_h, s_head), (t_h, t_head) = sample.response_hidden(student, ro), sample.response_hidden(teacher, ro)
     return {name: losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight, chunk_size=chunk_size)[0].item()
             for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl))}
+
+
+def white_box_report(student, fresh, teacher, tok, val, val_records, before, pad, out_path, *, max_new_tokens,
+                     max_prompt_len, chunk_size=128):
+    """The before/after table of the white-box trainers, on held-out prompts with fixed teacher responses (val rows
+    {"id", "prompt", "y_t"}): held-out KLs (`before` measured before training) and the evaluate() metrics of the
+    initial student (`fresh`) and the trained one. Printed, written to out_path as JSON, and returned."""
+    after = heldout_divergence(student.eval(), teacher, val, pad, chunk_size)
+    by_id = {r["id"]: r for r in val_records}
+    recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True)) for r in val]
+    kw = dict(teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len)
+    table = {"before": {**before, **evaluate(fresh, tok, recs, **kw)},
+             "after": {**after, **evaluate(student, tok, recs, **kw)}}
+    print0(format_table(table))
+    summary = {when: {k: v for k, v in d.items() if k != "samples"} for when, d in table.items()}
+    common.atomic_write_text(out_path, json.dumps(summary, indent=1))
+    return summary
 
 
 def score_pairs(score_fn, prompts, responses, pad_id, batch_size, device):
