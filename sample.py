@@ -513,7 +513,8 @@ def main(argv=None):
     print(f"summary: written={stats['written']} already_done={stats['already_done']} "
           f"bad_skipped={stats['bad_skipped']} failed={stats['failed']} retries={retries} "
           f"(http_429={stats['http_429']} http_5xx={stats['http_5xx']} timeout={stats['timeout']} "
-          f"connection={stats['connection']}) elapsed_s={elapsed:.1f} rows_per_s={stats['written'] / elapsed:.2f}", flush=True)
+          f"connection={stats['connection']}) elapsed_s={elapsed:.1f} rows_per_s={stats['written'] / elapsed:.2f}",
+          flush=True)
     return 1 if stats["failed"] else 0
 
 
