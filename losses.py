@@ -301,18 +301,20 @@ def kd_loss_chunked(loss_fn, student_hidden, student_head, teacher_hidden, teach
     t_weight, t_bias = _head_params(teacher_head)
     if weights is None:
         weights = torch.ones(student_hidden.shape[:2], device=student_hidden.device)
+    # torch.is_grad_enabled() is read here: inside forward it is always off, and needs_input_grad ignores no_grad
     return _FusedKDLoss.apply(student_hidden, s_weight, s_bias, teacher_hidden.detach(), t_weight.detach(),
                               None if t_bias is None else t_bias.detach(), weights.detach(), loss_fn, chunk_size,
-                              kwargs)
+                              kwargs, torch.is_grad_enabled())
 
 
 class _FusedKDLoss(torch.autograd.Function):
     """Forward computes the loss and its gradients chunk by chunk (see kd_loss_chunked); backward scales them."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, weights, loss_fn, chunk_size, kwargs):
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, weights, loss_fn, chunk_size, kwargs,
+                grad_enabled):
         B, T, H = s_hidden.shape
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         need_any = need_h or need_w or need_b
         # Chunks of chunk_size positions of the flattened batch (memory independent of B and T). Each position is
         # handed to loss_fn as a sequence of length 1, [c, 1, V], so per-sequence kwargs become per-position ones.
@@ -360,4 +362,4 @@ class _FusedKDLoss(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("kd_loss_chunked: backward called twice (its gradients are handed over once)")
         scaled = [None if g is None else g.mul_(grad_loss).to(dtype) for g, dtype in grads]
-        return (*scaled, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None)

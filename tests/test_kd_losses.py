@@ -356,4 +356,18 @@ def test_chunked_never_makes_a_whole_batch_of_logits():
         losses.kd_loss_chunked(losses.skl, h, student_head, teacher_hidden, teacher_weight, weights=weights,
                                chunk_size=CHUNK, alpha=0.1)[0].backward()
     assert naive.largest >= B * T_LONG * V_S
+
+    class Shapes(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen |= {tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                          if torch.is_tensor(t)}
+            return out
+
+    with torch.no_grad(), Shapes() as evaluation:   # no gradient work at all under no_grad (held-out metrics)
+        losses.kd_loss_chunked(losses.skl, h, student_head, teacher_hidden, teacher_weight, weights=weights,
+                               chunk_size=CHUNK, alpha=0.1)
+    assert (V_S, H_S) not in evaluation.seen and (B, T_LONG, H_S) not in evaluation.seen
     assert chunked.largest <= max(CHUNK * V_T, V_S * H_S, B * T_LONG * H_T)     # chunk logits, dW, hidden
