@@ -6,29 +6,18 @@ import io
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import amm
+from scripts import metrics, run_script, student_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--eval-prompts", "4"]  # 36 train: 4 steps
 
 
 def run(args, torchrun=False):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
-                              else []) + ["amm.py"] + args
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def rows(folder):
-    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    return run_script("amm.py", args, torchrun)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,7 +140,7 @@ def test_adversary_raises_and_student_lowers_the_distances(tmp_path):
     """Logged every step: the adversary's change of each estimate (same samples) and the student's (same
     adversaries; on-policy through importance weights). Adversary steps must raise both, student steps lower."""
     run(TINY + ["--out", str(tmp_path / "a")])
-    log = rows(tmp_path / "a")
+    log = metrics(tmp_path / "a")
     assert len(log) == 4
     for m in log:
         for key in ("d_on", "d_off", "l1_on", "l1_off", "loss", "grad_norm"):
@@ -176,25 +165,23 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     run(TINY + ["--out", str(tmp_path / "full")])
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--stop-after", "2"])
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
-    from safetensors.torch import load_file
-    a = load_file(tmp_path / "full" / "student" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "student" / "model.safetensors")
+    a = student_weights(tmp_path / "full")
+    b = student_weights(tmp_path / "cut")
     for k in a:   # tolerance 0: the adversaries, optimizers and sampling keys are all restored
         assert torch.equal(a[k], b[k]), k
-    assert [m["d_on"] for m in rows(tmp_path / "full")] == [m["d_on"] for m in rows(tmp_path / "cut")]
+    assert [m["d_on"] for m in metrics(tmp_path / "full")] == [m["d_on"] for m in metrics(tmp_path / "cut")]
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path):
     run(TINY + ["--out", str(tmp_path / "one")])
     run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
-    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         for key in ("d_on", "d_off", "loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (key, a["step"])
-    from safetensors.torch import load_file
-    wa = load_file(tmp_path / "one" / "student" / "model.safetensors")
-    wb = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    wa = student_weights(tmp_path / "one")
+    wb = student_weights(tmp_path / "two")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
 

@@ -3,9 +3,6 @@
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,22 +10,13 @@ import torch
 import distillm2
 import models
 import sample
+from scripts import metrics, run_script, student_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--student", "tiny", "--limit", "40", "--epochs", "2", "--eval-prompts", "4"]  # 36 train: 4 steps/epoch
 
 
 def run(args, torchrun=False):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
-                              else []) + ["distillm2.py"] + args
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def rows(folder):
-    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    return run_script("distillm2.py", args, torchrun)
 
 
 def test_schedules_follow_their_formulas():
@@ -45,7 +33,7 @@ def test_schedules_follow_their_formulas():
 
 def test_alpha_per_sample_and_beta_are_logged_and_follow_the_schedules(tmp_path):
     run(TINY + ["--out", str(tmp_path / "a")])
-    log = rows(tmp_path / "a")
+    log = metrics(tmp_path / "a")
     total = len(log)
     assert total == 8
     for m in log:
@@ -58,7 +46,7 @@ def test_alpha_per_sample_and_beta_are_logged_and_follow_the_schedules(tmp_path)
                 torch.testing.assert_close(torch.tensor(m[alpha_key]), want)
     assert any(a < 0.1 for m in log if m["epoch"] == 1 for a in m["alpha_skl"]), "the curriculum never acted"
     run(TINY + ["--released", "--out", str(tmp_path / "r")])
-    released = rows(tmp_path / "r")
+    released = metrics(tmp_path / "r")
     assert {m["beta"] for m in released} == {0.5}
     assert all(m["alpha_skl"] == m["alpha_srkl"] == pytest.approx([0.1] * 8) for m in released)
     for m in released:  # the released loss is SKL + SRKL, not the beta-weighted mean
@@ -107,7 +95,7 @@ def test_teacher_with_a_larger_vocabulary(tmp_path):
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     teacher_tokens = [t for r in ck["epoch_rows"].values() for t in r["y_t"]]
     assert teacher_tokens and max(teacher_tokens) < 1000  # the teacher never samples ids the student lacks
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in rows(out))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(out))
     table = json.loads((out / "eval.json").read_text())
     assert table["after"]["heldout_fkl"] < table["before"]["heldout_fkl"]
 
@@ -125,13 +113,12 @@ def test_each_loss_lowers_the_held_out_divergence(tmp_path, loss):
 def test_torchrun_two_ranks_match_one_process(tmp_path):
     run(TINY + ["--out", str(tmp_path / "one")])
     run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
-    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 8
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
-    from safetensors.torch import load_file
-    wa = load_file(tmp_path / "one" / "student" / "model.safetensors")
-    wb = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    wa = student_weights(tmp_path / "one")
+    wb = student_weights(tmp_path / "two")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
 
@@ -140,12 +127,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     run(TINY + ["--out", str(tmp_path / "full")])
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--stop-after", "6"])  # mid epoch 2
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
-    from safetensors.torch import load_file
-    a = load_file(tmp_path / "full" / "student" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "student" / "model.safetensors")
+    a = student_weights(tmp_path / "full")
+    b = student_weights(tmp_path / "cut")
     for k in a:  # tolerance 0: same ops in the same order on CPU, the epoch's responses restored from the checkpoint
         assert torch.equal(a[k], b[k]), k
-    assert [m["loss"] for m in rows(tmp_path / "full")] == [m["loss"] for m in rows(tmp_path / "cut")]
+    assert [m["loss"] for m in metrics(tmp_path / "full")] == [m["loss"] for m in metrics(tmp_path / "cut")]
 
 
 def test_lora_trains_only_adapters_and_exports_a_plain_model(tmp_path):

@@ -3,9 +3,6 @@
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,8 +14,8 @@ import gad
 import losses
 import models
 import sample
+from scripts import metrics, run_script, student_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD = 256
 # Small enough for a subprocess to finish in seconds; every stage still takes several optimizer steps.
 SMALL = ["--student", "tiny", "--warmup-steps", "3", "--gad-steps", "4", "--freeze-g-steps", "1", "--eval-prompts",
@@ -26,22 +23,8 @@ SMALL = ["--student", "tiny", "--warmup-steps", "3", "--gad-steps", "4", "--free
 
 
 def run(args, torchrun=False, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
-                              else []) + ["gad.py"] + args
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    return run_script("gad.py", args, torchrun, check)
 
-
-def metrics(folder):
-    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
-
-
-def student_weights(folder):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(folder, "student", "model.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------ discriminator
@@ -137,8 +120,7 @@ def test_each_stage_runs_alone(tmp_path):
     assert {m["stage"] for m in rows} == {"gad"}
     # GAD started from the warmup's D, not a fresh zero head: its first reward already separates samples
     assert rows[0]["reward_std"] > 0
-    from safetensors.torch import load_file
-    warm_g = load_file(warm / "student" / "model.safetensors")
+    warm_g = student_weights(warm)
     assert not torch.equal(warm_g["model.norm.weight"], student_weights(g)["model.norm.weight"])
 
 

@@ -1,0 +1,31 @@
+"""Helpers for the tests that run an entry point as a subprocess, as a user would (gad.py, distillm2.py, amm.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, args, torchrun=False, check=True):
+    """`python script args`, or under `torchrun --nproc_per_node=2` (gloo on CPU), from the repository root;
+    one thread per process so two ranks do not fight over the cores."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
+                              else []) + [script] + args
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def metrics(folder):
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+def student_weights(folder):
+    """The exported student's tensors (OUT/student/model.safetensors)."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "student", "model.safetensors"))
