@@ -322,15 +322,18 @@ def main(argv=None):
                 q_logits[side], s_h = response_logits(student, ro)
                 cache[side] = {"p": p_logits, "h": t_h if args.adv_input == "teacher" else s_h}
 
-        def estimates():
-            """Global per-side distance estimates with the current adversaries (means over sequences)."""
-            with torch.no_grad():
-                sums = {side: distance(moments_of(side, q_logits[side], cache[side]), masks[side], norms[side]).sum()
-                        for side in rollouts}
-            return {side: common.all_reduce_sum(v.item()) / count[side] for side, v in sums.items()}
+        def global_distance(per_token):
+            """{side: per-token values [N, T]} -> {side: distance averaged over the global batch's sequences}."""
+            return {side: common.all_reduce_sum(distance(v, masks[side], norms[side]).sum().item()) / count[side]
+                    for side, v in per_token.items()}
+
+        @torch.no_grad()
+        def estimates(logits):
+            """Distance estimates of the student with these logits, under the current adversaries."""
+            return global_distance({side: moments_of(side, logits[side], cache[side]) for side in rollouts})
 
         m = {"lr": sched.get_last_lr()[0]}
-        pre = estimates()
+        pre = estimates(q_logits)
         # ---- adversaries: ascend beta d_off + (1 - beta) d_on (p, q fixed)
         for _ in range(args.adv_steps):
             adv_opt.zero_grad(set_to_none=True)
@@ -340,13 +343,12 @@ def main(argv=None):
             common.all_reduce_grads(adv_params)
             torch.nn.utils.clip_grad_norm_(adv_params, args.grad_clip)
             adv_opt.step()
-        post = estimates()
+        post = estimates(q_logits)
         m.update(d_on=post["on"], d_off=post["off"], d_on_gain=post["on"] - pre["on"],
                  d_off_gain=post["off"] - pre["off"])
         with torch.no_grad():
-            for side in rollouts:
-                l1 = distance(l1_distance(q_logits[side], cache[side]["p"]), masks[side], norms[side]).sum().item()
-                m[f"l1_{side}"] = common.all_reduce_sum(l1) / count[side]
+            l1 = global_distance({side: l1_distance(q_logits[side], cache[side]["p"]) for side in rollouts})
+            m.update(l1_on=l1["on"], l1_off=l1["off"])
             # advantages of the student's samples under the updated adversary, before the student moves
             advantages = on_policy_advantages(moments_of("on", q_logits["on"], cache["on"]), masks["on"],
                                               norms["on"], args.token_mean, k, args.baseline)   # [N, T]
@@ -380,10 +382,8 @@ def main(argv=None):
         # student's step moved the moments it was asked to close (d_on's state distribution moves too; that part
         # is the score term, checked exactly in tests/test_amm.py).
         with torch.no_grad():
-            for side, ro in rollouts.items():
-                g = moments_of(side, response_logits(student, ro)[0], cache[side])                    # [N, T]
-                after = common.all_reduce_sum(distance(g, masks[side], norms[side]).sum().item()) / count[side]
-                m[f"d_{side}_student"] = after - m[f"d_{side}"]
+            after = estimates({side: response_logits(student, ro)[0] for side, ro in rollouts.items()})
+        m.update(d_on_student=after["on"] - post["on"], d_off_student=after["off"] - post["off"])
         m["response_len"] = on_ro.response_mask.sum().item() / on_ro.response_mask.shape[0]
         m = common.reduce_metrics(m)
         m["loss"] = common.all_reduce_sum(total)   # each rank holds its share of the global objective
