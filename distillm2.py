@@ -160,7 +160,7 @@ def seq_divergence(loss_fn, student, teacher, ro, chunk_size, seq_weight, **kw):
     per_token_weight = mask / mask.sum(-1, keepdim=True).clamp(min=1)                       # each sequence: 1
     weights = per_token_weight * seq_weight.to(mask.device)[:, None]                        # [N, T]
     loss, values = losses.kd_loss_chunked(loss_fn, s_h, s_head, t_h, t_head, weights, chunk_size=chunk_size, **kw)
-    return loss, (values * per_token_weight).sum(-1)
+    return loss, losses.masked_mean(values, mask, dim=-1)
 
 
 def main(argv=None):
