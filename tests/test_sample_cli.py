@@ -3,6 +3,7 @@ faults on a fixed schedule (429, 5xx, a slow answer past --timeout, a dropped co
 the tiny local model and with the endpoint, and bad input rows. Every expected count below is derived from the
 schedule, so a retry that is miscounted, a row written twice or a row lost shows up as a number that differs."""
 
+import contextlib
 import http.server
 import json
 import os
@@ -56,6 +57,7 @@ class FakeChat:
         self.inflight = 0
         self.max_inflight = 0
         self.errors = []  # exceptions raised in the handler itself
+        self.hangups = 0  # requests whose client went away before sending all of it (killed mid-request)
         self.base = None  # http://127.0.0.1:PORT/v1, set by the fixture
 
     def for_pid(self, pid):
@@ -68,7 +70,12 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         chat = self.server.chat
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_body()
+        if body is None:  # the client hung up mid-request (a test killed it): drop it, as real servers do
+            with chat.lock:
+                chat.hangups += 1
+            self.close_connection = True
+            return
         prompt = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
         pid = re.match(r"\[(\w+)\]", prompt).group(1)
         with chat.lock:
@@ -86,6 +93,22 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         finally:
             with chat.lock:
                 chat.inflight -= 1
+
+    def read_body(self):
+        """The request's JSON body, or None if the client went away before sending all of it: headers cut before
+        Content-Length, a body shorter than Content-Length (empty included), or a reset. A SIGKILL mid-request
+        leaves exactly these. A body of full length that is not JSON cannot come from a kill: json.loads raises,
+        handle_error records it and the test fails (the client sent garbage, or this fake misread it)."""
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            return None
+        try:
+            raw = self.rfile.read(int(length))
+        except OSError:
+            return None
+        if len(raw) < int(length):
+            return None
+        return json.loads(raw)
 
     def respond(self, chat, pid, prompt, body, fault):
         if fault == "drop":
@@ -134,17 +157,27 @@ class QuietServer(http.server.ThreadingHTTPServer):
             self.chat.errors.append(repr(exc))
 
 
-@pytest.fixture
-def chat_server():
+@contextlib.contextmanager
+def serve_chat(check=True):
+    """A fake endpoint on a free loopback port for the duration; with check, its own errors fail the test."""
     server = QuietServer(("127.0.0.1", 0), ChatHandler)
     server.chat = FakeChat()
     server.chat.base = f"http://127.0.0.1:{server.server_address[1]}/v1"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield server.chat
-    server.shutdown()
-    server.server_close()
-    assert server.chat.errors == []
+    try:
+        yield server.chat
+    finally:
+        server.shutdown()
+        server.server_close()
+    if check:
+        assert server.chat.errors == []
+
+
+@pytest.fixture
+def chat_server():
+    with serve_chat() as chat:
+        yield chat
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,6 +286,40 @@ def kill(proc):
     assert proc.poll() is None, "sample.py finished before the kill: the run is too short to test resume"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fake endpoint itself: a killed client's torn request is a hang-up, a bug of the fake is still an error
+
+def raw_request(chat, head, body=b""):
+    """Send bytes to the fake as a client killed mid-request would (or a whole request), then hang up."""
+    port = int(chat.base.split(":")[-1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head + body)
+        s.shutdown(socket.SHUT_WR)
+        return s.recv(65536)  # the status line if the fake answered, b"" if it dropped the request
+
+
+def post_head(length):
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_fake_endpoint_drops_torn_requests_but_reports_its_own_bugs():
+    body = json.dumps({"model": "m", "n": 1, "messages": [{"role": "user", "content": prompt_for("t0")}]}).encode()
+    with serve_chat(check=False) as chat:
+        # killed after the headers, mid-body, and mid-headers (no Content-Length yet): three hang-ups, no error
+        assert raw_request(chat, post_head(len(body))) == b""
+        assert raw_request(chat, post_head(len(body)), body[:len(body) // 2]) == b""
+        assert raw_request(chat, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n") == b""
+        # a whole request is answered ...
+        assert raw_request(chat, post_head(len(body)), body).startswith(b"HTTP/1.0 200")
+        # ... and whole requests the fake cannot handle are its bugs (or the client's), never taken for a hang-up
+        raw_request(chat, post_head(9), b"not json!")
+        raw_request(chat, post_head(2), b"{}")
+    assert chat.hangups == 3
+    assert [r["pid"] for r in chat.requests] == ["t0"]
+    assert len(chat.errors) == 2 and "JSONDecodeError" in chat.errors[0] and "KeyError" in chat.errors[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,9 +506,10 @@ def test_api_kill_and_resume(tmp_path, chat_server):
     with open(out, "ab") as f:
         f.write(json.dumps({"id": torn_id, "messages": prompts[torn_id], "teacher_response": "TORN"}).encode())
 
-    chat_server.delay_s = 0.0
-    before = len(chat_server.requests)
-    proc = run_sample(tmp_path / "in.jsonl", out, *args)
+    # The rerun talks to a fresh endpoint: a request the killed run had sent may still be on its way into the first
+    # one's log, and must not be counted as the rerun's.
+    with serve_chat() as rerun_server:
+        proc = run_sample(tmp_path / "in.jsonl", out, *api_args(rerun_server, concurrency=2))
     assert proc.returncode == 0, describe(proc)
     rows = read_rows(out)
     assert_each_once(rows, ids)
@@ -451,7 +519,7 @@ def test_api_kill_and_resume(tmp_path, chat_server):
         assert re.fullmatch(r"answer \d+ to: " + re.escape(prompt_for(row["id"])), row["teacher_response"])
     assert torn_id in ids_of(rows[len(survived):])  # the torn "TORN" row was cut and redone
     # The rerun asks once for each row that was not complete, and never for one that was.
-    asked = [r["pid"] for r in chat_server.requests[before:]]
+    asked = [r["pid"] for r in rerun_server.requests]
     assert sorted(asked) == sorted(set(ids) - done)
     s = summary(proc)
     assert (s["already_done"], s["written"], s["failed"]) == (len(survived), len(ids) - len(survived), 0)
