@@ -53,8 +53,10 @@ Reconstruction choices and assumptions (the paper leaves these open; each is a f
      full-vocabulary p and q at temperature 1 (no top-p) in every moment.
   7. A teacher vocabulary larger than the student's: the teacher samples only the student's ids, and p is
      renormalised over them before the moments (losses.align_vocab), as in distillm2.py.
-Not done: the [N, T, V] logits and adversary outputs of the step are held in full (no chunking as in
-distillm2.py): fine at the CPU and small-model settings; at V = 151936 and T = 1024 use small micro-batches.
+Memory: every full-vocabulary quantity (p, q, f, their moments) is computed from final hidden states
+--chunk-size positions at a time (losses.kd_loss_chunked for the student, adversary_backward for the
+adversaries): the step holds [N, T, H] hidden states, never [N, T, V]. Each adversary is still a full [V, H]
+matrix (545M parameters for a Qwen2.5-7B teacher); a low-rank adversary is the next step at that scale.
 """
 
 import argparse
@@ -76,17 +78,17 @@ import sample
 PAPER = dict(  # no released recipe; sizes as distillm2.py's PAPER (the paper's students are GPT-2, OpenLLaMA, T5)
     teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=64, samples_per_prompt=4, micro_batch_size=8,
     lr=5e-6, adv_lr=1e-4, max_prompt_len=1024, max_new_tokens=512, dtype="bfloat16", eval_prompts=256, limit=None,
-    val_fraction=0.1,
+    val_fraction=0.1, gradient_checkpointing=True, micro_batch_tokens=12288,   # as gad.py's (LMOps' GAD recipe)
 )
 PRESETS = {
     "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=3, prompts_per_step=8, micro_batch_size=32,
                  lr=1e-2, adv_lr=1e-1, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16,
-                 limit=64),
+                 limit=64, gradient_checkpointing=False, micro_batch_tokens=None),
     # The CPU default, the same pair as distillm2.py's: SmolLM2-135M-Instruct and itself without 6 middle layers.
     "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=1, prompts_per_step=4,
                          samples_per_prompt=2, micro_batch_size=8, lr=2e-5, adv_lr=1e-3, max_prompt_len=64,
-                         max_new_tokens=32,
-                         dtype="float32", eval_prompts=16, limit=160, val_fraction=0.2),
+                         max_new_tokens=32, dtype="float32", eval_prompts=16, limit=160, val_fraction=0.2,
+                         gradient_checkpointing=False, micro_batch_tokens=None),
 }
 
 
@@ -96,8 +98,12 @@ def parse_args(argv=None):
     g.add_argument("--student", default="smollm2-135m", help="student alias/folder; picks the preset")
     g.add_argument("--student-layers", default=None, help="keep only these student layers, e.g. 'every2'")
     g.add_argument("--teacher", default=None, help="white-box teacher (same tokenizer as the student)")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16")
+    g.add_argument("--dtype", default=None, help="compute dtype, float32 | bfloat16 (autocast; the student and the "
+                                                 "adversaries keep fp32 weights and AdamW state, the teacher is stored "
+                                                 "in it)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (paper preset: on)")
     g.add_argument("--adam8bit", action="store_true", help="bitsandbytes 8-bit AdamW (student)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="prompts: jsonl/parquet/ShareGPT, 'sharegpt', 'tiny'")
@@ -120,6 +126,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=None, help="passes over the prompts")
     g.add_argument("--prompts-per-step", type=int, default=None, help="global batch of prompts")
     g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
+    g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens per forward/backward")
+    g.add_argument("--chunk-size", type=int, default=128, help="positions per chunk of full-vocabulary tensors")
     g.add_argument("--lr", type=float, default=None, help="student learning rate, cosine to 0")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (student and adversaries)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (student and each adversary)")
@@ -213,11 +221,70 @@ def on_policy_surrogate(g, logprobs, advantages, mask, norm):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# per-token values from final hidden states, never more than [chunk, V] at once (losses.kd_loss_chunked's form:
+# logits [c, 1, V] and per-position arguments in, [c, 1] out)
 
-def response_logits(model, ro):
-    """Logits at the positions that predict the response tokens [N, T, V], and the hidden states [N, T, H]."""
-    h, head = sample.response_hidden(model, ro)
-    return head(h), h
+def moment_values(s_logits, t_logits, adversary, adv_in):
+    """g = <p - q, f(s)> per position; the adversary is a constant here (its own step is adversary_backward)."""
+    with torch.no_grad():
+        f = adversary(adv_in)[:, None]                                                  # [c, 1, V]
+    return token_moments(s_logits, t_logits, f)
+
+
+def student_values(s_logits, t_logits, adversary, adv_in, tokens, score_weight):
+    """The student's per-position objective: g + score_weight * log q(y_t | s_t). With kd_loss_chunked's weights
+    w_t = side weight / (sequences * T) and score_weight = advantage_t * T (on-policy; 0 off-policy), the weighted
+    sum is the side's share of the surrogate (on_policy_surrogate) over the global batch."""
+    logq = torch.log_softmax(s_logits.float(), -1).gather(-1, tokens[:, None, None]).squeeze(-1)  # [c, 1]
+    return moment_values(s_logits, t_logits, adversary, adv_in) + score_weight[:, None] * logq
+
+
+def l1_values(s_logits, t_logits):
+    return l1_distance(s_logits, t_logits)
+
+
+@torch.no_grad()
+def hidden_states(model, ro, max_rows, max_tokens):
+    """Final hidden states at the positions that predict the response tokens [N, T, H], in micro-batches."""
+    out = None
+    for index, r in ro.micro_batches(max_rows, max_tokens):
+        h, _ = sample.response_hidden(model, r)                                          # [b, t, H]
+        if out is None:
+            out = h.new_zeros(*ro.response_ids.shape, h.shape[-1])
+        out[index, :h.shape[1]] = h
+    return out
+
+
+@torch.no_grad()
+def side_values(fn, side, s_h, s_head, t_head, chunk_size, **kw):
+    """fn's per-token values [N, T] over one side's rows (student hidden states s_h, the side's teacher ones)."""
+    return losses.kd_loss_chunked(fn, s_h, s_head, side["t_h"], t_head, side["mask"], chunk_size=chunk_size,
+                                  **kw)[1]
+
+
+def moments(side, s_h, s_head, t_head, chunk_size):
+    """g_t [N, T] of one side under its current adversary."""
+    return side_values(moment_values, side, s_h, s_head, t_head, chunk_size, adversary=side["adversary"],
+                       adv_in=side["adv_in"])
+
+
+def mean_distance(side, g):
+    """The side's distance estimate: the mean over the global batch's sequences of (1/T) sum_t g_t."""
+    return common.all_reduce_sum(distance(g, side["mask"], side["norm"]).sum().item()) / side["count"]
+
+
+def adversary_backward(side, s_head, t_head, weights, chunk_size, amp):
+    """Backward of sum_t weights_t <p_t - q_t, f(s_t)> into the side's adversary (p and q are constants here), at
+    the response positions only, chunk_size at a time: each chunk's [c, V] graph is freed by its backward."""
+    keep = side["mask"].bool()
+    s_h, t_h, a_h, w = side["s_h"][keep], side["t_h"][keep], side["adv_in"][keep], weights[keep]    # [M, ...]
+    for i in range(0, w.shape[0], chunk_size):
+        c = slice(i, i + chunk_size)
+        with amp:
+            with torch.no_grad():
+                q, p = _probs(s_head(s_h[c]), t_head(t_h[c]))                              # [c, V]
+            objective = (w[c, None] * (p - q) * side["adversary"](a_h[c])).sum()
+        objective.backward()
 
 
 def main(argv=None):
@@ -231,18 +298,24 @@ def main(argv=None):
     k, horizon, beta = args.samples_per_prompt, args.max_new_tokens, args.beta
 
     # -------------------------------------------------------------------- models
+    # The student and the adversaries keep fp32 weights and AdamW state; --dtype is the compute dtype (autocast)
+    # and the teacher's
     tok = models.load_tokenizer(args.student)
-    student = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
+    student = models.load_model(args.student, dtype="float32", device=device, seed=args.seed,
                                 layers=args.student_layers)
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    amp = models.autocast(device, args.dtype)
     eos, pad = sample.stop_ids(tok), tok.pad_token_id
-    student_vocab = student.get_output_embeddings().weight.shape[0]
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    student_vocab = s_head.weight.shape[0]
     adv_hidden = (teacher if args.adv_input == "teacher" else student).config.hidden_size
     torch.manual_seed(args.seed)
     adv_off, adv_on = (Adversary(adv_hidden, student_vocab, args.adv_init_std).to(device) for _ in range(2))
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
            f"{models.num_params(student) / 1e6:.2f}M, adversaries 2 x {models.num_params(adv_on) / 1e6:.2f}M "
-           f"params, world {world}")
+           f"params, world {world}, compute {args.dtype}")
 
     # -------------------------------------------------------------------- data: prompts only (white-box)
     train, val, val_recs = data_lib.white_box_prompts(
@@ -257,10 +330,11 @@ def main(argv=None):
     def rollout(model, rows, n, tag, vocab_size=None):
         """n samples per prompt at temperature 1, keyed by (tag, id): independent of batching and rank."""
         chunks = [rows[i:i + args.gen_batch_size] for i in range(0, len(rows), args.gen_batch_size)]
-        parts = [sample.generate(model.eval(), [r["prompt"] for r in chunk], n=n, max_new_tokens=horizon,
-                                 temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=pad, seed=args.seed,
-                                 prompt_keys=[f"{tag}|{r['id']}" for r in chunk], return_logprobs=False,
-                                 vocab_size=vocab_size) for chunk in chunks]
+        with amp:
+            parts = [sample.generate(model.eval(), [r["prompt"] for r in chunk], n=n, max_new_tokens=horizon,
+                                     temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=pad, seed=args.seed,
+                                     prompt_keys=[f"{tag}|{r['id']}" for r in chunk], vocab_size=vocab_size)
+                     for chunk in chunks]
         responses = [ids[m.bool()].tolist() for ro in parts for ids, m in zip(ro.response_ids, ro.response_mask)]
         prompts = [r["prompt"] for r in rows for _ in range(n)]                        # prompt-major, as generate
         return sample.pack(prompts, responses, pad, device)
@@ -270,7 +344,8 @@ def main(argv=None):
         held = rollout(teacher, val, 1, "val", student_vocab)
         for r, ids, msk in zip(val, held.response_ids, held.response_mask):
             r["y_t"] = ids[msk.bool()].tolist()
-    before = eval_lib.heldout_divergence(student, teacher, val, pad) if val else {}
+    with amp:
+        before = eval_lib.heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
 
     # -------------------------------------------------------------------- optimizers, resume
     opt = common.make_optimizer(list(student.parameters()), args.lr, args.weight_decay, args.adam8bit)
@@ -280,24 +355,15 @@ def main(argv=None):
     adv_opt = torch.optim.AdamW(adv_params, lr=args.adv_lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for obj, key in ((student, "student"), (adv_off, "adv_off"), (adv_on, "adv_on"), (opt, "opt"),
-                         (adv_opt, "adv_opt"), (sched, "sched")):
-            obj.load_state_dict(ck[key])
-        common.set_rng_state(ck["rng"])
-        start = ck["step"] + 1
+        start = common.load_checkpoint(ckpt_path, student=student, adv_off=adv_off, adv_on=adv_on, opt=opt,
+                                       adv_opt=adv_opt, sched=sched)["step"] + 1
         common.drop_metrics_after(metrics_path, lambda r: r["step"] < start)
         print0(f"resumed from {ckpt_path} at step {start}")
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    def moments_of(side, logits, fixed):
-        """g_t [N, T] of one side ('on' or 'off') with its adversary; fixed: the rows' teacher logits and
-        adversary input."""
-        f = (adv_on if side == "on" else adv_off)(fixed["h"])                          # [N, T, V]
-        return token_moments(logits, fixed["p"], f)
-
     # -------------------------------------------------------------------- training
+    mb, mb_tokens, chunk = args.micro_batch_size, args.micro_batch_tokens, args.chunk_size
     steps_done = 0
     for step in range(start, total_steps):
         t0 = time.time()
@@ -305,99 +371,77 @@ def main(argv=None):
         on_ro = rollout(student, batch, k, f"s{step}", None)                 # y_s ~ q: k per prompt
         off_ro = rollout(teacher, batch, 1, f"t{step}", student_vocab)       # y_t ~ p
         student.train()
-        n_on, n_off = common.all_reduce_sum(len(batch) * k), common.all_reduce_sum(len(batch))
-        masks = {"on": on_ro.response_mask.float(), "off": off_ro.response_mask.float()}
-        rollouts = {"on": on_ro, "off": off_ro}
-        weight = {"on": 1.0 - beta, "off": beta}
-        count = {"on": n_on, "off": n_off}
-        norms = {side: torch.full_like(mk[:, 0], horizon) if args.token_mean == "horizon" else mk.sum(-1).clamp(min=1)
-                 for side, mk in masks.items()}                                          # [N] per side
-
-        # The step's fixed quantities: the teacher's p and the adversaries' input h at every state, and q before
-        # the update (for the adversary steps and the advantages).
-        cache, q_logits = {}, {}
-        with torch.no_grad():
-            for side, ro in rollouts.items():
-                p_logits, t_h = response_logits(teacher, ro)
-                q_logits[side], s_h = response_logits(student, ro)
-                cache[side] = {"p": p_logits, "h": t_h if args.adv_input == "teacher" else s_h}
-
-        def global_distance(per_token):
-            """{side: per-token values [N, T]} -> {side: distance averaged over the global batch's sequences}."""
-            return {side: common.all_reduce_sum(distance(v, masks[side], norms[side]).sum().item()) / count[side]
-                    for side, v in per_token.items()}
-
-        @torch.no_grad()
-        def estimates(logits):
-            """Distance estimates of the student with these logits, under the current adversaries."""
-            return global_distance({side: moments_of(side, logits[side], cache[side]) for side in rollouts})
+        # Each side's fixed quantities for the step: its rows, the teacher's hidden states (p, and the adversary's
+        # input) and the student's before the update (q for the adversary steps and the advantages).
+        sides = {}
+        for name, ro, adversary, weight, rows in (("on", on_ro, adv_on, 1.0 - beta, len(batch) * k),
+                                                  ("off", off_ro, adv_off, beta, len(batch))):
+            mask = ro.response_mask.float()                                                      # [N, T]
+            norm = torch.full_like(mask[:, 0], horizon) if args.token_mean == "horizon" else mask.sum(-1).clamp(min=1)
+            with amp:
+                t_h, s_h = hidden_states(teacher, ro, mb, mb_tokens), hidden_states(student, ro, mb, mb_tokens)
+            sides[name] = dict(ro=ro, mask=mask, norm=norm, count=common.all_reduce_sum(rows), weight=weight,
+                               adversary=adversary, t_h=t_h, s_h=s_h,
+                               adv_in=t_h if args.adv_input == "teacher" else s_h)
 
         m = {"lr": sched.get_last_lr()[0]}
-        pre = estimates(q_logits)
+        with amp:
+            pre = {name: mean_distance(sd, moments(sd, sd["s_h"], s_head, t_head, chunk)) for name, sd in sides.items()}
         # ---- adversaries: ascend beta d_off + (1 - beta) d_on (p, q fixed)
         for _ in range(args.adv_steps):
-            adv_opt.zero_grad(set_to_none=True)
-            objective = sum(weight[side] * distance(moments_of(side, q_logits[side], cache[side]),
-                                                    masks[side], norms[side]).sum() / count[side] for side in rollouts)
-            (-objective).backward()
-            common.all_reduce_grads(adv_params)
-            torch.nn.utils.clip_grad_norm_(adv_params, args.grad_clip)
-            adv_opt.step()
-        post = estimates(q_logits)
+            for sd in sides.values():
+                ascent = -sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]   # minus: maximise
+                adversary_backward(sd, s_head, t_head, ascent, chunk, amp)
+            common.clip_and_step(adv_params, adv_opt, args.grad_clip)
+        with amp:
+            g_post = {name: moments(sd, sd["s_h"], s_head, t_head, chunk) for name, sd in sides.items()}
+            l1 = {name: mean_distance(sd, side_values(l1_values, sd, sd["s_h"], s_head, t_head, chunk))
+                  for name, sd in sides.items()}
+        post = {name: mean_distance(sd, g_post[name]) for name, sd in sides.items()}
         m.update(d_on=post["on"], d_off=post["off"], d_on_gain=post["on"] - pre["on"],
-                 d_off_gain=post["off"] - pre["off"])
-        with torch.no_grad():
-            l1 = global_distance({side: l1_distance(q_logits[side], cache[side]["p"]) for side in rollouts})
-            m.update(l1_on=l1["on"], l1_off=l1["off"])
-            # advantages of the student's samples under the updated adversary, before the student moves
-            advantages = on_policy_advantages(moments_of("on", q_logits["on"], cache["on"]), masks["on"],
-                                              norms["on"], args.token_mean, k, args.baseline)   # [N, T]
-        q_logits.clear()   # the student's own logits are recomputed with gradients below
+                 d_off_gain=post["off"] - pre["off"], l1_on=l1["on"], l1_off=l1["off"])
+        # advantages of the student's samples under the updated adversary, before the student moves
+        on = sides["on"]
+        advantages = on_policy_advantages(g_post["on"], on["mask"], on["norm"], args.token_mean, k, args.baseline)
 
         # ---- student: descend beta d_off + (1 - beta) (surrogate of d_on)
-        opt.zero_grad(set_to_none=True)
-        mb, total = args.micro_batch_size, 0.0
-        for side, ro in rollouts.items():
-            for i in range(0, ro.response_ids.shape[0], mb):
-                j = slice(i, i + mb)
-                logits, _ = response_logits(student, ro.rows(j))
-                g = moments_of(side, logits, {"h": cache[side]["h"][j], "p": cache[side]["p"][j]})  # [b, T]
-                if side == "on":
-                    logprobs = sample.token_logprobs(logits, ro.response_ids[j])                        # [b, T]
-                    per_seq = on_policy_surrogate(g, logprobs, advantages[j], masks[side][j], norms[side][j])
-                else:
-                    per_seq = distance(g, masks[side][j], norms[side][j])
-                loss = weight[side] * per_seq.sum() / count[side]
+        total = 0.0
+        for name, sd in sides.items():
+            weights = sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]           # [N, T]
+            score_weight = advantages * sd["norm"][:, None] if name == "on" else torch.zeros_like(weights)
+            for index, r in sd["ro"].micro_batches(mb, mb_tokens):
+                t = r.response_ids.shape[1]
+                with amp:
+                    h, _ = sample.response_hidden(student, r)                                  # [b, t, H]
+                    loss, _ = losses.kd_loss_chunked(
+                        student_values, h, s_head, sd["t_h"][index, :t], t_head, weights[index, :t], chunk_size=chunk,
+                        adversary=sd["adversary"], adv_in=sd["adv_in"][index, :t], tokens=r.response_ids,
+                        score_weight=score_weight[index, :t])
                 loss.backward()
                 total += loss.item()
-        common.all_reduce_grads(list(student.parameters()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        if torch.isfinite(grad_norm).item():
-            opt.step()
-        else:
-            opt.zero_grad(set_to_none=True)
+        grad_norm, skipped = common.clip_and_step(student.parameters(), opt, args.grad_clip)
+        if skipped:
             m["skipped"] = 1
         sched.step()
         # The same estimates after the student's step, at the same states with the same adversaries: how far the
         # student's step moved the moments it was asked to close (d_on's state distribution moves too; that part
         # is the score term, checked exactly in tests/test_amm.py).
-        with torch.no_grad():
-            after = estimates({side: response_logits(student, ro)[0] for side, ro in rollouts.items()})
+        with amp:
+            after = {name: mean_distance(sd, moments(sd, hidden_states(student, sd["ro"], mb, mb_tokens), s_head,
+                                                     t_head, chunk)) for name, sd in sides.items()}
         m.update(d_on_student=after["on"] - post["on"], d_off_student=after["off"] - post["off"])
         m["response_len"] = on_ro.response_mask.sum().item() / on_ro.response_mask.shape[0]
         m = common.reduce_metrics(m)
         m["loss"] = common.all_reduce_sum(total)   # each rank holds its share of the global objective
-        m.update(step=step, grad_norm=grad_norm.item(), s_per_step=time.time() - t0)
+        m.update(step=step, grad_norm=grad_norm, s_per_step=time.time() - t0)
         common.log_metrics(metrics_path, m)
         print0(f"step {step + 1}/{total_steps} | d_on {m['d_on']:.4f} ({m['d_on_gain']:+.4f} adv, "
                f"{m['d_on_student']:+.4f} student) | d_off {m['d_off']:.4f} ({m['d_off_gain']:+.4f} adv, "
                f"{m['d_off_student']:+.4f} student) | l1 {m['l1_on']:.3f}/{m['l1_off']:.3f} | loss {m['loss']:.4f} | "
-               f"grad_norm {grad_norm.item():.3f} | len {m['response_len']:.1f} | {m['s_per_step']:.2f} s/step")
-        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == total_steps):
-            common.atomic_torch_save({"step": step, "student": student.state_dict(), "adv_off": adv_off.state_dict(),
-                                      "adv_on": adv_on.state_dict(), "opt": opt.state_dict(),
-                                      "adv_opt": adv_opt.state_dict(), "sched": sched.state_dict(),
-                                      "rng": common.rng_state()}, ckpt_path)
+               f"grad_norm {grad_norm:.3f} | len {m['response_len']:.1f} | {m['s_per_step']:.2f} s/step")
+        if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
+            common.save_checkpoint(ckpt_path, step=step, student=student, adv_off=adv_off, adv_on=adv_on, opt=opt,
+                                   adv_opt=adv_opt, sched=sched)
         steps_done += 1
         if args.stop_after is not None and steps_done >= args.stop_after:
             print0(f"--stop-after {args.stop_after}: exiting")
@@ -405,15 +449,15 @@ def main(argv=None):
             return
 
     # -------------------------------------------------------------------- save, evaluate
-    if rank == 0:
-        student.save_pretrained(os.path.join(args.out, "student"))
-        tok.save_pretrained(os.path.join(args.out, "student"))
+    opt = adv_opt = sched = sides = None   # training state goes before the evaluation loads anything
+    if rank == 0:   # only rank 0 exports and evaluates, or loads anything for it
+        models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
         if val:
             fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
                                       layers=args.student_layers).eval()
             eval_lib.white_box_report(student, fresh, teacher, tok, val, val_recs, before, pad,
                                       os.path.join(args.out, "eval.json"), max_new_tokens=horizon,
-                                      max_prompt_len=args.max_prompt_len)
+                                      max_prompt_len=args.max_prompt_len, chunk_size=args.chunk_size)
     common.compute_cleanup()
 
 

@@ -1,7 +1,10 @@
-"""Shared plumbing: one code path for `python` and `torchrun`, seeding, atomic writes, metrics log.
+"""Shared plumbing: one code path for `python` and `torchrun`, seeding, atomic writes, checkpoints, metrics log.
 
 nanochat-style: `compute_init()` reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE) and starts a
-process group only when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU, so DDP is testable on a laptop).
+process group whenever torchrun launched the process, even a single one, so `torchrun --nproc_per_node=1` runs
+every collective exactly as a full node does (NCCL on CUDA, gloo on CPU, so DDP is testable on a laptop).
+Every collective goes through the helpers here, and each puts its tensors on `comm_device()`: NCCL takes CUDA
+tensors only, and a Python number turned into a CPU tensor would crash the first step on a GPU node.
 """
 
 import contextlib
@@ -17,15 +20,20 @@ import torch.distributed as dist
 
 
 def is_ddp():
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Launched by torchrun (it sets RANK), whatever the number of processes."""
+    return "RANK" in os.environ
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
 
 
 def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if is_initialized() else 0
 
 
 def get_world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if is_initialized() else 1
 
 
 def print0(*args, **kwargs):
@@ -44,21 +52,36 @@ def compute_init(device=None):
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         world_size = int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
+        cuda = device.startswith("cuda")
+        if cuda:
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
         # A long timeout: ranks wait at the final barrier while rank 0 alone evaluates (minutes on real models).
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(hours=2))
+        # device_id binds NCCL to this rank's GPU (barriers then know which one to use).
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=torch.device(device) if cuda else None)
     return ddp, rank, local_rank, world_size, torch.device(device)
 
 
 def compute_cleanup():
     """Wait for every rank (rank 0 may still be evaluating or saving), then tear the process group down: a rank
     that leaves first kills gloo's connections under the others (SIGABRT)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if is_initialized():
+        barrier()
         dist.destroy_process_group()
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+def comm_device():
+    """Where a collective's tensors must live: the current CUDA device under NCCL (it takes nothing else), the
+    CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def seed_everything(seed, rank=0):
@@ -114,12 +137,17 @@ def log_metrics(path, metrics):
 
 
 def all_reduce_sum(x):
-    """Sum a number or tensor over ranks (identity without DDP). Used for global token / pair counts."""
-    if get_world_size() == 1:
+    """Sum a number or tensor over ranks (x itself without a process group): global token / pair counts.
+    A number comes back a float (summed in float64: exact for counts), a tensor a float32 tensor on comm_device()."""
+    if not is_initialized():
         return x
-    t = x.detach().clone().float() if torch.is_tensor(x) else torch.tensor(float(x))
+    if torch.is_tensor(x):
+        t = x.detach().to(device=comm_device(), dtype=torch.float32, copy=True)
+        dist.all_reduce(t)
+        return t
+    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
-    return t if torch.is_tensor(x) else t.item()
+    return t.item()
 
 
 def all_reduce_grads(params, bucket_numel=2**24):
@@ -128,8 +156,9 @@ def all_reduce_grads(params, bucket_numel=2**24):
     We sum rather than average, and every loss here is divided by a GLOBAL count (tokens or pairs summed over
     ranks), so a DDP step equals the single-process step on the concatenated batch. Done by hand instead of
     wrapping in DistributedDataParallel because the trainers call submodules (the discriminator's backbone and
-    head) and accumulate micro-batches, both of which DDP's hooks make awkward."""
-    if get_world_size() == 1:
+    head) and accumulate micro-batches, both of which DDP's hooks make awkward. The gradients live with the
+    trainable (fp32) parameters on the GPU, which is where NCCL wants them."""
+    if not is_initialized():
         return
     grads = [p.grad for p in params if p.grad is not None]
     bucket, size = [], 0
@@ -147,17 +176,32 @@ def all_reduce_grads(params, bucket_numel=2**24):
             bucket, size = [], 0
 
 
+def clip_and_step(params, optimizer, max_grad_norm, sync=all_reduce_grads):
+    """The end of every optimizer step here: gradients summed over ranks (`sync`), their norm clipped, the step
+    taken unless the norm is not finite (a NaN or inf anywhere; every rank sees the same norm after the sum, so
+    all skip together), then the gradients freed (set to None: at 1.5B an fp32 gradient is 6 GB that would sit
+    through the next rollout). Returns (grad norm before clipping as a float, skipped)."""
+    params = [p for p in params if p.requires_grad]
+    if sync is not None:
+        sync(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf") if max_grad_norm is None else max_grad_norm)
+    skipped = not torch.isfinite(grad_norm).item()
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item(), skipped
+
+
 def reduce_metrics(metrics):
     """Mean of every metric over ranks. Ranks hold equal numbers of prompts and samples, so for per-row means
     (losses per sequence, accuracies, reward means, lengths) this is the global value; for token-means (pg_loss,
     kl, clipfrac) and standard deviations it is the mean of the per-rank values, close to the global one."""
-    world = get_world_size()
-    if world == 1:
+    if not is_initialized():
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys])
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
-    return {k: v / world for k, v in zip(keys, t.tolist())}
+    return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
 
 
 def fill_preset(args, presets, default):
@@ -190,11 +234,39 @@ def make_optimizer(params, lr, weight_decay, adam8bit=False):
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a run draws from, as CPU tensors and Python objects (CUDA's state is a CPU ByteTensor too)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
+
+def save_checkpoint(path, **state):
+    """Rank 0 writes one atomic file: each named object's state_dict() (models, optimizers, schedulers), every
+    other value as is (step, stage, ...), and the RNG states. Collective-free: ranks hold the same weights."""
+    if get_rank() != 0:
+        return
+    payload = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
+    atomic_torch_save(payload | {"rng": rng_state()}, path)
+
+
+def load_checkpoint(path, **objects):
+    """Load `path` onto the CPU, copy each named state into its object (load_state_dict moves it to the object's
+    device and dtype), restore the RNG states, and return the other values of the file (step, stage, ...).
+
+    On the CPU first: map_location=<the GPU> would put the RNG ByteTensor on the GPU, where torch.set_rng_state
+    refuses it, and would hold a second copy of every weight and optimizer state on the GPU. The loaded tensors
+    are dropped as soon as they are copied in: only the returned values stay referenced."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    for name, obj in objects.items():
+        obj.load_state_dict(ck.pop(name))
+    set_rng_state(ck.pop("rng"))
+    return ck

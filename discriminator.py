@@ -9,13 +9,14 @@ Stored as a Hugging Face `AutoModelForSequenceClassification` with num_labels=1 
 The head starts at zero: D begins indifferent (every pair at loss log 2) rather than with a random preference.
 """
 
+import contextlib
 import copy
 
 import torch
 
-from common import all_reduce_grads, all_reduce_sum
+from common import all_reduce_sum, clip_and_step
 import losses
-from sample import position_ids_from_mask
+from sample import position_ids_from_mask, split_by_budget
 
 
 def from_student(student):
@@ -42,49 +43,49 @@ def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
     return d.score(h_last).squeeze(-1).float()
 
 
-def score_rollout(d, ro, micro_batch_size=None):
-    """Scores of a Rollout without grad, in micro-batches."""
-    mb = micro_batch_size or ro.prompt_ids.shape[0]
-    with torch.no_grad():
-        return torch.cat([score(d, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
-                          for r in (ro.rows(slice(i, i + mb)) for i in range(0, ro.prompt_ids.shape[0], mb))])
+def score_rollout(d, ro, micro_batch_size=None, micro_batch_tokens=None, amp=None):
+    """Scores of a Rollout without grad [N], in micro-batches (sample.Rollout.micro_batches), inside `amp`."""
+    scores = torch.zeros(ro.prompt_ids.shape[0], device=ro.prompt_ids.device)
+    with torch.no_grad(), amp or contextlib.nullcontext():
+        for index, r in ro.micro_batches(micro_batch_size or ro.prompt_ids.shape[0], micro_batch_tokens):
+            scores[index] = score(d, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+    return scores
 
 
-def update(d, optimizer, teacher, student, n, max_grad_norm=1.0, micro_batch_size=None):
+def update(d, optimizer, teacher, student, n, max_grad_norm=1.0, micro_batch_size=None, micro_batch_tokens=None,
+           amp=None):
     """One Bradley-Terry step: each of the n student samples of a prompt paired with that prompt's teacher
     response, L_D = mean_i -log sigmoid(D(x, y_t) - D(x, y_s^i)) (no regulariser, as in the reference).
 
     teacher: Rollout of B rows; student: Rollout of B*n rows (prompt-major). Micro-batches hold whole prompts
-    (1 teacher row + its n samples); the loss is a sum over pairs divided by the pair count of the whole batch,
-    so accumulation gives the same gradient as one big batch. Under DDP the count is summed over ranks and so are
-    the gradients (common.all_reduce_grads): the step equals a single-process step on all ranks' pairs.
+    (1 teacher row + its n samples), at most micro_batch_size rows and micro_batch_tokens padded tokens
+    (sample.split_by_budget; a prompt over a bound goes alone); the loss is a sum over pairs divided by the pair
+    count of the whole batch, so accumulation gives the same gradient as one big batch. Under DDP the count is
+    summed over ranks and so are the gradients (common.all_reduce_grads): the step equals a single-process step
+    on all ranks' pairs. Forward passes run inside `amp` (models.autocast), backward outside it.
     Returns floats over this rank's pairs (d_loss is its own mean, so a mean over ranks is the global one);
     a non-finite gradient norm skips the step on every rank (the norm is computed after the
     all-reduce, so all ranks see the same value and agree)."""
     B = teacher.prompt_ids.shape[0]
-    mb = max(1, (micro_batch_size or B * (n + 1)) // (n + 1))  # prompts per micro-batch
+    amp = amp or contextlib.nullcontext()
     pairs = all_reduce_sum(B * n)
+    t_prompt, t_resp = teacher.prompt_mask.sum(1).tolist(), teacher.response_mask.sum(1).tolist()
+    s_resp = student.response_mask.sum(1).tolist()
+    sizes = [(n + 1, t_prompt[b], max([t_resp[b]] + s_resp[b * n:(b + 1) * n])) for b in range(B)]
     optimizer.zero_grad(set_to_none=True)
     total, correct, t_sum, s_sum = 0.0, 0, 0.0, 0.0
-    for i in range(0, B, mb):
-        j = slice(i * n, (i + mb) * n)
-        t = score(d, teacher.prompt_ids[i:i + mb], teacher.prompt_mask[i:i + mb], teacher.response_ids[i:i + mb],
-                  teacher.response_mask[i:i + mb])                          # [b]
-        s = score(d, student.prompt_ids[j], student.prompt_mask[j], student.response_ids[j],
-                  student.response_mask[j])                                  # [b*n]
-        t = t.repeat_interleave(n)                                           # [b*n] pair each sample with y_t
-        loss = losses.bt_loss(t, s) * (t.numel() / pairs)                    # this micro-batch's share of the mean
+    for a, b in split_by_budget(sizes, micro_batch_size or B * (n + 1), micro_batch_tokens):
+        t_ro, s_ro = teacher.rows(slice(a, b)).trim(), student.rows(slice(a * n, b * n)).trim()
+        with amp:
+            t = score(d, t_ro.prompt_ids, t_ro.prompt_mask, t_ro.response_ids, t_ro.response_mask)  # [b]
+            s = score(d, s_ro.prompt_ids, s_ro.prompt_mask, s_ro.response_ids, s_ro.response_mask)  # [b*n]
+            t = t.repeat_interleave(n)                                       # [b*n] pair each sample with y_t
+            loss = losses.bt_loss(t, s) * (t.numel() / pairs)                # this micro-batch's share of the mean
         loss.backward()
         total += loss.item()
         correct += (t > s).sum().item()
         t_sum += t.detach().sum().item() / n
         s_sum += s.detach().sum().item()
-    all_reduce_grads(d.parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(d.parameters(), max_grad_norm)
-    skipped = not torch.isfinite(grad_norm).item()
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
+    grad_norm, skipped = clip_and_step(d.parameters(), optimizer, max_grad_norm)
     return {"d_loss": total * pairs / (B * n), "d_acc": correct / (B * n), "d_score_teacher": t_sum / B,
-            "d_score_student": s_sum / (B * n), "d_grad_norm": grad_norm.item(), "d_skipped": int(skipped)}
+            "d_score_student": s_sum / (B * n), "d_grad_norm": grad_norm, "d_skipped": int(skipped)}

@@ -41,23 +41,26 @@ import data as data_lib
 import eval as eval_lib
 import losses
 import models
-import ppo
 import sample
 
 PAPER = dict(  # DistiLLM-2 reference recipe (DESIGN.md section 3), full fine-tuning instead of LoRA r16
-    teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=128, micro_batch_size=4, lr=5e-5,
+    teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=128, micro_batch_size=8, lr=5e-5,
     max_prompt_len=1024, max_new_tokens=1024, temperature=0.8, top_p=0.95, dtype="bfloat16", eval_prompts=256,
     limit=None, gen_batch_size=32, val_fraction=0.1,
+    # ours, as gad.py's (the reference trains LoRA adapters through HF's Trainer): activations bounded by a
+    # token budget per micro-batch, recomputed in backward
+    gradient_checkpointing=True, micro_batch_tokens=12288,
 )
 PRESETS = {
-    "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=2, prompts_per_step=8, micro_batch_size=8,
+    "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=2, prompts_per_step=8, micro_batch_size=16,
                  lr=3e-3, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16, limit=64,
-                 gen_batch_size=32),
+                 gen_batch_size=32, gradient_checkpointing=False, micro_batch_tokens=None),
     # The CPU default: SmolLM2-135M-Instruct teacher; the student is the same model without its 6 middle layers
     # (24 of 30: dropping every other layer leaves a student so broken that a few CPU steps only collapse it).
     "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=2, prompts_per_step=4,
-                         micro_batch_size=4, lr=2e-5, max_prompt_len=64, max_new_tokens=32, dtype="float32",
-                         eval_prompts=16, limit=160, gen_batch_size=8, val_fraction=0.2),
+                         micro_batch_size=8, lr=2e-5, max_prompt_len=64, max_new_tokens=32, dtype="float32",
+                         eval_prompts=16, limit=160, gen_batch_size=8, val_fraction=0.2,
+                         gradient_checkpointing=False, micro_batch_tokens=None),
 }
 
 
@@ -67,8 +70,11 @@ def parse_args(argv=None):
     g.add_argument("--student", default="smollm2-135m", help="student alias/folder; picks the preset")
     g.add_argument("--student-layers", default=None, help="keep only these student layers, e.g. 'every2'")
     g.add_argument("--teacher", default=None, help="white-box teacher (same tokenizer as the student)")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16")
+    g.add_argument("--dtype", default=None, help="compute dtype, float32 | bfloat16 (autocast; the student keeps "
+                                                 "fp32 weights and AdamW state, the teacher is stored in it)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (paper preset: on)")
     g.add_argument("--adam8bit", action="store_true", help="bitsandbytes 8-bit AdamW")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank via peft (paper: 16); 0 = full fine-tuning")
     g = p.add_argument_group("data")
@@ -91,7 +97,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help="epochs; responses are regenerated every epoch")
     g.add_argument("--prompts-per-step", type=int, default=None, help="global batch (reference: 128)")
-    g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward (DistiLLM-2: a "
+                                                                       "prompt's y_t and y_s rows count two)")
+    g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens per forward/backward")
     g.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generate() call")
     g.add_argument("--lr", type=float, default=None, help="learning rate (reference: 5e-5 with LoRA), cosine")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -143,11 +151,37 @@ def add_lora(model, r):
 
 
 @torch.no_grad()
-def mean_logprob(model, ro):
+def mean_logprob(model, ro, chunk_size):
     """Per-sequence mean log-probability of the response (temperature 1) [N]: log P or log Q of the curriculum."""
-    lp = ppo.sequence_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1],
-                               ro.response_ids.shape[1])
+    lp = sample.sequence_logprobs(model, ro, chunk_size=chunk_size)
     return losses.masked_mean(lp, ro.response_mask.bool(), dim=-1)
+
+
+def epoch_rows_path(out, epoch, rank):
+    return os.path.join(out, "epoch_rows", f"epoch{epoch}.rank{rank}.pt")
+
+
+def load_epoch_rows(out, epoch, ids):
+    """The responses of `ids` for `epoch`, from every rank's file of that epoch (a resumed run may have another
+    world size): each rank writes its own rows once when it regenerates them, never the checkpoint."""
+    folder = os.path.join(out, "epoch_rows")
+    rows = {}
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(f"epoch{epoch}.rank"):
+            rows |= torch.load(os.path.join(folder, name), weights_only=False)
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise RuntimeError(f"{folder}: no epoch-{epoch} responses for {len(missing)} prompts (first: {missing[0]}); "
+                           f"the run cannot resume mid-epoch without them")
+    return {i: rows[i] for i in ids}
+
+
+def row_groups(rollouts, max_rows, max_tokens):
+    """Micro-batches of prompts for rollouts that share their prompts row for row (the teacher's and the
+    student's responses): [(start, end)], each at most max_rows and max_tokens over all the rollouts' rows."""
+    plen = rollouts[0].prompt_mask.sum(1).tolist()
+    rlen = [max(r) for r in zip(*(ro.response_mask.sum(1).tolist() for ro in rollouts))]
+    return sample.split_by_budget([(len(rollouts), p, r) for p, r in zip(plen, rlen)], max_rows, max_tokens)
 
 
 def seq_divergence(loss_fn, student, teacher, ro, chunk_size, seq_weight, **kw):
@@ -173,17 +207,22 @@ def main(argv=None):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
 
     # -------------------------------------------------------------------- models
+    # The student keeps fp32 weights and AdamW state (LoRA: the frozen base in --dtype, peft's adapters in fp32);
+    # --dtype is the compute dtype (autocast) and the teacher's
     tok = models.load_tokenizer(args.student)
-    student = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
-                                layers=args.student_layers)
+    student = models.load_model(args.student, dtype=args.dtype if args.lora_r else "float32", device=device,
+                                seed=args.seed, layers=args.student_layers)
     lora = add_lora(student, args.lora_r) if args.lora_r else None
     if lora is not None:
         student = lora.get_base_model()  # the causal LM, its projections now LoRA layers: called as before
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    amp = models.autocast(device, args.dtype)
     eos, pad = sample.stop_ids(tok), tok.pad_token_id
     student_vocab = student.get_output_embeddings().weight.shape[0]
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
-           f"{models.num_params(student) / 1e6:.2f}M params, world {world}, loss {args.loss}")
+           f"{models.num_params(student) / 1e6:.2f}M params, world {world}, loss {args.loss}, compute {args.dtype}")
 
     # -------------------------------------------------------------------- data: prompts only (white-box)
     train, val, val_recs = data_lib.white_box_prompts(
@@ -200,17 +239,19 @@ def main(argv=None):
         out = []
         for i in range(0, len(rows), args.gen_batch_size):
             chunk = rows[i:i + args.gen_batch_size]
-            ro = sample.generate(model.eval(), [r["prompt"] for r in chunk], n=1, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
-                                 seed=args.seed, prompt_keys=[f"{tag}|{r['id']}" for r in chunk],
-                                 return_logprobs=False, vocab_size=vocab_size)
+            with amp:
+                ro = sample.generate(model.eval(), [r["prompt"] for r in chunk], n=1,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, eos_ids=eos, pad_id=pad, seed=args.seed,
+                                     prompt_keys=[f"{tag}|{r['id']}" for r in chunk], vocab_size=vocab_size)
             out += [ids[m.bool()].tolist() for ids, m in zip(ro.response_ids, ro.response_mask)]
         return out
 
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
     for r, y in zip(val, respond(teacher, val, "val", student_vocab)):
         r["y_t"] = y
-    before = eval_lib.heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
+    with amp:
+        before = eval_lib.heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
 
     # -------------------------------------------------------------------- optimizer, resume
     trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters only
@@ -219,12 +260,7 @@ def main(argv=None):
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     start, epoch_rows = 0, None
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        student.load_state_dict(ck["student"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        common.set_rng_state(ck["rng"])
-        start, epoch_rows = ck["step"] + 1, ck["epoch_rows"]
+        start = common.load_checkpoint(ckpt_path, student=student, opt=opt, sched=sched)["step"] + 1
         common.drop_metrics_after(metrics_path, lambda r: r["step"] < start)
         print0(f"resumed from {ckpt_path} at step {start}")
     elif rank == 0 and os.path.exists(metrics_path):
@@ -237,14 +273,20 @@ def main(argv=None):
         t0 = time.time()
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step_in_epoch == 0 or epoch_rows is None:
-            # Regenerate this epoch's responses from the teacher and the CURRENT student, for the rows this rank
-            # will train on. Kept in the checkpoint: a resumed run trains on the same responses.
+            # This epoch's responses from the teacher and the CURRENT student, for the rows this rank will train
+            # on: regenerated at the epoch's start (and written, once, to OUT/epoch_rows for a resumed run), or,
+            # resuming mid-epoch, read back: the student has moved since they were drawn.
             mine = [row for s in range(steps_per_epoch) for row in
                     data_lib.batch_at_step(train, epoch * steps_per_epoch + s, args.prompts_per_step, args.seed,
                                            "d2", rank, world)[0]]
-            y_t = respond(teacher, mine, f"t{epoch}", student_vocab)
-            y_s = respond(student, mine, f"s{epoch}") if uses_student_samples else [[] for _ in mine]
-            epoch_rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
+            if step_in_epoch == 0:
+                y_t = respond(teacher, mine, f"t{epoch}", student_vocab)
+                y_s = respond(student, mine, f"s{epoch}") if uses_student_samples else [[] for _ in mine]
+                epoch_rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
+                common.atomic_torch_save(epoch_rows, epoch_rows_path(args.out, epoch, rank))
+                common.barrier()   # every rank's file is on disk before any checkpoint of this epoch
+            else:
+                epoch_rows = load_epoch_rows(args.out, epoch, [r["id"] for r in mine])
             student.train()
         batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "d2", rank, world)
         prompts = [r["prompt"] for r in batch]
@@ -258,8 +300,11 @@ def main(argv=None):
         beta = args.beta0 if (args.no_beta_ramp or args.released) else beta_at(step, total_steps, args.beta0)
         alpha_t = alpha_s = torch.full((len(batch),), args.alpha0)
         if args.loss == "distillm2" and epoch > 0 and not (args.no_alpha_curriculum or args.released):
-            gap_t = mean_logprob(teacher, t_ro).exp() - mean_logprob(student, t_ro).exp()     # P - Q on y_t
-            gap_s = mean_logprob(student, s_ro).exp() - mean_logprob(teacher, s_ro).exp()     # Q - P on y_s
+            with amp:
+                gap_t = mean_logprob(teacher, t_ro, args.chunk_size).exp() - \
+                    mean_logprob(student, t_ro, args.chunk_size).exp()                        # P - Q on y_t
+                gap_s = mean_logprob(student, s_ro, args.chunk_size).exp() - \
+                    mean_logprob(teacher, s_ro, args.chunk_size).exp()                        # Q - P on y_s
             m_t, m_s = (common.all_reduce_sum(g.sum().item()) / n_global for g in (gap_t, gap_s))  # global means
             alpha_t, alpha_s = alpha_curriculum(gap_t, args.alpha0, m_t), alpha_curriculum(gap_s, args.alpha0, m_s)
             m.update(gap_skl=gap_t.tolist(), gap_srkl=gap_s.tolist())
@@ -269,48 +314,45 @@ def main(argv=None):
             torch.rand(1, generator=torch.Generator().manual_seed(args.seed * 7919 + step)).item() < \
             args.on_policy_fraction
         ro = s_ro if on_policy else t_ro
-        opt.zero_grad(set_to_none=True)
-        mb, total = args.micro_batch_size, 0.0
-        for i in range(0, len(batch), mb):
-            j = slice(i, i + mb)
-            per_seq = lambda w: torch.full((len(batch[j]),), w / n_global)   # sequence weights in the global mean
-            if args.loss == "distillm2":
-                w_skl, w_srkl = (1.0, 1.0) if args.released else (1.0 - beta, beta)
-                skl_loss, skl = seq_divergence(losses.skl, student, teacher, t_ro.rows(j), args.chunk_size,
-                                               per_seq(w_skl), alpha=alpha_t[j])
-                srkl_loss, srkl = seq_divergence(losses.srkl, student, teacher, s_ro.rows(j), args.chunk_size,
-                                                 per_seq(w_srkl), alpha=alpha_s[j])
-                loss = skl_loss + srkl_loss
-                m["skl"] = m.get("skl", 0.0) + skl.sum().item() / len(batch)
-                m["srkl"] = m.get("srkl", 0.0) + srkl.sum().item() / len(batch)
-            else:
-                fn, kw = {"skl": (losses.skl, {"alpha": args.alpha0}), "srkl": (losses.srkl, {"alpha": args.alpha0}),
-                          "jsd": (losses.jsd, {"beta": args.jsd_beta}), "fkl": (losses.forward_kl, {}),
-                          "rkl": (losses.reverse_kl, {})}[args.loss]
-                loss, _ = seq_divergence(fn, student, teacher, ro.rows(j), args.chunk_size, per_seq(1.0), **kw)
+        total = 0.0
+        for a, b in row_groups([t_ro, s_ro] if args.loss == "distillm2" else [ro], args.micro_batch_size,
+                               args.micro_batch_tokens):
+            j = slice(a, b)
+            per_seq = torch.full((b - a,), 1.0 / n_global)   # each sequence's weight in the global mean
+            with amp:
+                if args.loss == "distillm2":
+                    w_skl, w_srkl = (1.0, 1.0) if args.released else (1.0 - beta, beta)
+                    skl_loss, skl = seq_divergence(losses.skl, student, teacher, t_ro.rows(j).trim(),
+                                                   args.chunk_size, per_seq * w_skl, alpha=alpha_t[j])
+                    srkl_loss, srkl = seq_divergence(losses.srkl, student, teacher, s_ro.rows(j).trim(),
+                                                     args.chunk_size, per_seq * w_srkl, alpha=alpha_s[j])
+                    loss = skl_loss + srkl_loss
+                    m["skl"] = m.get("skl", 0.0) + skl.sum().item() / len(batch)
+                    m["srkl"] = m.get("srkl", 0.0) + srkl.sum().item() / len(batch)
+                else:
+                    fn, kw = {"skl": (losses.skl, {"alpha": args.alpha0}),
+                              "srkl": (losses.srkl, {"alpha": args.alpha0}),
+                              "jsd": (losses.jsd, {"beta": args.jsd_beta}), "fkl": (losses.forward_kl, {}),
+                              "rkl": (losses.reverse_kl, {})}[args.loss]
+                    loss, _ = seq_divergence(fn, student, teacher, ro.rows(j).trim(), args.chunk_size, per_seq,
+                                             **kw)
             loss.backward()
             total += loss.item() * n_global / len(batch)
-        common.all_reduce_grads(trainable)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        if torch.isfinite(grad_norm).item():
-            opt.step()
-        else:
-            opt.zero_grad(set_to_none=True)
+        grad_norm, skipped = common.clip_and_step(trainable, opt, args.grad_clip)
+        if skipped:
             m["skipped"] = 1
         sched.step()
         m["loss"] = total  # this rank's mean over its sequences; the mean over ranks is the global one
         m = common.reduce_metrics({k: v for k, v in m.items() if not isinstance(v, list)}) | \
             {k: v for k, v in m.items() if isinstance(v, list)}
-        m.update(step=step, grad_norm=grad_norm.item(), beta=beta, on_policy=int(on_policy),
+        m.update(step=step, grad_norm=grad_norm, beta=beta, on_policy=int(on_policy),
                  alpha_skl=alpha_t.tolist(), alpha_srkl=alpha_s.tolist(), s_per_step=time.time() - t0)
         common.log_metrics(metrics_path, m)
         print0(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {m['loss']:.4f} | beta {beta:.3f} | "
-               f"alpha {alpha_t.mean().item():.3f}/{alpha_s.mean().item():.3f} | grad_norm {grad_norm.item():.3f} | "
+               f"alpha {alpha_t.mean().item():.3f}/{alpha_s.mean().item():.3f} | grad_norm {grad_norm:.3f} | "
                f"{m['s_per_step']:.2f} s/step")
-        if rank == 0 and ((step + 1) % args.save_every == 0 or (step + 1) % steps_per_epoch == 0):
-            common.atomic_torch_save({"step": step, "student": student.state_dict(), "opt": opt.state_dict(),
-                                      "sched": sched.state_dict(), "rng": common.rng_state(),
-                                      "epoch_rows": epoch_rows}, ckpt_path)
+        if (step + 1) % args.save_every == 0 or (step + 1) % steps_per_epoch == 0:
+            common.save_checkpoint(ckpt_path, step=step, student=student, opt=opt, sched=sched)
         steps_done += 1
         if args.stop_after is not None and steps_done >= args.stop_after:
             print0(f"--stop-after {args.stop_after}: exiting")
@@ -318,11 +360,11 @@ def main(argv=None):
             return
 
     # -------------------------------------------------------------------- save, evaluate
+    opt = sched = None   # training state goes before the evaluation loads anything
     if lora is not None:
         student = lora.merge_and_unload()  # a plain HF model: adapters folded into their base weights
-    if rank == 0:
-        student.save_pretrained(os.path.join(args.out, "student"))
-        tok.save_pretrained(os.path.join(args.out, "student"))
+    if rank == 0:   # only rank 0 exports and evaluates, or loads anything for it
+        models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
         if val:
             fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
                                       layers=args.student_layers).eval()

@@ -104,8 +104,9 @@ def distinct_n(texts, n=2):
 def response_nll(model, prompts, responses, batch_size=8, desc=None):
     """Token-mean NLL (nats/token, temperature 1) of each response given its prompt -> (nll, num_tokens).
 
-    Batched as generate() lays rows out (sample.pack: prompts left-padded, responses right-padded with a mask), so
-    the response starts at one column for every row; empty responses count nothing; (nan, 0) if all are empty."""
+    Batched as generate() lays rows out (sample.pack: prompts left-padded, responses right-padded with a mask), the
+    LM head over the response positions only, a chunk at a time (sample.sequence_logprobs); empty responses count
+    nothing; (nan, 0) if all are empty."""
     device = next(model.parameters()).device
     # similar lengths together: less padding; the sum does not depend on the order
     rows = sorted((i for i in range(len(responses)) if responses[i]), key=lambda i: len(prompts[i]) + len(responses[i]))
@@ -113,29 +114,28 @@ def response_nll(model, prompts, responses, batch_size=8, desc=None):
     for b in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=desc is None):
         idx = rows[b:b + batch_size]
         batch = sample.pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id=0, device=device)
-        mask = batch.attention_mask                                                      # [B, P+T]
-        T = batch.response_ids.shape[1]
-        # the last T+1 positions' logits: P-1 predicts response token 0, ..., P+T-2 predicts token T-1
-        logits = model(input_ids=batch.input_ids, attention_mask=mask, logits_to_keep=T + 1,
-                       position_ids=sample.position_ids_from_mask(mask)).logits[:, :-1]  # [B, T, V]
-        logprobs = sample.token_logprobs(logits, batch.response_ids)                    # [B, T]
-        total -= (logprobs.double() * batch.response_mask).sum().item()
+        logprobs = sample.sequence_logprobs(model, batch)                                 # [B, T], 0 at padding
+        total -= logprobs.double().sum().item()
         count += int(batch.response_mask.sum())
     return (total / count if count else float("nan")), count
 
 
 @torch.no_grad()
-@torch.no_grad()
-def heldout_divergence(student, teacher, rows, pad, chunk_size=128):
+def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8):
     """Token-mean forward and reverse KL(p, q) of a white-box pair on fixed responses (rows: {"prompt": ids,
-    "y_t": ids}, usually held-out teacher samples): the divergence every white-box method should lower."""
-    ro = sample.pack([r["prompt"] for r in rows], [r["y_t"] for r in rows], pad,
-                     next(student.parameters()).device)
-    mask = ro.response_mask.float()
-    weight = mask / mask.sum()                                                              # token mean
-    (s_h, s_head), (t_h, t_head) = sample.response_hidden(student, ro), sample.response_hidden(teacher, ro)
-    return {name: losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight, chunk_size=chunk_size)[0].item()
-            for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl))}
+    "y_t": ids}, usually held-out teacher samples): the divergence every white-box method should lower.
+    batch_size rows per forward pass, the full-vocabulary logits chunk_size positions at a time."""
+    device = next(student.parameters()).device
+    tokens = sum(len(r["y_t"]) for r in rows)
+    sums = {"heldout_fkl": 0.0, "heldout_rkl": 0.0}
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        ro = sample.pack([r["prompt"] for r in batch], [r["y_t"] for r in batch], pad, device)
+        weight = ro.response_mask.float() / max(tokens, 1)                                 # the global token mean
+        (s_h, s_head), (t_h, t_head) = sample.response_hidden(student, ro), sample.response_hidden(teacher, ro)
+        for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl)):
+            sums[name] += losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight, chunk_size=chunk_size)[0].item()
+    return sums
 
 
 def white_box_report(student, fresh, teacher, tok, val, val_records, before, pad, out_path, *, max_new_tokens,

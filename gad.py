@@ -23,7 +23,6 @@ Departures from the reference, each a flag:
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -46,6 +45,9 @@ PAPER = dict(  # GAD reference recipe (DESIGN.md section 2): 7B-14B students on 
     weight_decay=0.01, grad_clip=0.2, clip_eps=0.2, dual_clip=3.0, kl_coef=0.001, freeze_g_steps=10,
     warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0, seqkd_lr=5e-6, max_prompt_len=1024, max_response_len=1024,
     max_new_tokens=1024, micro_batch_size=8, dtype="bfloat16", eval_prompts=256, eval_max_new_tokens=1024,
+    # LMOps gad/scripts/train: gradient checkpointing on, micro-batches of at most 12288 tokens per GPU
+    # (ppo_max_token_len_per_gpu, the critic's too)
+    gradient_checkpointing=True, micro_batch_tokens=12288,
 )
 PRESETS = {
     # lr / d_lr: with a D much faster than G (d_lr 3e-3) the tiny student's reward never climbs; with these, 80
@@ -53,12 +55,14 @@ PRESETS = {
     "tiny": dict(PAPER, data="tiny", teacher="tiny-teacher", n=4, prompts_per_step=8, lr=1e-2, d_lr=1e-3,
                  grad_clip=1.0, kl_coef=0.001, freeze_g_steps=2, warmup_steps=6, gad_steps=20, seqkd_epochs=2.0,
                  seqkd_lr=3e-3, max_prompt_len=64, max_response_len=16, max_new_tokens=16, micro_batch_size=32,
-                 dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160),
+                 dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160, gradient_checkpointing=False,
+                 micro_batch_tokens=None),
     # The embedded CPU default: real weights and data from packages, sized for ~10 minutes on 2 cores.
     "smollm2-135m": dict(PAPER, n=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4, grad_clip=1.0, freeze_g_steps=2,
                          warmup_steps=10, gad_steps=20, seqkd_epochs=1.0, seqkd_lr=2e-5, max_prompt_len=64,
                          max_response_len=32, max_new_tokens=32, micro_batch_size=8, dtype="float32",
-                         eval_prompts=32, eval_max_new_tokens=32, limit=1200),
+                         eval_prompts=32, eval_max_new_tokens=32, limit=1200, gradient_checkpointing=False,
+                         micro_batch_tokens=None),
 }
 DEFAULT_STUDENT = "smollm2-135m"
 
@@ -71,9 +75,11 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default=None, help="local model or 'api:URL:MODEL' to sample responses for rows "
                                                    "that have none (black-box: only its text is used)")
     g.add_argument("--init-from", default=None, help="folder with student/ (and discriminator/) to start from")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16")
+    g.add_argument("--dtype", default=None, help="compute dtype, float32 | bfloat16 (autocast; G and D keep fp32 "
+                                                 "weights and AdamW state, the reference is stored in it)")
     g.add_argument("--attn", default="sdpa", help="sdpa | eager | flash_attention_2")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (paper preset: on)")
     g.add_argument("--adam8bit", action="store_true", help="bitsandbytes 8-bit AdamW for G and D")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     g = p.add_argument_group("data")
@@ -98,6 +104,9 @@ def parse_args(argv=None):
     g.add_argument("--n", type=int, default=None, help="rollouts per prompt (reference: 8)")
     g.add_argument("--prompts-per-step", type=int, default=None, help="global prompts per step (ref: 256)")
     g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
+    g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens per forward/backward "
+                                                                         "(reference: 12288 per GPU)")
+    g.add_argument("--chunk-size", type=int, default=128, help="positions per chunk of full-vocabulary logits")
     g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length")
     g.add_argument("--temperature", type=float, default=None, help="rollout temperature (ref: 0.8)")
     g.add_argument("--top-p", type=float, default=None, help="rollout top-p (ref: 1.0)")
@@ -157,8 +166,7 @@ def load_records(args, rank):
                 cmd += ["--model", args.teacher, "--max-prompt-len", str(args.max_prompt_len)]
             if sample.main(cmd) != 0:
                 raise RuntimeError(f"sampling the teacher into {teacher_file} failed; rerun to resume it")
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        common.barrier()
         sampled = {r["id"]: r["teacher_response"] for r in data_lib.read_records(teacher_file)[0]}
         for r in records:
             r["teacher_response"] = r["teacher_response"] or sampled.get(r["id"])
@@ -182,26 +190,20 @@ def encode_records(records, tok, args):
 # ----------------------------------------------------------------------------------------------------------
 # steps
 
-def sft_step(model, opt, ro, args):
-    """One optimizer step of token-mean NLL on the responses of `ro` (SeqKD, and G's warmup step)."""
+def sft_step(model, opt, ro, args, amp):
+    """One optimizer step of token-mean NLL on the responses of `ro` (SeqKD, and G's warmup step). Returns the
+    global batch's loss (each rank holds its share of it, so the shares are summed, not averaged)."""
     model.train()
-    opt.zero_grad(set_to_none=True)
     tokens = common.all_reduce_sum(ro.response_mask.sum().item())
-    mb, total = args.micro_batch_size, 0.0
-    for i in range(0, ro.prompt_ids.shape[0], mb):
-        r = ro.rows(slice(i, i + mb))
-        lp = ppo.sequence_logprobs(model, r.input_ids, r.attention_mask, r.prompt_ids.shape[1], r.response_ids.shape[1])
-        loss = -(lp * r.response_mask).sum() / max(tokens, 1)
+    total = 0.0
+    for _, r in ro.micro_batches(args.micro_batch_size, args.micro_batch_tokens):
+        with amp:
+            lp = sample.sequence_logprobs(model, r, chunk_size=args.chunk_size)          # [b, t]
+            loss = -(lp * r.response_mask).sum() / max(tokens, 1)
         loss.backward()
         total += loss.item()
-    common.all_reduce_grads(model.parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    skipped = not torch.isfinite(grad_norm).item()
-    if skipped:
-        opt.zero_grad(set_to_none=True)
-    else:
-        opt.step()
-    return {"sft_loss": total, "g_grad_norm": grad_norm.item(), "g_skipped": int(skipped)}
+    grad_norm, skipped = common.clip_and_step(model.parameters(), opt, args.grad_clip)
+    return {"sft_loss": common.all_reduce_sum(total), "g_grad_norm": grad_norm, "g_skipped": int(skipped)}
 
 
 def num_steps(explicit, epochs, num_examples, per_step):
@@ -209,25 +211,15 @@ def num_steps(explicit, epochs, num_examples, per_step):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# checkpoints
+# export
 
-def save_checkpoint(path, stage, step, G, D, opt_g, opt_d, ref=None):
-    if common.get_rank() != 0:
-        return
-    common.atomic_torch_save({"stage": stage, "step": step, "G": G.state_dict(), "D": D.state_dict(),
-                              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                              "ref": ref.state_dict() if ref is not None else None, "rng": common.rng_state()}, path)
-
-
-def save_hf(G, D, tok, folder):
-    """The final student and discriminator as Hugging Face folders (from_pretrained loads them)."""
+def save_hf(G, D, tok, folder, dtype):
+    """The final student and discriminator as Hugging Face folders in `dtype` (from_pretrained loads them)."""
     if common.get_rank() != 0:
         return
     for name, m in (("student", G), ("discriminator", D)):
-        if m is None:
-            continue
-        m.save_pretrained(os.path.join(folder, name))
-        tok.save_pretrained(os.path.join(folder, name))
+        if m is not None:
+            models.save_hf(m, tok, os.path.join(folder, name), dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,21 +235,24 @@ def main(argv=None):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
 
     # -------------------------------------------------------------------- models
+    # G and D keep fp32 weights and AdamW state; --dtype is the compute dtype (autocast) and the reference's
     tok = models.load_tokenizer(args.student)
     init = os.path.join(args.init_from, "student") if args.init_from else args.student
-    G = models.load_model(init, dtype=args.dtype, attn=args.attn, device=device, seed=args.seed,
+    G = models.load_model(init, dtype="float32", attn=args.attn, device=device, seed=args.seed,
                           layers=None if args.init_from else args.student_layers)
     d_init = os.path.join(args.init_from, "discriminator") if args.init_from else None
     if d_init and os.path.isdir(d_init):
         from transformers import AutoModelForSequenceClassification
-        D = AutoModelForSequenceClassification.from_pretrained(d_init, dtype=G.dtype).to(device)
+        D = AutoModelForSequenceClassification.from_pretrained(d_init, dtype=torch.float32).to(device)
     else:
         D = discriminator.from_student(G)
     if args.gradient_checkpointing:
-        G.gradient_checkpointing_enable()
-        D.gradient_checkpointing_enable()
+        for m in (G, D):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    amp = models.autocast(device, args.dtype)
     eos, pad = sample.stop_ids(tok), tok.pad_token_id
-    print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, device {device}")
+    print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, device {device}, "
+           f"compute {args.dtype}")
 
     # -------------------------------------------------------------------- data
     records = load_records(args, rank)
@@ -269,17 +264,12 @@ def main(argv=None):
     opt_g = common.make_optimizer(G.parameters(), args.seqkd_lr if args.stage == "seqkd" else args.lr,
                                   args.weight_decay, args.adam8bit)
     opt_d = common.make_optimizer(D.parameters(), args.d_lr, args.weight_decay, args.adam8bit)
-    ckpt = None
+    resume = None   # the checkpoint's stage, step and (in the GAD stage) reference weights
+    order = ["seqkd", "warmup", "gad"]
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        common.set_rng_state(ckpt["rng"])
-        print0(f"resumed from {ckpt_path}: stage {ckpt['stage']} step {ckpt['step']}")
-        order = ["seqkd", "warmup", "gad"]
-        done = (order.index(ckpt["stage"]), ckpt["step"])
+        resume = common.load_checkpoint(ckpt_path, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
+        print0(f"resumed from {ckpt_path}: stage {resume['stage']} step {resume['step']}")
+        done = (order.index(resume["stage"]), resume["step"])
         common.drop_metrics_after(metrics_path, lambda r: (order.index(r["stage"]), r["step"]) <= done)
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
@@ -308,7 +298,7 @@ def main(argv=None):
         """Checkpoint every --save-every steps and at the stage's end; then honour --stop-after."""
         nonlocal steps_done
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            save_checkpoint(ckpt_path, stage, step, G, D, opt_g, opt_d, ref)
+            common.save_checkpoint(ckpt_path, stage=stage, step=step, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ref=ref)
         steps_done += 1
         if args.stop_after is not None and steps_done >= args.stop_after:
             print0(f"--stop-after {args.stop_after}: exiting")
@@ -317,12 +307,11 @@ def main(argv=None):
 
     def resume_step(stage):
         """Where a stage starts: 0, or after the checkpointed step; None if the checkpoint is past this stage."""
-        if ckpt is None:
+        if resume is None:
             return 0
-        order = ["seqkd", "warmup", "gad"]
-        if order.index(ckpt["stage"]) > order.index(stage):
+        if order.index(resume["stage"]) > order.index(stage):
             return None
-        return ckpt["step"] + 1 if ckpt["stage"] == stage else 0
+        return resume["step"] + 1 if resume["stage"] == stage else 0
 
     def teacher_rollout(batch):
         return sample.pack([ex["prompt"] for ex in batch], [ex["response"] for ex in batch], pad, device)
@@ -330,18 +319,24 @@ def main(argv=None):
     @torch.no_grad()
     def response_logprobs(model, ro):
         """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches."""
-        P, T, mb = ro.prompt_ids.shape[1], ro.response_ids.shape[1], args.micro_batch_size
-        return torch.cat([ppo.sequence_logprobs(model, r.input_ids, r.attention_mask, P, T,
-                                                temperature=args.temperature)
-                          for r in (ro.rows(slice(i, i + mb)) for i in range(0, ro.prompt_ids.shape[0], mb))])
+        out = torch.zeros(ro.response_ids.shape, device=device)
+        for index, r in ro.micro_batches(args.micro_batch_size, args.micro_batch_tokens):
+            with amp:
+                out[index, :r.response_ids.shape[1]] = sample.sequence_logprobs(model, r, args.temperature,
+                                                                                chunk_size=args.chunk_size)
+        return out
 
     def rollout(batch, keys, stage, step):
         G.eval()
-        ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.n, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
-                             seed=args.seed, prompt_keys=[f"{k}|{step}" for k in keys], return_logprobs=False)
+        with amp:
+            ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.n, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
+                                 seed=args.seed, prompt_keys=[f"{k}|{step}" for k in keys])
         G.train()
         return ro
+
+    d_kw = dict(max_grad_norm=args.grad_clip, micro_batch_size=args.micro_batch_size,
+                micro_batch_tokens=args.micro_batch_tokens, amp=amp)
 
     # -------------------------------------------------------------------- SeqKD baseline
     if "seqkd" in stages and (start := resume_step("seqkd")) is not None:
@@ -350,7 +345,7 @@ def main(argv=None):
             t0 = time.time()
             batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "seqkd", rank, world)
             ro = teacher_rollout(batch)
-            m = sft_step(G, opt_g, ro, args)
+            m = sft_step(G, opt_g, ro, args, amp)
             log("seqkd", step, total, m, t0, ro.response_mask.sum().item())
             end_step("seqkd", step, total)
 
@@ -364,37 +359,38 @@ def main(argv=None):
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "warmup", rank, world)
             ro = rollout(batch, keys, "warmup", step)
             t_ro = teacher_rollout(batch)
-            m = discriminator.update(D, opt_d, t_ro, ro, args.n, args.grad_clip, args.micro_batch_size)
+            m = discriminator.update(D, opt_d, t_ro, ro, args.n, **d_kw)
             if step >= args.freeze_g_steps:  # the reference freezes G for the first steps: D learns alone first
-                m.update(sft_step(G, opt_g, t_ro, args))  # once per unique prompt, not once per rollout
+                m.update(sft_step(G, opt_g, t_ro, args, amp))  # once per unique prompt, not once per rollout
             m["response_len"] = ro.response_mask.sum(-1).float().mean().item()
             log("warmup", step, total, m, t0, ro.response_mask.sum().item())
             end_step("warmup", step, total)
-        if args.stage == "warmup":
-            save_hf(G, D, tok, args.out)
 
     # -------------------------------------------------------------------- GAD: PPO against D
     if "gad" in stages and (start := resume_step("gad")) is not None:
-        ref = copy.deepcopy(G).eval().requires_grad_(False)  # pi_ref = G at the start of the stage
-        if ckpt is not None and ckpt["stage"] == "gad":
-            ref.load_state_dict(ckpt["ref"])
+        ref = models.frozen_copy(G, args.dtype)  # pi_ref = G at the start of the stage, in the compute dtype
+        if resume is not None and resume["stage"] == "gad":
+            ref.load_state_dict(resume.pop("ref"))
         total = num_steps(args.gad_steps, args.gad_epochs, len(train), args.prompts_per_step)
         for step in range(start, total):
             t0 = time.time()
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "gad", rank, world)
             ro = rollout(batch, keys, "gad", step)
-            rewards = discriminator.score_rollout(D, ro, args.micro_batch_size)   # [B*n], BEFORE the D step
+            D.eval()
+            rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
+            D.train()                                                              # [B*n], BEFORE the D step
             advantages = ppo.grpo_advantages(rewards, args.n)                      # [B*n], per group of n
-            m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.n, args.grad_clip,
-                                     args.micro_batch_size)
+            m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.n, **d_kw)
             old_lp = response_logprobs(G, ro)     # by the training forward, so the first ratio is exactly 1
             ref_lp = response_logprobs(ref, ro)
             g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
                                clip_eps=args.clip_eps, dual_clip=args.dual_clip, ppo_epochs=args.ppo_epochs,
                                mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
-                               max_grad_norm=args.grad_clip, temperature=args.temperature,
+                               micro_batch_tokens=args.micro_batch_tokens, max_grad_norm=args.grad_clip,
+                               temperature=args.temperature,
                                generator=torch.Generator().manual_seed(args.seed * 1000003 + step),
-                               token_count_fn=common.all_reduce_sum, grad_sync_fn=common.all_reduce_grads)
+                               token_count_fn=common.all_reduce_sum, grad_sync_fn=common.all_reduce_grads,
+                               amp=amp, chunk_size=args.chunk_size)
             m.update(g_skipped=g.pop("skipped_steps", 0), **g)
             m.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                      response_len=ro.response_mask.sum(-1).float().mean().item())
@@ -402,27 +398,29 @@ def main(argv=None):
             end_step("gad", step, total, ref)
         del ref
 
-    if args.stage != "warmup":
-        save_hf(G, D if args.stage != "seqkd" else None, tok, args.out)
-
-    # -------------------------------------------------------------------- eval: before / after, held out
-    if "eval" in stages and args.eval_prompts > 0:
-        val = val_recs[:args.eval_prompts]
+    # -------------------------------------------------------------------- export, then eval: before / after
+    # Training is over: its state goes before anything else is loaded (at 1.5B the two AdamW states are 25 GB).
+    opt_g = opt_d = resume = None
+    if args.stage == "seqkd":
+        D = None   # SeqKD trains no D: nothing to export or score with
+    save_hf(G, D, tok, args.out, args.dtype)
+    if "eval" in stages and args.eval_prompts > 0 and rank == 0:   # only rank 0 evaluates, or loads for it
         teacher = None
         if args.teacher and not args.teacher.startswith("api:"):
             teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval()
-        score_fn = None if args.stage == "seqkd" else (  # SeqKD trains no D: nothing to score with
+        score_fn = None if D is None else (
             lambda *t: discriminator.score_rollout(D.eval(), sample.Rollout(*t, None), args.micro_batch_size))
         before = models.load_model(init, dtype=args.dtype, device=device, seed=args.seed,
                                    layers=None if args.init_from else args.student_layers).eval()
+        # the same limits as eval.py, so eval.json and `python eval.py` on OUT/student agree
         kw = dict(teacher=teacher, score_fn=score_fn, max_new_tokens=args.eval_max_new_tokens,
-                  max_prompt_len=args.max_prompt_len)
-        if rank == 0:
-            table = {"before": eval_lib.evaluate(before, tok, val, **kw),
-                     "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
-            print0(eval_lib.format_table(table))
-            common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(
-                {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
+                  max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len)
+        val = val_recs[:args.eval_prompts]
+        table = {"before": eval_lib.evaluate(before, tok, val, **kw),
+                 "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
+        print0(eval_lib.format_table(table))
+        common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(
+            {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
     common.compute_cleanup()
 
 

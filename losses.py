@@ -285,7 +285,8 @@ def kd_loss_chunked(loss_fn, student_hidden, student_head, teacher_hidden, teach
     Returns (loss, values): loss is differentiable in student_hidden and the student head's weight and bias;
     values are detached (for logging). weights carries the mask and the normalisation (0 at padding; e.g.
     mask / tokens per sequence / sequences in the global batch); None means all ones. Heads: an nn.Linear, a
-    tied nn.Embedding or a weight [V, H]. The teacher is a constant. kwargs (alpha, beta) may be per sequence [B].
+    tied nn.Embedding or a weight [V, H]. The teacher is a constant. kwargs (alpha, beta) may be per sequence [B]
+    or per position [B, T, ...] (loss_fn gets each chunk's entries), or anything else (passed as it is).
 
     Memory. The naive path materialises both models' logits [B, T, V], and the loss's graph keeps several fp32
     [B, T, V] tensors (log q, log p, log m, products) alive until backward, which then makes gradients of the same
@@ -307,6 +308,18 @@ def kd_loss_chunked(loss_fn, student_hidden, student_head, teacher_hidden, teach
                               kwargs, torch.is_grad_enabled())
 
 
+def _per_position(v, B, T):
+    """A kwarg of kd_loss_chunked, flattened to one entry per position [B*T, ...] when it is a tensor per sequence
+    [B] or per position [B, T, ...]; anything else (a float, a module) is passed to every chunk as it is."""
+    if not torch.is_tensor(v):
+        return v
+    if v.shape == (B,):
+        return v.repeat_interleave(T)
+    if v.shape[:2] == (B, T):
+        return v.reshape(B * T, *v.shape[2:])
+    return v
+
+
 class _FusedKDLoss(torch.autograd.Function):
     """Forward computes the loss and its gradients chunk by chunk (see kd_loss_chunked); backward scales them."""
 
@@ -319,8 +332,7 @@ class _FusedKDLoss(torch.autograd.Function):
         # Chunks of chunk_size positions of the flattened batch (memory independent of B and T). Each position is
         # handed to loss_fn as a sequence of length 1, [c, 1, V], so per-sequence kwargs become per-position ones.
         hs, ts, ws = s_hidden.reshape(B * T, H), t_hidden.reshape(B * T, -1), weights.reshape(B * T)
-        kwargs = {k: v.reshape(B).repeat_interleave(T) if torch.is_tensor(v) and v.numel() == B else v
-                  for k, v in kwargs.items()}
+        kwargs = {k: _per_position(v, B, T) for k, v in kwargs.items()}
         values = torch.zeros(B * T, device=s_hidden.device)
         grad_h = torch.zeros_like(hs) if need_h else None
         grad_w = torch.zeros_like(s_weight, dtype=torch.float32) if need_w else None   # [V, H], fp32 sums
@@ -330,7 +342,8 @@ class _FusedKDLoss(torch.autograd.Function):
             h = hs[rows]                                                                 # [c, H]
             t_logits = F.linear(ts[rows], t_weight, t_bias)                              # [c, V_t]
             s_logits = F.linear(h, s_weight, s_bias)                                     # [c, V_s]
-            chunk_kwargs = {k: v[rows] if torch.is_tensor(v) and v.dim() == 1 else v for k, v in kwargs.items()}
+            chunk_kwargs = {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == (B * T,) else v
+                            for k, v in kwargs.items()}
             with torch.enable_grad():
                 s_logits.requires_grad_(need_any)
                 v = loss_fn(s_logits.unsqueeze(1), t_logits.unsqueeze(1), **chunk_kwargs).squeeze(1)  # [c]

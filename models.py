@@ -13,6 +13,8 @@ are therefore the Q4_1-rounded ones, not the original bf16 ones. `tiny` is a ran
 parameters with a byte-level tokenizer and a ChatML chat template, built in code from a seed.
 """
 
+import contextlib
+import copy
 import importlib.util
 import os
 import shutil
@@ -249,6 +251,40 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
 
 def load(name, **kwargs):
     return load_model(name, **kwargs), load_tokenizer(name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# precision: trainable models keep fp32 weights and optimizer state, and compute under autocast
+
+def autocast(device, dtype):
+    """The context every forward pass of the trainers runs in: bf16 (fp16) autocast on `device` when `dtype` is
+    one, else nothing. Trainable models are loaded in fp32 whatever --dtype says: AdamW's update at lr 1e-6 is
+    far below a bf16 weight's resolution (~0.4% of its value) and would round away (verl builds its actors in
+    fp32 for this reason); autocast runs their matmuls in bf16 all the same. Frozen models (teacher, reference)
+    are loaded in --dtype. Enter it around forward passes only; backward runs outside it (PyTorch's AMP rule)."""
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    device = torch.device(device)
+    if torch_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+def frozen_copy(model, dtype):
+    """A frozen copy of `model` with its parameters in `dtype` (GAD's reference policy: bf16 next to the fp32
+    student). Each parameter is cast as it is copied, so no second fp32 copy is ever held; buffers (rotary
+    frequencies) are copied as they are; tied weights stay tied (one memo entry per parameter)."""
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    memo = {id(p): torch.nn.Parameter(p.detach().to(torch_dtype, copy=True), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
+
+
+def save_hf(model, tokenizer, folder, dtype):
+    """Export a trained model as a Hugging Face folder in `dtype` (the fp32 master weights are cast in place:
+    call it when training is over)."""
+    model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def num_params(model):

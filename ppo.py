@@ -14,12 +14,13 @@ With GAD's defaults (one epoch, one mini-batch) the ratio is 1 and the update is
 epochs / mini-batches are arguments so that real PPO is one flag away.
 """
 
-import math
+import contextlib
 
 import torch
 
+import common
 import losses
-from sample import position_ids_from_mask, token_logprobs
+from sample import LOGIT_CHUNK, sequence_logprobs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,51 +72,13 @@ def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=0.95):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# logprobs of a response by one forward pass
-
-def sequence_logprobs(model, input_ids, attention_mask, response_start, response_len, temperature=1.0,
-                      return_entropy=False, value_head=None):
-    """log q(y_t | s_t) of the response tokens input_ids[:, response_start : response_start + response_len].
-
-    Rows are a left-padded prompt followed by the response, so response_start = P (the padded prompt width) for
-    every row. One forward pass, position ids counted over real tokens only (as during sampling), logits divided
-    by `temperature` (the sampling distribution, what old_logprobs were computed under). Only the logits from
-    position response_start - 1 on are computed (`logits_to_keep`): no [N, P, V] for the prompt.
-
-    Returns logprobs [N, T], 0 where the response is padding (as sample.generate's); with return_entropy a tuple
-    (logprobs, entropy [N, T]); with value_head also values [N, T] = value_head(last hidden state at s_t), the
-    position whose logits predict y_t. Entropy is a diagnostic here (GAD has no entropy bonus), so it is
-    computed without a graph, a few rows at a time (a [N, T, V] fp32 temporary is the memory peak otherwise).
-    """
-    T, L = response_len, input_ids.shape[1]
-    if response_start < 1 or response_start + T > L:
-        raise ValueError(f"response [{response_start}, {response_start + T}) must lie in [1, {L}]")
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=L - response_start + 1, output_hidden_states=value_head is not None)
-    logits = out.logits[:, :T]                                               # [N, T, V] logits[:, t] predict y_t
-    tokens = input_ids[:, response_start:response_start + T]                # [N, T]
-    mask = attention_mask[:, response_start:response_start + T].bool()      # [N, T]
-    logprobs = torch.where(mask, token_logprobs(logits, tokens, temperature), 0.0)  # [N, T]
-    result = [logprobs]
-    if return_entropy:
-        with torch.no_grad():
-            entropy = torch.cat([losses.entropy_from_logits(chunk.float() / max(temperature, 1e-6))
-                                 for chunk in logits.detach().split(8)])     # [N, T]
-        result.append(torch.where(mask, entropy, 0.0))
-    if value_head is not None:
-        hidden = out.hidden_states[-1][:, response_start - 1:response_start - 1 + T]  # [N, T, H] state s_t
-        result.append(value_head(hidden).squeeze(-1).float())                           # [N, T]
-    return result[0] if len(result) == 1 else tuple(result)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the PPO update
 
 def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs=None, *, kl_coef=0.0,
-               clip_eps=0.2, dual_clip=3.0, ppo_epochs=1, mini_batches=1, micro_batch_size=None, max_grad_norm=1.0,
-               temperature=1.0, generator=None, value_head=None, returns=None, old_values=None, vf_coef=0.1,
-               vf_clip=0.2, token_count_fn=None, grad_sync_fn=None):
+               clip_eps=0.2, dual_clip=3.0, ppo_epochs=1, mini_batches=1, micro_batch_size=None,
+               micro_batch_tokens=None, max_grad_norm=1.0, temperature=1.0, generator=None, value_head=None,
+               returns=None, old_values=None, vf_coef=0.1, vf_clip=0.2, token_count_fn=None, grad_sync_fn=None,
+               amp=None, chunk_size=LOGIT_CHUNK):
     """PPO epochs over one rollout batch; returns a dict of float stats.
 
     rollout: input_ids / attention_mask [N, P+T] (left-padded prompt + response), response_mask [N, T].
@@ -123,8 +86,11 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
     the same temperature (e.g. rollout.logprobs and the reference model's sequence_logprobs).
 
     For each epoch the N rows are shuffled (`generator`) and split into `mini_batches` equal mini-batches; each
-    mini-batch is one optimizer step, accumulated over micro-batches of `micro_batch_size` rows (default: the whole
-    mini-batch). Per token: loss = clipped surrogate + kl_coef * k3(pi || ref) (+ vf_coef * clipped value loss).
+    mini-batch is one optimizer step, accumulated over micro-batches of at most `micro_batch_size` rows (default:
+    the whole mini-batch) and `micro_batch_tokens` padded tokens (sample.split_by_budget), each trimmed to its own
+    longest row. Forward passes run inside `amp` (models.autocast; backward outside it), the LM head
+    `chunk_size` positions at a time (sample.sequence_logprobs).
+    Per token: loss = clipped surrogate + kl_coef * k3(pi || ref) (+ vf_coef * clipped value loss).
     The step minimises sum(per-token loss over the mini-batch's response tokens) / token_count_fn(n_local), with
     n_local the mini-batch's response-token count on this rank. token_count_fn defaults to the identity: the
     token-mean over the mini-batch. Under torchrun the trainers pass
@@ -145,18 +111,16 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
     The model's dropout should be off (HF's Qwen2/Llama configs have 0): the ratio is only 1 at the first step
     when the forward pass is deterministic.
     """
-    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask   # [N, P+T]
     response_mask = rollout.response_mask.bool()                            # [N, T]
     N, T = response_mask.shape
-    P = input_ids.shape[1] - T
     if N % mini_batches:
         raise ValueError(f"{N} rows do not split into {mini_batches} equal mini-batches")
     if value_head is not None and (returns is None or old_values is None):
         raise ValueError("a value head needs returns and old_values")
     mini_batch_size = N // mini_batches
     micro_batch_size = micro_batch_size or mini_batch_size
+    amp = amp or contextlib.nullcontext()
     token_count_fn = token_count_fn or (lambda n: n)
-    max_grad_norm = float("inf") if max_grad_norm is None else max_grad_norm
 
     # Padding positions get A = 0 and logprobs 0 (as sequence_logprobs returns them): ratio 1 and k3 0 there, so
     # nothing from a padding position, not even a NaN (NaN * 0 = NaN in a backward), reaches the gradient.
@@ -173,51 +137,48 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
     taken, skipped_steps = [], 0
     for epoch in range(ppo_epochs):
         perm = torch.randperm(N, generator=generator,
-                              device=generator.device if generator is not None else "cpu").to(input_ids.device)
+                              device=generator.device if generator is not None else "cpu").to(response_mask.device)
         for mb_rows in perm.split(mini_batch_size):
             optimizer.zero_grad(set_to_none=True)
             n_local = response_mask[mb_rows].sum()
             n_tokens = float(token_count_fn(n_local.clone())) or 1.0        # every micro-batch's denominator
             sums = {}                                                        # stat -> sum over this rank's tokens
-            micro = mb_rows.split(micro_batch_size)
-            for rows in micro:
-                out = sequence_logprobs(model, input_ids[rows], attention_mask[rows], P, T, temperature,
-                                        return_entropy=True, value_head=value_head)
-                logprobs, entropy = out[0], out[1]                       # [n, T]
-                mask = response_mask[rows]                               # [n, T]
-                # With one epoch and one mini-batch, old_logprobs come from these same weights: the ratio is 1
-                # (up to float noise if they come from the sampler's cached pass), nothing is clipped, and the
-                # gradient is -A * grad log pi: REINFORCE with the group mean as baseline (GAD's reference
-                # setting). The clip only acts from the second optimizer step on a batch.
-                pg_losses, clipped = losses.ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows],
-                                                            clip_eps, dual_clip)
-                per_token = pg_losses                                    # [n, T]
-                stats = {"pg_loss": pg_losses, "clipfrac": clipped.float(), "entropy": entropy,
-                         "approx_kl": losses.kl_k2(logprobs, old_logprobs[rows])}
-                if ref_logprobs is not None:
-                    stats["kl"] = losses.kl_k3(logprobs, ref_logprobs[rows])
-                    per_token = per_token + kl_coef * stats["kl"]
-                if value_head is not None:
-                    stats["vf_loss"] = losses.ppo_value_loss(out[2], old_values[rows].float(),
-                                                             returns[rows].float(), vf_clip)
-                    per_token = per_token + vf_coef * stats["vf_loss"]
-                loss = losses.masked_sum(per_token, mask) / n_tokens
+            for rows, r in rollout.micro_batches(micro_batch_size, micro_batch_tokens, mb_rows):
+                t = r.response_ids.shape[1]                              # this micro-batch's own width
+                mask = response_mask[rows, :t]                           # [n, t]
+                with amp:
+                    out = sequence_logprobs(model, r, temperature, return_entropy=True, value_head=value_head,
+                                            chunk_size=chunk_size)
+                    logprobs, entropy = out[0], out[1]                   # [n, t]
+                    # With one epoch and one mini-batch, old_logprobs come from these same weights: the ratio is 1
+                    # (up to float noise if they come from the sampler's cached pass), nothing is clipped, and the
+                    # gradient is -A * grad log pi: REINFORCE with the group mean as baseline (GAD's reference
+                    # setting). The clip only acts from the second optimizer step on a batch.
+                    pg_losses, clipped = losses.ppo_policy_loss(logprobs, old_logprobs[rows, :t],
+                                                                advantages[rows, :t], clip_eps, dual_clip)
+                    per_token = pg_losses                                # [n, t]
+                    stats = {"pg_loss": pg_losses, "clipfrac": clipped.float(), "entropy": entropy,
+                             "approx_kl": losses.kl_k2(logprobs, old_logprobs[rows, :t])}
+                    if ref_logprobs is not None:
+                        stats["kl"] = losses.kl_k3(logprobs, ref_logprobs[rows, :t])
+                        per_token = per_token + kl_coef * stats["kl"]
+                    if value_head is not None:
+                        stats["vf_loss"] = losses.ppo_value_loss(out[2], old_values[rows, :t].float(),
+                                                                 returns[rows, :t].float(), vf_clip)
+                        per_token = per_token + vf_coef * stats["vf_loss"]
+                    loss = losses.masked_sum(per_token, mask) / n_tokens
                 loss.backward()
                 stats["loss"] = per_token
                 for key, x in stats.items():
                     sums[key] = sums.get(key, 0.0) + losses.masked_sum(x.detach(), mask)
 
-            if grad_sync_fn is not None:
-                grad_sync_fn(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # the norm before clipping
+            grad_norm, skipped = common.clip_and_step(params, optimizer, max_grad_norm, sync=grad_sync_fn)
             sums = {key: x.item() for key, x in sums.items()}
-            if not math.isfinite(grad_norm.item()):
-                optimizer.zero_grad(set_to_none=True)
+            if skipped:
                 skipped_steps += 1
                 continue
-            optimizer.step()
             count = max(n_local.item(), 1)
-            taken.append({key: x / count for key, x in sums.items()} | {"grad_norm": grad_norm.item()})
+            taken.append({key: x / count for key, x in sums.items()} | {"grad_norm": grad_norm})
 
     keys = ["pg_loss", "kl", "approx_kl", "clipfrac", "entropy", "grad_norm"]
     keys += ["vf_loss"] if value_head is not None else []

@@ -36,6 +36,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from common import print0
 import data as data_lib
@@ -67,10 +68,49 @@ class Rollout:
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
                        self.response_mask[index], lp)
 
+    def trim(self):
+        """The same rows without the columns that are padding in every row (left of the prompts, right of the
+        responses): a micro-batch then costs its own longest prompt and response, not the whole batch's."""
+        keep_p = self.prompt_mask.any(0).nonzero()
+        start = int(keep_p[0]) if len(keep_p) else self.prompt_ids.shape[1] - 1
+        keep_r = self.response_mask.any(0).nonzero()
+        end = int(keep_r[-1]) + 1 if len(keep_r) else 1
+        lp = None if self.logprobs is None else self.logprobs[:, :end]
+        return Rollout(self.prompt_ids[:, start:], self.prompt_mask[:, start:], self.response_ids[:, :end],
+                       self.response_mask[:, :end], lp)
+
+    def micro_batches(self, max_rows, max_tokens=None, rows=None):
+        """(index, trimmed sub-Rollout) pairs covering `rows` (default: all, in order) in consecutive groups of
+        at most max_rows rows and, with max_tokens, at most max_tokens padded tokens (split_by_budget)."""
+        rows = torch.arange(self.prompt_ids.shape[0]) if rows is None else rows.cpu()
+        plen, rlen = self.prompt_mask.sum(1).cpu()[rows].tolist(), self.response_mask.sum(1).cpu()[rows].tolist()
+        for a, b in split_by_budget([(1, p, r) for p, r in zip(plen, rlen)], max_rows, max_tokens):
+            index = rows[a:b].to(self.prompt_ids.device)
+            yield index, self.rows(index).trim()
+
     def texts(self, tokenizer):
         """Decoded responses without the end-of-turn token or padding."""
         return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
                 for ids, m in zip(self.response_ids, self.response_mask)]
+
+
+def split_by_budget(sizes, max_rows, max_tokens=None):
+    """Consecutive groups [(start, end), ...] of items, sizes[i] = (rows, prompt_len, response_len) of item i.
+    A group holds at most max_rows rows and, with max_tokens, at most max_tokens tokens once its rows are padded to
+    its longest prompt and response: rows x (max prompt_len + max response_len), what one forward pass computes.
+    An item over a bound on its own is a group of its own. The token budget is what bounds activation memory
+    (LMOps' GAD recipe sizes micro-batches by tokens per GPU); a row count alone lets long rows blow it up."""
+    groups, start, rows, p_max, r_max = [], 0, 0, 0, 0
+    for i, (n, p, r) in enumerate(sizes):
+        p2, r2 = max(p_max, p), max(r_max, r)
+        over = rows + n > max_rows or (max_tokens is not None and (rows + n) * (p2 + r2) > max_tokens)
+        if rows and over:
+            groups.append((start, i))
+            start, rows, p2, r2 = i, 0, p, r
+        rows, p_max, r_max = rows + n, p2, r2
+    if rows:
+        groups.append((start, len(sizes)))
+    return groups
 
 
 def left_pad(seqs, pad_id, device=None):
@@ -142,24 +182,110 @@ def response_hidden(model, ro):
     return h[:, P - 1:P - 1 + T], model.get_output_embeddings()      # position P-1+t predicts token t
 
 
-def token_logprobs(logits, tokens, temperature=1.0, chunk=8):
-    """log softmax(logits / temperature)[tokens] without a [N, T, V] fp32 log-softmax in memory: rows in chunks,
-    the logit of the token minus the logsumexp."""
-    out = []
-    for i in range(0, logits.shape[0], chunk):
-        lg = logits[i:i + chunk].float() / max(temperature, 1e-6)         # [c, T, V]
-        tok = tokens[i:i + chunk].unsqueeze(-1)
-        out.append(lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, dim=-1))  # [c, T]
-    return torch.cat(out, dim=0)
+LOGIT_CHUNK = 128  # positions whose full-vocabulary logits exist at once ([128, 151936] fp32: 78 MB)
+
+
+def compute_dtype(weight):
+    """The dtype a matmul with `weight` runs in here: autocast's when it is on for the weight's device."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / temperature)[y] (and the entropy of that softmax) for M positions, `chunk` positions at
+    a time: no [M, V] logits ever exist, only [chunk, V]. Forward keeps nothing of a chunk but the logsumexp;
+    backward recomputes the chunk's logits (one more head matmul) and folds d/dlogits = g (onehot(y) - p) / temperature
+    into d/dh and d/dW at once (a recompute, as gradient checkpointing of the head; Liger's fused linear
+    cross-entropy does the same with the gradient known in forward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, chunk, with_entropy):
+        dtype = compute_dtype(weight)                           # bf16 under autocast, else the weight's
+        w = weight.to(dtype)                                    # [V, H] (one cast, not one per chunk)
+        M, out = hidden.shape[0], torch.promote_types(dtype, torch.float32)   # softmax math in fp32 at least
+        logprobs = torch.zeros(M, dtype=out, device=hidden.device)
+        lse = torch.zeros(M, dtype=out, device=hidden.device)
+        entropy = torch.zeros(M, dtype=out, device=hidden.device) if with_entropy else None
+        for i in range(0, M, chunk):
+            logits = F.linear(hidden[i:i + chunk].to(dtype), w).to(out) / temperature      # [c, V]
+            lse[i:i + chunk] = torch.logsumexp(logits, -1)
+            logprobs[i:i + chunk] = logits.gather(-1, tokens[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
+            if with_entropy:   # H = lse - sum_v p_v z_v; p = 0 entries (a -inf logit) add 0, not 0 * -inf
+                p = torch.exp(logits - lse[i:i + chunk, None])
+                entropy[i:i + chunk] = lse[i:i + chunk] - torch.where(p > 0, p * logits, 0.0).sum(-1)
+            del logits
+        ctx.save_for_backward(hidden, weight, tokens, lse)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        if with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, tokens, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        t, dtype = ctx.temperature, ctx.dtype
+        w = weight.to(dtype)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=lse.dtype) if need_w else None   # [V, H] sums, fp32 at least
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[i:i + ctx.chunk].to(dtype)                                       # [c, H]
+            g = grad_logprobs[i:i + ctx.chunk].to(lse.dtype)                            # [c]
+            p = torch.exp(F.linear(h, w).to(lse.dtype) / t - lse[i:i + ctx.chunk, None])  # [c, V]
+            g_logits = p.mul_(-g[:, None] / t)                                          # -g p / T
+            g_logits.scatter_add_(-1, tokens[i:i + ctx.chunk, None], (g / t)[:, None])  # + g onehot(y) / T
+            g_logits = g_logits.to(dtype)
+            if need_h:
+                grad_h[i:i + ctx.chunk] = g_logits @ w
+            if need_w:
+                grad_w += g_logits.t() @ h
+            del p, g_logits
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def token_logprobs(hidden, head, tokens, temperature=1.0, chunk_size=LOGIT_CHUNK, with_entropy=False):
+    """log q(y | s) at `temperature` of the tokens [M] from the final hidden states [M, H] that predict them and
+    the LM head, differentiable in both (see _ChunkedTokenLogprobs), and, with_entropy, the entropy of each
+    position's distribution [M] (a diagnostic: no gradient). Never more than [chunk_size, V] logits at once."""
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("token_logprobs: LM heads with a bias are not supported")
+    weight = head.weight if isinstance(head, torch.nn.Module) else head
+    logprobs, entropy = _ChunkedTokenLogprobs.apply(hidden, weight, tokens, max(temperature, 1e-6), chunk_size,
+                                                    with_entropy)
+    return (logprobs, entropy) if with_entropy else logprobs
+
+
+def sequence_logprobs(model, ro, temperature=1.0, return_entropy=False, value_head=None, chunk_size=LOGIT_CHUNK):
+    """Per-token log q(y_t | s_t) [N, T] of a Rollout's responses at `temperature`, 0 at padding; differentiable.
+
+    One backbone pass, then the LM head at the response positions only (padding costs nothing), chunk_size
+    positions at a time: the [N, T, V] logits are never built (at V = 151936 one fp32 [8, 1024, V] tensor is
+    5 GB). With return_entropy also the entropy [N, T] of each position's distribution (a diagnostic, no graph);
+    with value_head also values [N, T] = value_head(h_t), h_t the final hidden state at s_t (GAE's critic)."""
+    h, head = response_hidden(model, ro)                                        # [N, T, H]
+    mask = ro.response_mask.bool()                                              # [N, T]
+    out = token_logprobs(h[mask], head, ro.response_ids[mask], temperature, chunk_size, return_entropy)
+    lp, ent = out if return_entropy else (out, None)
+    zeros = torch.zeros(mask.shape, dtype=lp.dtype, device=mask.device)
+    result = [zeros.masked_scatter(mask, lp)]                                   # [N, T]
+    if return_entropy:
+        result.append(zeros.masked_scatter(mask, ent))
+    if value_head is not None:
+        result.append(value_head(h).squeeze(-1).float())                        # [N, T]
+    return result[0] if len(result) == 1 else tuple(result)
 
 
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
-             seed=0, prompt_keys=None, return_logprobs=True, vocab_size=None):
+             seed=0, prompt_keys=None, return_logprobs=False, vocab_size=None):
     """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows, prompt-major.
     prompt_keys (default: the position in this batch) name the prompts for the per-sample seeds: pass a global
     index or an id to make samples independent of how prompts are batched. vocab_size: sample only ids below it
-    (a teacher whose embedding matrix is padded past the student's vocabulary must not emit the extra ids)."""
+    (a teacher whose embedding matrix is padded past the student's vocabulary must not emit the extra ids).
+    return_logprobs: also the sampling distribution's log q(y_t | s_t) (one more pass over the responses; the
+    trainers recompute them with the training forward instead, so it is off by default).
+    Memory: the KV cache and one decode step's [N, V] logits; the logprobs pass goes through the LM head
+    LOGIT_CHUNK positions at a time."""
     device = next(model.parameters()).device
     keys = range(len(prompts)) if prompt_keys is None else prompt_keys
     generators = row_generators(seed, keys, n, device)
@@ -168,13 +294,15 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # [B, P]
     B = prompt_ids.shape[0]
     N = B * n
+    head = model.get_output_embeddings()
     cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    # the prefill through the backbone, then the head at the last position: its hidden state is kept for the
+    # logprobs pass (it predicts response token 0)
+    first_hidden = model.model(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
+                               position_ids=position_ids_from_mask(prompt_mask), use_cache=True
+                               ).last_hidden_state[:, -1].repeat_interleave(n, dim=0)   # [N, H]
     cache.batch_repeat_interleave(n)               # the one prefill, shared by the n samples of each prompt
-    logits = out.logits[:, -1, :vocab_size].repeat_interleave(n, dim=0)   # [N, V]
-    first_logits = logits                                     # predicts response token 0; kept for the logprobs
+    logits = head(first_hidden)[:, :vocab_size]                                        # [N, V]
     P = prompt_ids.shape[1]
     # The whole attention mask up front; step t uses a view of its first P+t+1 columns (no per-step torch.cat).
     attn = torch.cat([prompt_mask.repeat_interleave(n, dim=0),
@@ -210,17 +338,19 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
     logprobs = None
     if return_logprobs:
-        logits = first_logits[:, None]                                   # [N, 1, V]
+        hidden = first_hidden[:, None]                                   # [N, 1, H]
         if response_ids.shape[1] > 1:
             # back to the prompt's prefill KV (crop takes the number of tokens to drop, negative); the response
             # is recomputed in one parallel pass
             cache.crop(P - cache.get_seq_length())
             mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1)   # [N, P+T-1]
-            rest = model(input_ids=response_ids[:, :-1], attention_mask=mask, past_key_values=cache,
-                         position_ids=next_pos + torch.arange(response_ids.shape[1] - 1, device=device),
-                         use_cache=True).logits[..., :vocab_size]        # [N, T-1, V]
-            logits = torch.cat([logits, rest], dim=1)                    # [N, T, V]
-        logprobs = token_logprobs(logits, response_ids, temperature) * response_mask
+            rest = model.model(input_ids=response_ids[:, :-1], attention_mask=mask, past_key_values=cache,
+                               position_ids=next_pos + torch.arange(response_ids.shape[1] - 1, device=device),
+                               use_cache=True).last_hidden_state          # [N, T-1, H]
+            hidden = torch.cat([hidden, rest], dim=1)                    # [N, T, H]
+        keep = response_mask.bool()
+        lp = token_logprobs(hidden[keep], head.weight[:vocab_size], response_ids[keep], temperature)
+        logprobs = torch.zeros(keep.shape, device=device).masked_scatter(keep, lp)
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs)
 
 

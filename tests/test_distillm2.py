@@ -58,10 +58,10 @@ def test_epoch_2_trains_on_samples_of_the_epoch_2_student(tmp_path):
     run(TINY + ["--out", str(out), "--save-every", "1", "--stop-after", "4"])  # the end of epoch 1
     end_of_epoch_1 = torch.load(out / "ckpt.pt", weights_only=False)
     run(TINY + ["--out", str(out), "--save-every", "1", "--resume", "--stop-after", "1"])  # first step of epoch 2
-    in_epoch_2 = torch.load(out / "ckpt.pt", weights_only=False)
+    rows_1, rows_2 = (torch.load(out / "epoch_rows" / f"epoch{e}.rank0.pt") for e in (0, 1))  # what each used
     tok = models.load_tokenizer("tiny")
     student = models.tiny_model(seed=0)
-    ids = list(in_epoch_2["epoch_rows"])
+    ids = list(rows_2)
     prompts = {r["id"]: distillm2.data_lib.encode_prompt(tok, r["messages"])
                for r in distillm2.data_lib.tiny_prompts(40, 0)}
 
@@ -72,13 +72,13 @@ def test_epoch_2_trains_on_samples_of_the_epoch_2_student(tmp_path):
                              prompt_keys=[f"s1|{i}" for i in ids], return_logprobs=False)
         return [r[m.bool()].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]
 
-    used = [in_epoch_2["epoch_rows"][i]["y_s"] for i in ids]
+    used = [rows_2[i]["y_s"] for i in ids]
     assert used == regenerate(end_of_epoch_1["student"])          # the student as it was when epoch 2 began
     initial = models.tiny_model(seed=0).state_dict()
     assert used != regenerate(initial)                           # not the epoch-1 (initial) student's samples
-    both = [i for i in ids if i in end_of_epoch_1["epoch_rows"]]  # prompts trained on in both epochs
+    both = [i for i in ids if i in rows_1]                       # prompts trained on in both epochs
     assert len(both) > 10
-    assert [in_epoch_2["epoch_rows"][i]["y_s"] for i in both] != [end_of_epoch_1["epoch_rows"][i]["y_s"] for i in both]
+    assert [rows_2[i]["y_s"] for i in both] != [rows_1[i]["y_s"] for i in both]
 
 
 def test_teacher_with_a_larger_vocabulary(tmp_path):
@@ -92,8 +92,8 @@ def test_teacher_with_a_larger_vocabulary(tmp_path):
          "--limit", "24", "--epochs", "1", "--prompts-per-step", "8", "--micro-batch-size", "8", "--lr", "3e-3",
          "--max-new-tokens", "12", "--max-prompt-len", "64", "--dtype", "float32", "--eval-prompts", "4",
          "--gen-batch-size", "16", "--save-every", "1", "--out", str(out)])
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
-    teacher_tokens = [t for r in ck["epoch_rows"].values() for t in r["y_t"]]
+    rows = torch.load(out / "epoch_rows" / "epoch0.rank0.pt")
+    teacher_tokens = [t for r in rows.values() for t in r["y_t"]]
     assert teacher_tokens and max(teacher_tokens) < 1000  # the teacher never samples ids the student lacks
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(out))
     table = json.loads((out / "eval.json").read_text())

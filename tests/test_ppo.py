@@ -96,7 +96,8 @@ def rollout():
     model = models.tiny_model(seed=0).eval()
     tok = models.tiny_tokenizer()
     prompts = [tok.encode(s, add_special_tokens=False) for s in ["hi", "a longer prompt, left padded", "third"]]
-    ro = sample.generate(model, prompts, n=4, max_new_tokens=10, temperature=0.7, eos_ids=EOS, pad_id=PAD, seed=0)
+    ro = sample.generate(model, prompts, n=4, max_new_tokens=10, temperature=0.7, eos_ids=EOS, pad_id=PAD, seed=0,
+                         return_logprobs=True)
     lengths = ro.response_mask.sum(-1)
     assert lengths.min() < lengths.max(), "all rows the same length: masking would go untested"
     return ro
@@ -104,8 +105,16 @@ def rollout():
 
 def logprobs_of(model, ro, temperature=0.7):
     with torch.no_grad():
-        return ppo.sequence_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1],
-                                     ro.response_ids.shape[1], temperature)
+        return sample.sequence_logprobs(model, ro, temperature)
+
+
+def naive_logprobs(model, ro, temperature):
+    """log softmax(logits / temperature)[y_t] from the model's own full logits [N, P+T, V], 0 at padding."""
+    P = ro.prompt_ids.shape[1]
+    logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                   position_ids=sample.position_ids_from_mask(ro.attention_mask)).logits[:, P - 1:-1]
+    lp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, ro.response_ids[..., None].clone())[..., 0]
+    return torch.where(ro.response_mask.bool(), lp, 0.0)
 
 
 def test_sequence_logprobs_equal_sampler_logprobs(rollout):
@@ -120,10 +129,8 @@ def test_sequence_entropy_and_values_at_the_state_before_each_token(rollout):
     model = models.tiny_model(seed=0).eval()
     torch.manual_seed(0)
     head = torch.nn.Linear(model.config.hidden_size, 1)
-    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     with torch.no_grad():
-        lp, ent, values = ppo.sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, P, T, 0.7,
-                                                return_entropy=True, value_head=head)
+        lp, ent, values = sample.sequence_logprobs(model, rollout, 0.7, return_entropy=True, value_head=head)
         for row in (0, 5, 11):
             ids = rollout.input_ids[row][rollout.attention_mask[row].bool()][None]   # [1, p + t]
             t = int(rollout.response_mask[row].sum())
@@ -200,11 +207,10 @@ def test_loss_is_token_mean_over_the_minibatch_across_micro_batches(rollout):
     old = logprobs_of(models.tiny_model(seed=0), rollout)
     ref = logprobs_of(models.tiny_model(seed=1), rollout)       # another model: a nonzero k3 term
     adv = seq_advantages(12)
-    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     mask = rollout.response_mask.bool()
 
     model = models.tiny_model(seed=0)
-    lp = ppo.sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, P, T, 0.7)
+    lp = naive_logprobs(model, rollout, 0.7)   # the full [N, T, V] logits, not the chunked head
     pg, _ = losses.ppo_policy_loss(lp, old, adv)
     loss = losses.masked_sum(pg + 0.1 * losses.kl_k3(lp, ref), mask) / mask.sum()
     want = torch.autograd.grad(loss, list(model.parameters()))
@@ -228,7 +234,6 @@ def test_value_head_fits_the_returns(rollout):
     model = models.tiny_model(seed=0)
     torch.manual_seed(0)
     head = torch.nn.Linear(model.config.hidden_size, 1)
-    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     mask = rollout.response_mask.bool()
     last = mask.sum(-1) - 1
     token_rewards = torch.zeros(mask.shape)
@@ -237,8 +242,7 @@ def test_value_head_fits_the_returns(rollout):
     vf_losses = []
     for step in range(4):
         with torch.no_grad():
-            old, old_values = ppo.sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, P, T, 0.7,
-                                                    value_head=head)
+            old, old_values = sample.sequence_logprobs(model, rollout, 0.7, value_head=head)
         adv, returns = ppo.gae_advantages(token_rewards, old_values, mask)
         stats = ppo.ppo_update(model, opt, rollout, adv, old, temperature=0.7, value_head=head, returns=returns,
                                old_values=old_values, vf_coef=1.0, ppo_epochs=2)

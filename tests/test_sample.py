@@ -28,7 +28,8 @@ def fresh_logprobs(model, prompt, response, temperature):
 def test_positions_after_end_of_turn_are_masked(tiny):
     model, _, prompts = tiny
     eos = list(range(0, 128))  # half the vocabulary ends a turn, so rows stop at different steps
-    ro = sample.generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, eos_ids=eos, pad_id=PAD, seed=0)
+    ro = sample.generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, eos_ids=eos, pad_id=PAD, seed=0,
+                         return_logprobs=True)
     lengths = set()
     for ids, mask in zip(ro.response_ids.tolist(), ro.response_mask.tolist()):
         stops = [i for i, t in enumerate(ids) if t in eos and mask[i]]
@@ -46,7 +47,7 @@ def test_logprobs_equal_fresh_forward_pass(tiny, temperature):
     model, _, prompts = tiny
     n = 3
     ro = sample.generate(model, prompts, n=n, max_new_tokens=10, temperature=temperature, eos_ids=range(0, 40),
-                         pad_id=PAD, seed=1)
+                         pad_id=PAD, seed=1, return_logprobs=True)
     for row in range(len(prompts) * n):
         mask = ro.response_mask[row].bool()
         response = ro.response_ids[row][mask].tolist()
@@ -113,3 +114,51 @@ def test_samples_do_not_depend_on_the_batch(tiny):
     batch = sample.generate(model, prompts, prompt_keys=["a", "b", "c"], **kw)
     alone = sample.generate(model, prompts[1:2], prompt_keys=["b"], **kw)
     assert torch.equal(batch.response_ids[2:4], alone.response_ids)
+
+
+def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softmax():
+    """sample.token_logprobs (chunks of 3 of 10 positions, temperature 0.7) against log_softmax over the whole
+    [M, V] logits, in float64: the values, the entropy, and the gradients to the hidden states and the head
+    (backward recomputes each chunk's logits); under bf16 autocast, the same within bf16 error, fp32 gradients."""
+    g = torch.Generator().manual_seed(0)
+    M, H, V = 10, 6, 17
+    hidden = torch.randn(M, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, V, (M,), generator=g)
+    upstream = torch.randn(M, generator=g, dtype=torch.float64)   # any loss downstream: a weighted sum
+
+    logq = torch.log_softmax(hidden @ weight.T / 0.7, -1)
+    want_lp = logq.gather(-1, tokens[:, None]).squeeze(-1)
+    want_ent = -(logq.exp() * logq).sum(-1)
+    want_grads = torch.autograd.grad((want_lp * upstream).sum(), (hidden, weight))
+
+    lp, ent = sample.token_logprobs(hidden, weight, tokens, 0.7, chunk_size=3, with_entropy=True)
+    torch.testing.assert_close(lp, want_lp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((lp * upstream).sum(), (hidden, weight))
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp16 = sample.token_logprobs(h32, w32, tokens, 0.7, chunk_size=3)
+    (lp16.double() * upstream).sum().backward()
+    assert lp16.dtype == torch.float32 and w32.grad.dtype == torch.float32 and h32.grad.dtype == torch.float32
+    torch.testing.assert_close(lp16.double(), want_lp, rtol=0.05, atol=0.1)
+    torch.testing.assert_close(w32.grad.double(), want_grads[1], rtol=0.05, atol=0.1)
+
+
+def test_micro_batches_respect_the_row_and_token_budgets_and_trim_padding():
+    sizes = [(1, 4, 2), (1, 4, 9), (1, 2, 1), (1, 3, 3), (1, 30, 30), (1, 1, 1)]
+    groups = sample.split_by_budget(sizes, max_rows=3, max_tokens=30)
+    assert groups == [(0, 2), (2, 4), (4, 5), (5, 6)]   # 2 x 13 fits; 3 x 13 > 30; a 60-token row goes alone
+    for a, b in groups:
+        rows = sizes[a:b]
+        assert len(rows) <= 3 and (b - a == 1 or len(rows) * (max(p for _, p, _ in rows) +
+                                                             max(r for _, _, r in rows)) <= 30)
+    assert sample.split_by_budget(sizes, max_rows=4) == [(0, 4), (4, 6)]
+    ro = sample.pack([[1, 2, 3, 4], [5], [6, 7]], [[8, 9], [10, 11, 12, 13, 14], [15]], PAD)
+    (idx_a, a), (idx_b, b) = ro.micro_batches(max_rows=2, max_tokens=18)   # 2 x (4 + 5): just fits
+    assert idx_a.tolist() == [0, 1] and idx_b.tolist() == [2]
+    assert a.prompt_ids.tolist() == ro.prompt_ids[:2].tolist() and a.response_ids.shape[1] == 5
+    assert b.prompt_ids.tolist() == [[6, 7]] and b.response_ids.tolist() == [[15]]   # its own width: 2 + 1
