@@ -275,7 +275,7 @@ def sequence_logprobs(model, ro, temperature=1.0, return_entropy=False, value_he
     return result[0] if len(result) == 1 else tuple(result)
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: a rollout is trained on, and inference tensors refuse autograd
 def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
              seed=0, prompt_keys=None, return_logprobs=False, vocab_size=None):
     """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows, prompt-major.
