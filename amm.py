@@ -304,7 +304,7 @@ def main(argv=None):
     student = models.load_model(args.student, dtype="float32", device=device, seed=args.seed,
                                 layers=args.student_layers)
     if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.checkpoint_activations(student)
     teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
     amp = models.autocast(device, args.dtype)
     eos, pad = sample.stop_ids(tok), tok.pad_token_id

@@ -216,7 +216,7 @@ def main(argv=None):
     if lora is not None:
         student = lora.get_base_model()  # the causal LM, its projections now LoRA layers: called as before
     if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.checkpoint_activations(student)
     teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
     amp = models.autocast(device, args.dtype)
     eos, pad = sample.stop_ids(tok), tok.pad_token_id

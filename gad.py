@@ -248,7 +248,7 @@ def main(argv=None):
         D = discriminator.from_student(G)
     if args.gradient_checkpointing:
         for m in (G, D):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            models.checkpoint_activations(m)
     amp = models.autocast(device, args.dtype)
     eos, pad = sample.stop_ids(tok), tok.pad_token_id
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, device {device}, "

@@ -269,6 +269,17 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
+def checkpoint_activations(model):
+    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant checkpointing,
+    which follows autocast and needs no input that requires grad). transformers 5.2x calls it
+    activation_checkpointing_enable; earlier 5.x releases gradient_checkpointing_enable."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def frozen_copy(model, dtype):
     """A frozen copy of `model` with its parameters in `dtype` (GAD's reference policy: bf16 next to the fp32
     student). Each parameter is cast as it is copied, so no second fp32 copy is ever held; buffers (rotary

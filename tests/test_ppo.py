@@ -215,15 +215,24 @@ def test_loss_is_token_mean_over_the_minibatch_across_micro_batches(rollout):
     loss = losses.masked_sum(pg + 0.1 * losses.kl_k3(lp, ref), mask) / mask.sum()
     want = torch.autograd.grad(loss, list(model.parameters()))
 
-    def weight_change(token_count_fn):
+    def weight_change(token_count_fn, micro_batch_tokens=None, shapes=None):
         m = models.tiny_model(seed=0)
+        if shapes is not None:   # the [rows, prompt + response] of every forward pass
+            backbone = m.model.forward
+            m.model.forward = lambda input_ids, **kw: shapes.append(tuple(input_ids.shape)) or backbone(input_ids, **kw)
         before = [p.detach().clone() for p in m.parameters()]
         ppo.ppo_update(m, torch.optim.SGD(m.parameters(), lr=1.0), rollout, adv, old, ref, kl_coef=0.1,
-                       micro_batch_size=5, max_grad_norm=None, temperature=0.7, token_count_fn=token_count_fn)
+                       micro_batch_size=5, micro_batch_tokens=micro_batch_tokens, max_grad_norm=None,
+                       temperature=0.7, token_count_fn=token_count_fn)
         return [b - p.detach() for b, p in zip(before, m.parameters())]
 
     for got, w in zip(weight_change(None), want):
         torch.testing.assert_close(got, w, atol=1e-6, rtol=1e-4)
+    # micro-batches bounded by padded tokens (fault 4 of issue 9): every forward pass within the budget, the same step
+    shapes = []
+    for got, w in zip(weight_change(None, micro_batch_tokens=40, shapes=shapes), want):
+        torch.testing.assert_close(got, w, atol=1e-6, rtol=1e-4)
+    assert len(shapes) > 12 / 5 + 1 and all(rows * width <= 40 or rows == 1 for rows, width in shapes), shapes
     # a DDP caller's count goes straight into the denominator: twice the count, half the step
     for got, w in zip(weight_change(lambda n: 2 * n), want):
         torch.testing.assert_close(got, w / 2, atol=1e-6, rtol=1e-4)
