@@ -294,3 +294,12 @@ def test_cli_end_to_end(tmp_path):
     assert table["num_prompts"] == ["6", "6"]
     saved = json.load(open(tmp_path / "metrics.json"))
     assert len(saved[str(tmp_path / "student")]["samples"]) == 6
+
+
+def test_same_vocabulary_allows_appended_tokens_only():
+    base = {"a": 0, "b": 1, "c": 2}
+    assert ev.same_vocabulary(base, dict(base))
+    assert ev.same_vocabulary(base | {"<|endoftext|>": 3}, base)      # appended past the other's ids
+    assert ev.same_vocabulary(base, base | {"<|endoftext|>": 3})
+    assert not ev.same_vocabulary(base, {"a": 0, "b": 2, "c": 1})     # the same tokens, other ids
+    assert not ev.same_vocabulary(base | {"x": 1}, {"a": 0, "x": 1, "b": 3})

@@ -15,7 +15,7 @@ import gad
 import losses
 import models
 import sample
-from scripts import metrics, run_script, student_weights
+from scripts import ROOT, metrics, run_script, student_weights
 
 PAD = 256
 # Small enough for a subprocess to finish in seconds; every stage still takes several optimizer steps.
@@ -228,3 +228,43 @@ def test_resume_keeps_no_loaded_weights_alive(tmp_path, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()):
         gad.main(SMALL + ["--out", str(out), "--resume", "--eval-prompts", "0"])
     assert watched and len(alive) == 5 and alive == [0] * 5, alive
+
+
+def test_eval_under_torchrun_runs_on_rank_0_alone_and_agrees_with_eval_py(tmp_path):
+    """Fault 6 (issue 9): under torchrun only rank 0 evaluates, so only rank 0 may load the teacher and the initial
+    student for it (the other ranks' GPUs still hold their training state); and the table in eval.json must be
+    what `python eval.py` prints for the exported student with the same limits (teacher responses longer than
+    --max-response-len are cut for student_nll in training and in eval.py alike)."""
+    rows = [{"id": f"long{i}", "prompt": f"say something about {i} dogs",
+             "response": f"dog number {i} " + "runs and jumps over the fence " * 3} for i in range(40)]
+    data_file = tmp_path / "long.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    wrapper = tmp_path / "traced_gad.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import gad, models\n"
+        "real = models.load_model\n"
+        "def traced(name, *args, **kwargs):\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, 'loads.rank' + os.environ['RANK']), 'a') as f:\n"
+        "        f.write(str(name) + '\\n')\n"
+        "    return real(name, *args, **kwargs)\n"
+        "models.load_model = traced\n"
+        "gad.main()\n")
+    args = SMALL + ["--data", str(data_file), "--val-fraction", "0.2", "--out", str(out)]
+    run_script(str(wrapper), args, torchrun=True)
+    loads = {r: (tmp_path / f"loads.rank{r}").read_text().split() for r in (0, 1)}
+    assert loads[1] == ["tiny"]                                     # its student, nothing for the evaluation
+    assert sorted(loads[0]) == ["tiny", "tiny", "tiny-teacher"]     # + the teacher and the initial student
+    table = json.loads((out / "eval.json").read_text())["after"]
+
+    cli = run_script("eval.py", ["--model", str(out / "student"), "--data", str(data_file), "--teacher", "tiny-teacher",
+                                 "--discriminator", str(out / "discriminator"), "--val-fraction", "0.2", "--limit", "4",
+                                 "--max-prompt-len", "64", "--max-response-len", "16", "--max-new-tokens", "16",
+                                 "--out", str(tmp_path / "cli.json")])
+    assert "| student_nll |" in cli.stdout
+    by_cli = json.loads((tmp_path / "cli.json").read_text())[str(out / "student")]
+    for key in ("rouge_l", "student_nll", "teacher_nll", "disc_score", "disc_score_teacher", "disc_acc", "length",
+                "truncated", "num_prompts"):
+        assert table[key] == pytest.approx(by_cli[key], rel=1e-5, abs=1e-6), key
