@@ -172,7 +172,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert [m["d_on"] for m in metrics(tmp_path / "full")] == [m["d_on"] for m in metrics(tmp_path / "cut")]
 
 
-def test_torchrun_two_ranks_match_one_process(tmp_path):
+def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path):
     run(TINY + ["--out", str(tmp_path / "one")])
     run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -184,6 +184,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     wb = student_weights(tmp_path / "two")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+    cut = tmp_path / "cut"   # two ranks stopped after step 2 and resumed: the uninterrupted two-rank run
+    run(TINY + ["--out", str(cut), "--save-every", "1", "--stop-after", "2"], torchrun=True)
+    run(TINY + ["--out", str(cut), "--save-every", "1", "--resume"], torchrun=True)
+    wc = student_weights(cut)
+    for k in wb:
+        assert torch.equal(wb[k], wc[k]), k
+    assert [m["d_on"] for m in metrics(cut)] == [m["d_on"] for m in two]
 
 
 def test_bad_baseline_settings_are_rejected():
