@@ -366,10 +366,11 @@ def main(argv=None):
     mb, mb_tokens, chunk = args.micro_batch_size, args.micro_batch_tokens, args.chunk_size
     steps_done = 0
     for step in range(start, total_steps):
-        t0 = time.time()
+        t0, phases = time.time(), common.Phases(device)
         batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "amm", rank, world)
-        on_ro = rollout(student, batch, k, f"s{step}", None)                 # y_s ~ q: k per prompt
-        off_ro = rollout(teacher, batch, 1, f"t{step}", student_vocab)       # y_t ~ p
+        with phases("sampling"):
+            on_ro = rollout(student, batch, k, f"s{step}", None)                 # y_s ~ q: k per prompt
+            off_ro = rollout(teacher, batch, 1, f"t{step}", student_vocab)       # y_t ~ p
         student.train()
         # Each side's fixed quantities for the step: its rows, the teacher's hidden states (p, and the adversary's
         # input) and the student's before the update (q for the adversary steps and the advantages).
@@ -378,22 +379,23 @@ def main(argv=None):
                                                   ("off", off_ro, adv_off, beta, len(batch))):
             mask = ro.response_mask.float()                                                      # [N, T]
             norm = torch.full_like(mask[:, 0], horizon) if args.token_mean == "horizon" else mask.sum(-1).clamp(min=1)
-            with amp:
+            with phases("scoring"), amp:
                 t_h, s_h = hidden_states(teacher, ro, mb, mb_tokens), hidden_states(student, ro, mb, mb_tokens)
             sides[name] = dict(ro=ro, mask=mask, norm=norm, count=common.all_reduce_sum(rows), weight=weight,
                                adversary=adversary, t_h=t_h, s_h=s_h,
                                adv_in=t_h if args.adv_input == "teacher" else s_h)
 
         m = {"lr": sched.get_last_lr()[0]}
-        with amp:
+        with phases("scoring"), amp:
             pre = {name: mean_distance(sd, moments(sd, sd["s_h"], s_head, t_head, chunk)) for name, sd in sides.items()}
         # ---- adversaries: ascend beta d_off + (1 - beta) d_on (p, q fixed)
         for _ in range(args.adv_steps):
-            for sd in sides.values():
-                ascent = -sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]   # minus: maximise
-                adversary_backward(sd, s_head, t_head, ascent, chunk, amp)
-            common.clip_and_step(adv_params, adv_opt, args.grad_clip)
-        with amp:
+            with phases("adversary"):
+                for sd in sides.values():
+                    ascent = -sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]   # minus: maximise
+                    adversary_backward(sd, s_head, t_head, ascent, chunk, amp)
+                common.clip_and_step(adv_params, adv_opt, args.grad_clip)
+        with phases("scoring"), amp:
             g_post = {name: moments(sd, sd["s_h"], s_head, t_head, chunk) for name, sd in sides.items()}
             l1 = {name: mean_distance(sd, side_values(l1_values, sd, sd["s_h"], s_head, t_head, chunk))
                   for name, sd in sides.items()}
@@ -411,29 +413,31 @@ def main(argv=None):
             score_weight = advantages * sd["norm"][:, None] if name == "on" else torch.zeros_like(weights)
             for index, r in sd["ro"].micro_batches(mb, mb_tokens):
                 t = r.response_ids.shape[1]
-                with amp:
+                with phases("student"), amp:
                     h, _ = sample.response_hidden(student, r)                                  # [b, t, H]
                     loss, _ = losses.kd_loss_chunked(
                         student_values, h, s_head, sd["t_h"][index, :t], t_head, weights[index, :t], chunk_size=chunk,
                         adversary=sd["adversary"], adv_in=sd["adv_in"][index, :t], tokens=r.response_ids,
                         score_weight=score_weight[index, :t])
-                loss.backward()
+                with phases("student"):
+                    loss.backward()
                 total += loss.item()
-        grad_norm, skipped = common.clip_and_step(student.parameters(), opt, args.grad_clip)
+        with phases("student"):
+            grad_norm, skipped = common.clip_and_step(student.parameters(), opt, args.grad_clip)
         if skipped:
             m["skipped"] = 1
         sched.step()
         # The same estimates after the student's step, at the same states with the same adversaries: how far the
         # student's step moved the moments it was asked to close (d_on's state distribution moves too; that part
         # is the score term, checked exactly in tests/test_amm.py).
-        with amp:
+        with phases("scoring"), amp:
             after = {name: mean_distance(sd, moments(sd, hidden_states(student, sd["ro"], mb, mb_tokens), s_head,
                                                      t_head, chunk)) for name, sd in sides.items()}
         m.update(d_on_student=after["on"] - post["on"], d_off_student=after["off"] - post["off"])
         m["response_len"] = on_ro.response_mask.sum().item() / on_ro.response_mask.shape[0]
         m = common.reduce_metrics(m)
         m["loss"] = common.all_reduce_sum(total)   # each rank holds its share of the global objective
-        m.update(step=step, grad_norm=grad_norm, s_per_step=time.time() - t0)
+        m.update(step=step, grad_norm=grad_norm, s_per_step=time.time() - t0, **phases.stats)
         common.log_metrics(metrics_path, m)
         print0(f"step {step + 1}/{total_steps} | d_on {m['d_on']:.4f} ({m['d_on_gain']:+.4f} adv, "
                f"{m['d_on_student']:+.4f} student) | d_off {m['d_off']:.4f} ({m['d_off_gain']:+.4f} adv, "

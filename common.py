@@ -13,6 +13,7 @@ import json
 import os
 import random
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -202,6 +203,35 @@ def reduce_metrics(metrics):
     t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+class Phases:
+    """Seconds and peak CUDA memory of the named phases of one step, for its metrics row:
+
+        phases = common.Phases(device)
+        with phases("sampling"):
+            ...
+        m.update(phases.stats)      # t_sampling (s), mem_sampling (GiB allocated at the peak; CUDA only)
+
+    On CUDA each boundary synchronises (the time is the GPU's work, not its launch) and resets the peak counter;
+    a phase entered twice in a step adds its times and keeps its larger peak."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.stats = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.stats[f"mem_{name}"] = max(peak, self.stats.get(f"mem_{name}", 0.0))
+        self.stats[f"t_{name}"] = self.stats.get(f"t_{name}", 0.0) + time.perf_counter() - t0
 
 
 def fill_preset(args, presets, default):

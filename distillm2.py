@@ -270,7 +270,7 @@ def main(argv=None):
     uses_student_samples = args.loss == "distillm2" or args.on_policy_fraction > 0
     steps_done = 0
     for step in range(start, total_steps):
-        t0 = time.time()
+        t0, phases = time.time(), common.Phases(device)
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step_in_epoch == 0 or epoch_rows is None:
             # This epoch's responses from the teacher and the CURRENT student, for the rows this rank will train
@@ -280,8 +280,9 @@ def main(argv=None):
                     data_lib.batch_at_step(train, epoch * steps_per_epoch + s, args.prompts_per_step, args.seed,
                                            "d2", rank, world)[0]]
             if step_in_epoch == 0:
-                y_t = respond(teacher, mine, f"t{epoch}", student_vocab)
-                y_s = respond(student, mine, f"s{epoch}") if uses_student_samples else [[] for _ in mine]
+                with phases("sampling"):
+                    y_t = respond(teacher, mine, f"t{epoch}", student_vocab)
+                    y_s = respond(student, mine, f"s{epoch}") if uses_student_samples else [[] for _ in mine]
                 epoch_rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
                 common.atomic_torch_save(epoch_rows, epoch_rows_path(args.out, epoch, rank))
                 common.barrier()   # every rank's file is on disk before any checkpoint of this epoch
@@ -300,7 +301,7 @@ def main(argv=None):
         beta = args.beta0 if (args.no_beta_ramp or args.released) else beta_at(step, total_steps, args.beta0)
         alpha_t = alpha_s = torch.full((len(batch),), args.alpha0)
         if args.loss == "distillm2" and epoch > 0 and not (args.no_alpha_curriculum or args.released):
-            with amp:
+            with phases("curriculum"), amp:
                 gap_t = mean_logprob(teacher, t_ro, args.chunk_size).exp() - \
                     mean_logprob(student, t_ro, args.chunk_size).exp()                        # P - Q on y_t
                 gap_s = mean_logprob(student, s_ro, args.chunk_size).exp() - \
@@ -314,12 +315,12 @@ def main(argv=None):
             torch.rand(1, generator=torch.Generator().manual_seed(args.seed * 7919 + step)).item() < \
             args.on_policy_fraction
         ro = s_ro if on_policy else t_ro
-        total = 0.0
-        for a, b in row_groups([t_ro, s_ro] if args.loss == "distillm2" else [ro], args.micro_batch_size,
-                               args.micro_batch_tokens):
+        total, groups = 0.0, row_groups([t_ro, s_ro] if args.loss == "distillm2" else [ro], args.micro_batch_size,
+                                         args.micro_batch_tokens)
+        for a, b in groups:
             j = slice(a, b)
             per_seq = torch.full((b - a,), 1.0 / n_global)   # each sequence's weight in the global mean
-            with amp:
+            with phases("losses"), amp:
                 if args.loss == "distillm2":
                     w_skl, w_srkl = (1.0, 1.0) if args.released else (1.0 - beta, beta)
                     skl_loss, skl = seq_divergence(losses.skl, student, teacher, t_ro.rows(j).trim(),
@@ -336,9 +337,11 @@ def main(argv=None):
                               "rkl": (losses.reverse_kl, {})}[args.loss]
                     loss, _ = seq_divergence(fn, student, teacher, ro.rows(j).trim(), args.chunk_size, per_seq,
                                              **kw)
-            loss.backward()
+            with phases("losses"):   # backward outside autocast
+                loss.backward()
             total += loss.item() * n_global / len(batch)
-        grad_norm, skipped = common.clip_and_step(trainable, opt, args.grad_clip)
+        with phases("update"):
+            grad_norm, skipped = common.clip_and_step(trainable, opt, args.grad_clip)
         if skipped:
             m["skipped"] = 1
         sched.step()
@@ -346,7 +349,7 @@ def main(argv=None):
         m = common.reduce_metrics({k: v for k, v in m.items() if not isinstance(v, list)}) | \
             {k: v for k, v in m.items() if isinstance(v, list)}
         m.update(step=step, grad_norm=grad_norm, beta=beta, on_policy=int(on_policy),
-                 alpha_skl=alpha_t.tolist(), alpha_srkl=alpha_s.tolist(), s_per_step=time.time() - t0)
+                 alpha_skl=alpha_t.tolist(), alpha_srkl=alpha_s.tolist(), s_per_step=time.time() - t0, **phases.stats)
         common.log_metrics(metrics_path, m)
         print0(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {m['loss']:.4f} | beta {beta:.3f} | "
                f"alpha {alpha_t.mean().item():.3f}/{alpha_s.mean().item():.3f} | grad_norm {grad_norm:.3f} | "

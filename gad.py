@@ -342,11 +342,12 @@ def main(argv=None):
     if "seqkd" in stages and (start := resume_step("seqkd")) is not None:
         total = num_steps(None, args.seqkd_epochs, len(train), args.prompts_per_step)
         for step in range(start, total):
-            t0 = time.time()
+            t0, phases = time.time(), common.Phases(device)
             batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "seqkd", rank, world)
             ro = teacher_rollout(batch)
-            m = sft_step(G, opt_g, ro, args, amp)
-            log("seqkd", step, total, m, t0, ro.response_mask.sum().item())
+            with phases("g_update"):
+                m = sft_step(G, opt_g, ro, args, amp)
+            log("seqkd", step, total, m | phases.stats, t0, ro.response_mask.sum().item())
             end_step("seqkd", step, total)
 
     # -------------------------------------------------------------------- warmup: D learns, G does SFT
@@ -355,15 +356,18 @@ def main(argv=None):
             group["lr"] = args.lr
         total = num_steps(args.warmup_steps, args.warmup_epochs, len(train), args.prompts_per_step)
         for step in range(start, total):
-            t0 = time.time()
+            t0, phases = time.time(), common.Phases(device)
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "warmup", rank, world)
-            ro = rollout(batch, keys, "warmup", step)
+            with phases("sampling"):
+                ro = rollout(batch, keys, "warmup", step)
             t_ro = teacher_rollout(batch)
-            m = discriminator.update(D, opt_d, t_ro, ro, args.n, **d_kw)
+            with phases("d_update"):
+                m = discriminator.update(D, opt_d, t_ro, ro, args.n, **d_kw)
             if step >= args.freeze_g_steps:  # the reference freezes G for the first steps: D learns alone first
-                m.update(sft_step(G, opt_g, t_ro, args, amp))  # once per unique prompt, not once per rollout
+                with phases("g_update"):
+                    m.update(sft_step(G, opt_g, t_ro, args, amp))  # once per unique prompt, not once per rollout
             m["response_len"] = ro.response_mask.sum(-1).float().mean().item()
-            log("warmup", step, total, m, t0, ro.response_mask.sum().item())
+            log("warmup", step, total, m | phases.stats, t0, ro.response_mask.sum().item())
             end_step("warmup", step, total)
 
     # -------------------------------------------------------------------- GAD: PPO against D
@@ -373,28 +377,32 @@ def main(argv=None):
             ref.load_state_dict(resume.pop("ref"))
         total = num_steps(args.gad_steps, args.gad_epochs, len(train), args.prompts_per_step)
         for step in range(start, total):
-            t0 = time.time()
+            t0, phases = time.time(), common.Phases(device)
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "gad", rank, world)
-            ro = rollout(batch, keys, "gad", step)
-            D.eval()
-            rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
-            D.train()                                                              # [B*n], BEFORE the D step
-            advantages = ppo.grpo_advantages(rewards, args.n)                      # [B*n], per group of n
-            m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.n, **d_kw)
-            old_lp = response_logprobs(G, ro)     # by the training forward, so the first ratio is exactly 1
-            ref_lp = response_logprobs(ref, ro)
-            g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
-                               clip_eps=args.clip_eps, dual_clip=args.dual_clip, ppo_epochs=args.ppo_epochs,
-                               mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
-                               micro_batch_tokens=args.micro_batch_tokens, max_grad_norm=args.grad_clip,
-                               temperature=args.temperature,
-                               generator=torch.Generator().manual_seed(args.seed * 1000003 + step),
-                               token_count_fn=common.all_reduce_sum, grad_sync_fn=common.all_reduce_grads,
-                               amp=amp, chunk_size=args.chunk_size)
+            with phases("sampling"):
+                ro = rollout(batch, keys, "gad", step)
+            with phases("scoring"):
+                D.eval()
+                rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
+                D.train()                                                          # [B*n], BEFORE the D step
+                advantages = ppo.grpo_advantages(rewards, args.n)                  # [B*n], per group of n
+                old_lp = response_logprobs(G, ro)     # by the training forward, so the first ratio is exactly 1
+                ref_lp = response_logprobs(ref, ro)
+            with phases("d_update"):
+                m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.n, **d_kw)
+            with phases("g_update"):
+                g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
+                                   clip_eps=args.clip_eps, dual_clip=args.dual_clip, ppo_epochs=args.ppo_epochs,
+                                   mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
+                                   micro_batch_tokens=args.micro_batch_tokens, max_grad_norm=args.grad_clip,
+                                   temperature=args.temperature,
+                                   generator=torch.Generator().manual_seed(args.seed * 1000003 + step),
+                                   token_count_fn=common.all_reduce_sum, grad_sync_fn=common.all_reduce_grads,
+                                   amp=amp, chunk_size=args.chunk_size)
             m.update(g_skipped=g.pop("skipped_steps", 0), **g)
             m.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                      response_len=ro.response_mask.sum(-1).float().mean().item())
-            log("gad", step, total, m, t0, ro.response_mask.sum().item())
+            log("gad", step, total, m | phases.stats, t0, ro.response_mask.sum().item())
             end_step("gad", step, total, ref)
         del ref
 

