@@ -5,11 +5,16 @@ only mean something on a GPU.
     python bench.py sample --models tiny --n 8 --prompt-len 256 --max-new-tokens 64
     python bench.py losses                      # full-vocab KD losses: naive logits vs losses.kd_loss_chunked
     python bench.py losses --vocab 151936 --seq 1024 --batch 1 --hidden 896 --chunk 128 --losses skl,srkl
+    python bench.py gpu                         # the trainers under torchrun, bf16: s/step, memory per phase
+    python bench.py gpu --device cpu            # the same on tiny models (a test runs it)
+    python bench.py gpu --predict-only          # the memory arithmetic of a GAD step at 1.5B
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -197,6 +202,196 @@ def bench_losses(args):
                 print(line, flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# gpu: the three trainers on Qwen2.5-shaped random models, under torchrun, bf16 with fp32 master weights
+
+GPU_SIZES = {   # --size: the models and step shapes of each run
+    "qwen": dict(student="random-qwen2.5-0.5b", teacher="random-qwen2.5-1.5b", big="random-qwen2.5-1.5b",
+                 prompt_len=256, new_tokens=256, prompts=16, n=8, eval_prompts=8, peak_prompts=64, peak_n=8,
+                 peak_new_tokens=1024, peak_prompt_len=256),
+    "tiny": dict(student="tiny", teacher="tiny-teacher", big="tiny", prompt_len=24, new_tokens=8, prompts=4, n=2,
+                 eval_prompts=2, peak_prompts=8, peak_n=4, peak_new_tokens=16, peak_prompt_len=24),
+}
+PHASES = {"gad.py": ["sampling", "scoring", "d_update", "g_update"],
+          "distillm2.py": ["sampling", "curriculum", "losses", "update"],
+          "amm.py": ["sampling", "scoring", "adversary", "student"]}
+WORDS = "the of and to in is that for it as with was on be by this are from at or an but not which have".split()
+
+
+def synthetic_data(path, rows, prompt_len, response_len, seed=0):
+    """Prompts and teacher responses of about the given lengths in tokens of the byte tokenizer (one per byte):
+    random words, so that rows differ; what they say does not matter to a speed or memory benchmark."""
+    rng = random.Random(seed)
+
+    def text(n):
+        words = []
+        while sum(len(w) + 1 for w in words) < n:
+            words.append(rng.choice(WORDS))
+        return " ".join(words)[:n]
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": f"bench{i}", "prompt": text(prompt_len), "response": text(response_len)}) + "\n")
+
+
+def torchrun(script, args, log_path):
+    """`torchrun --standalone --nproc_per_node=1 script args` (so NCCL and every collective run, as on a node), in a
+    process of its own (its peak memory is its own), with any torchrun variables of ours removed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                              "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("TORCHELASTIC")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script] + args
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed (exit {done.returncode}); its output is in {log_path}")
+
+
+def phase_table(rows, phases, cuda):
+    """Per phase: the median seconds over the steps that ran it (the first step is left out when there are more:
+    it pays for allocator warm-up) and the largest peak memory; and the step as a whole."""
+    later = rows[1:] if len(rows) > 1 else rows
+    out = []
+    for phase in phases + ["step"]:
+        key = "s_per_step" if phase == "step" else f"t_{phase}"
+        times = [r[key] for r in later if key in r]
+        peaks = [r[f"mem_{phase}"] for r in rows if f"mem_{phase}" in r] if cuda else []
+        if times:
+            out.append((phase, statistics.median(times), max(peaks) if peaks else None))
+    return out
+
+
+def print_phases(title, table):
+    print(f"\n{title}")
+    print(f"  {'phase':<12} {'s/step':>8} {'peak GiB':>9}")
+    for phase, seconds, peak in table:
+        print(f"  {phase:<12} {seconds:>8.3f} {'-' if peak is None else f'{peak:.1f}':>9}")
+
+
+def gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens, adam8bit, chunk=128):
+    """Predicted bytes of what a GAD step at `name` holds, from its config (arithmetic, nothing allocated):
+    G and D with fp32 weights (4 B/param) and AdamW state (8 B/param; 8-bit: 2), gradients (4 B/param, during an
+    update only: freed after each step), the bf16 reference (2), autocast's bf16 copy of the weights in use (2),
+    the KV cache of the rollout, the decode step's [rows, V] fp32 temporaries, and the activations of one
+    micro-batch of micro_batch_tokens tokens with checkpointing (each layer's fp32 input kept, one layer's
+    activations recomputed at a time) and without it (every layer's). Returns (held throughout, while sampling,
+    while updating G, activations without checkpointing)."""
+    model = models.random_qwen(name, device="meta") if name in models.RANDOM_QWEN else models.load_model(name)
+    c, P = model.config, models.num_params(model)
+    L, H, I, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+    kv_dim = c.num_key_value_heads * (H // c.num_attention_heads)
+    opt = 2 if adam8bit else 8
+    layer = 2 * (4 * H + 2 * kv_dim + 4 * I) + 4 * 3 * H        # bf16 matmul inputs/outputs, fp32 residual and norms
+    held = {"G: fp32 weights + optimizer state": (4 + opt) * P, "D: fp32 weights + optimizer state": (4 + opt) * P,
+            "reference (bf16)": 2 * P, "autocast bf16 weight copy": 2 * P}
+    sampling = {"KV cache": rows * (prompt_len + new_tokens) * L * 2 * kv_dim * 2,
+                "decode logits, 4 fp32 [rows, V]": 4 * rows * V * 4}
+    update = {"G gradients (fp32)": 4 * P, "activations, checkpointed": micro_batch_tokens * (L * H * 4 + layer),
+              "LM head chunk, fp32 [chunk, V] x 4": 4 * chunk * V * 4}
+    return held, sampling, update, micro_batch_tokens * L * layer
+
+
+def print_memory_model(name, rows, prompt_len, new_tokens, micro_batch_tokens, measured=None):
+    """The arithmetic of gad_step_memory next to the measured peaks {optimizer: (sampling GiB, update GiB)}."""
+    parts = gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens, False)
+    unit, scale = ("GiB", 2**30) if sum(parts[0].values()) > 2**30 else ("MiB", 2**20)
+    print(f"\nGAD step at {name}: {rows} rollout rows x ({prompt_len} prompt + {new_tokens} new) tokens, "
+          f"micro-batches of {micro_batch_tokens} tokens; predicted {unit} (measured: the largest peak of a phase)")
+    for label, adam8bit in (("AdamW", False), ("8-bit AdamW", True)):
+        held, sampling, update, no_ckpt = gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens,
+                                                          adam8bit)
+        print(f"  {label}:")
+        for part, value in list(held.items()) + list(sampling.items()) + list(update.items()):
+            print(f"    {part:<36} {value / scale:>9.2f}")
+        got = (measured or {}).get(label)
+        for what, extra, i in (("sampling", sampling, 0), ("updating G", update, 1)):
+            total = (sum(held.values()) + sum(extra.values())) / scale
+            got_s = "-" if got is None or got[i] is None else f"{got[i] * 2**30 / scale:.2f}"
+            print(f"    {'= peak while ' + what:<36} {total:>9.2f}   measured {got_s}")
+        print(f"    {'(activations without checkpointing)':<36} {no_ckpt / scale:>9.2f}")
+
+
+def bench_gpu(args):
+    """A few steps of gad.py (warmup + GAD), distillm2.py and amm.py, each stopped once and resumed, then the
+    peak memory of GAD steps at the 1.5B shape, all in bf16 with fp32 master weights under torchrun."""
+    if args.predict_only:
+        size = GPU_SIZES["qwen"]
+        print_memory_model(size["big"], size["peak_prompts"] * size["peak_n"], size["peak_prompt_len"],
+                           size["peak_new_tokens"], 12288)
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
+    size = GPU_SIZES[args.size or ("qwen" if cuda else "tiny")]
+    work = args.out or tempfile.mkdtemp(prefix="bench-gpu-")
+    os.makedirs(work, exist_ok=True)
+    log = os.path.join(work, "runs.log")
+    data = os.path.join(work, "data.jsonl")
+    synthetic_data(data, 256, size["prompt_len"], size["new_tokens"])
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"bench gpu: device {gpu}, torch {torch.__version__}, size {args.size or ('qwen' if cuda else 'tiny')}, "
+          f"runs under torchrun --nproc_per_node=1 (logs: {log})", flush=True)
+    common = ["--dtype", "bfloat16", "--device", device, "--data", data, "--max-prompt-len", "1024",
+              "--eval-prompts", str(size["eval_prompts"]), "--save-every", "1"]
+    runs = [  # (script, arguments, --stop-after of the first run; the second resumes it)
+        ("gad.py", ["--student", size["student"], "--stage", "all", "--warmup-steps", "2", "--gad-steps", "3",
+                    "--freeze-g-steps", "0", "--prompts-per-step", str(size["prompts"]), "--samples-per-prompt", str(size["n"]),
+                    "--max-new-tokens", str(size["new_tokens"]), "--max-response-len", str(size["new_tokens"]),
+                    "--eval-max-new-tokens", "32"], 3),
+        ("distillm2.py", ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "2",
+                          "--limit", str(2 * size["prompts"] + 16), "--val-fraction", "0.2",
+                          "--prompts-per-step", str(size["prompts"]), "--max-new-tokens", str(size["new_tokens"]),
+                          "--gen-batch-size", str(size["prompts"])], 3),
+        ("amm.py", ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "1",
+                    "--limit", str(3 * size["prompts"] // 2 + 16), "--val-fraction", "0.2",
+                    "--prompts-per-step", str(size["prompts"] // 2), "--samples-per-prompt", "4",
+                    "--max-new-tokens", str(size["new_tokens"]), "--gen-batch-size", str(size["prompts"])], 2),
+    ]
+    results = {"device": gpu, "torch": torch.__version__, "trainers": {}, "gad_peak": {}}
+    for script, run_args, stop in runs:
+        out = os.path.join(work, script.replace(".py", ""))
+        t0 = time.time()
+        torchrun(script, common + run_args + ["--out", out, "--stop-after", str(stop)], log)
+        torchrun(script, common + run_args + ["--out", out, "--resume"], log)
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        steps = [(r.get("stage"), r["step"]) for r in rows]
+        assert len(set(steps)) == len(steps) and len(rows) > stop, f"{script}: resumed log {steps}"
+        table = phase_table(rows, PHASES[script], cuda)
+        results["trainers"][script] = {"phases": table, "steps": len(rows), "wall_s": time.time() - t0}
+        print_phases(f"{script}: {len(rows)} steps, stopped after {stop} and resumed "
+                     f"({time.time() - t0:.0f} s with model builds and evaluation)", table)
+    if not args.skip_peak:
+        rows = size["peak_prompts"] * size["peak_n"]
+        peak_data = os.path.join(work, "peak.jsonl")
+        synthetic_data(peak_data, 2 * size["peak_prompts"] + 16, size["peak_prompt_len"], size["peak_new_tokens"])
+        variants = [("AdamW", [])]
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            variants.append(("8-bit AdamW", ["--adam8bit"]))
+        else:
+            print("\n8-bit AdamW: not measured (bitsandbytes is not installed)")
+        for label, extra in variants:
+            out = os.path.join(work, "gad_peak" + ("_8bit" if extra else ""))
+            torchrun("gad.py", ["--student", size["big"], "--stage", "gad", "--gad-steps", "2", "--dtype",
+                                "bfloat16", "--device", device, "--data", peak_data, "--prompts-per-step",
+                                str(size["peak_prompts"]), "--samples-per-prompt", str(size["peak_n"]), "--max-new-tokens",
+                                str(size["peak_new_tokens"]), "--max-response-len", str(size["peak_new_tokens"]),
+                                "--max-prompt-len", "2048", "--eval-prompts", "0", "--save-every", "100",
+                                "--out", out] + extra, log)
+            step_rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+            table = phase_table(step_rows, PHASES["gad.py"], cuda)
+            print_phases(f"GAD steps at {size['big']}, {label}: {size['peak_prompts']} prompts x {size['peak_n']} "
+                         f"samples x {size['peak_new_tokens']} new tokens", table)
+            last = step_rows[-1]   # the second step: both optimizers' state exists through all of it
+            results["gad_peak"][label] = (last.get("mem_sampling"), max(last.get(f"mem_{p}", 0.0) for p in
+                                                                        ("scoring", "d_update", "g_update")))
+        print_memory_model(size["big"], rows, size["peak_prompt_len"], size["peak_new_tokens"],
+                           12288 if cuda else 256, results["gad_peak"])
+    with open(os.path.join(work, "bench_gpu.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nresults: {os.path.join(work, 'bench_gpu.json')}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -221,8 +416,14 @@ def main():
     k.add_argument("--worker", choices=["naive", "chunked"], default=None, help=argparse.SUPPRESS)
     k.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     k.add_argument("--loss", default=None, help=argparse.SUPPRESS)
+    gp = sub.add_parser("gpu", help="the three trainers under torchrun in bf16: s/step and peak memory per phase")
+    gp.add_argument("--device", default=None, help="cuda or cpu (cpu: the tiny size, for tests)")
+    gp.add_argument("--size", choices=list(GPU_SIZES), default=None, help="default: qwen on cuda, tiny on cpu")
+    gp.add_argument("--out", default=None, help="working folder (default: a new temporary one)")
+    gp.add_argument("--skip-peak", action="store_true", help="leave out the GAD peak-memory runs")
+    gp.add_argument("--predict-only", action="store_true", help="print the memory arithmetic at 1.5B and stop")
     args = p.parse_args()
-    {"sample": bench_sample, "losses": bench_losses}[args.cmd](args)
+    {"sample": bench_sample, "losses": bench_losses, "gpu": bench_gpu}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import sample
 
 # Presets: --student picks one; every flag left unset is filled from it (and printed).
 PAPER = dict(  # GAD reference recipe (DESIGN.md section 2): 7B-14B students on 8 GPUs
-    data="sharegpt", n=8, prompts_per_step=256, temperature=0.8, top_p=1.0, lr=1e-6, d_lr=1e-6,
+    data="sharegpt", samples_per_prompt=8, prompts_per_step=256, temperature=0.8, top_p=1.0, lr=1e-6, d_lr=1e-6,
     weight_decay=0.01, grad_clip=0.2, clip_eps=0.2, dual_clip=3.0, kl_coef=0.001, freeze_g_steps=10,
     warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0, seqkd_lr=5e-6, max_prompt_len=1024, max_response_len=1024,
     max_new_tokens=1024, micro_batch_size=8, dtype="bfloat16", eval_prompts=256, eval_max_new_tokens=1024,
@@ -52,13 +52,13 @@ PAPER = dict(  # GAD reference recipe (DESIGN.md section 2): 7B-14B students on 
 PRESETS = {
     # lr / d_lr: with a D much faster than G (d_lr 3e-3) the tiny student's reward never climbs; with these, 80
     # GAD steps of 8 x 8 samples raise a held-out D's score (tests/test_gad.py, the learning test).
-    "tiny": dict(PAPER, data="tiny", teacher="tiny-teacher", n=4, prompts_per_step=8, lr=1e-2, d_lr=1e-3,
+    "tiny": dict(PAPER, data="tiny", teacher="tiny-teacher", samples_per_prompt=4, prompts_per_step=8, lr=1e-2, d_lr=1e-3,
                  grad_clip=1.0, kl_coef=0.001, freeze_g_steps=2, warmup_steps=6, gad_steps=20, seqkd_epochs=2.0,
                  seqkd_lr=3e-3, max_prompt_len=64, max_response_len=16, max_new_tokens=16, micro_batch_size=32,
                  dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160, gradient_checkpointing=False,
                  micro_batch_tokens=None),
     # The embedded CPU default: real weights and data from packages, sized for ~10 minutes on 2 cores.
-    "smollm2-135m": dict(PAPER, n=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4, grad_clip=1.0, freeze_g_steps=2,
+    "smollm2-135m": dict(PAPER, samples_per_prompt=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4, grad_clip=1.0, freeze_g_steps=2,
                          warmup_steps=10, gad_steps=20, seqkd_epochs=1.0, seqkd_lr=2e-5, max_prompt_len=64,
                          max_response_len=32, max_new_tokens=32, micro_batch_size=8, dtype="float32",
                          eval_prompts=32, eval_max_new_tokens=32, limit=1200, gradient_checkpointing=False,
@@ -101,7 +101,8 @@ def parse_args(argv=None):
     g.add_argument("--gad-epochs", type=float, default=None, help="GAD length (reference: ~2 epochs)")
     g.add_argument("--seqkd-epochs", type=float, default=None, help="SeqKD baseline epochs (reference: 3)")
     g = p.add_argument_group("GAD")
-    g.add_argument("--n", type=int, default=None, help="rollouts per prompt (reference: 8)")
+    g.add_argument("--samples-per-prompt", type=int, default=None, help="rollouts per prompt, the GRPO group "
+                                                                         "(reference: 8)")
     g.add_argument("--prompts-per-step", type=int, default=None, help="global prompts per step (ref: 256)")
     g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
     g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens per forward/backward "
@@ -329,7 +330,7 @@ def main(argv=None):
     def rollout(batch, keys, stage, step):
         G.eval()
         with amp:
-            ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.n, max_new_tokens=args.max_new_tokens,
+            ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
                                  seed=args.seed, prompt_keys=[f"{k}|{step}" for k in keys])
         G.train()
@@ -362,7 +363,7 @@ def main(argv=None):
                 ro = rollout(batch, keys, "warmup", step)
             t_ro = teacher_rollout(batch)
             with phases("d_update"):
-                m = discriminator.update(D, opt_d, t_ro, ro, args.n, **d_kw)
+                m = discriminator.update(D, opt_d, t_ro, ro, args.samples_per_prompt, **d_kw)
             if step >= args.freeze_g_steps:  # the reference freezes G for the first steps: D learns alone first
                 with phases("g_update"):
                     m.update(sft_step(G, opt_g, t_ro, args, amp))  # once per unique prompt, not once per rollout
@@ -385,11 +386,11 @@ def main(argv=None):
                 D.eval()
                 rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
                 D.train()                                                          # [B*n], BEFORE the D step
-                advantages = ppo.grpo_advantages(rewards, args.n)                  # [B*n], per group of n
+                advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)                  # [B*n], per group of n
                 old_lp = response_logprobs(G, ro)     # by the training forward, so the first ratio is exactly 1
                 ref_lp = response_logprobs(ref, ro)
             with phases("d_update"):
-                m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.n, **d_kw)
+                m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.samples_per_prompt, **d_kw)
             with phases("g_update"):
                 g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
                                    clip_eps=args.clip_eps, dual_clip=args.dual_clip, ppo_epochs=args.ppo_epochs,

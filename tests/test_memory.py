@@ -74,7 +74,7 @@ def big_vocab(tmp_path_factory):
 COMMON = ["--prompts-per-step", "4", "--micro-batch-size", "8", "--max-new-tokens", "8",
           "--max-prompt-len", "64", "--dtype", "float32", "--chunk-size", str(CHUNK), "--eval-prompts", "2"]
 RUNS = {   # one or two steps of each trainer and its held-out evaluation; at most 8 rows decode at once
-    "gad": (gad, ["--stage", "all", "--n", "2", "--warmup-steps", "1", "--gad-steps", "1", "--freeze-g-steps", "0",
+    "gad": (gad, ["--stage", "all", "--samples-per-prompt", "2", "--warmup-steps", "1", "--gad-steps", "1", "--freeze-g-steps", "0",
                   "--max-response-len", "8", "--eval-max-new-tokens", "8", "--val-fraction", "0.3"]),
     "distillm2": (distillm2, ["--data", "tiny", "--epochs", "2", "--limit", "24", "--prompts-per-step", "8",
                               "--gen-batch-size", "8", "--val-fraction", "0.2"]),   # epoch 2: the alpha curriculum

@@ -1,0 +1,36 @@
+"""bench.py gpu on the CPU (tiny models, gloo): the command a GPU session runs, kept from rotting; its memory
+arithmetic against what the tensors it counts really take."""
+
+import json
+
+import torch
+
+import bench
+import models
+from scripts import run_script
+
+
+def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
+    out = run_script("bench.py", ["gpu", "--device", "cpu", "--out", str(tmp_path)]).stdout
+    results = json.loads((tmp_path / "bench_gpu.json").read_text())
+    for script, phases in bench.PHASES.items():
+        assert f"{script}: " in out and "stopped after" in out
+        table = {phase: seconds for phase, seconds, _ in results["trainers"][script]["phases"]}
+        assert set(table) == set(phases) | {"step"}, (script, table)   # every phase ran and was timed
+        assert all(seconds > 0 for seconds in table.values())
+    assert set(results["gad_peak"]) == {"AdamW", "8-bit AdamW"}          # bitsandbytes runs on CPU too
+    assert "= peak while sampling" in out and "= peak while updating G" in out
+
+
+def test_memory_arithmetic_counts_what_the_tensors_take():
+    """Parameters and the KV cache, the two terms that scale with the model and the rollout, against the tiny
+    model's own tensors."""
+    model = models.load_model("tiny", dtype="bfloat16")
+    P = models.num_params(model)
+    held, sampling, update, _ = bench.gad_step_memory("tiny", rows=6, prompt_len=5, new_tokens=7,
+                                                      micro_batch_tokens=64, adam8bit=False)
+    assert held["G: fp32 weights + optimizer state"] == 12 * P and update["G gradients (fp32)"] == 4 * P
+    assert held["reference (bf16)"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = model(input_ids=torch.randint(0, 256, (6, 12)), use_cache=True).past_key_values
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert sampling["KV cache"] == kv_bytes
