@@ -26,10 +26,12 @@ def from_student(student):
     cfg = copy.deepcopy(student.config)
     cfg.num_labels = 1
     cfg.architectures = None
-    d = AutoModelForSequenceClassification.from_config(cfg, dtype=next(student.parameters()).dtype)
+    weight = next(student.parameters())
+    with torch.device(weight.device):   # built where the student lives (a 1.5B random init on a CPU takes long)
+        d = AutoModelForSequenceClassification.from_config(cfg, dtype=weight.dtype)
     d.model.load_state_dict(student.model.state_dict())
     torch.nn.init.zeros_(d.score.weight)
-    return d.to(next(student.parameters()).device)
+    return d
 
 
 def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
