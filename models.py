@@ -251,8 +251,8 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
     if name in TINY:
         if quant:
             raise ValueError("tiny models are not quantized")
-        model = tiny_model(seed=TINY[name] if TINY[name] is not None else seed,
-                           initializer_range=TINY_INIT[name]).to(torch_dtype)
+        model = cast_parameters(tiny_model(seed=TINY[name] if TINY[name] is not None else seed,
+                                           initializer_range=TINY_INIT[name]), torch_dtype)
     elif name in RANDOM_QWEN:
         if quant:
             raise ValueError("random models are not quantized")
@@ -318,10 +318,20 @@ def frozen_copy(model, dtype):
     return copy.deepcopy(model, memo).eval()
 
 
+def cast_parameters(model, dtype):
+    """Cast the parameters in place, not the buffers: `model.to(bf16)` would round the rotary frequencies too
+    (`inv_freq`, which from_pretrained keeps in fp32), and Qwen's angles at position 1000 would be off by more
+    than a radian. Tied weights are one parameter, cast once."""
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    for p in model.parameters():
+        p.data = p.data.to(torch_dtype)
+    return model
+
+
 def save_hf(model, tokenizer, folder, dtype):
-    """Export a trained model as a Hugging Face folder in `dtype` (the fp32 master weights are cast in place:
-    call it when training is over)."""
-    model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    """Export a trained model as a Hugging Face folder in `dtype`. The fp32 master weights are cast in place
+    (call it when training is over): the model in memory is then the one on disk."""
+    cast_parameters(model, dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 

@@ -109,3 +109,23 @@ def test_losses_and_gradients_under_bf16_autocast_equal_fp32_within_bf16_error(r
     # measured: cosines 0.987 (D: one score per row, the least averaging) to 0.997, norms within 8%
     assert cosine > 0.98 and g16.norm().item() == pytest.approx(g32.norm().item(), rel=0.1)
     assert loss16 != loss32, "autocast did not change the arithmetic: the test would not see bf16"
+
+
+def test_a_bf16_runs_evaluation_is_that_of_its_exported_student(tmp_path):
+    """The table a bf16 run prints is measured on the model it exports: eval.py on OUT/student in bf16 gives the
+    same numbers. (Casting the trained model with .to(bf16) also rounded its rotary frequencies, which the
+    exported folder, reloaded, keeps in fp32: the two then disagreed.)"""
+    rows = [{"id": f"r{i}", "prompt": f"tell me about the number {i} and its friends",
+             "response": f"the number {i} is a fine number"} for i in range(60)]
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    run_script("gad.py", ["--student", "tiny", "--warmup-steps", "2", "--gad-steps", "2", "--dtype", "bfloat16",
+                          "--data", str(data_file), "--val-fraction", "0.2", "--eval-prompts", "6", "--out", str(out)])
+    table = json.loads((out / "eval.json").read_text())["after"]
+    run_script("eval.py", ["--model", str(out / "student"), "--data", str(data_file), "--teacher", "tiny-teacher",
+                           "--dtype", "bfloat16", "--val-fraction", "0.2", "--limit", "6", "--max-prompt-len", "64",
+                           "--max-response-len", "16", "--max-new-tokens", "16", "--out", str(tmp_path / "e.json")])
+    by_cli = json.loads((tmp_path / "e.json").read_text())[str(out / "student")]
+    for key in ("student_nll", "teacher_nll", "rouge_l", "length"):
+        assert table[key] == pytest.approx(by_cli[key], rel=1e-6), key
