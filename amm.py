@@ -246,13 +246,7 @@ def l1_values(s_logits, t_logits):
 @torch.no_grad()
 def hidden_states(model, ro, max_rows, max_tokens):
     """Final hidden states at the positions that predict the response tokens [N, T, H], in micro-batches."""
-    out = None
-    for index, r in ro.micro_batches(max_rows, max_tokens):
-        h, _ = sample.response_hidden(model, r)                                          # [b, t, H]
-        if out is None:
-            out = h.new_zeros(*ro.response_ids.shape, h.shape[-1])
-        out[index, :h.shape[1]] = h
-    return out
+    return ro.map(lambda r: sample.response_hidden(model, r)[0], max_rows, max_tokens, per_position=True)
 
 
 @torch.no_grad()
@@ -344,8 +338,6 @@ def main(argv=None):
         held = rollout(teacher, val, 1, "val", student_vocab)
         for r, ids, msk in zip(val, held.response_ids, held.response_mask):
             r["y_t"] = ids[msk.bool()].tolist()
-    with amp:
-        before = eval_lib.heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
 
     # -------------------------------------------------------------------- optimizers, resume
     opt = common.make_optimizer(list(student.parameters()), args.lr, args.weight_decay, args.adam8bit)
@@ -459,7 +451,7 @@ def main(argv=None):
         if val:
             fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
                                       layers=args.student_layers).eval()
-            eval_lib.white_box_report(student, fresh, teacher, tok, val, val_recs, before, pad,
+            eval_lib.white_box_report(student, fresh, teacher, tok, val, val_recs, pad,
                                       os.path.join(args.out, "eval.json"), max_new_tokens=horizon,
                                       max_prompt_len=args.max_prompt_len, chunk_size=args.chunk_size)
     common.compute_cleanup()

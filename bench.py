@@ -239,6 +239,8 @@ def torchrun(script, args, log_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                               "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("TORCHELASTIC")}
+    # the KV cache grows by a torch.cat a decode step: without expandable segments the freed blocks fragment
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script] + args
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -272,23 +274,30 @@ def print_phases(title, table):
 
 def gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens, adam8bit, chunk=128):
     """Predicted bytes of what a GAD step at `name` holds, from its config (arithmetic, nothing allocated):
-    G and D with fp32 weights (4 B/param) and AdamW state (8 B/param; 8-bit: 2), gradients (4 B/param, during an
-    update only: freed after each step), the bf16 reference (2), autocast's bf16 copy of the weights in use (2),
-    the KV cache of the rollout, the decode step's [rows, V] fp32 temporaries, and the activations of one
-    micro-batch of micro_batch_tokens tokens with checkpointing (each layer's fp32 input kept, one layer's
-    activations recomputed at a time) and without it (every layer's). Returns (held throughout, while sampling,
-    while updating G, activations without checkpointing)."""
+    G and D with fp32 weights (4 B/param) and AdamW state (8 B/param; 8-bit: 2; the fused kernel makes no
+    temporaries), the reference (linear weights bf16, embeddings fp32), autocast's bf16 copy of the weights in
+    use, the KV cache of the rollout, the decode step's [rows, V] fp32 temporaries; while G updates, its fp32
+    gradients (freed after each step), the LM head's backward (a bf16 copy of the head and a bf16 product next to
+    the fp32 gradient), the gradient all-reduce's copy of the largest gradient (the embeddings), the activations
+    of one micro-batch of micro_batch_tokens tokens with checkpointing (each layer's fp32 input kept, one layer's
+    activations recomputed at a time) and a few [chunk, V] fp32 logits. Returns (held throughout, while
+    sampling, while updating G, activations without checkpointing)."""
     model = models.random_qwen(name, device="meta") if name in models.RANDOM_QWEN else models.load_model(name)
     c, P = model.config, models.num_params(model)
     L, H, I, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+    E = model.get_input_embeddings().weight.numel()
     kv_dim = c.num_key_value_heads * (H // c.num_attention_heads)
     opt = 2 if adam8bit else 8
     layer = 2 * (4 * H + 2 * kv_dim + 4 * I) + 4 * 3 * H        # bf16 matmul inputs/outputs, fp32 residual and norms
     held = {"G: fp32 weights + optimizer state": (4 + opt) * P, "D: fp32 weights + optimizer state": (4 + opt) * P,
-            "reference (bf16)": 2 * P, "autocast bf16 weight copy": 2 * P}
+            "reference (bf16 linear, fp32 embeddings)": sum(p.numel() * p.element_size() for p in
+                                                            models.frozen_copy(model, "bfloat16").parameters()),
+            "autocast bf16 weight copy": 2 * P}
     sampling = {"KV cache": rows * (prompt_len + new_tokens) * L * 2 * kv_dim * 2,
                 "decode logits, 4 fp32 [rows, V]": 4 * rows * V * 4}
-    update = {"G gradients (fp32)": 4 * P, "activations, checkpointed": micro_batch_tokens * (L * H * 4 + layer),
+    update = {"G gradients (fp32)": 4 * P, "LM head backward (bf16 head + product)": 4 * E,
+              "all-reduce copy of the largest gradient": 4 * E,
+              "activations, checkpointed": micro_batch_tokens * (L * H * 4 + layer),
               "LM head chunk, fp32 [chunk, V] x 4": 4 * chunk * V * 4}
     return held, sampling, update, micro_batch_tokens * L * layer
 
@@ -304,13 +313,13 @@ def print_memory_model(name, rows, prompt_len, new_tokens, micro_batch_tokens, m
                                                           adam8bit)
         print(f"  {label}:")
         for part, value in list(held.items()) + list(sampling.items()) + list(update.items()):
-            print(f"    {part:<36} {value / scale:>9.2f}")
+            print(f"    {part:<42} {value / scale:>9.2f}")
         got = (measured or {}).get(label)
         for what, extra, i in (("sampling", sampling, 0), ("updating G", update, 1)):
             total = (sum(held.values()) + sum(extra.values())) / scale
             got_s = "-" if got is None or got[i] is None else f"{got[i] * 2**30 / scale:.2f}"
-            print(f"    {'= peak while ' + what:<36} {total:>9.2f}   measured {got_s}")
-        print(f"    {'(activations without checkpointing)':<36} {no_ckpt / scale:>9.2f}")
+            print(f"    {'= peak while ' + what:<42} {total:>9.2f}   measured {got_s}")
+        print(f"    {'(activations without checkpointing)':<42} {no_ckpt / scale:>9.2f}")
 
 
 def bench_gpu(args):

@@ -16,7 +16,7 @@ import torch
 
 from common import all_reduce_sum, clip_and_step
 import losses
-from sample import position_ids_from_mask, split_by_budget
+from sample import position_ids_from_mask
 
 
 def from_student(student):
@@ -39,7 +39,8 @@ def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
     token). Rows are laid out as generate() returns them: prompts left-padded to P, responses after them."""
     ids = torch.cat([prompt_ids, response_ids], dim=1)                  # [N, P+T]
     mask = torch.cat([prompt_mask, response_mask], dim=1)               # [N, P+T]
-    h = d.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
+    h = d.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False).last_hidden_state                      # [N, P+T, H]
     last = prompt_ids.shape[1] + response_mask.sum(-1) - 1              # [N]
     h_last = h[torch.arange(h.shape[0], device=h.device), last]         # [N, H]
     return d.score(h_last).squeeze(-1).float()
@@ -47,11 +48,28 @@ def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
 
 def score_rollout(d, ro, micro_batch_size=None, micro_batch_tokens=None, amp=None):
     """Scores of a Rollout without grad [N], in micro-batches (sample.Rollout.micro_batches), inside `amp`."""
-    scores = torch.zeros(ro.prompt_ids.shape[0], device=ro.prompt_ids.device)
     with torch.no_grad(), amp or contextlib.nullcontext():
-        for index, r in ro.micro_batches(micro_batch_size or ro.prompt_ids.shape[0], micro_batch_tokens):
-            scores[index] = score(d, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
-    return scores
+        return ro.map(lambda r: score(d, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask),
+                      micro_batch_size or ro.prompt_ids.shape[0], micro_batch_tokens)
+
+
+def pair_batches(t_prompt, t_resp, s_resp, n, max_rows, max_tokens=None):
+    """Micro-batches of D's pairs: lists of consecutive student rows, each batch also holding the teacher row of
+    every prompt it touches, together at most max_rows rows and max_tokens tokens once padded to the batch's
+    longest prompt and response (a single pair over a bound goes alone). A prompt's n samples may be split over
+    two batches: its teacher row is then scored in both, and its gradient summed, as one big batch would."""
+    batches, rows, prompts, p_max, r_max = [], [], set(), 0, 0
+    for j, r in enumerate(s_resp):
+        b = j // n
+        size = len(rows) + 1 + len(prompts | {b})
+        p2, r2 = max(p_max, t_prompt[b]), max(r_max, r, t_resp[b])
+        if rows and (size > max_rows or (max_tokens is not None and size * (p2 + r2) > max_tokens)):
+            batches.append(rows)
+            rows, prompts, p2, r2 = [], set(), t_prompt[b], max(r, t_resp[b])
+        rows.append(j)
+        prompts.add(b)
+        p_max, r_max = p2, r2
+    return batches + ([rows] if rows else [])
 
 
 def update(d, optimizer, teacher, student, n, max_grad_norm=1.0, micro_batch_size=None, micro_batch_tokens=None,
@@ -59,29 +77,30 @@ def update(d, optimizer, teacher, student, n, max_grad_norm=1.0, micro_batch_siz
     """One Bradley-Terry step: each of the n student samples of a prompt paired with that prompt's teacher
     response, L_D = mean_i -log sigmoid(D(x, y_t) - D(x, y_s^i)) (no regulariser, as in the reference).
 
-    teacher: Rollout of B rows; student: Rollout of B*n rows (prompt-major). Micro-batches hold whole prompts
-    (1 teacher row + its n samples), at most micro_batch_size rows and micro_batch_tokens padded tokens
-    (sample.split_by_budget; a prompt over a bound goes alone); the loss is a sum over pairs divided by the pair
-    count of the whole batch, so accumulation gives the same gradient as one big batch. Under DDP the count is
-    summed over ranks and so are the gradients (common.all_reduce_grads): the step equals a single-process step
-    on all ranks' pairs. Forward passes run inside `amp` (models.autocast), backward outside it.
+    teacher: Rollout of B rows; student: Rollout of B*n rows (prompt-major). Micro-batches (pair_batches) hold at
+    most micro_batch_size rows and micro_batch_tokens padded tokens; the loss is a sum over pairs divided by the
+    pair count of the whole batch, so accumulation gives the same gradient as one big batch. Under DDP the count
+    is summed over ranks and so are the gradients (common.all_reduce_grads): the step equals a single-process
+    step on all ranks' pairs. Forward passes run inside `amp` (models.autocast), backward outside it.
     Returns floats over this rank's pairs (d_loss is its own mean, so a mean over ranks is the global one);
     a non-finite gradient norm skips the step on every rank (the norm is computed after the
     all-reduce, so all ranks see the same value and agree)."""
     B = teacher.prompt_ids.shape[0]
     amp = amp or contextlib.nullcontext()
     pairs = all_reduce_sum(B * n)
-    t_prompt, t_resp = teacher.prompt_mask.sum(1).tolist(), teacher.response_mask.sum(1).tolist()
-    s_resp = student.response_mask.sum(1).tolist()
-    sizes = [(n + 1, t_prompt[b], max([t_resp[b]] + s_resp[b * n:(b + 1) * n])) for b in range(B)]
+    batches = pair_batches(teacher.prompt_mask.sum(1).tolist(), teacher.response_mask.sum(1).tolist(),
+                           student.response_mask.sum(1).tolist(), n, micro_batch_size or B * (n + 1),
+                           micro_batch_tokens)
     optimizer.zero_grad(set_to_none=True)
     total, correct, t_sum, s_sum = 0.0, 0, 0.0, 0.0
-    for a, b in split_by_budget(sizes, micro_batch_size or B * (n + 1), micro_batch_tokens):
-        t_ro, s_ro = teacher.rows(slice(a, b)).trim(), student.rows(slice(a * n, b * n)).trim()
+    for rows in batches:
+        prompts = sorted({j // n for j in rows})
+        t_ro, s_ro = teacher.rows(torch.tensor(prompts)).trim(), student.rows(torch.tensor(rows)).trim()
+        pair_of = torch.tensor([prompts.index(j // n) for j in rows])          # each sample's teacher row
         with amp:
-            t = score(d, t_ro.prompt_ids, t_ro.prompt_mask, t_ro.response_ids, t_ro.response_mask)  # [b]
-            s = score(d, s_ro.prompt_ids, s_ro.prompt_mask, s_ro.response_ids, s_ro.response_mask)  # [b*n]
-            t = t.repeat_interleave(n)                                       # [b*n] pair each sample with y_t
+            t = score(d, t_ro.prompt_ids, t_ro.prompt_mask, t_ro.response_ids, t_ro.response_mask)  # [p]
+            s = score(d, s_ro.prompt_ids, s_ro.prompt_mask, s_ro.response_ids, s_ro.response_mask)  # [b]
+            t = t[pair_of.to(t.device)]                                      # [b] each sample with its y_t
             loss = losses.bt_loss(t, s) * (t.numel() / pairs)                # this micro-batch's share of the mean
         loss.backward()
         total += loss.item()

@@ -31,6 +31,7 @@ Schedules, and where we depart from the paper or the released code (each a flag)
 import argparse
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -151,10 +152,11 @@ def add_lora(model, r):
 
 
 @torch.no_grad()
-def mean_logprob(model, ro, chunk_size):
+def mean_logprob(model, ro, args):
     """Per-sequence mean log-probability of the response (temperature 1) [N]: log P or log Q of the curriculum."""
-    lp = sample.sequence_logprobs(model, ro, chunk_size=chunk_size)
-    return losses.masked_mean(lp, ro.response_mask.bool(), dim=-1)
+    return ro.map(lambda r: losses.masked_mean(sample.sequence_logprobs(model, r, chunk_size=args.chunk_size),
+                                               r.response_mask.bool(), dim=-1),
+                  args.micro_batch_size, args.micro_batch_tokens)
 
 
 def epoch_rows_path(out, epoch, rank):
@@ -250,8 +252,6 @@ def main(argv=None):
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
     for r, y in zip(val, respond(teacher, val, "val", student_vocab)):
         r["y_t"] = y
-    with amp:
-        before = eval_lib.heldout_divergence(student, teacher, val, pad, args.chunk_size) if val else {}
 
     # -------------------------------------------------------------------- optimizer, resume
     trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters only
@@ -263,8 +263,11 @@ def main(argv=None):
         start = common.load_checkpoint(ckpt_path, student=student, opt=opt, sched=sched)["step"] + 1
         common.drop_metrics_after(metrics_path, lambda r: r["step"] < start)
         print0(f"resumed from {ckpt_path} at step {start}")
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    elif rank == 0:   # a fresh run: a fresh log, and no epoch responses of an earlier run in this folder
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        shutil.rmtree(os.path.join(args.out, "epoch_rows"), ignore_errors=True)
+    common.barrier()
 
     # -------------------------------------------------------------------- training
     uses_student_samples = args.loss == "distillm2" or args.on_policy_fraction > 0
@@ -299,13 +302,11 @@ def main(argv=None):
 
         # schedules
         beta = args.beta0 if (args.no_beta_ramp or args.released) else beta_at(step, total_steps, args.beta0)
-        alpha_t = alpha_s = torch.full((len(batch),), args.alpha0)
+        alpha_t = alpha_s = torch.full((len(batch),), args.alpha0, device=device)
         if args.loss == "distillm2" and epoch > 0 and not (args.no_alpha_curriculum or args.released):
             with phases("curriculum"), amp:
-                gap_t = mean_logprob(teacher, t_ro, args.chunk_size).exp() - \
-                    mean_logprob(student, t_ro, args.chunk_size).exp()                        # P - Q on y_t
-                gap_s = mean_logprob(student, s_ro, args.chunk_size).exp() - \
-                    mean_logprob(teacher, s_ro, args.chunk_size).exp()                        # Q - P on y_s
+                gap_t = mean_logprob(teacher, t_ro, args).exp() - mean_logprob(student, t_ro, args).exp()  # P - Q, y_t
+                gap_s = mean_logprob(student, s_ro, args).exp() - mean_logprob(teacher, s_ro, args).exp()  # Q - P, y_s
             m_t, m_s = (common.all_reduce_sum(g.sum().item()) / n_global for g in (gap_t, gap_s))  # global means
             alpha_t, alpha_s = alpha_curriculum(gap_t, args.alpha0, m_t), alpha_curriculum(gap_s, args.alpha0, m_s)
             m.update(gap_skl=gap_t.tolist(), gap_srkl=gap_s.tolist())
@@ -371,7 +372,7 @@ def main(argv=None):
         if val:
             fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
                                       layers=args.student_layers).eval()
-            eval_lib.white_box_report(student, fresh, teacher, tok, val, val_recs, before, pad,
+            eval_lib.white_box_report(student, fresh, teacher, tok, val, val_recs, pad,
                                       os.path.join(args.out, "eval.json"), max_new_tokens=args.max_new_tokens,
                                       max_prompt_len=args.max_prompt_len, chunk_size=args.chunk_size)
     common.compute_cleanup()

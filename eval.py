@@ -138,17 +138,17 @@ def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8
     return sums
 
 
-def white_box_report(student, fresh, teacher, tok, val, val_records, before, pad, out_path, *, max_new_tokens,
+def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_path, *, max_new_tokens,
                      max_prompt_len, chunk_size=128):
     """The before/after table of the white-box trainers, on held-out prompts with fixed teacher responses (val rows
-    {"id", "prompt", "y_t"}): held-out KLs (`before` measured before training) and the evaluate() metrics of the
-    initial student (`fresh`) and the trained one. Printed, written to out_path as JSON, and returned."""
-    after = heldout_divergence(student.eval(), teacher, val, pad, chunk_size)
+    {"id", "prompt", "y_t"}): held-out KLs and the evaluate() metrics of the initial student (`fresh`, loaded as
+    the trained one was exported, so both columns are computed alike) and the trained one. Printed, written to
+    out_path as JSON, and returned."""
     by_id = {r["id"]: r for r in val_records}
     recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True)) for r in val]
     kw = dict(teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len)
-    table = {"before": {**before, **evaluate(fresh, tok, recs, **kw)},
-             "after": {**after, **evaluate(student, tok, recs, **kw)}}
+    table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, chunk_size),
+                    **evaluate(model, tok, recs, **kw)} for when, model in (("before", fresh), ("after", student))}
     print0(format_table(table))
     summary = {when: {k: v for k, v in d.items() if k != "samples"} for when, d in table.items()}
     common.atomic_write_text(out_path, json.dumps(summary, indent=1))
@@ -290,8 +290,8 @@ def _hf_score_fn(cls_model):
     def score_fn(prompt_ids, prompt_mask, response_ids, response_mask):
         ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)       # [N, P+T]
         mask = torch.cat([prompt_mask, response_mask], dim=1).to(device)    # [N, P+T]
-        h = backbone(input_ids=ids, attention_mask=mask,
-                     position_ids=sample.position_ids_from_mask(mask)).last_hidden_state  # [N, P+T, H]
+        h = backbone(input_ids=ids, attention_mask=mask, position_ids=sample.position_ids_from_mask(mask),
+                     use_cache=False).last_hidden_state                                  # [N, P+T, H]
         P, T = prompt_ids.shape[1], response_ids.shape[1]
         rmask = response_mask.to(device)
         # the largest column index with mask 1 (argmax takes the first max; an all-zero row: the last prompt token)

@@ -320,14 +320,11 @@ def main(argv=None):
     @torch.no_grad()
     def response_logprobs(model, ro):
         """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches."""
-        out = torch.zeros(ro.response_ids.shape, device=device)
-        for index, r in ro.micro_batches(args.micro_batch_size, args.micro_batch_tokens):
-            with amp:
-                out[index, :r.response_ids.shape[1]] = sample.sequence_logprobs(model, r, args.temperature,
-                                                                                chunk_size=args.chunk_size)
-        return out
+        with amp:
+            return ro.map(lambda r: sample.sequence_logprobs(model, r, args.temperature, chunk_size=args.chunk_size),
+                          args.micro_batch_size, args.micro_batch_tokens, per_position=True)
 
-    def rollout(batch, keys, stage, step):
+    def rollout(batch, keys, step):
         G.eval()
         with amp:
             ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
@@ -360,7 +357,7 @@ def main(argv=None):
             t0, phases = time.time(), common.Phases(device)
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "warmup", rank, world)
             with phases("sampling"):
-                ro = rollout(batch, keys, "warmup", step)
+                ro = rollout(batch, keys, step)
             t_ro = teacher_rollout(batch)
             with phases("d_update"):
                 m = discriminator.update(D, opt_d, t_ro, ro, args.samples_per_prompt, **d_kw)
@@ -381,13 +378,15 @@ def main(argv=None):
             t0, phases = time.time(), common.Phases(device)
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "gad", rank, world)
             with phases("sampling"):
-                ro = rollout(batch, keys, "gad", step)
+                ro = rollout(batch, keys, step)
             with phases("scoring"):
                 D.eval()
                 rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
                 D.train()                                                          # [B*n], BEFORE the D step
                 advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)                  # [B*n], per group of n
-                old_lp = response_logprobs(G, ro)     # by the training forward, so the first ratio is exactly 1
+                # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones (None)
+                on_policy = (args.ppo_epochs, args.mini_batches) == (1, 1)
+                old_lp = None if on_policy else response_logprobs(G, ro)
                 ref_lp = response_logprobs(ref, ro)
             with phases("d_update"):
                 m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.samples_per_prompt, **d_kw)

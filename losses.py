@@ -269,6 +269,13 @@ def jsd(student_logits, teacher_logits, beta):
     return loss
 
 
+def compute_dtype(weight):
+    """The dtype a matmul with `weight` runs in: autocast's when it is on for the weight's device, else the
+    weight's own (the chunked LM-head paths cast the head once to it, and keep it for backward)."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 def _head_params(head):
     """(weight [V, H], bias or None) of an LM head given as a module (nn.Linear, a tied nn.Embedding) or a weight."""
     if torch.is_tensor(head):
@@ -337,11 +344,15 @@ class _FusedKDLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(hs) if need_h else None
         grad_w = torch.zeros_like(s_weight, dtype=torch.float32) if need_w else None   # [V, H], fp32 sums
         grad_b = torch.zeros_like(s_bias, dtype=torch.float32) if need_b else None
+        # the heads cast once to the compute dtype (bf16 under autocast), not once a chunk
+        s_dtype, t_dtype = compute_dtype(s_weight), compute_dtype(t_weight)
+        sw, sb = s_weight.to(s_dtype), None if s_bias is None else s_bias.to(s_dtype)
+        tw, tb = t_weight.to(t_dtype), None if t_bias is None else t_bias.to(t_dtype)
         for i in range(0, B * T, chunk_size):
             rows = slice(i, i + chunk_size)
-            h = hs[rows]                                                                 # [c, H]
-            t_logits = F.linear(ts[rows], t_weight, t_bias)                              # [c, V_t]
-            s_logits = F.linear(h, s_weight, s_bias)                                     # [c, V_s]
+            h = hs[rows].to(s_dtype)                                                     # [c, H]
+            t_logits = F.linear(ts[rows].to(t_dtype), tw, tb)                            # [c, V_t]
+            s_logits = F.linear(h, sw, sb)                                               # [c, V_s]
             chunk_kwargs = {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == (B * T,) else v
                             for k, v in kwargs.items()}
             with torch.enable_grad():
@@ -351,11 +362,12 @@ class _FusedKDLoss(torch.autograd.Function):
                     # where, not a product: a value at a weight-0 (padding) position must not reach the sum
                     chunk_loss = torch.where(ws[rows] != 0, v * ws[rows], torch.zeros_like(v)).sum()
                     (g_logits,) = torch.autograd.grad(chunk_loss, s_logits)              # [c, V_s]
+                    g_logits = g_logits.to(s_dtype)
             values[rows] = v.detach()
             if need_h:
-                grad_h[rows] = g_logits @ s_weight.to(g_logits.dtype)
-            if need_w:
-                grad_w.addmm_(g_logits.t().float(), h.float())
+                grad_h[rows] = g_logits @ sw
+            if need_w:   # in place in fp32; else a product in the compute dtype, summed in fp32
+                grad_w.addmm_(g_logits.t(), h) if s_dtype == grad_w.dtype else grad_w.add_(g_logits.t() @ h)
             if need_b:
                 grad_b += g_logits.sum(0).float()
             del t_logits, s_logits, v

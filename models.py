@@ -292,6 +292,8 @@ def autocast(device, dtype):
     are loaded in --dtype. Enter it around forward passes only; backward runs outside it (PyTorch's AMP rule)."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
+    if torch_dtype == torch.float16:
+        raise ValueError("--dtype float16 would need loss scaling (fp16 gradients underflow); use bfloat16")
     if torch_dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
@@ -309,12 +311,18 @@ def checkpoint_activations(model):
 
 
 def frozen_copy(model, dtype):
-    """A frozen copy of `model` with its parameters in `dtype` (GAD's reference policy: bf16 next to the fp32
-    student). Each parameter is cast as it is copied, so no second fp32 copy is ever held; buffers (rotary
-    frequencies) are copied as they are; tied weights stay tied (one memo entry per parameter)."""
+    """A frozen copy of `model` (GAD's reference policy) with the weights of its linear layers stored in `dtype`,
+    and embeddings, norms and buffers as they are. Under autocast to `dtype` the copy computes exactly what the
+    model computed when it was copied, since autocast casts linear weights to `dtype` and touches nothing else
+    (a copy wholly in bf16 would also round the fp32 embeddings and residual stream, and the KL to it would not
+    start at 0); the matmul weights take half the memory. Each tensor is cast as it is copied (no second fp32
+    copy of the model is ever held); a head tied to the input embeddings stays with them."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    memo = {id(p): torch.nn.Parameter(p.detach().to(torch_dtype, copy=True), requires_grad=False)
-            for p in model.parameters()}
+    embedding = model.get_input_embeddings().weight
+    linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+    linear.discard(id(embedding))
+    memo = {id(p): torch.nn.Parameter(p.detach().to(torch_dtype if id(p) in linear else p.dtype, copy=True),
+                                      requires_grad=False) for p in model.parameters()}
     return copy.deepcopy(model, memo).eval()
 
 

@@ -83,7 +83,10 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
 
     rollout: input_ids / attention_mask [N, P+T] (left-padded prompt + response), response_mask [N, T].
     advantages: [N] (GRPO, put on every response token) or [N, T] (GAE). old_logprobs, ref_logprobs: [N, T] at
-    the same temperature (e.g. rollout.logprobs and the reference model's sequence_logprobs).
+    the same temperature (e.g. rollout.logprobs and the reference model's sequence_logprobs). old_logprobs None
+    (one epoch, one mini-batch only): the policy that sampled is the one being updated, and each micro-batch's own
+    logprobs, detached, are the old ones. The ratio is then exactly 1, as it is in exact arithmetic, and no
+    separate pass over the rollout is needed (a pass with other micro-batches would differ by bf16 rounding).
 
     For each epoch the N rows are shuffled (`generator`) and split into `mini_batches` equal mini-batches; each
     mini-batch is one optimizer step, accumulated over micro-batches of at most `micro_batch_size` rows (default:
@@ -127,7 +130,10 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand(N, T)                       # GRPO: one per sequence, every token
     advantages = advantages.float().masked_fill(~response_mask, 0.0)       # [N, T]
-    old_logprobs = old_logprobs.detach().float().masked_fill(~response_mask, 0.0)
+    if old_logprobs is None and (ppo_epochs, mini_batches) != (1, 1):
+        raise ValueError("old_logprobs=None (on-policy) needs ppo_epochs=1 and mini_batches=1")
+    if old_logprobs is not None:
+        old_logprobs = old_logprobs.detach().float().masked_fill(~response_mask, 0.0)
     if ref_logprobs is not None:
         ref_logprobs = ref_logprobs.detach().float().masked_fill(~response_mask, 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,15 +156,15 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
                     out = sequence_logprobs(model, r, temperature, return_entropy=True, value_head=value_head,
                                             chunk_size=chunk_size)
                     logprobs, entropy = out[0], out[1]                   # [n, t]
-                    # With one epoch and one mini-batch, old_logprobs come from these same weights: the ratio is 1
-                    # (up to float noise if they come from the sampler's cached pass), nothing is clipped, and the
-                    # gradient is -A * grad log pi: REINFORCE with the group mean as baseline (GAD's reference
-                    # setting). The clip only acts from the second optimizer step on a batch.
-                    pg_losses, clipped = losses.ppo_policy_loss(logprobs, old_logprobs[rows, :t],
-                                                                advantages[rows, :t], clip_eps, dual_clip)
+                    # With one epoch and one mini-batch the old logprobs are these same weights': the ratio is 1,
+                    # nothing is clipped, and the gradient is -A * grad log pi: REINFORCE with the group mean as
+                    # baseline (GAD's reference setting). The clip only acts from the second optimizer step on a batch.
+                    old = logprobs.detach() if old_logprobs is None else old_logprobs[rows, :t]   # [n, t]
+                    pg_losses, clipped = losses.ppo_policy_loss(logprobs, old, advantages[rows, :t], clip_eps,
+                                                                dual_clip)
                     per_token = pg_losses                                # [n, t]
                     stats = {"pg_loss": pg_losses, "clipfrac": clipped.float(), "entropy": entropy,
-                             "approx_kl": losses.kl_k2(logprobs, old_logprobs[rows, :t])}
+                             "approx_kl": losses.kl_k2(logprobs, old)}
                     if ref_logprobs is not None:
                         stats["kl"] = losses.kl_k3(logprobs, ref_logprobs[rows, :t])
                         per_token = per_token + kl_coef * stats["kl"]

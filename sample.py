@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from common import print0
 import data as data_lib
+import losses
 import models
 
 
@@ -87,6 +88,22 @@ class Rollout:
         for a, b in split_by_budget([(1, p, r) for p, r in zip(plen, rlen)], max_rows, max_tokens):
             index = rows[a:b].to(self.prompt_ids.device)
             yield index, self.rows(index).trim()
+
+    def map(self, fn, max_rows, max_tokens=None, per_position=False):
+        """fn(micro-batch) over micro_batches(max_rows, max_tokens), gathered back by row: fn returns [b, ...], or
+        with per_position [b, t, ...] over the micro-batch's own response width t, and map [N, ...] (or
+        [N, T, ...], 0 past each micro-batch's width). For passes without gradients (scores, old logprobs)."""
+        out = None
+        for index, r in self.micro_batches(max_rows, max_tokens):
+            y = fn(r)
+            if out is None:
+                rows = tuple(self.response_ids.shape) if per_position else (self.prompt_ids.shape[0],)
+                out = y.new_zeros(rows + tuple(y.shape[2 if per_position else 1:]))
+            if per_position:
+                out[index, :y.shape[1]] = y
+            else:
+                out[index] = y
+        return out
 
     def texts(self, tokenizer):
         """Decoded responses without the end-of-turn token or padding."""
@@ -176,19 +193,13 @@ def response_hidden(model, ro):
     """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM head: the
     inputs of the full-vocabulary losses (losses.kd_loss_chunked) and of AMM's adversary."""
     mask = ro.attention_mask
-    h = model.model(input_ids=ro.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
-                    ).last_hidden_state                               # [N, P+T, H]
+    h = model.model(input_ids=ro.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=False).last_hidden_state               # [N, P+T, H] (no KV cache to fill)
     P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
     return h[:, P - 1:P - 1 + T], model.get_output_embeddings()      # position P-1+t predicts token t
 
 
 LOGIT_CHUNK = 128  # positions whose full-vocabulary logits exist at once ([128, 151936] fp32: 78 MB)
-
-
-def compute_dtype(weight):
-    """The dtype a matmul with `weight` runs in here: autocast's when it is on for the weight's device."""
-    device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -200,7 +211,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature, chunk, with_entropy):
-        dtype = compute_dtype(weight)                           # bf16 under autocast, else the weight's
+        dtype = losses.compute_dtype(weight)                    # bf16 under autocast, else the weight's
         w = weight.to(dtype)                                    # [V, H] (one cast, not one per chunk)
         M, out = hidden.shape[0], torch.promote_types(dtype, torch.float32)   # softmax math in fp32 at least
         logprobs = torch.zeros(M, dtype=out, device=hidden.device)

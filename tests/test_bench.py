@@ -25,12 +25,14 @@ def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
 def test_memory_arithmetic_counts_what_the_tensors_take():
     """Parameters and the KV cache, the two terms that scale with the model and the rollout, against the tiny
     model's own tensors."""
-    model = models.load_model("tiny", dtype="bfloat16")
+    model = models.load_model("tiny")
     P = models.num_params(model)
     held, sampling, update, _ = bench.gad_step_memory("tiny", rows=6, prompt_len=5, new_tokens=7,
                                                       micro_batch_tokens=64, adam8bit=False)
     assert held["G: fp32 weights + optimizer state"] == 12 * P and update["G gradients (fp32)"] == 4 * P
-    assert held["reference (bf16)"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    ref = models.frozen_copy(model, "bfloat16")
+    assert held["reference (bf16 linear, fp32 embeddings)"] == sum(p.numel() * p.element_size() for p in ref.parameters())
+    model = models.cast_parameters(model, "bfloat16")
     cache = model(input_ids=torch.randint(0, 256, (6, 12)), use_cache=True).past_key_values
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert sampling["KV cache"] == kv_bytes

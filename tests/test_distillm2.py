@@ -135,6 +135,10 @@ def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     run(TINY + ["--out", str(tmp_path / "full")])
+    # an earlier run in the same folder, with more ranks, left its epoch-2 responses: a fresh run must not read them
+    (tmp_path / "cut" / "epoch_rows").mkdir(parents=True)
+    torch.save({f"tiny-{i}": {"y_t": [5], "y_s": [6]} for i in range(40)},
+               tmp_path / "cut" / "epoch_rows" / "epoch1.rank1.pt")
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--stop-after", "6"])  # mid epoch 2
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
     a = student_weights(tmp_path / "full")

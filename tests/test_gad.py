@@ -67,7 +67,7 @@ def test_discriminator_update_learns_and_accumulates_exactly():
     teacher = sample.pack([[5, 6], [7, 8, 9]], [[100, 101, 258], [102, 258]], PAD)
     samples = sample.pack([[5, 6]] * 2 + [[7, 8, 9]] * 2, [[30, 31, 32, 33], [34, 258], [35, 258], [36, 37]], PAD)
     steps = []
-    for mb in (None, 3):  # whole batch vs one prompt (1 teacher + 2 samples) per micro-batch
+    for mb in (None, 3, 2):  # whole batch; one prompt (1 teacher + 2 samples); one pair (a prompt split in two)
         d = discriminator.from_student(student)
         before = torch.cat([p.detach().flatten() for p in d.parameters()])
         opt = torch.optim.SGD(d.parameters(), lr=1.0)   # the step is minus the gradient (no clipping)
@@ -75,6 +75,12 @@ def test_discriminator_update_learns_and_accumulates_exactly():
         steps.append(torch.cat([p.detach().flatten() for p in d.parameters()]) - before)
     assert steps[0].abs().max() > 0
     torch.testing.assert_close(steps[0], steps[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(steps[0], steps[2], atol=1e-6, rtol=1e-5)
+    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=2) == [[0], [1], [2], [3]]
+    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=3) == [[0, 1], [2, 3]]
+    # prompt 0's pairs with its teacher row: 3 rows x (2 + 4) = 18 tokens fit; prompt 1's: 3 x (3 + 4) = 21 do not
+    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=9, max_tokens=18) == \
+        [[0, 1], [2], [3]]
     d = discriminator.from_student(student)
     opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
     first = discriminator.update(d, opt, teacher, samples, n=2)

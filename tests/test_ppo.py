@@ -165,6 +165,23 @@ def test_first_step_has_ratio_one(rollout):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_on_policy_update_uses_its_own_logprobs_as_the_old_ones(rollout):
+    """old_logprobs=None (one epoch, one mini-batch): the step equals the one with a separate pass's logprobs, with
+    the ratio exactly 1; with more epochs it is refused."""
+    adv = seq_advantages(12)
+    steps = []
+    for old in (logprobs_of(models.tiny_model(seed=0), rollout), None):
+        model = models.tiny_model(seed=0)
+        before = [p.detach().clone() for p in model.parameters()]
+        stats = ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv, old,
+                               micro_batch_size=5, max_grad_norm=None, temperature=0.7)
+        steps.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())]))
+    assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
+    torch.testing.assert_close(steps[1], steps[0], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="on-policy"):
+        ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv, None, ppo_epochs=2)
+
+
 def test_later_minibatches_get_clipped(rollout):
     model = models.tiny_model(seed=0)
     old = logprobs_of(model, rollout)

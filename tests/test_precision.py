@@ -129,3 +129,15 @@ def test_a_bf16_runs_evaluation_is_that_of_its_exported_student(tmp_path):
     by_cli = json.loads((tmp_path / "e.json").read_text())[str(out / "student")]
     for key in ("student_nll", "teacher_nll", "rouge_l", "length"):
         assert table[key] == pytest.approx(by_cli[key], rel=1e-6), key
+
+
+def test_the_bf16_reference_computes_what_the_policy_computed_when_copied(rows):
+    """GAD's reference: its linear weights in bf16, the rest in fp32, so under bf16 autocast its logprobs are
+    bit for bit those of the fp32 policy it was copied from (the k3 KL starts at 0), at half the matmul memory."""
+    student, _, _, ro = rows
+    ref = models.frozen_copy(student, "bfloat16")
+    assert ref.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert ref.model.embed_tokens.weight.dtype == torch.float32 and ref.lm_head.weight is ref.model.embed_tokens.weight
+    assert not any(p.requires_grad for p in ref.parameters())
+    with torch.no_grad(), models.autocast("cpu", "bfloat16"):
+        assert torch.equal(sample.sequence_logprobs(ref, ro, 0.8), sample.sequence_logprobs(student, ro, 0.8))
