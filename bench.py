@@ -345,7 +345,8 @@ def bench_gpu(args):
               "--eval-prompts", str(size["eval_prompts"]), "--save-every", "1"]
     runs = [  # (script, arguments, --stop-after of the first run; the second resumes it)
         ("gad.py", ["--student", size["student"], "--stage", "all", "--warmup-steps", "2", "--gad-steps", "3",
-                    "--freeze-g-steps", "0", "--prompts-per-step", str(size["prompts"]), "--samples-per-prompt", str(size["n"]),
+                    "--freeze-g-steps", "0", "--prompts-per-step", str(size["prompts"]),
+                    "--samples-per-prompt", str(size["n"]),
                     "--max-new-tokens", str(size["new_tokens"]), "--max-response-len", str(size["new_tokens"]),
                     "--eval-max-new-tokens", "32"], 3),
         ("distillm2.py", ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "2",
@@ -383,7 +384,8 @@ def bench_gpu(args):
             out = os.path.join(work, "gad_peak" + ("_8bit" if extra else ""))
             torchrun("gad.py", ["--student", size["big"], "--stage", "gad", "--gad-steps", "2", "--dtype",
                                 "bfloat16", "--device", device, "--data", peak_data, "--prompts-per-step",
-                                str(size["peak_prompts"]), "--samples-per-prompt", str(size["peak_n"]), "--max-new-tokens",
+                                str(size["peak_prompts"]), "--samples-per-prompt", str(size["peak_n"]),
+                                "--max-new-tokens",
                                 str(size["peak_new_tokens"]), "--max-response-len", str(size["peak_new_tokens"]),
                                 "--max-prompt-len", "2048", "--eval-prompts", "0", "--save-every", "100",
                                 "--out", out] + extra, log)

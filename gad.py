@@ -52,17 +52,17 @@ PAPER = dict(  # GAD reference recipe (DESIGN.md section 2): 7B-14B students on 
 PRESETS = {
     # lr / d_lr: with a D much faster than G (d_lr 3e-3) the tiny student's reward never climbs; with these, 80
     # GAD steps of 8 x 8 samples raise a held-out D's score (tests/test_gad.py, the learning test).
-    "tiny": dict(PAPER, data="tiny", teacher="tiny-teacher", samples_per_prompt=4, prompts_per_step=8, lr=1e-2, d_lr=1e-3,
-                 grad_clip=1.0, kl_coef=0.001, freeze_g_steps=2, warmup_steps=6, gad_steps=20, seqkd_epochs=2.0,
-                 seqkd_lr=3e-3, max_prompt_len=64, max_response_len=16, max_new_tokens=16, micro_batch_size=32,
-                 dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160, gradient_checkpointing=False,
-                 micro_batch_tokens=None),
+    "tiny": dict(PAPER, data="tiny", teacher="tiny-teacher", samples_per_prompt=4, prompts_per_step=8, lr=1e-2,
+                 d_lr=1e-3, grad_clip=1.0, kl_coef=0.001, freeze_g_steps=2, warmup_steps=6, gad_steps=20,
+                 seqkd_epochs=2.0, seqkd_lr=3e-3, max_prompt_len=64, max_response_len=16, max_new_tokens=16,
+                 micro_batch_size=32, dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160,
+                 gradient_checkpointing=False, micro_batch_tokens=None),
     # The embedded CPU default: real weights and data from packages, sized for ~10 minutes on 2 cores.
-    "smollm2-135m": dict(PAPER, samples_per_prompt=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4, grad_clip=1.0, freeze_g_steps=2,
-                         warmup_steps=10, gad_steps=20, seqkd_epochs=1.0, seqkd_lr=2e-5, max_prompt_len=64,
-                         max_response_len=32, max_new_tokens=32, micro_batch_size=8, dtype="float32",
-                         eval_prompts=32, eval_max_new_tokens=32, limit=1200, gradient_checkpointing=False,
-                         micro_batch_tokens=None),
+    "smollm2-135m": dict(PAPER, samples_per_prompt=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4, grad_clip=1.0,
+                         freeze_g_steps=2, warmup_steps=10, gad_steps=20, seqkd_epochs=1.0, seqkd_lr=2e-5,
+                         max_prompt_len=64, max_response_len=32, max_new_tokens=32, micro_batch_size=8,
+                         dtype="float32", eval_prompts=32, eval_max_new_tokens=32, limit=1200,
+                         gradient_checkpointing=False, micro_batch_tokens=None),
 }
 DEFAULT_STUDENT = "smollm2-135m"
 
@@ -327,9 +327,9 @@ def main(argv=None):
     def rollout(batch, keys, step):
         G.eval()
         with amp:
-            ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
-                                 seed=args.seed, prompt_keys=[f"{k}|{step}" for k in keys])
+            ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.samples_per_prompt,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 eos_ids=eos, pad_id=pad, seed=args.seed, prompt_keys=[f"{k}|{step}" for k in keys])
         G.train()
         return ro
 
@@ -383,7 +383,7 @@ def main(argv=None):
                 D.eval()
                 rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
                 D.train()                                                          # [B*n], BEFORE the D step
-                advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)                  # [B*n], per group of n
+                advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)  # [B*n], per group of n
                 # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones (None)
                 on_policy = (args.ppo_epochs, args.mini_batches) == (1, 1)
                 old_lp = None if on_policy else response_logprobs(G, ro)

@@ -31,7 +31,8 @@ def test_memory_arithmetic_counts_what_the_tensors_take():
                                                       micro_batch_tokens=64, adam8bit=False)
     assert held["G: fp32 weights + optimizer state"] == 12 * P and update["G gradients (fp32)"] == 4 * P
     ref = models.frozen_copy(model, "bfloat16")
-    assert held["reference (bf16 linear, fp32 embeddings)"] == sum(p.numel() * p.element_size() for p in ref.parameters())
+    ref_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
+    assert held["reference (bf16 linear, fp32 embeddings)"] == ref_bytes
     model = models.cast_parameters(model, "bfloat16")
     cache = model(input_ids=torch.randint(0, 256, (6, 12)), use_cache=True).past_key_values
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

@@ -200,7 +200,8 @@ def test_gad_raises_a_held_out_discriminators_score(tmp_path):
         with contextlib.redirect_stdout(io.StringIO()):
             gad.main(["--student", "tiny", "--stage", "warmup", "--warmup-steps", "30", "--freeze-g-steps", "100",
                       "--d-lr", "3e-3", "--seed", "2", "--out", str(held)])
-            gad.main(["--student", "tiny", "--stage", "gad", "--gad-steps", "80", "--samples-per-prompt", "8", "--eval-prompts", "0",
+            gad.main(["--student", "tiny", "--stage", "gad", "--gad-steps", "80", "--samples-per-prompt", "8",
+                      "--eval-prompts", "0",
                       "--seed", "2", "--out", str(trained)])
         from transformers import AutoModelForSequenceClassification
         d_held = AutoModelForSequenceClassification.from_pretrained(held / "discriminator").eval()

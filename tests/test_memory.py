@@ -33,7 +33,8 @@ def test_paper_presets_recompute_activations_and_bound_micro_batches_by_tokens(t
 def test_gradient_checkpointing_and_a_token_budget_change_no_result(tmp_path, script):
     base = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--stop-after", "2", "--save-every", "1"]
     run_script(script, base + ["--out", str(tmp_path / "plain")])
-    run_script(script, base + ["--gradient-checkpointing", "--micro-batch-tokens", "64", "--out", str(tmp_path / "ckpt")])
+    run_script(script, base + ["--gradient-checkpointing", "--micro-batch-tokens", "64",
+                               "--out", str(tmp_path / "ckpt")])
     for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
     w_plain = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=False)["student"]
@@ -74,7 +75,8 @@ def big_vocab(tmp_path_factory):
 COMMON = ["--prompts-per-step", "4", "--micro-batch-size", "8", "--max-new-tokens", "8",
           "--max-prompt-len", "64", "--dtype", "float32", "--chunk-size", str(CHUNK), "--eval-prompts", "2"]
 RUNS = {   # one or two steps of each trainer and its held-out evaluation; at most 8 rows decode at once
-    "gad": (gad, ["--stage", "all", "--samples-per-prompt", "2", "--warmup-steps", "1", "--gad-steps", "1", "--freeze-g-steps", "0",
+    "gad": (gad, ["--stage", "all", "--samples-per-prompt", "2", "--warmup-steps", "1", "--gad-steps", "1",
+                  "--freeze-g-steps", "0",
                   "--max-response-len", "8", "--eval-max-new-tokens", "8", "--val-fraction", "0.3"]),
     "distillm2": (distillm2, ["--data", "tiny", "--epochs", "2", "--limit", "24", "--prompts-per-step", "8",
                               "--gen-batch-size", "8", "--val-fraction", "0.2"]),   # epoch 2: the alpha curriculum
