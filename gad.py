@@ -57,7 +57,7 @@ PRESETS = {
                  seqkd_epochs=2.0, seqkd_lr=3e-3, max_prompt_len=64, max_response_len=16, max_new_tokens=16,
                  micro_batch_size=32, dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160,
                  gradient_checkpointing=False, micro_batch_tokens=None),
-    # The embedded CPU default: real weights and data from packages, sized for ~10 minutes on 2 cores.
+    # The embedded CPU default: real weights and data from packages, sized for ~6 minutes on 2 cores.
     "smollm2-135m": dict(PAPER, samples_per_prompt=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4, grad_clip=1.0,
                          freeze_g_steps=2, warmup_steps=10, gad_steps=20, seqkd_epochs=1.0, seqkd_lr=2e-5,
                          max_prompt_len=64, max_response_len=32, max_new_tokens=32, micro_batch_size=8,
@@ -370,7 +370,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------- GAD: PPO against D
     if "gad" in stages and (start := resume_step("gad")) is not None:
-        ref = models.frozen_copy(G, args.dtype)  # pi_ref = G at the start of the stage, in the compute dtype
+        ref = models.frozen_copy(G, args.dtype)  # pi_ref = G at the start of the stage (matmul weights in --dtype)
         if resume is not None and resume["stage"] == "gad":
             ref.load_state_dict(resume.pop("ref"))
         total = num_steps(args.gad_steps, args.gad_epochs, len(train), args.prompts_per_step)
