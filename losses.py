@@ -134,12 +134,12 @@ def kl_k3(logprobs, ref_logprobs):
 # entropy
 
 def entropy_from_logits(logits):
-    """H = logsumexp(z) - sum_v p_v z_v per position: [..., V] -> [...], in float32.
+    """H = logsumexp(z) - sum_v p_v z_v per position: [..., V] -> [...], in float32 at least.
 
     This form needs one softmax and no log of a probability (log p underflows to -inf for tiny p). Entries with
     p = 0 (a logit of -inf, e.g. a masked vocabulary slot) contribute 0 instead of 0 * -inf = NaN.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)      # [..., 1]
     p = torch.exp(logits - lse)                               # [..., V]
     p_z = torch.where(p > 0, p * logits, torch.zeros_like(p))

@@ -57,6 +57,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def to_dtype(dtype):
+    """A torch dtype from a --dtype name ('bfloat16', 'bf16', ...) or a torch dtype."""
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
 def cache_dir():
     return os.environ.get("NANOGAD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanogad"))
 
@@ -247,7 +252,7 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise RuntimeError("--attn flash_attention_2 needs the flash-attn package (`pip install flash-attn`, CUDA "
                            "only); use --attn sdpa")
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = to_dtype(dtype)
     if name in TINY:
         if quant:
             raise ValueError("tiny models are not quantized")
@@ -285,12 +290,12 @@ def load(name, **kwargs):
 # precision: trainable models keep fp32 weights and optimizer state, and compute under autocast
 
 def autocast(device, dtype):
-    """The context every forward pass of the trainers runs in: bf16 (fp16) autocast on `device` when `dtype` is
-    one, else nothing. Trainable models are loaded in fp32 whatever --dtype says: AdamW's update at lr 1e-6 is
+    """The context every forward pass of the trainers runs in: bf16 autocast on `device` when `dtype` is bf16,
+    else nothing (fp16 is refused: it would need loss scaling). Trainable models are loaded in fp32 whatever --dtype says: AdamW's update at lr 1e-6 is
     far below a bf16 weight's resolution (~0.4% of its value) and would round away (verl builds its actors in
     fp32 for this reason); autocast runs their matmuls in bf16 all the same. Frozen models (teacher, reference)
     are loaded in --dtype. Enter it around forward passes only; backward runs outside it (PyTorch's AMP rule)."""
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = to_dtype(dtype)
     device = torch.device(device)
     if torch_dtype == torch.float16:
         raise ValueError("--dtype float16 would need loss scaling (fp16 gradients underflow); use bfloat16")
@@ -317,7 +322,7 @@ def frozen_copy(model, dtype):
     (a copy wholly in bf16 would also round the fp32 embeddings and residual stream, and the KL to it would not
     start at 0); the matmul weights take half the memory. Each tensor is cast as it is copied (no second fp32
     copy of the model is ever held); a head tied to the input embeddings stays with them."""
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = to_dtype(dtype)
     embedding = model.get_input_embeddings().weight
     linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
     linear.discard(id(embedding))
@@ -330,7 +335,7 @@ def cast_parameters(model, dtype):
     """Cast the parameters in place, not the buffers: `model.to(bf16)` would round the rotary frequencies too
     (`inv_freq`, which from_pretrained keeps in fp32), and Qwen's angles at position 1000 would be off by more
     than a radian. Tied weights are one parameter, cast once."""
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = to_dtype(dtype)
     for p in model.parameters():
         p.data = p.data.to(torch_dtype)
     return model

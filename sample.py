@@ -221,9 +221,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             logits = F.linear(hidden[i:i + chunk].to(dtype), w).to(out) / temperature      # [c, V]
             lse[i:i + chunk] = torch.logsumexp(logits, -1)
             logprobs[i:i + chunk] = logits.gather(-1, tokens[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
-            if with_entropy:   # H = lse - sum_v p_v z_v; p = 0 entries (a -inf logit) add 0, not 0 * -inf
-                p = torch.exp(logits - lse[i:i + chunk, None])
-                entropy[i:i + chunk] = lse[i:i + chunk] - torch.where(p > 0, p * logits, 0.0).sum(-1)
+            if with_entropy:
+                entropy[i:i + chunk] = losses.entropy_from_logits(logits)
             del logits
         ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
