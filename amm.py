@@ -6,7 +6,7 @@
 
 No public implementation exists. The paper fixes the shape (moment matching of the teacher's and the student's
 next-token distributions, on- and off-policy, against a learned adversary, optimised with a policy gradient);
-the parameterisation below is OUR RECONSTRUCTION (DESIGN.md section 4). Every choice is a flag, listed at the end.
+the parameterisation below is OUR RECONSTRUCTION from the paper. Every choice is a flag, listed at the end.
 
 The method. Distillation as imitation in a token-level MDP: state s_t = (x, y_<t), action y_t, teacher policy p,
 student policy q. For a bounded class F of functions f(s, .) over the vocabulary, a moment-matching distance
@@ -40,7 +40,7 @@ Reconstruction choices and assumptions (the paper leaves these open; each is a f
   3. The 1/T of "mean_t" (--token-mean sequence, our default): each sequence's own length, so a response's
      distance is the mean moment over its tokens. Every action then changes the return through the length (an
      EOS shortens it), so the score term weighs each action by the whole sequence's distance, not a reward-to-go
-     (unbiased; more variance). --token-mean horizon is DESIGN.md's form: 1 / --max-new-tokens for every sequence,
+     (unbiased; more variance). --token-mean horizon is the per-step-cost form: 1 / --max-new-tokens for every sequence,
      a sum of per-step costs, and the reward-to-go R_t = sum_{t' > t} g_t' above. After its EOS a sequence then
      sits in an absorbing state where p = q and adds 0, which pays the student to stop early: measured with
      `python amm.py --token-mean horizon`, SmolLM2's cut student went from 20-token responses to 1-token ones in 8

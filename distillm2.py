@@ -6,7 +6,7 @@ DistiLLM (SKL, SRKL), GKD (generalized JSD) and forward / reverse KL baselines o
     torchrun --nproc_per_node=8 distillm2.py --teacher qwen2.5-7b --student qwen2.5-1.5b --data prompts.jsonl
 
 Each epoch e: for every prompt, y_t ~ teacher and y_s ~ the CURRENT student (temperature 0.8, top-p 0.95), then
-steps over (x, y_t, y_s) with, per token (DESIGN.md section 3),
+steps over (x, y_t, y_s) with, per token (arXiv 2503.07067, eqs. for SKL / SRKL),
     SKL_a  = sum_v p (log p - log m1),  log m1 = logsumexp(log a + log p, log(1-a) + log q)       (q not detached)
     SRKL_a = sum_v q (log q - log m2),  log m2 = logsumexp(log(1-a) + log p, log a + sg(log q))   (sg inside only)
 each averaged over its sequence's response tokens, and the loss mean_i[(1 - beta) SKL(y_t,i) + beta SRKL(y_s,i)].
@@ -44,7 +44,8 @@ import losses
 import models
 import sample
 
-PAPER = dict(  # DistiLLM-2 reference recipe (DESIGN.md section 3), full fine-tuning instead of LoRA r16
+# DistiLLM-2 reference recipe (jongwooko/distillm-2 training_configs), full fine-tuning instead of LoRA r16
+PAPER = dict(
     teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=128, micro_batch_size=8, lr=5e-5,
     max_prompt_len=1024, max_new_tokens=1024, temperature=0.8, top_p=0.95, dtype="bfloat16", eval_prompts=256,
     limit=None, gen_batch_size=32, val_fraction=0.1,

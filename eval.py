@@ -1,4 +1,5 @@
-"""Held-out metrics for a distilled student (DESIGN.md section 5), and a CLI that prints them as a table.
+"""Held-out metrics for a distilled student (the offline metrics of the GAD, DistiLLM-2 and MiniLLM papers),
+and a CLI that prints them as a table.
 
     python eval.py --model out/gad/final --compare smollm2-135m out/seqkd/final --data teacher.jsonl \
         --teacher qwen2.5-7b --discriminator out/gad/discriminator

@@ -40,7 +40,7 @@ import ppo
 import sample
 
 # Presets: --student picks one; every flag left unset is filled from it (and printed).
-PAPER = dict(  # GAD reference recipe (DESIGN.md section 2): 7B-14B students on 8 GPUs
+PAPER = dict(  # GAD reference recipe (LMOps gad/scripts/train): 7B-14B students on 8 GPUs
     data="sharegpt", samples_per_prompt=8, prompts_per_step=256, temperature=0.8, top_p=1.0, lr=1e-6, d_lr=1e-6,
     weight_decay=0.01, grad_clip=0.2, clip_eps=0.2, dual_clip=3.0, kl_coef=0.001, freeze_g_steps=10,
     warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0, seqkd_lr=5e-6, max_prompt_len=1024, max_response_len=1024,

@@ -208,7 +208,7 @@ def _mix_weight(x, like):
 def skl(student_logits, teacher_logits, alpha):
     """Skew KL, DistiLLM: SKL_a = KL(p || a p + (1 - a) q) per token [B, T].
 
-    q is not detached inside the mixture (DESIGN 3): the student's gradient flows through log m1 too.
+    q is not detached inside the mixture (DistiLLM's skewed KL): the student's gradient flows through log m1 too.
     alpha = 0 gives forward KL; DistiLLM uses alpha = 0.1. alpha: float, or [B] (one per sequence).
     """
     log_q, log_p = _logprobs(student_logits, teacher_logits)
@@ -220,7 +220,7 @@ def skl(student_logits, teacher_logits, alpha):
 def srkl(student_logits, teacher_logits, alpha):
     """Skew reverse KL, DistiLLM: SRKL_a = KL(q || (1 - a) p + a sg(q)) per token [B, T].
 
-    q is detached inside the mixture only (DESIGN 3, as the DistiLLM-2 reference): the gradient is that of
+    q is detached inside the mixture only (as the DistiLLM-2 reference code): the gradient is that of
     sum_v q (log q - c) with the mixture c held fixed. alpha = 0 gives reverse KL. alpha: float, or [B].
     """
     log_q, log_p = _logprobs(student_logits, teacher_logits)

