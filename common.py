@@ -235,7 +235,7 @@ class Phases:
 
 
 def fill_preset(args, presets, default):
-    """STYLE's one main dial: --student picks a preset (else `default`, the paper's recipe), which fills every
+    """The one main dial: --student picks a preset (else `default`, the paper's recipe), which fills every
     flag left unset (None). What was filled is printed, so a run's log says what it actually ran with."""
     preset = presets.get(args.student, default)
     filled = []
