@@ -217,15 +217,17 @@ def skl(student_logits, teacher_logits, alpha):
     return _kl_sum(log_p, log_m1)
 
 
-def srkl(student_logits, teacher_logits, alpha):
-    """Skew reverse KL, DistiLLM: SRKL_a = KL(q || (1 - a) p + a sg(q)) per token [B, T].
+def srkl(student_logits, teacher_logits, alpha, stop_grad=False):
+    """Skew reverse KL, DistiLLM: SRKL_a = KL(q || (1 - a) p + a q) per token [B, T].
 
-    q is detached inside the mixture only (as the DistiLLM-2 reference code): the gradient is that of
-    sum_v q (log q - c) with the mixture c held fixed. alpha = 0 gives reverse KL. alpha: float, or [B].
+    stop_grad=False is DistiLLM's SRKL (jongwooko/distillm, losses.skewed_reverse_kl): the gradient flows through
+    q in the mixture too. stop_grad=True is DistiLLM-2's (jongwooko/distillm-2, distillm_trainer.get_batch_logps):
+    KL(q || (1 - a) p + a sg(q)), whose gradient is that of sum_v q (log q - c) with the mixture c held fixed. The
+    values are the same. alpha = 0 gives reverse KL. alpha: float, or [B].
     """
     log_q, log_p = _logprobs(student_logits, teacher_logits)
     a = _mix_weight(alpha, log_q)
-    log_m2 = torch.logaddexp(torch.log1p(-a) + log_p, torch.log(a) + log_q.detach())  # [B, T, V]
+    log_m2 = torch.logaddexp(torch.log1p(-a) + log_p, torch.log(a) + (log_q.detach() if stop_grad else log_q))
     return _kl_sum(log_q, log_m2)
 
 

@@ -44,7 +44,7 @@ def skl_ref(s, t, alpha, detach_q=False):
     return kl64(p, m1)
 
 
-def srkl_ref(s, t, alpha, detach_q=True):
+def srkl_ref(s, t, alpha, detach_q=False):
     q, p = s.double().softmax(-1), t.double().softmax(-1)
     a = per_seq(alpha, q)
     m2 = (1 - a) * p + a * (q.detach() if detach_q else q)
@@ -138,14 +138,16 @@ def grad_wrt_student(fn, s, t, w, weights):
 
 
 @pytest.mark.parametrize("alpha", ALPHAS, ids=["float", "per_seq"])
-def test_srkl_gradient_holds_q_in_the_mixture_fixed(alpha):
+def test_srkl_gradient_distillm2_holds_q_in_the_mixture_fixed_distillm_does_not(alpha):
     s, t = make_logits(B, T, V, seed=9), make_logits(B, T, V, seed=10)
     weights = make_logits(B, T, seed=11).abs()          # per-token weights, so each token's gradient is checked
-    got = grad_wrt_student(losses.srkl, s, t, alpha, weights)
+    distillm2 = grad_wrt_student(lambda s_, t_, a_: losses.srkl(s_, t_, a_, stop_grad=True), s, t, alpha, weights)
+    distillm = grad_wrt_student(losses.srkl, s, t, alpha, weights)
     detached = grad_wrt_student(lambda s_, t_, a_: srkl_ref(s_, t_, a_, detach_q=True), s.double(), t, alpha, weights)
     attached = grad_wrt_student(lambda s_, t_, a_: srkl_ref(s_, t_, a_, detach_q=False), s.double(), t, alpha, weights)
-    torch.testing.assert_close(got.double(), detached, rtol=1e-4, atol=1e-6)
-    assert (got.double() - attached).abs().max() > 1e-3   # the detach changes the gradient: the test can tell
+    torch.testing.assert_close(distillm2.double(), detached, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(distillm.double(), attached, rtol=1e-4, atol=1e-6)
+    assert (detached - attached).abs().max() > 1e-3   # the detach changes the gradient: the test can tell
 
 
 @pytest.mark.parametrize("alpha", ALPHAS, ids=["float", "per_seq"])
