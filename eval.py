@@ -211,7 +211,7 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
     with eval_mode(*[m for m in (student, teacher) if m is not None]):
         # 1. the student's responses, n per prompt; prompt_keys = global index, so a sample does not depend on
         # the batch size (matters when temperature > 0)
-        eos = sample.stop_ids(tokenizer)
+        eos = sample.stop_ids(tokenizer, student)
         responses, texts = [], []  # token lists (end-of-turn token included when generated), decoded texts
         for b in tqdm(range(0, len(prompts), batch_size), desc="eval: sampling", unit="batch"):
             chunk = prompts[b:b + batch_size]

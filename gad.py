@@ -251,7 +251,7 @@ def main(argv=None):
         for m in (G, D):
             models.checkpoint_activations(m)
     amp = models.autocast(device, args.dtype)
-    eos, pad = sample.stop_ids(tok), tok.pad_token_id
+    eos, pad = sample.stop_ids(tok, G), tok.pad_token_id
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, device {device}, "
            f"compute {args.dtype}")
 

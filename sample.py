@@ -364,11 +364,16 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs)
 
 
-def stop_ids(tokenizer):
-    """Token ids that end a response: the chat end-of-turn token and the tokenizer's eos."""
+def stop_ids(tokenizer, *models):
+    """Token ids that end a response: the chat end-of-turn token, the tokenizer's eos, and every eos id in the
+    models' generation configs (Qwen2.5-Instruct lists <|im_end|> and <|endoftext|>, and vLLM, the reference
+    implementations' sampler, stops on both)."""
     ids = {data_lib.end_of_turn_id(tokenizer)}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    for model in models:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids.update([] if eos is None else [eos] if isinstance(eos, int) else eos)
     return sorted(ids)
 
 
@@ -574,7 +579,7 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
             continue
         encoded.append((rec, ids))
     encoded.sort(key=lambda r: len(r[1]))  # similar lengths together: less padding per batch
-    eos = stop_ids(tokenizer)
+    eos = stop_ids(tokenizer, model)
     for b in range(0, len(encoded), args.batch_size):
         batch = encoded[b:b + args.batch_size]
         ro = generate(model, [ids for _, ids in batch], n=args.n, max_new_tokens=args.max_new_tokens,

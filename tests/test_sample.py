@@ -162,3 +162,23 @@ def test_micro_batches_respect_the_row_and_token_budgets_and_trim_padding():
     assert idx_a.tolist() == [0, 1] and idx_b.tolist() == [2]
     assert a.prompt_ids.tolist() == ro.prompt_ids[:2].tolist() and a.response_ids.shape[1] == 5
     assert b.prompt_ids.tolist() == [[6, 7]] and b.response_ids.tolist() == [[15]]   # its own width: 2 + 1
+
+
+def test_stop_ids_include_the_models_generation_config(tmp_path):
+    """Qwen2.5-Instruct's generation_config.json lists eos_token_id [<|im_end|>, <|endoftext|>]; vLLM (the
+    references' sampler) stops on every one, so generation stops on the second too, read from the saved folder."""
+    tok = models.tiny_tokenizer()
+    model = models.tiny_model(seed=0).eval()
+    prompt = tok.encode("third one", add_special_tokens=False)
+    greedy = sample.generate(model, [prompt], max_new_tokens=8, temperature=0, eos_ids=sample.stop_ids(tok),
+                             pad_id=PAD).response_ids[0].tolist()
+    other = greedy[2]                                       # the third greedy token, as the model's second eos
+    assert other not in sample.stop_ids(tok) and other not in greedy[:2]
+    model.generation_config.eos_token_id = [tok.eos_token_id, other]
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = models.load_model(str(tmp_path / "m"))
+    stops = sample.stop_ids(tok, loaded)
+    assert stops == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id, other})
+    ro = sample.generate(loaded.eval(), [prompt], max_new_tokens=8, temperature=0, eos_ids=stops, pad_id=PAD)
+    assert ro.response_ids[0][ro.response_mask[0].bool()].tolist() == greedy[:3]   # stopped at the second eos
