@@ -19,7 +19,9 @@ Departures from the reference, each a flag:
   - the reference keeps PPO at one epoch / one mini-batch (ratio 1, REINFORCE with a group baseline): the same
     defaults here, with --ppo-epochs / --mini-batches for real PPO;
   - the reference's D head initialisation is not specified; ours starts at zero (D indifferent at step 0);
-  - the pipeline's reference teacher is GPT-5-Chat; the CPU default uses ShareGPT's ChatGPT answers instead.
+  - the pipeline's reference teacher is GPT-5-Chat; the CPU default uses ShareGPT's ChatGPT answers instead;
+  - prompts over --max-prompt-len are dropped; the reference's verl loader, where it does not filter them out,
+    cuts them to their first max_prompt_length tokens (data.truncation=right), losing the conversation's end.
 """
 
 import argparse
@@ -43,8 +45,11 @@ import sample
 PAPER = dict(  # GAD reference recipe (LMOps gad/scripts/train): 7B-14B students on 8 GPUs
     data="sharegpt", samples_per_prompt=8, prompts_per_step=256, temperature=0.8, top_p=1.0, lr=1e-6, d_lr=1e-6,
     weight_decay=0.01, grad_clip=0.2, clip_eps=0.2, dual_clip=3.0, kl_coef=0.001, freeze_g_steps=10,
-    warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0, seqkd_lr=5e-6, max_prompt_len=1024, max_response_len=1024,
-    max_new_tokens=1024, micro_batch_size=8, dtype="bfloat16", eval_prompts=256, eval_max_new_tokens=1024,
+    warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0, seqkd_lr=5e-6,
+    # LMOps gad/scripts/train/*.sh: data.max_prompt_length=2048, data.max_response_length=1536 (rollouts and
+    # validation alike; teacher responses cut to it)
+    max_prompt_len=2048, max_response_len=1536, max_new_tokens=1536, eval_max_new_tokens=1536,
+    micro_batch_size=8, dtype="bfloat16", eval_prompts=256,
     # LMOps gad/scripts/train: gradient checkpointing on, micro-batches of at most 12288 tokens per GPU
     # (ppo_max_token_len_per_gpu, the critic's too)
     gradient_checkpointing=True, micro_batch_tokens=12288,
