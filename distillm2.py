@@ -1,5 +1,6 @@
 """DistiLLM-2: contrastive white-box distillation (arXiv 2503.07067; reference jongwooko/distillm-2), with the
-DistiLLM (SKL, SRKL), GKD (generalized JSD) and forward / reverse KL baselines on the same trainer.
+DistiLLM (SKL, SRKL; arXiv 2402.03898), GKD (generalized JSD; arXiv 2306.13649), forward / reverse KL and on-policy
+distillation baselines on the same trainer.
 
     python distillm2.py                                         # CPU default: SmolLM2-135M teacher, 24-layer student
     python distillm2.py --teacher tiny-teacher --student tiny --out runs/d2-tiny
@@ -13,19 +14,40 @@ each averaged over its sequence's response tokens, and the loss mean_i[(1 - beta
 Full-vocabulary losses are computed from hidden states a chunk of positions at a time (losses.kd_loss_chunked).
 
 Schedules, and where we depart from the paper or the released code (each a flag):
-  - beta ramp: the paper's formula is garbled; ours is linear from --beta0 (0.5) at the first step toward 1 at the
-    last: beta = beta0 + (1 - beta0) * step / total_steps. --no-beta-ramp keeps beta0.
+  - beta (--beta-schedule): the paper's formula is garbled. "linear" (ours, the default): from --beta0 (0.5) at the
+    first step toward 1 at the last, beta = beta0 + (1 - beta0) step / total_steps, so the SKL term fades out.
+    "gradual": the released code's schedule (DistiLLMTrainer.kd_loss, switched off there by gradual_beta = False):
+    (2 - b) SKL + b SRKL with b = 1 + 0.5 min(1, 2 step / max_steps), i.e. on our (1 - beta, beta) scale
+    beta = beta0 (1 + 0.5 min(1, 2 step / total_steps)): 0.5 -> 0.75 over the first half, then flat.
+    "constant" keeps beta0.
   - alpha curriculum (per sample, from epoch 2 on): with P = exp(mean_t log p) and Q = exp(mean_t log q) over a
     sequence, gap = P - Q on teacher responses and Q - P on student responses, m = the batch mean of the gap
     (over the global batch, all ranks: the reference's is per device; ours makes torchrun equal one process),
-    alpha_i = clip(1 - (1 - alpha0) m / (gap_i + 1e-5),
-    0.01, alpha0). --no-alpha-curriculum keeps alpha0.
-  - --released reproduces the released code: both schedules off and the loss SKL + SRKL (twice the paper's at
-    beta 0.5). The reference regenerates responses by hand between runs; here every epoch does.
-  - Baselines (--loss skl|srkl|jsd|fkl|rkl) train on the teacher's responses, or on the student's own samples for
-    a --on-policy-fraction of the steps (GKD's lambda; default 0.5 for jsd, GKD's best, else 0).
+    alpha_i = clip(1 - (1 - alpha0) m / (gap_i + 1e-5), 0.01, alpha0). --no-alpha-curriculum keeps alpha0.
+  - --released reproduces the released code: the alpha curriculum off, beta constant (unless --beta-schedule
+    gradual), and the loss (2 - 2 beta) SKL + 2 beta SRKL: SKL + SRKL at beta 0.5, twice the paper's. The
+    reference regenerates responses by hand between runs; here every epoch does.
+  - Lengths: prompts over --max-prompt-len are dropped when read (the reference keeps their end); when a prompt and
+    its longer response exceed --max-len, the responses are cut to max_len - max_prompt_len tokens (the
+    reference's rule: DistiLLMTrainer.tokenize_row).
   - A teacher vocabulary larger than the student's (Qwen2.5-7B 152064 vs 1.5B 151936): the teacher samples only
     ids the student has, and its extra logits are dropped before the softmax (losses.align_vocab).
+
+Baselines (--loss skl|srkl|jsd|fkl|rkl), as their own papers' code defines them:
+  - DistiLLM's SKL and SRKL (jongwooko/distillm, losses.py): q is not detached in either mixture (DistiLLM-2's SRKL
+    above detaches it), and the reduction is one mean over every response token of the batch (--reduction token,
+    the baselines' default; DistiLLM-2 averages per sequence, --reduction sequence). TRL's GKD also takes the token
+    mean. SKL's value here is the KL (DistiLLM's code drops the constant entropy of p; the gradient is the same).
+  - GKD (TRL GKDTrainer.training_step): on a --on-policy-fraction (lambda) of the steps, a coin per step, the
+    rows are fresh samples of the CURRENT student, drawn at that step at --on-policy-temperature (0.9, TRL's
+    GKDConfig) without top-p; on the other steps, the epoch's teacher responses. lambda defaults to 0.5 for jsd
+    (GKD's best), else 0. The loss is taken at temperature 1, as TRL's.
+  - On-policy distillation: --loss rkl --on-policy-fraction 1 (GKD with lambda 1 and beta 1): every step the
+    student samples and descends the full-vocabulary reverse KL to the teacher on its own samples. Thinking
+    Machines' "on-policy distillation" recipe optimises the same reverse KL with a sampled-token estimate.
+  - --both-responses: the loss on the teacher's AND the epoch's student responses every step, their per-sequence
+    means summed: the DistiLLM-2 repository's own GKD baseline (the paper's GKD number) is
+    --loss jsd --jsd-beta 0.9 --both-responses (distillm_trainer.py, loss_type gkd: mixture weight 0.9).
 """
 
 import argparse
@@ -44,26 +66,39 @@ import losses
 import models
 import sample
 
-# DistiLLM-2 reference recipe (jongwooko/distillm-2 training_configs), full fine-tuning instead of LoRA r16
+# DistiLLM-2 reference recipe, Qwen2.5-7B -> 1.5B: jongwooko/distillm-2 training_configs/qwen2.5-1.5b-distillm2.yaml
+# (keys named), generate/generate_vllm.py (sampling), README (the launch command)
 PAPER = dict(
-    teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=128, micro_batch_size=8, lr=5e-5,
-    max_prompt_len=1024, max_new_tokens=1024, temperature=0.8, top_p=0.95, dtype="bfloat16", eval_prompts=256,
-    limit=None, gen_batch_size=32, val_fraction=0.1,
-    # ours, as gad.py's (the reference trains LoRA adapters through HF's Trainer): activations bounded by a
-    # token budget per micro-batch, recomputed in backward
-    gradient_checkpointing=True, micro_batch_tokens=12288,
+    teacher="qwen2.5-7b",
+    data="sharegpt",            # the reference's prompts are UltraChat's (UCLA-AGI/SPIN_iter*), not offline here
+    epochs=3,                   # the paper's 3 rounds; num_train_epochs: 1 is one round, regenerated by hand between
+    prompts_per_step=32,        # per_device_train_batch_size 1 x gradient_accumulation_steps 8 x --num_processes=4
+    lr=5e-5,                    # learning_rate (with LoRA), lr_scheduler_type: cosine
+    warmup_ratio=0.1,           # warmup_ratio
+    lora_r=16, lora_alpha=128, lora_dropout=0.05,   # use_peft, lora_r, lora_alpha, lora_dropout (all 7 projections)
+    max_prompt_len=512,         # max_prompt_length
+    max_len=1024,               # max_length: prompt + response in training
+    max_new_tokens=1024,        # generate_vllm.py --max_tokens
+    temperature=0.8, top_p=0.95,  # generate_vllm.py --temperature, --top_p
+    dtype="bfloat16",           # bf16: true, torch_dtype: null (fp32 weights, bf16 autocast)
+    gradient_checkpointing=True,  # gradient_checkpointing
+    # ours: the evaluation, sampling batch, and micro-batches (bounded by a token budget; the update is the same)
+    eval_prompts=256, limit=None, gen_batch_size=32, val_fraction=0.1, micro_batch_size=8, micro_batch_tokens=12288,
 )
+# The CPU presets train all weights (no LoRA, no warmup, no length cap): tiny runs that show the methods move.
+CPU = dict(lora_r=0, warmup_ratio=0.0, max_len=None, dtype="float32", gradient_checkpointing=False,
+           micro_batch_tokens=None)
 PRESETS = {
-    "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=2, prompts_per_step=8, micro_batch_size=16,
-                 lr=3e-3, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16, limit=64,
-                 gen_batch_size=32, gradient_checkpointing=False, micro_batch_tokens=None),
+    "tiny": dict(PAPER, **CPU, teacher="tiny-teacher", data="tiny", epochs=2, prompts_per_step=8,
+                 micro_batch_size=16, lr=3e-3, max_prompt_len=64, max_new_tokens=16, eval_prompts=16, limit=64,
+                 gen_batch_size=32),
     # The CPU default: SmolLM2-135M-Instruct teacher; the student is the same model without its 6 middle layers
     # (24 of 30: dropping every other layer leaves a student so broken that a few CPU steps only collapse it).
-    "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=2, prompts_per_step=4,
-                         micro_batch_size=8, lr=2e-5, max_prompt_len=64, max_new_tokens=32, dtype="float32",
-                         eval_prompts=16, limit=160, gen_batch_size=8, val_fraction=0.2,
-                         gradient_checkpointing=False, micro_batch_tokens=None),
+    "smollm2-135m": dict(PAPER, **CPU, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=2,
+                         prompts_per_step=4, micro_batch_size=8, lr=2e-5, max_prompt_len=64, max_new_tokens=32,
+                         eval_prompts=16, limit=160, gen_batch_size=8, val_fraction=0.2),
 }
+LOSSES = ("distillm2", "skl", "srkl", "jsd", "fkl", "rkl")
 
 
 def parse_args(argv=None):
@@ -78,23 +113,34 @@ def parse_args(argv=None):
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (paper preset: on)")
     g.add_argument("--adam8bit", action="store_true", help="bitsandbytes 8-bit AdamW")
-    g.add_argument("--lora-r", type=int, default=0, help="LoRA rank via peft (paper: 16); 0 = full fine-tuning")
+    g.add_argument("--lora-r", type=int, default=None, help="LoRA rank via peft (reference: 16); 0 = full "
+                                                          "fine-tuning")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (reference: 128)")
+    g.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (reference: 0.05)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="prompts: jsonl/parquet/ShareGPT, 'sharegpt', 'tiny'")
     g.add_argument("--limit", type=int, default=None, help="read at most this many rows")
     g.add_argument("--max-prompt-len", type=int, default=None, help="drop longer prompts (tokens)")
+    g.add_argument("--max-len", type=int, default=None, help="prompt + response tokens in training (the "
+                                                             "reference's max_length); none: no cap")
     g.add_argument("--val-fraction", type=float, default=None, help="held-out prompts for eval")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="distillm2", choices=["distillm2", "skl", "srkl", "jsd", "fkl", "rkl"],
-                   help="objective")
+    g.add_argument("--loss", default="distillm2", choices=LOSSES, help="objective")
     g.add_argument("--alpha0", type=float, default=0.1, help="skew alpha (DistiLLM: 0.1); curriculum upper bound")
     g.add_argument("--beta0", type=float, default=0.5, help="DistiLLM-2 starting beta (SRKL weight)")
-    g.add_argument("--no-beta-ramp", action="store_true", help="keep beta at beta0")
+    g.add_argument("--beta-schedule", default=None, choices=["linear", "gradual", "constant"],
+                   help="linear to 1 (ours), gradual (the released code's), constant (default with --released)")
     g.add_argument("--no-alpha-curriculum", action="store_true", help="keep alpha at alpha0")
-    g.add_argument("--released", action="store_true", help="as the released code: no schedules, SKL + SRKL")
+    g.add_argument("--released", action="store_true", help="as the released code: no alpha curriculum, "
+                                                            "constant beta, SKL + SRKL")
     g.add_argument("--jsd-beta", type=float, default=0.5, help="GKD's beta (0: KL(p||q), 1: KL(q||p))")
-    g.add_argument("--on-policy-fraction", type=float, default=None, help="baselines: share of steps on the "
-                                                                          "student's samples (GKD lambda)")
+    g.add_argument("--on-policy-fraction", type=float, default=None, help="baselines: share of steps on fresh "
+                                                                          "samples of the student (GKD lambda)")
+    g.add_argument("--on-policy-temperature", type=float, default=0.9, help="their temperature (TRL GKD: 0.9)")
+    g.add_argument("--both-responses", action="store_true", help="baselines: the loss on the teacher's and the "
+                                                                 "epoch's student responses every step, summed")
+    g.add_argument("--reduction", default=None, choices=["token", "sequence"], help="mean over all response tokens "
+                   "(baselines' default) or per sequence, then over sequences (distillm2, --both-responses)")
     g.add_argument("--chunk-size", type=int, default=128, help="positions per chunk of full-vocab logits")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help="epochs; responses are regenerated every epoch")
@@ -104,6 +150,7 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens per forward/backward")
     g.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generate() call")
     g.add_argument("--lr", type=float, default=None, help="learning rate (reference: 5e-5 with LoRA), cosine")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="linear warmup over this share of the steps")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm")
     g.add_argument("--max-new-tokens", type=int, default=None, help="response length when sampling")
@@ -117,17 +164,41 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     args = p.parse_args(argv)
     common.fill_preset(args, PRESETS, PAPER)
+    baseline = args.loss != "distillm2"
     if args.on_policy_fraction is None:  # GKD's best lambda for its own loss; the others train off-policy
-        args.on_policy_fraction = 0.5 if args.loss == "jsd" else 0.0
+        args.on_policy_fraction = 0.5 if args.loss == "jsd" and not args.both_responses else 0.0
+    if args.both_responses and (not baseline or args.on_policy_fraction > 0):
+        raise ValueError("--both-responses is a baseline's option (--loss skl|srkl|jsd|fkl|rkl), without "
+                         "--on-policy-fraction: its student responses are the epoch's")
+    if args.reduction is None:
+        args.reduction = "token" if baseline and not args.both_responses else "sequence"
+    if args.beta_schedule is None:
+        args.beta_schedule = "constant" if args.released else "linear"
+    if args.max_len is not None and args.max_len <= args.max_prompt_len:
+        raise ValueError(f"--max-len {args.max_len} must exceed --max-prompt-len {args.max_prompt_len}")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------
 # schedules (pure functions, tested against the formulas)
 
-def beta_at(step, total, beta0):
-    """Linear ramp from beta0 at step 0 toward 1 at the end (our reading of the paper's garbled formula)."""
-    return beta0 + (1.0 - beta0) * step / max(total, 1)
+def beta_at(step, total, beta0, schedule="linear"):
+    """The SRKL weight beta at `step` of `total` (0-based, as the reference's global_step of max_steps):
+    linear: beta0 + (1 - beta0) step / total (our reading of the paper's garbled formula); gradual: the released
+    code's beta0 (1 + 0.5 min(1, 2 step / total)); constant: beta0."""
+    if schedule == "linear":
+        return beta0 + (1.0 - beta0) * step / max(total, 1)
+    if schedule == "gradual":
+        return beta0 * (1.0 + 0.5 * min(1.0, 2.0 * step / max(total, 1)))
+    return beta0
+
+
+def lr_factor(step, total, warmup):
+    """The learning rate's factor at `step`: linear warmup from 0 over `warmup` steps, then cosine to 0 at `total`
+    (transformers' get_cosine_schedule_with_warmup, the reference's lr_scheduler_type cosine + warmup_ratio)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
 
 
 def alpha_curriculum(gap, alpha0, m=None):
@@ -140,16 +211,47 @@ def alpha_curriculum(gap, alpha0, m=None):
 
 # ----------------------------------------------------------------------------------------------------------
 
-def add_lora(model, r):
-    """LoRA adapters (peft, optional) on every attention and MLP projection, as the paper's students (r 16,
-    alpha 2r). The adapters are injected in place, so the rest of this file calls the model as before."""
+def add_lora(model, r, alpha, dropout):
+    """LoRA adapters (peft, optional) on every attention and MLP projection, as the reference's students
+    (lora_target_modules). The adapters are injected in place, so the rest of this file calls the model as before."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise RuntimeError("--lora-r needs peft: pip install peft") from None
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     return get_peft_model(model, cfg)
+
+
+def respond(model, rows, tag, args, stop, amp, temperature, top_p, vocab_size=None):
+    """One response (token ids) per prompt row from `model`, keyed by (tag, row id): the same whatever the
+    batching, the rank or an interruption. stop = (eos ids, pad id)."""
+    out = []
+    for i in range(0, len(rows), args.gen_batch_size):
+        chunk = rows[i:i + args.gen_batch_size]
+        with amp:
+            ro = sample.generate(model.eval(), [r["prompt"] for r in chunk], n=1, max_new_tokens=args.max_new_tokens,
+                                 temperature=temperature, top_p=top_p, eos_ids=stop[0], pad_id=stop[1],
+                                 seed=args.seed, prompt_keys=[f"{tag}|{r['id']}" for r in chunk],
+                                 vocab_size=vocab_size)
+        out += [ids[m.bool()].tolist() for ids, m in zip(ro.response_ids, ro.response_mask)]
+    return out
+
+
+def fit_length(prompt, responses, max_len, max_prompt_len):
+    """The responses of one prompt, cut as the reference does (DistiLLMTrainer.tokenize_row): when the prompt and
+    the longest of them exceed max_len, every one is cut to max_len - max_prompt_len tokens. (Prompts over
+    max_prompt_len were dropped when read, so the reference's cut of the prompt itself never applies.)"""
+    if max_len is None or len(prompt) + max(map(len, responses)) <= max_len:
+        return responses
+    return [r[:max_len - max_prompt_len] for r in responses]
+
+
+def pack_rows(batch, responses, args, pad, device):
+    """Rollouts of the batch's prompts, one per response column: responses[i] lists prompt i's responses (e.g.
+    [y_t, y_s]), fit to --max-len together, so a prompt's teacher and student responses are cut by the same rule."""
+    fitted = [fit_length(r["prompt"], rs, args.max_len, args.max_prompt_len) for r, rs in zip(batch, responses)]
+    return [sample.pack([r["prompt"] for r in batch], list(col), pad, device) for col in zip(*fitted)]
 
 
 @torch.no_grad()
@@ -187,17 +289,31 @@ def row_groups(rollouts, max_rows, max_tokens):
     return sample.split_by_budget([(len(rollouts), p, r) for p, r in zip(plen, rlen)], max_rows, max_tokens)
 
 
-def seq_divergence(loss_fn, student, teacher, ro, chunk_size, seq_weight, **kw):
-    """sum_i seq_weight_i * (mean over sequence i's response tokens of a per-token divergence), differentiable in
-    the student, and the per-sequence means [N] (detached, for logging)."""
+def token_weights(ro, reduction, n_seqs, n_tokens):
+    """Per-token weights [N, T] that turn a per-token divergence into the step's loss: "sequence", the mean over
+    each sequence's response tokens, averaged over the n_seqs sequences of the global batch (DistiLLM-2); "token",
+    one mean over all n_tokens response tokens of the global batch (DistiLLM, TRL's GKD)."""
+    mask = ro.response_mask.float()
+    if reduction == "sequence":
+        return mask / mask.sum(-1, keepdim=True).clamp(min=1) / n_seqs
+    return mask / n_tokens
+
+
+def divergence(loss_fn, student, teacher, ro, weights, chunk_size, **kw):
+    """sum_{i,t} weights[i, t] * loss_fn(q, p)[i, t] over the rollout's response tokens, differentiable in the
+    student, and each sequence's mean divergence [N] (detached, for logging)."""
     s_h, s_head = sample.response_hidden(student, ro)
     with torch.no_grad():
         t_h, t_head = sample.response_hidden(teacher, ro)
-    mask = ro.response_mask.float()                                                         # [N, T]
-    per_token_weight = mask / mask.sum(-1, keepdim=True).clamp(min=1)                       # each sequence: 1
-    weights = per_token_weight * seq_weight.to(mask.device)[:, None]                        # [N, T]
     loss, values = losses.kd_loss_chunked(loss_fn, s_h, s_head, t_h, t_head, weights, chunk_size=chunk_size, **kw)
-    return loss, losses.masked_mean(values, mask, dim=-1)
+    return loss, losses.masked_mean(values, ro.response_mask, dim=-1)
+
+
+def baseline_loss(args):
+    """(per-token loss function, its keyword arguments) of a baseline --loss."""
+    return {"skl": (losses.skl, {"alpha": args.alpha0}), "srkl": (losses.srkl, {"alpha": args.alpha0}),
+            "jsd": (losses.jsd, {"beta": args.jsd_beta}), "fkl": (losses.forward_kl, {}),
+            "rkl": (losses.reverse_kl, {})}[args.loss]
 
 
 def main(argv=None):
@@ -215,14 +331,15 @@ def main(argv=None):
     tok = models.load_tokenizer(args.student)
     student = models.load_model(args.student, dtype=args.dtype if args.lora_r else "float32", device=device,
                                 seed=args.seed, layers=args.student_layers)
-    lora = add_lora(student, args.lora_r) if args.lora_r else None
+    lora = add_lora(student, args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora_r else None
     if lora is not None:
         student = lora.get_base_model()  # the causal LM, its projections now LoRA layers: called as before
     if args.gradient_checkpointing:
         models.checkpoint_activations(student)
     teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
     amp = models.autocast(device, args.dtype)
-    eos, pad = sample.stop_ids(tok), tok.pad_token_id
+    stop = sample.stop_ids(tok, student, teacher), tok.pad_token_id
+    pad = stop[1]
     student_vocab = student.get_output_embeddings().weight.shape[0]
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
            f"{models.num_params(student) / 1e6:.2f}M params, world {world}, loss {args.loss}, compute {args.dtype}")
@@ -237,28 +354,15 @@ def main(argv=None):
         raise ValueError(f"{len(train)} train prompts: fewer than --prompts-per-step {args.prompts_per_step}")
     print0(f"data: {len(train)} train prompts, {len(val)} held out; {steps_per_epoch} steps per epoch")
 
-    def respond(model, rows, tag, vocab_size=None):
-        """One response per prompt from `model`, keyed by (tag, id): independent of batching and rank."""
-        out = []
-        for i in range(0, len(rows), args.gen_batch_size):
-            chunk = rows[i:i + args.gen_batch_size]
-            with amp:
-                ro = sample.generate(model.eval(), [r["prompt"] for r in chunk], n=1,
-                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, eos_ids=eos, pad_id=pad, seed=args.seed,
-                                     prompt_keys=[f"{tag}|{r['id']}" for r in chunk], vocab_size=vocab_size)
-            out += [ids[m.bool()].tolist() for ids, m in zip(ro.response_ids, ro.response_mask)]
-        return out
-
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
-    for r, y in zip(val, respond(teacher, val, "val", student_vocab)):
+    for r, y in zip(val, respond(teacher, val, "val", args, stop, amp, args.temperature, args.top_p, student_vocab)):
         r["y_t"] = y
 
     # -------------------------------------------------------------------- optimizer, resume
     trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters only
     opt = common.make_optimizer(trainable, args.lr, args.weight_decay, args.adam8bit)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over training (reference)
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    warmup = math.ceil(args.warmup_ratio * total_steps)   # transformers' get_warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     start, epoch_rows = 0, None
     if args.resume and os.path.exists(ckpt_path):
         start = common.load_checkpoint(ckpt_path, student=student, opt=opt, sched=sched)["step"] + 1
@@ -271,7 +375,7 @@ def main(argv=None):
     common.barrier()
 
     # -------------------------------------------------------------------- training
-    uses_student_samples = args.loss == "distillm2" or args.on_policy_fraction > 0
+    epoch_student_samples = args.loss == "distillm2" or args.both_responses
     steps_done = 0
     for step in range(start, total_steps):
         t0, phases = time.time(), common.Phases(device)
@@ -285,8 +389,10 @@ def main(argv=None):
                                            "d2", rank, world)[0]]
             if step_in_epoch == 0:
                 with phases("sampling"):
-                    y_t = respond(teacher, mine, f"t{epoch}", student_vocab)
-                    y_s = respond(student, mine, f"s{epoch}") if uses_student_samples else [[] for _ in mine]
+                    y_t = respond(teacher, mine, f"t{epoch}", args, stop, amp, args.temperature, args.top_p,
+                                  student_vocab)
+                    y_s = respond(student, mine, f"s{epoch}", args, stop, amp, args.temperature, args.top_p) \
+                        if epoch_student_samples else [[] for _ in mine]
                 epoch_rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
                 common.atomic_torch_save(epoch_rows, epoch_rows_path(args.out, epoch, rank))
                 common.barrier()   # every rank's file is on disk before any checkpoint of this epoch
@@ -294,63 +400,66 @@ def main(argv=None):
                 epoch_rows = load_epoch_rows(args.out, epoch, [r["id"] for r in mine])
             student.train()
         batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "d2", rank, world)
-        prompts = [r["prompt"] for r in batch]
-        t_ro = sample.pack(prompts, [epoch_rows[r["id"]]["y_t"] for r in batch], pad, device)
-        s_ro = sample.pack(prompts, [epoch_rows[r["id"]]["y_s"] for r in batch], pad, device) \
-            if uses_student_samples else None
-        n_global = common.all_reduce_sum(len(batch))
+        # GKD's coin (the same on every rank): this step trains on fresh samples of the current student
+        on_policy = torch.rand(1, generator=torch.Generator().manual_seed(args.seed * 7919 + step)).item() < \
+            args.on_policy_fraction
+        if on_policy:
+            with phases("sampling"):
+                rows = [[y] for y in respond(student, batch, f"p{step}", args, stop, amp,
+                                             args.on_policy_temperature, 1.0)]
+            student.train()
+        else:
+            rows = [[epoch_rows[r["id"]]["y_t"]] + ([epoch_rows[r["id"]]["y_s"]] if epoch_student_samples else [])
+                    for r in batch]
+        rollouts = pack_rows(batch, rows, args, pad, device)   # [y_t], [y_t, y_s], or [a fresh student sample]
+        n_seqs = common.all_reduce_sum(len(batch))
+        n_tokens = [common.all_reduce_sum(ro.response_mask.sum().item()) for ro in rollouts]
         m = {"epoch": epoch, "lr": sched.get_last_lr()[0]}
 
         # schedules
-        beta = args.beta0 if (args.no_beta_ramp or args.released) else beta_at(step, total_steps, args.beta0)
+        beta = beta_at(step, total_steps, args.beta0, args.beta_schedule)
         alpha_t = alpha_s = torch.full((len(batch),), args.alpha0, device=device)
         if args.loss == "distillm2" and epoch > 0 and not (args.no_alpha_curriculum or args.released):
+            t_ro, s_ro = rollouts
             with phases("curriculum"), amp:
                 gap_t = mean_logprob(teacher, t_ro, args).exp() - mean_logprob(student, t_ro, args).exp()  # P - Q, y_t
                 gap_s = mean_logprob(student, s_ro, args).exp() - mean_logprob(teacher, s_ro, args).exp()  # Q - P, y_s
-            m_t, m_s = (common.all_reduce_sum(g.sum().item()) / n_global for g in (gap_t, gap_s))  # global means
+            m_t, m_s = (common.all_reduce_sum(g.sum().item()) / n_seqs for g in (gap_t, gap_s))  # global means
             alpha_t, alpha_s = alpha_curriculum(gap_t, args.alpha0, m_t), alpha_curriculum(gap_s, args.alpha0, m_s)
             m.update(gap_skl=gap_t.tolist(), gap_srkl=gap_s.tolist())
 
-        # which rows and which per-sequence loss
-        on_policy = uses_student_samples and args.loss != "distillm2" and \
-            torch.rand(1, generator=torch.Generator().manual_seed(args.seed * 7919 + step)).item() < \
-            args.on_policy_fraction
-        ro = s_ro if on_policy else t_ro
-        total, groups = 0.0, row_groups([t_ro, s_ro] if args.loss == "distillm2" else [ro], args.micro_batch_size,
-                                         args.micro_batch_tokens)
-        for a, b in groups:
+        # each rollout's per-token loss and its weight in the step's loss
+        if args.loss == "distillm2":
+            scale = 2.0 if args.released else 1.0
+            terms = [("skl", losses.skl, {"alpha": alpha_t}, scale * (1.0 - beta)),
+                     ("srkl", losses.srkl, {"alpha": alpha_s, "stop_grad": True}, scale * beta)]
+        else:
+            fn, kw = baseline_loss(args)
+            terms = [(args.loss, fn, kw, 1.0)] * len(rollouts)
+        total = 0.0
+        for a, b in row_groups(rollouts, args.micro_batch_size, args.micro_batch_tokens):
             j = slice(a, b)
-            per_seq = torch.full((b - a,), 1.0 / n_global)   # each sequence's weight in the global mean
-            with phases("losses"), amp:
+            for (name, fn, kw, scale), ro, n_tok in zip(terms, rollouts, n_tokens):
+                part = ro.rows(j).trim()
+                kw = {k: v[j] if torch.is_tensor(v) else v for k, v in kw.items()}
+                with phases("losses"), amp:
+                    loss, per_seq = divergence(fn, student, teacher, part, chunk_size=args.chunk_size,
+                                               weights=scale * token_weights(part, args.reduction, n_seqs, n_tok),
+                                               **kw)
+                with phases("losses"):   # backward outside autocast
+                    loss.backward()
+                total += loss.item()
                 if args.loss == "distillm2":
-                    w_skl, w_srkl = (1.0, 1.0) if args.released else (1.0 - beta, beta)
-                    skl_loss, skl = seq_divergence(losses.skl, student, teacher, t_ro.rows(j).trim(),
-                                                   args.chunk_size, per_seq * w_skl, alpha=alpha_t[j])
-                    srkl_loss, srkl = seq_divergence(losses.srkl, student, teacher, s_ro.rows(j).trim(),
-                                                     args.chunk_size, per_seq * w_srkl, alpha=alpha_s[j])
-                    loss = skl_loss + srkl_loss
-                    m["skl"] = m.get("skl", 0.0) + skl.sum().item() / len(batch)
-                    m["srkl"] = m.get("srkl", 0.0) + srkl.sum().item() / len(batch)
-                else:
-                    fn, kw = {"skl": (losses.skl, {"alpha": args.alpha0}),
-                              "srkl": (losses.srkl, {"alpha": args.alpha0}),
-                              "jsd": (losses.jsd, {"beta": args.jsd_beta}), "fkl": (losses.forward_kl, {}),
-                              "rkl": (losses.reverse_kl, {})}[args.loss]
-                    loss, _ = seq_divergence(fn, student, teacher, ro.rows(j).trim(), args.chunk_size, per_seq,
-                                             **kw)
-            with phases("losses"):   # backward outside autocast
-                loss.backward()
-            total += loss.item() * n_global / len(batch)
+                    m[name] = m.get(name, 0.0) + per_seq.sum().item() / len(batch)
         with phases("update"):
             grad_norm, skipped = common.clip_and_step(trainable, opt, args.grad_clip)
         if skipped:
             m["skipped"] = 1
         sched.step()
-        m["loss"] = total  # this rank's mean over its sequences; the mean over ranks is the global one
+        m["loss"] = total * world  # this rank's share of the global loss, times the world: the mean over ranks
         m = common.reduce_metrics({k: v for k, v in m.items() if not isinstance(v, list)}) | \
             {k: v for k, v in m.items() if isinstance(v, list)}
-        m.update(step=step, grad_norm=grad_norm, beta=beta, on_policy=int(on_policy),
+        m.update(step=step, grad_norm=grad_norm, beta=beta, on_policy=int(on_policy), tokens=sum(n_tokens),
                  alpha_skl=alpha_t.tolist(), alpha_srkl=alpha_s.tolist(), s_per_step=time.time() - t0, **phases.stats)
         common.log_metrics(metrics_path, m)
         print0(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {m['loss']:.4f} | beta {beta:.3f} | "

@@ -1,8 +1,10 @@
 """DistiLLM-2 trainer: schedules against their formulas, per-epoch regeneration, vocab mismatch, learning, DDP."""
 
 import contextlib
+import copy
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -23,12 +25,49 @@ def test_schedules_follow_their_formulas():
     assert distillm2.beta_at(0, 10, 0.5) == 0.5
     betas = [distillm2.beta_at(s, 10, 0.5) for s in range(10)]
     assert all(b2 > b1 for b1, b2 in zip(betas, betas[1:])) and betas[-1] < 1.0
+    # the released code's schedule (DistiLLMTrainer.kd_loss): (2 - b) SKL + b SRKL, b = 1 + 0.5 min(1, 2 s / max)
+    for s_ in range(11):
+        b = 1.0 + 0.5 * min(1.0, 2 * s_ / 10)
+        beta = distillm2.beta_at(s_, 10, 0.5, "gradual")
+        assert (2 - 2 * beta, 2 * beta) == pytest.approx((2 - b, b))     # the --released scale: 2 (1 - beta), 2 beta
+    assert {distillm2.beta_at(s_, 10, 0.5, "constant") for s_ in range(10)} == {0.5}
     gap = torch.tensor([0.2, 0.05, -0.1, 1.0, 0.1])
     m = gap.mean().item()
     want = [min(max(1 - 0.9 * m / (g + 1e-5), 0.01), 0.1) for g in gap.tolist()]
     torch.testing.assert_close(distillm2.alpha_curriculum(gap, 0.1), torch.tensor(want))
     a = distillm2.alpha_curriculum(gap, 0.1)
     assert a[2] == 0.1 and a[1] == 0.01  # negative gap -> alpha0; a gap well below the mean -> the floor
+
+
+def test_lr_warmup_and_cosine_equal_transformers_schedule():
+    """The reference's lr_scheduler_type cosine with warmup_ratio 0.1 is transformers' schedule, step for step."""
+    from transformers import get_cosine_schedule_with_warmup
+    for total, ratio in ((50, 0.1), (7, 0.1), (12, 0.0)):
+        warmup = math.ceil(ratio * total)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        hf = get_cosine_schedule_with_warmup(opt, warmup, total)
+        for step in range(total):
+            assert distillm2.lr_factor(step, total, warmup) == pytest.approx(hf.get_last_lr()[0], abs=1e-12)
+            opt.step()
+            hf.step()
+
+
+def reference_truncation(prompt, chosen, rejected, max_len, max_prompt_len):
+    """DistiLLMTrainer.tokenize_row (jongwooko/distillm-2), its two steps: keep the prompt's end, then cut both
+    responses, each only while the prompt and the longer response exceed max_len."""
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_len:
+        prompt = prompt[-max_prompt_len:]
+    if len(prompt) + longer > max_len:
+        chosen, rejected = chosen[:max_len - max_prompt_len], rejected[:max_len - max_prompt_len]
+    return chosen, rejected
+
+
+@pytest.mark.parametrize("lengths", [(100, 300, 200), (500, 600, 10), (300, 900, 700), (512, 512, 511), (1, 1023, 5)])
+def test_responses_are_cut_by_the_reference_rule(lengths):
+    p, c, r = ([1] * n for n in lengths)
+    assert distillm2.fit_length(p, [c, r], 1024, 512) == list(reference_truncation(p, c, r, 1024, 512))
+    assert distillm2.fit_length(p, [c, r], None, 512) == [c, r]
 
 
 def test_alpha_per_sample_and_beta_are_logged_and_follow_the_schedules(tmp_path):
@@ -164,3 +203,103 @@ def test_lora_trains_only_adapters_and_exports_a_plain_model(tmp_path):
                            start["model.layers.0.self_attn.q_proj.weight"])
     table = json.loads((out / "eval.json").read_text())
     assert table["after"]["heldout_fkl"] < table["before"]["heldout_fkl"]
+
+
+def test_on_policy_steps_train_on_samples_of_that_steps_student(tmp_path, monkeypatch):
+    """GKD (TRL GKDTrainer.training_step): an on-policy step samples the student as it is at that step, at
+    temperature 0.9 without top-p; no sample is drawn ahead (an epoch-old sample would be off-policy)."""
+    generate, clip_and_step = sample.generate, distillm2.common.clip_and_step
+    calls, after_update = [], []
+
+    def recording_generate(model, *a, **kw):
+        out = generate(model, *a, **kw)
+        calls.append((kw["prompt_keys"][0].split("|")[0], copy.deepcopy(model.state_dict()), a, kw, out))
+        return out
+
+    def recording_step(params, *a, **kw):
+        out = clip_and_step(params, *a, **kw)
+        after_update.append(copy.deepcopy(student_box[0].state_dict()))
+        return out
+
+    student_box = []
+    load_model = distillm2.models.load_model
+    monkeypatch.setattr(distillm2.models, "load_model", lambda name, **kw: (m := load_model(name, **kw),
+                                                                            student_box.append(m))[0])
+    monkeypatch.setattr(sample, "generate", recording_generate)
+    monkeypatch.setattr(distillm2.common, "clip_and_step", recording_step)
+    with contextlib.redirect_stdout(io.StringIO()):
+        distillm2.main(TINY + ["--loss", "rkl", "--on-policy-fraction", "1", "--lr", "3e-2", "--epochs", "1",
+                               "--stop-after", "3", "--out", str(tmp_path / "p")])
+    tags = [c[0] for c in calls]
+    assert tags == ["val", "t0", "p0", "p1", "p2"]                 # fresh samples at each step, none per epoch
+    initial = models.tiny_model(seed=0).state_dict()
+    replay = models.tiny_model(seed=0)
+    for step, (tag, weights, a, kw, out) in enumerate(calls[2:]):
+        assert kw["temperature"] == 0.9 and kw["top_p"] == 1.0
+        expected = initial if step == 0 else after_update[step - 1]   # the student after the previous update
+        for k in expected:
+            assert torch.equal(weights[k], expected[k]), (step, k)
+        replay.load_state_dict(expected)
+        assert torch.equal(generate(replay.eval(), *a, **kw).response_ids, out.response_ids)
+        if step > 0:   # the initial student, with the same noise, samples something else: the weights decided
+            replay.load_state_dict(initial)
+            assert not torch.equal(generate(replay.eval(), *a, **kw).response_ids, out.response_ids)
+
+
+def test_srkl_baseline_is_distillm_v1_token_mean_without_stop_gradient():
+    """--loss srkl: DistiLLM's skewed_reverse_kl (jongwooko/distillm, losses.py), brute force in float64 from
+    full logits: KL(q || (1 - a) p + a q), q NOT detached, one mean over every response token of the batch."""
+    args = distillm2.parse_args(["--student", "tiny", "--loss", "srkl"])
+    student, teacher = models.tiny_model(seed=0), models.tiny_model(seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    responses = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (7, 2, 11)]  # unequal: a token mean
+    ro = sample.pack(prompts, responses, pad_id=0)
+    fn, kw = distillm2.baseline_loss(args)
+    n_tokens = ro.response_mask.sum().item()
+    loss, _ = distillm2.divergence(fn, student, teacher, ro, distillm2.token_weights(ro, args.reduction, 3, n_tokens),
+                                   chunk_size=4, **kw)
+    loss.backward()
+    got = {k: p.grad.clone() for k, p in student.named_parameters()}
+
+    student.zero_grad()
+    s_h, s_head = sample.response_hidden(student.double(), ro)
+    t_h, t_head = sample.response_hidden(teacher.double(), ro)
+    q, p = s_head(s_h).softmax(-1), t_head(t_h).softmax(-1).detach()
+    a = 0.1
+    x = (q * ((1 - a) * p + a * q).log()).sum(-1) - (q * q.log()).sum(-1)
+    mask = ro.response_mask.double()
+    want = -(x * mask).sum() / mask.sum()
+    want.backward()
+    assert args.reduction == "token"
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for k, p in student.named_parameters():
+        torch.testing.assert_close(got[k].double(), p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_both_responses_is_the_distillm2_repositorys_gkd(tmp_path):
+    """--loss jsd --jsd-beta 0.9 --both-responses: the DistiLLM-2 repository's GKD baseline (distillm_trainer.py,
+    loss_type gkd): 0.9 KL(p || m) + 0.1 KL(q || m), m = 0.9 p + 0.1 q, each sequence's token mean, on the teacher's
+    and the epoch's student responses, the two summed and averaged over the batch. Checked on the first step."""
+    out = tmp_path / "g"
+    with contextlib.redirect_stdout(io.StringIO()):
+        distillm2.main(TINY + ["--loss", "jsd", "--jsd-beta", "0.9", "--both-responses", "--stop-after", "1",
+                               "--out", str(out)])
+    logged = metrics(out)[0]["loss"]
+    tok = models.load_tokenizer("tiny")
+    train, _, _ = distillm2.data_lib.white_box_prompts(tok, "tiny", limit=40, val_fraction=0.1, max_prompt_len=64,
+                                                       eval_prompts=4, seed=0)
+    batch, _ = distillm2.data_lib.batch_at_step(train, 0, 8, 0, "d2", 0, 1)
+    rows = torch.load(out / "epoch_rows" / "epoch0.rank0.pt")
+    student = models.tiny_model(seed=0).double()
+    teacher = models.load_model("tiny-teacher").double()
+    total = 0.0
+    for key in ("y_t", "y_s"):
+        ro = sample.pack([r["prompt"] for r in batch], [rows[r["id"]][key] for r in batch], tok.pad_token_id)
+        q, p = (head(h).softmax(-1) for h, head in (sample.response_hidden(m, ro) for m in (student, teacher)))
+        m = 0.9 * p + 0.1 * q
+        per_token = 0.9 * (p * (p / m).log()).sum(-1) + 0.1 * (q * (q / m).log()).sum(-1)
+        mask = ro.response_mask.double()
+        total += ((per_token * mask).sum(-1) / mask.sum(-1)).mean().item()
+    assert all(rows[r["id"]]["y_s"] for r in batch)                  # the student's responses were drawn
+    assert logged == pytest.approx(total, rel=1e-5)

@@ -72,8 +72,9 @@ def d_loss(student, teacher, fixed, ro):
 
 
 def distillm2_loss(student, teacher, fixed, ro):
-    skl, _ = distillm2.seq_divergence(losses.skl, student, teacher, fixed, 4, torch.full((6,), 1 / 6), alpha=0.1)
-    srkl, _ = distillm2.seq_divergence(losses.srkl, student, teacher, ro, 4, torch.full((6,), 1 / 6), alpha=0.1)
+    weight = lambda r: distillm2.token_weights(r, "sequence", 6, None)
+    skl, _ = distillm2.divergence(losses.skl, student, teacher, fixed, weight(fixed), 4, alpha=0.1)
+    srkl, _ = distillm2.divergence(losses.srkl, student, teacher, ro, weight(ro), 4, alpha=0.1, stop_grad=True)
     return skl + srkl, student
 
 
