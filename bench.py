@@ -322,6 +322,29 @@ def print_memory_model(name, rows, prompt_len, new_tokens, micro_batch_tokens, m
         print(f"    {'(activations without checkpointing)':<42} {no_ckpt / scale:>9.2f}")
 
 
+def gpu_runs(size, device, data):
+    """[(script, arguments, --stop-after of the first run; the second resumes it)] of bench gpu. DistiLLM-2 trains
+    all weights (--lora-r 0: its reference preset's LoRA needs peft, and full fine-tuning is the heavier step)."""
+    common = ["--dtype", "bfloat16", "--device", device, "--data", data, "--max-prompt-len", "1024",
+              "--eval-prompts", str(size["eval_prompts"]), "--save-every", "1"]
+    return [
+        ("gad.py", common + ["--student", size["student"], "--stage", "all", "--warmup-steps", "2", "--gad-steps", "3",
+                             "--freeze-g-steps", "0", "--prompts-per-step", str(size["prompts"]),
+                             "--samples-per-prompt", str(size["n"]),
+                             "--max-new-tokens", str(size["new_tokens"]), "--max-response-len", str(size["new_tokens"]),
+                             "--eval-max-new-tokens", "32"], 3),
+        ("distillm2.py", common + ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "2",
+                                   "--limit", str(2 * size["prompts"] + 16), "--val-fraction", "0.2",
+                                   "--prompts-per-step", str(size["prompts"]), "--lora-r", "0",
+                                   "--max-new-tokens", str(size["new_tokens"]), "--max-len",
+                                   str(1024 + size["new_tokens"]), "--gen-batch-size", str(size["prompts"])], 3),
+        ("amm.py", common + ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "1",
+                             "--limit", str(3 * size["prompts"] // 2 + 16), "--val-fraction", "0.2",
+                             "--prompts-per-step", str(size["prompts"] // 2), "--samples-per-prompt", "4",
+                             "--max-new-tokens", str(size["new_tokens"]), "--gen-batch-size", str(size["prompts"])], 2),
+    ]
+
+
 def bench_gpu(args):
     """A few steps of gad.py (warmup + GAD), distillm2.py and amm.py, each stopped once and resumed, then the
     peak memory of GAD steps at the 1.5B shape, all in bf16 with fp32 master weights under torchrun."""
@@ -341,29 +364,13 @@ def bench_gpu(args):
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"bench gpu: device {gpu}, torch {torch.__version__}, size {args.size or ('qwen' if cuda else 'tiny')}, "
           f"runs under torchrun --nproc_per_node=1 (logs: {log})", flush=True)
-    common = ["--dtype", "bfloat16", "--device", device, "--data", data, "--max-prompt-len", "1024",
-              "--eval-prompts", str(size["eval_prompts"]), "--save-every", "1"]
-    runs = [  # (script, arguments, --stop-after of the first run; the second resumes it)
-        ("gad.py", ["--student", size["student"], "--stage", "all", "--warmup-steps", "2", "--gad-steps", "3",
-                    "--freeze-g-steps", "0", "--prompts-per-step", str(size["prompts"]),
-                    "--samples-per-prompt", str(size["n"]),
-                    "--max-new-tokens", str(size["new_tokens"]), "--max-response-len", str(size["new_tokens"]),
-                    "--eval-max-new-tokens", "32"], 3),
-        ("distillm2.py", ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "2",
-                          "--limit", str(2 * size["prompts"] + 16), "--val-fraction", "0.2",
-                          "--prompts-per-step", str(size["prompts"]), "--max-new-tokens", str(size["new_tokens"]),
-                          "--gen-batch-size", str(size["prompts"])], 3),
-        ("amm.py", ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "1",
-                    "--limit", str(3 * size["prompts"] // 2 + 16), "--val-fraction", "0.2",
-                    "--prompts-per-step", str(size["prompts"] // 2), "--samples-per-prompt", "4",
-                    "--max-new-tokens", str(size["new_tokens"]), "--gen-batch-size", str(size["prompts"])], 2),
-    ]
+    runs = gpu_runs(size, device, data)
     results = {"device": gpu, "torch": torch.__version__, "trainers": {}, "gad_peak": {}}
     for script, run_args, stop in runs:
         out = os.path.join(work, script.replace(".py", ""))
         t0 = time.time()
-        torchrun(script, common + run_args + ["--out", out, "--stop-after", str(stop)], log)
-        torchrun(script, common + run_args + ["--out", out, "--resume"], log)
+        torchrun(script, run_args + ["--out", out, "--stop-after", str(stop)], log)
+        torchrun(script, run_args + ["--out", out, "--resume"], log)
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         steps = [(r.get("stage"), r["step"]) for r in rows]
         assert len(set(steps)) == len(steps) and len(rows) > stop, f"{script}: resumed log {steps}"

@@ -37,3 +37,17 @@ def test_memory_arithmetic_counts_what_the_tensors_take():
     cache = model(input_ids=torch.randint(0, 256, (6, 12)), use_cache=True).past_key_values
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert sampling["KV cache"] == kv_bytes
+
+
+def test_bench_gpu_arguments_parse_at_every_size():
+    """The GPU sizes run only on a GPU: their arguments are checked here, against each trainer's own parser and
+    presets (a preset change once made the qwen-size DistiLLM-2 run refuse its lengths and ask for peft)."""
+    import amm
+    import distillm2
+    import gad
+    for name, size in bench.GPU_SIZES.items():
+        for script, args, _ in bench.gpu_runs(size, "cuda", "data.jsonl"):
+            parsed = {"gad.py": gad, "distillm2.py": distillm2, "amm.py": amm}[script].parse_args(args)
+            assert parsed.dtype == "bfloat16" and parsed.student == size["student"], (name, script)
+            if script == "distillm2.py":
+                assert parsed.lora_r == 0 and parsed.max_len > parsed.max_prompt_len, name
