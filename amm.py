@@ -53,10 +53,21 @@ Reconstruction choices and assumptions (the paper leaves these open; each is a f
      full-vocabulary p and q at temperature 1 (no top-p) in every moment.
   7. A teacher vocabulary larger than the student's: the teacher samples only the student's ids, and p is
      renormalised over them before the moments (losses.align_vocab), as in distillm2.py.
+  8. Adversary rank (--adv-rank r; paper preset 256, CPU presets 0): W = U A, A [r, H] and U [V, r], so
+     f(s_t) = tanh(U (A h_t) + b). U starts at zero (--adv-init-std), so f = 0 still, and A random: U's gradient
+     goes through A h_t, nonzero from the first step (with both factors at zero each one's gradient goes through
+     the other: zero forever, a saddle). A ~ N(0, H / r^2): AdamW's first step moves every element by about
+     --adv-lr, which changes U A h_t by about lr ||A h_t||_1 and a full W h_t by lr ||h_t||_1; for a spread-out
+     h_t these are r std(A) ||h_t||_2 and sqrt(H) ||h_t||_2 (times the same constant), equal at std(A) =
+     sqrt(H) / r, so one --adv-lr suits both forms. With std(A) = 1/sqrt(H) the rank-16 adversaries of the CPU
+     default raised d_on and d_off by 0.02 at the first step, the full ones by 0.4 (H / r = 36 times slower).
+     0, or r >= H, is the full [V, H] matrix.
 Memory: every full-vocabulary quantity (p, q, f, their moments) is computed from final hidden states
 --chunk-size positions at a time (losses.kd_loss_chunked for the student, adversary_backward for the
-adversaries): the step holds [N, T, H] hidden states, never [N, T, V]. Each adversary is still a full [V, H]
-matrix (545M parameters for a Qwen2.5-7B teacher); a low-rank adversary is the next step at that scale.
+adversaries): the step holds [N, T, H] hidden states, never [N, T, V]; a low-rank f is (h A^T) U^T a chunk at a
+time, never the [V, H] product. Adversaries at Qwen2.5-7B -> 1.5B shape (H = 3584, the teacher's, read by default;
+the student's V = 151936), with fp32 weights + gradients + AdamW (16 bytes a parameter): full, 545M parameters
+each, 17.4 GB for the two; rank 256, 40.0M each, 1.28 GB for the two.
 """
 
 import argparse
@@ -79,16 +90,20 @@ PAPER = dict(  # no released recipe; sizes as distillm2.py's PAPER (the paper's 
     teacher="qwen2.5-7b", data="sharegpt", epochs=3, prompts_per_step=64, samples_per_prompt=4, micro_batch_size=8,
     lr=5e-6, adv_lr=1e-4, max_prompt_len=1024, max_new_tokens=512, dtype="bfloat16", eval_prompts=256, limit=None,
     val_fraction=0.1, gradient_checkpointing=True, micro_batch_tokens=12288,   # as gad.py's (LMOps' GAD recipe)
+    # Adversaries of rank 256 (header choice 8): at Qwen2.5-7B's H = 3584, 2 x 40M parameters instead of 2 x 545M
+    # (1.28 GB instead of 17.4 GB with AdamW). r / H = 1/14 is a milder cut than rank 16 of SmolLM2's H = 576
+    # (1/36), which on the CPU default still finds most of the full adversaries' estimates (README, AMM section).
+    adv_rank=256,
 )
 PRESETS = {
     "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=3, prompts_per_step=8, micro_batch_size=32,
                  lr=1e-2, adv_lr=1e-1, max_prompt_len=64, max_new_tokens=16, dtype="float32", eval_prompts=16,
-                 limit=64, gradient_checkpointing=False, micro_batch_tokens=None),
+                 limit=64, gradient_checkpointing=False, micro_batch_tokens=None, adv_rank=0),
     # The CPU default, the same pair as distillm2.py's: SmolLM2-135M-Instruct and itself without 6 middle layers.
     "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=1, prompts_per_step=4,
                          samples_per_prompt=2, micro_batch_size=8, lr=2e-5, adv_lr=1e-3, max_prompt_len=64,
                          max_new_tokens=32, dtype="float32", eval_prompts=16, limit=160, val_fraction=0.2,
-                         gradient_checkpointing=False, micro_batch_tokens=None),
+                         gradient_checkpointing=False, micro_batch_tokens=None, adv_rank=0),
 }
 
 
@@ -117,6 +132,8 @@ def parse_args(argv=None):
     g.add_argument("--adv-input", default="teacher", choices=["teacher", "student"],
                    help="whose detached final hidden state the adversary reads")
     g.add_argument("--adv-init-std", type=float, default=0.0, help="adversary weight init std (0: f = 0 at start)")
+    g.add_argument("--adv-rank", type=int, default=None,
+                   help="adversary W = U A of rank r (0: a full [V, H] W; paper preset 256, CPU presets 0)")
     g.add_argument("--token-mean", default="sequence", choices=["sequence", "horizon"],
                    help="1/T of the distances: 1/max-new-tokens (reward-to-go) or 1/own length (whole return)")
     g.add_argument("--baseline", default="loo", choices=["loo", "none"],
@@ -150,16 +167,25 @@ def parse_args(argv=None):
 # the moments and the student's surrogate (pure functions, tested by enumeration in tests/test_amm.py)
 
 class Adversary(torch.nn.Module):
-    """f(s_t) = tanh(W h_t + b): a bounded test function over the vocabulary, one vector per state [.., V]."""
+    """f(s_t) = tanh(W h_t + b): a bounded test function over the vocabulary, one vector per state [.., V].
 
-    def __init__(self, hidden_size, vocab_size, init_std=0.0):
+    W is `proj`, a full [V, H] matrix; or, with 0 < rank < H, W = U A of `proj` U [V, r] and `down` A [r, H],
+    applied as (h A^T) U^T, never formed (rank >= H would express nothing more, with more parameters). U or W
+    starts at N(0, init_std^2), zero by default: f = 0. A starts at N(0, H / r^2): U's gradient is nonzero at
+    once, and AdamW's first step moves f about as much as a full W's (header choice 8)."""
+
+    def __init__(self, hidden_size, vocab_size, init_std=0.0, rank=0):
         super().__init__()
-        self.proj = torch.nn.Linear(hidden_size, vocab_size)
+        low_rank = 0 < rank < hidden_size
+        self.down = torch.nn.Linear(hidden_size, rank, bias=False) if low_rank else torch.nn.Identity()
+        self.proj = torch.nn.Linear(rank if low_rank else hidden_size, vocab_size)
+        if low_rank:
+            torch.nn.init.normal_(self.down.weight, std=hidden_size ** 0.5 / rank)
         torch.nn.init.normal_(self.proj.weight, std=init_std)    # std 0: all zeros
         torch.nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden):
-        return torch.tanh(self.proj(hidden.detach().float()))                         # [B, T, V]
+        return torch.tanh(self.proj(self.down(hidden.detach().float())))             # [B, T, V]
 
 
 def _probs(student_logits, teacher_logits):
@@ -301,12 +327,13 @@ def main(argv=None):
         models.checkpoint_activations(student)
     teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
     amp = models.autocast(device, args.dtype)
-    eos, pad = sample.stop_ids(tok), tok.pad_token_id
+    eos, pad = sample.stop_ids(tok, student, teacher), tok.pad_token_id
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     student_vocab = s_head.weight.shape[0]
     adv_hidden = (teacher if args.adv_input == "teacher" else student).config.hidden_size
     torch.manual_seed(args.seed)
-    adv_off, adv_on = (Adversary(adv_hidden, student_vocab, args.adv_init_std).to(device) for _ in range(2))
+    adv_off, adv_on = (Adversary(adv_hidden, student_vocab, args.adv_init_std, args.adv_rank).to(device)
+                       for _ in range(2))
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
            f"{models.num_params(student) / 1e6:.2f}M, adversaries 2 x {models.num_params(adv_on) / 1e6:.2f}M "
            f"params, world {world}, compute {args.dtype}")

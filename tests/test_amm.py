@@ -9,8 +9,10 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import amm
+import common
 from scripts import metrics, run_script, student_weights
 
 TINY = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--eval-prompts", "4"]  # 36 train: 4 steps
@@ -48,11 +50,16 @@ def tabular_batch(responses, table):
     return ids, mask, table[state]
 
 
-def tabular_problem(seed):
+FEATURES = 5   # the adversary's input per state: adversary rank 2 < 5 is the low-rank form, 0 the full one
+
+
+def tabular_problem(seed, adv_rank=0):
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(len(STATES), V, generator=g, dtype=torch.float64).requires_grad_(True)   # student logits
     teacher = torch.randn(len(STATES), V, generator=g, dtype=torch.float64) * 2
-    f = torch.tanh(torch.randn(len(STATES), V, generator=g, dtype=torch.float64) * 2)           # a fixed adversary
+    torch.manual_seed(seed)
+    adversary = amm.Adversary(FEATURES, V, init_std=2.0, rank=adv_rank)                         # a fixed adversary
+    f = adversary(torch.randn(len(STATES), FEATURES, generator=g)).detach().double()
     return theta, teacher, f
 
 
@@ -75,11 +82,12 @@ def test_enumeration_covers_every_response_once():
     torch.testing.assert_close(log_q.exp().sum(), torch.tensor(1.0, dtype=torch.float64))   # a distribution
 
 
+@pytest.mark.parametrize("adv_rank", [0, 2])
 @pytest.mark.parametrize("token_mean", ["horizon", "sequence"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_surrogate_gradient_in_expectation_is_the_exact_gradient_of_d_on(seed, token_mean):
+def test_surrogate_gradient_in_expectation_is_the_exact_gradient_of_d_on(seed, token_mean, adv_rank):
     responses = all_responses()
-    theta, teacher, f = tabular_problem(seed)
+    theta, teacher, f = tabular_problem(seed, adv_rank)
     norm_of = lambda mask: torch.full_like(mask[:, 0], HORIZON) if token_mean == "horizon" else mask.sum(-1)
 
     # exact: d_on(theta) = sum_y Q_theta(y) distance(g(y; theta)), differentiated through Q and g alike
@@ -131,6 +139,90 @@ def test_optimal_bounded_adversary_attains_the_l1_distance():
     torch.testing.assert_close(amm.token_moments(s, t, best), amm.l1_distance(s, t))
     other = torch.tanh(torch.randn(2, 4, 11, generator=g) * 3)
     assert (amm.token_moments(s, t, other) <= amm.l1_distance(s, t) + 1e-6).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the adversary's two forms, and its chunked paths against whole-batch autograd
+
+class Largest(TorchDispatchMode):
+    """The largest number of elements any op returns while active."""
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            self.numel = max(self.numel, t.numel() if torch.is_tensor(t) else 0)
+        return out
+
+
+def test_low_rank_adversary_is_the_factorised_formula_and_never_forms_the_product():
+    torch.manual_seed(0)
+    hidden, vocab, rank, chunk = 64, 5000, 4, 8
+    adversary = amm.Adversary(hidden, vocab, init_std=0.3, rank=rank)
+    A, U, b = adversary.down.weight, adversary.proj.weight, adversary.proj.bias
+    assert A.shape == (rank, hidden) and U.shape == (vocab, rank)
+    assert sum(p.numel() for p in adversary.parameters()) == rank * hidden + vocab * rank + vocab
+    h = torch.randn(chunk, hidden)
+    with Largest() as largest:
+        f = adversary(h)
+        f.sum().backward()
+    torch.testing.assert_close(f, torch.tanh(h @ (U @ A).T + b))     # W = U A formed here, never in forward
+    assert largest.numel <= chunk * vocab < vocab * hidden                   # [chunk, V] at most, never [V, H]
+    full = amm.Adversary(hidden, vocab, rank=hidden)                         # rank >= H: the full matrix
+    assert isinstance(full.down, torch.nn.Identity) and full.proj.weight.shape == (vocab, hidden)
+
+
+def test_low_rank_adversary_first_adamw_step_moves_f_as_far_as_the_full_one():
+    """std(A) = sqrt(H) / r (amm.py header, choice 8): AdamW's first step moves every element by about lr, which
+    changes U A h by lr ||A h||_1 and a full W h by lr ||h||_1; equal in expectation for a Gaussian h, so one
+    --adv-lr suits both forms (with std(A) = 1/sqrt(H) the low-rank f would move r / H = 1/16 as far)."""
+    torch.manual_seed(0)
+    hidden, vocab, rank = 256, 50, 16
+    h, direction = torch.randn(1, hidden), torch.randn(1, vocab)
+    moved = {}
+    for r in (0, rank):
+        adversary = amm.Adversary(hidden, vocab, rank=r)
+        opt = torch.optim.AdamW(adversary.parameters(), lr=1e-4)
+        (direction * adversary(h)).sum().backward()
+        opt.step()
+        moved[r] = adversary(h).abs().mean().item()
+    assert 0.6 < moved[rank] / moved[0] < 1.6, moved
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_adversary_chunked_moments_and_ascent_equal_autograd_and_an_update_raises_the_estimate(rank):
+    """At the start f = 0 (estimate 0) and U's gradient (W's at full rank) is nonzero: not the saddle of two zero
+    factors. The chunked moments and ascent gradients equal whole-batch autograd there and after one update
+    (trainer's path: adversary_backward, clip_and_step), which raises the estimate."""
+    torch.manual_seed(0)
+    n, t, hidden, vocab, chunk = 3, 5, 12, 40, 4
+    s_head, t_head = torch.nn.Linear(hidden, vocab, bias=False), torch.nn.Linear(hidden, vocab, bias=False)
+    s_h, t_h = torch.randn(n, t, hidden), torch.randn(n, t, hidden)
+    mask = (torch.arange(t) < torch.tensor([[5], [2], [4]])).float()
+    adversary = amm.Adversary(hidden, vocab, rank=rank)
+    side = dict(mask=mask, norm=mask.sum(-1), count=n, adversary=adversary, s_h=s_h, t_h=t_h, adv_in=t_h)
+    ascent = -mask / side["norm"][:, None] / n                   # minus the mean distance over the batch
+    params = list(adversary.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+
+    def check():
+        """Chunked moments and gradients against one autograd pass over [n, t, V]; returns the estimate."""
+        with torch.no_grad():
+            q, p = torch.softmax(s_head(s_h), -1), torch.softmax(t_head(t_h), -1)
+        g = ((p - q) * adversary(t_h)).sum(-1)
+        want = torch.autograd.grad((ascent * g).sum(), params)
+        keep = mask.bool()                                       # the chunked values at padding are unused
+        torch.testing.assert_close(amm.moments(side, s_h, s_head, t_head, chunk)[keep], g.detach()[keep])
+        amm.adversary_backward(side, s_head, t_head, ascent, chunk, contextlib.nullcontext())
+        for param, grad in zip(params, want):
+            torch.testing.assert_close(param.grad, grad)
+        return amm.mean_distance(side, amm.moments(side, s_h, s_head, t_head, chunk))
+
+    assert check() == 0.0
+    assert adversary.proj.weight.grad.abs().max() > 1e-4                     # U (or W) learns from the start
+    common.clip_and_step(params, opt, 1.0)
+    assert check() > 1e-3                                                    # ascent raised d from 0
+    assert all(param.grad.abs().max() > 1e-4 for param in params)            # A too, once U has moved
 
 
 # ----------------------------------------------------------------------------------------------------------
