@@ -223,15 +223,15 @@ def add_lora(model, r, alpha, dropout):
     return get_peft_model(model, cfg)
 
 
-def respond(model, rows, tag, args, stop, amp, temperature, top_p, vocab_size=None):
+def respond(model, rows, tag, args, eos, pad, amp, temperature, top_p, vocab_size=None):
     """One response (token ids) per prompt row from `model`, keyed by (tag, row id): the same whatever the
-    batching, the rank or an interruption. stop = (eos ids, pad id)."""
+    batching, the rank or an interruption."""
     out = []
     for i in range(0, len(rows), args.gen_batch_size):
         chunk = rows[i:i + args.gen_batch_size]
         with amp:
             ro = sample.generate(model.eval(), [r["prompt"] for r in chunk], n=1, max_new_tokens=args.max_new_tokens,
-                                 temperature=temperature, top_p=top_p, eos_ids=stop[0], pad_id=stop[1],
+                                 temperature=temperature, top_p=top_p, eos_ids=eos, pad_id=pad,
                                  seed=args.seed, prompt_keys=[f"{tag}|{r['id']}" for r in chunk],
                                  vocab_size=vocab_size)
         out += [ids[m.bool()].tolist() for ids, m in zip(ro.response_ids, ro.response_mask)]
@@ -338,8 +338,7 @@ def main(argv=None):
         models.checkpoint_activations(student)
     teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
     amp = models.autocast(device, args.dtype)
-    stop = sample.stop_ids(tok, student, teacher), tok.pad_token_id
-    pad = stop[1]
+    eos, pad = sample.stop_ids(tok, student, teacher), tok.pad_token_id
     student_vocab = student.get_output_embeddings().weight.shape[0]
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
            f"{models.num_params(student) / 1e6:.2f}M params, world {world}, loss {args.loss}, compute {args.dtype}")
@@ -355,7 +354,8 @@ def main(argv=None):
     print0(f"data: {len(train)} train prompts, {len(val)} held out; {steps_per_epoch} steps per epoch")
 
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
-    for r, y in zip(val, respond(teacher, val, "val", args, stop, amp, args.temperature, args.top_p, student_vocab)):
+    val_y = respond(teacher, val, "val", args, eos, pad, amp, args.temperature, args.top_p, student_vocab)
+    for r, y in zip(val, val_y):
         r["y_t"] = y
 
     # -------------------------------------------------------------------- optimizer, resume
@@ -389,9 +389,9 @@ def main(argv=None):
                                            "d2", rank, world)[0]]
             if step_in_epoch == 0:
                 with phases("sampling"):
-                    y_t = respond(teacher, mine, f"t{epoch}", args, stop, amp, args.temperature, args.top_p,
+                    y_t = respond(teacher, mine, f"t{epoch}", args, eos, pad, amp, args.temperature, args.top_p,
                                   student_vocab)
-                    y_s = respond(student, mine, f"s{epoch}", args, stop, amp, args.temperature, args.top_p) \
+                    y_s = respond(student, mine, f"s{epoch}", args, eos, pad, amp, args.temperature, args.top_p) \
                         if epoch_student_samples else [[] for _ in mine]
                 epoch_rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
                 common.atomic_torch_save(epoch_rows, epoch_rows_path(args.out, epoch, rank))
@@ -405,7 +405,7 @@ def main(argv=None):
             args.on_policy_fraction
         if on_policy:
             with phases("sampling"):
-                rows = [[y] for y in respond(student, batch, f"p{step}", args, stop, amp,
+                rows = [[y] for y in respond(student, batch, f"p{step}", args, eos, pad, amp,
                                              args.on_policy_temperature, 1.0)]
             student.train()
         else:
@@ -441,11 +441,11 @@ def main(argv=None):
             j = slice(a, b)
             for (name, fn, kw, scale), ro, n_tok in zip(terms, rollouts, n_tokens):
                 part = ro.rows(j).trim()
-                kw = {k: v[j] if torch.is_tensor(v) else v for k, v in kw.items()}
+                part_kw = {k: v[j] if torch.is_tensor(v) else v for k, v in kw.items()}   # per-row alphas cut
                 with phases("losses"), amp:
                     loss, per_seq = divergence(fn, student, teacher, part, chunk_size=args.chunk_size,
                                                weights=scale * token_weights(part, args.reduction, n_seqs, n_tok),
-                                               **kw)
+                                               **part_kw)
                 with phases("losses"):   # backward outside autocast
                     loss.backward()
                 total += loss.item()
