@@ -71,8 +71,8 @@ each, 17.4 GB for the two; rank 256, 40.0M each, 1.28 GB for the two.
 """
 
 import argparse
+import functools
 import math
-import os
 import time
 
 import torch
@@ -150,12 +150,8 @@ def parse_args(argv=None):
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (student and each adversary)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="response length when sampling; the horizon T")
     g.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generate() call")
-    g.add_argument("--out", default="runs/amm", help="checkpoints, metrics.jsonl, final HF folder")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--save-every", type=int, default=10, help="checkpoint every k steps (and at the end)")
-    g.add_argument("--stop-after", type=int, default=None, help="exit after this many steps (tests of resume)")
+    common.add_run_flags(g, out="runs/amm")
     g.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts in the before/after table")
-    g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     args = p.parse_args(argv)
     common.fill_preset(args, PRESETS, PAPER)
     if args.baseline == "loo" and args.samples_per_prompt < 2:
@@ -307,181 +303,172 @@ def adversary_backward(side, s_head, t_head, weights, chunk_size, amp):
         objective.backward()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    ddp, rank, local_rank, world, device = common.compute_init(args.device)
-    common.seed_everything(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path, ckpt_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "ckpt.pt")
-    if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
-    k, horizon, beta = args.samples_per_prompt, args.max_new_tokens, args.beta
-
-    # -------------------------------------------------------------------- models
-    # The student and the adversaries keep fp32 weights and AdamW state; --dtype is the compute dtype (autocast)
-    # and the teacher's
-    tok = models.load_tokenizer(args.student)
-    student = models.load_model(args.student, dtype="float32", device=device, seed=args.seed,
-                                layers=args.student_layers)
+def load_models(args, device):
+    """The tokenizer, the student (fp32 weights and AdamW state), the frozen teacher in --dtype, and the two
+    adversaries (off- and on-policy; fp32), reading the teacher's or the student's hidden states (--adv-input)."""
+    tok, student, teacher = models.load_white_box(args, device)
     if args.gradient_checkpointing:
         models.checkpoint_activations(student)
-    teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
-    amp = models.autocast(device, args.dtype)
-    eos, pad = sample.stop_ids(tok, student, teacher), tok.pad_token_id
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    student_vocab = s_head.weight.shape[0]
-    adv_hidden = (teacher if args.adv_input == "teacher" else student).config.hidden_size
+    hidden = (teacher if args.adv_input == "teacher" else student).config.hidden_size
+    vocab = student.get_output_embeddings().weight.shape[0]
     torch.manual_seed(args.seed)
-    adv_off, adv_on = (Adversary(adv_hidden, student_vocab, args.adv_init_std, args.adv_rank).to(device)
-                       for _ in range(2))
+    adv_off, adv_on = (Adversary(hidden, vocab, args.adv_init_std, args.adv_rank).to(device) for _ in range(2))
+    return tok, student, teacher, adv_off, adv_on
+
+
+def make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, phases):
+    """Each side's fixed quantities for the step: its rollout (on: k samples per prompt from the student; off:
+    the teacher's response), the teacher's hidden states (p, and the adversary's input) and the student's
+    before the update (q for the adversary steps and the advantages), its weight and its global row count."""
+    k, mb, mb_tokens = args.samples_per_prompt, args.micro_batch_size, args.micro_batch_tokens
+    vocab = student.get_output_embeddings().weight.shape[0]
+    prompts = [r["prompt"] for r in batch]
+    with phases("sampling"):
+        on_ro = sample.rollout(student, prompts, [f"s{step}|{r['id']}" for r in batch], n=k, **gen)  # y_s ~ q
+        off_ro = sample.rollout(teacher, prompts, [f"t{step}|{r['id']}" for r in batch], vocab_size=vocab,
+                                **gen)                                                           # y_t ~ p
+    student.train()
+    sides = {}
+    for name, ro, adversary, weight, rows in (("on", on_ro, adv_on, 1.0 - args.beta, len(batch) * k),
+                                              ("off", off_ro, adv_off, args.beta, len(batch))):
+        mask = ro.response_mask.float()                                                      # [N, T]
+        norm = (torch.full_like(mask[:, 0], args.max_new_tokens) if args.token_mean == "horizon"
+                else mask.sum(-1).clamp(min=1))                                              # [N]
+        with phases("scoring"), amp:
+            t_h, s_h = hidden_states(teacher, ro, mb, mb_tokens), hidden_states(student, ro, mb, mb_tokens)
+        sides[name] = dict(ro=ro, mask=mask, norm=norm, count=common.all_reduce_sum(rows), weight=weight,
+                           adversary=adversary, t_h=t_h, s_h=s_h,
+                           adv_in=t_h if args.adv_input == "teacher" else s_h)
+    return sides
+
+
+def adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phases, m):
+    """--adv-steps ascent steps of both adversaries on beta d_off + (1 - beta) d_on (p, q fixed). Logs the
+    distances after them and each adversary's gain (same samples) into `m`; returns the moments g [N, T] after."""
+    chunk = args.chunk_size
+    with phases("scoring"), amp:
+        pre = {name: mean_distance(sd, moments(sd, sd["s_h"], s_head, t_head, chunk)) for name, sd in sides.items()}
+    for _ in range(args.adv_steps):
+        with phases("adversary"):
+            for sd in sides.values():
+                ascent = -sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]   # minus: maximise
+                adversary_backward(sd, s_head, t_head, ascent, chunk, amp)
+            common.clip_and_step(adv_params, adv_opt, args.grad_clip)
+    with phases("scoring"), amp:
+        g = {name: moments(sd, sd["s_h"], s_head, t_head, chunk) for name, sd in sides.items()}
+        l1 = {name: mean_distance(sd, side_values(l1_values, sd, sd["s_h"], s_head, t_head, chunk))
+              for name, sd in sides.items()}
+    post = {name: mean_distance(sd, g[name]) for name, sd in sides.items()}
+    m.update(d_on=post["on"], d_off=post["off"], d_on_gain=post["on"] - pre["on"],
+             d_off_gain=post["off"] - pre["off"], l1_on=l1["on"], l1_off=l1["off"])
+    return g
+
+
+def student_backward(student, sides, advantages, s_head, t_head, args, amp, phases):
+    """Backward of the student's objective, beta d_off + (1 - beta) (the surrogate of d_on), micro-batch by
+    micro-batch; returns this rank's share of it."""
+    total = 0.0
+    for name, sd in sides.items():
+        weights = sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]           # [N, T]
+        score_weight = advantages * sd["norm"][:, None] if name == "on" else torch.zeros_like(weights)
+        for index, r in sd["ro"].micro_batches(args.micro_batch_size, args.micro_batch_tokens):
+            t = r.response_ids.shape[1]
+            with phases("student"), amp:
+                h, _ = sample.response_hidden(student, r)                                  # [b, t, H]
+                loss, _ = losses.kd_loss_chunked(
+                    student_values, h, s_head, sd["t_h"][index, :t], t_head, weights[index, :t],
+                    chunk_size=args.chunk_size, adversary=sd["adversary"], adv_in=sd["adv_in"][index, :t],
+                    tokens=r.response_ids, score_weight=score_weight[index, :t])
+            with phases("student"):
+                loss.backward()
+            total += loss.item()
+    return total
+
+
+def student_moves(student, sides, s_head, t_head, args, amp, phases, m):
+    """The distance estimates after the student's step, at the same states with the same adversaries: how far
+    the step moved the moments it was asked to close (d_on's state distribution moves too; that part is the
+    score term, checked exactly in tests/test_amm.py). Logged as d_*_student into `m`."""
+    with phases("scoring"), amp:
+        after = {name: mean_distance(sd, moments(sd, hidden_states(student, sd["ro"], args.micro_batch_size,
+                                                                   args.micro_batch_tokens),
+                                                 s_head, t_head, args.chunk_size))
+                 for name, sd in sides.items()}
+    m.update(d_on_student=after["on"] - m["d_on"], d_off_student=after["off"] - m["d_off"])
+
+
+LOG_KEYS = ("d_on", "d_on_gain", "d_on_student", "d_off", "d_off_gain", "d_off_student", "l1_on", "l1_off",
+            "loss", "grad_norm", "response_len")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.setup(args)
+    tok, student, teacher, adv_off, adv_on = load_models(args, device)
+    amp = models.autocast(device, args.dtype)
+    pad = tok.pad_token_id
+    gen = dict(max_new_tokens=args.max_new_tokens, eos_ids=sample.stop_ids(tok, student, teacher), pad_id=pad,
+               seed=args.seed, amp=amp, batch_size=args.gen_batch_size)   # sample.rollout's settings
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
            f"{models.num_params(student) / 1e6:.2f}M, adversaries 2 x {models.num_params(adv_on) / 1e6:.2f}M "
            f"params, world {world}, compute {args.dtype}")
-
-    # -------------------------------------------------------------------- data: prompts only (white-box)
-    train, val, val_recs = data_lib.white_box_prompts(
+    train, val, val_recs, steps_per_epoch = data_lib.white_box_prompts(
         tok, args.data, limit=args.limit, val_fraction=args.val_fraction, max_prompt_len=args.max_prompt_len,
-        eval_prompts=args.eval_prompts, seed=args.seed)
-    steps_per_epoch = len(train) // args.prompts_per_step
+        eval_prompts=args.eval_prompts, seed=args.seed, per_step=args.prompts_per_step)
     total_steps = steps_per_epoch * args.epochs
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} train prompts: fewer than --prompts-per-step {args.prompts_per_step}")
     print0(f"data: {len(train)} train prompts, {len(val)} held out; {total_steps} steps")
+    if val:   # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
+        held = sample.rollout(teacher, [r["prompt"] for r in val], [f"val|{r['id']}" for r in val],
+                              vocab_size=s_head.weight.shape[0], **gen)
+        for r, y in zip(val, held.responses()):
+            r["y_t"] = y
 
-    def rollout(model, rows, n, tag, vocab_size=None):
-        """n samples per prompt at temperature 1, keyed by (tag, id): independent of batching and rank."""
-        chunks = [rows[i:i + args.gen_batch_size] for i in range(0, len(rows), args.gen_batch_size)]
-        with amp:
-            parts = [sample.generate(model.eval(), [r["prompt"] for r in chunk], n=n, max_new_tokens=horizon,
-                                     temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=pad, seed=args.seed,
-                                     prompt_keys=[f"{tag}|{r['id']}" for r in chunk], vocab_size=vocab_size)
-                     for chunk in chunks]
-        responses = [ids[m.bool()].tolist() for ro in parts for ids, m in zip(ro.response_ids, ro.response_mask)]
-        prompts = [r["prompt"] for r in rows for _ in range(n)]                        # prompt-major, as generate
-        return sample.pack(prompts, responses, pad, device)
-
-    # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
-    if val:
-        held = rollout(teacher, val, 1, "val", student_vocab)
-        for r, ids, msk in zip(val, held.response_ids, held.response_mask):
-            r["y_t"] = ids[msk.bool()].tolist()
-
-    # -------------------------------------------------------------------- optimizers, resume
     opt = common.make_optimizer(list(student.parameters()), args.lr, args.weight_decay, args.adam8bit)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(cosine, total=total_steps))
     adv_params = list(adv_off.parameters()) + list(adv_on.parameters())
     adv_opt = torch.optim.AdamW(adv_params, lr=args.adv_lr, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume and os.path.exists(ckpt_path):
-        start = common.load_checkpoint(ckpt_path, student=student, adv_off=adv_off, adv_on=adv_on, opt=opt,
-                                       adv_opt=adv_opt, sched=sched)["step"] + 1
-        common.drop_metrics_after(metrics_path, lambda r: r["step"] < start)
-        print0(f"resumed from {ckpt_path} at step {start}")
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    state = common.resume(args, student=student, adv_off=adv_off, adv_on=adv_on, opt=opt, adv_opt=adv_opt,
+                          sched=sched)
+    start = 0 if state is None else state["step"] + 1
 
-    # -------------------------------------------------------------------- training
-    mb, mb_tokens, chunk = args.micro_batch_size, args.micro_batch_tokens, args.chunk_size
-    steps_done = 0
     for step in range(start, total_steps):
         t0, phases = time.time(), common.Phases(device)
         batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "amm", rank, world)
-        with phases("sampling"):
-            on_ro = rollout(student, batch, k, f"s{step}", None)                 # y_s ~ q: k per prompt
-            off_ro = rollout(teacher, batch, 1, f"t{step}", student_vocab)       # y_t ~ p
-        student.train()
-        # Each side's fixed quantities for the step: its rows, the teacher's hidden states (p, and the adversary's
-        # input) and the student's before the update (q for the adversary steps and the advantages).
-        sides = {}
-        for name, ro, adversary, weight, rows in (("on", on_ro, adv_on, 1.0 - beta, len(batch) * k),
-                                                  ("off", off_ro, adv_off, beta, len(batch))):
-            mask = ro.response_mask.float()                                                      # [N, T]
-            norm = torch.full_like(mask[:, 0], horizon) if args.token_mean == "horizon" else mask.sum(-1).clamp(min=1)
-            with phases("scoring"), amp:
-                t_h, s_h = hidden_states(teacher, ro, mb, mb_tokens), hidden_states(student, ro, mb, mb_tokens)
-            sides[name] = dict(ro=ro, mask=mask, norm=norm, count=common.all_reduce_sum(rows), weight=weight,
-                               adversary=adversary, t_h=t_h, s_h=s_h,
-                               adv_in=t_h if args.adv_input == "teacher" else s_h)
-
+        sides = make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, phases)
         m = {"lr": sched.get_last_lr()[0]}
-        with phases("scoring"), amp:
-            pre = {name: mean_distance(sd, moments(sd, sd["s_h"], s_head, t_head, chunk)) for name, sd in sides.items()}
-        # ---- adversaries: ascend beta d_off + (1 - beta) d_on (p, q fixed)
-        for _ in range(args.adv_steps):
-            with phases("adversary"):
-                for sd in sides.values():
-                    ascent = -sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]   # minus: maximise
-                    adversary_backward(sd, s_head, t_head, ascent, chunk, amp)
-                common.clip_and_step(adv_params, adv_opt, args.grad_clip)
-        with phases("scoring"), amp:
-            g_post = {name: moments(sd, sd["s_h"], s_head, t_head, chunk) for name, sd in sides.items()}
-            l1 = {name: mean_distance(sd, side_values(l1_values, sd, sd["s_h"], s_head, t_head, chunk))
-                  for name, sd in sides.items()}
-        post = {name: mean_distance(sd, g_post[name]) for name, sd in sides.items()}
-        m.update(d_on=post["on"], d_off=post["off"], d_on_gain=post["on"] - pre["on"],
-                 d_off_gain=post["off"] - pre["off"], l1_on=l1["on"], l1_off=l1["off"])
+        g = adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phases, m)
         # advantages of the student's samples under the updated adversary, before the student moves
         on = sides["on"]
-        advantages = on_policy_advantages(g_post["on"], on["mask"], on["norm"], args.token_mean, k, args.baseline)
-
-        # ---- student: descend beta d_off + (1 - beta) (surrogate of d_on)
-        total = 0.0
-        for name, sd in sides.items():
-            weights = sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]           # [N, T]
-            score_weight = advantages * sd["norm"][:, None] if name == "on" else torch.zeros_like(weights)
-            for index, r in sd["ro"].micro_batches(mb, mb_tokens):
-                t = r.response_ids.shape[1]
-                with phases("student"), amp:
-                    h, _ = sample.response_hidden(student, r)                                  # [b, t, H]
-                    loss, _ = losses.kd_loss_chunked(
-                        student_values, h, s_head, sd["t_h"][index, :t], t_head, weights[index, :t], chunk_size=chunk,
-                        adversary=sd["adversary"], adv_in=sd["adv_in"][index, :t], tokens=r.response_ids,
-                        score_weight=score_weight[index, :t])
-                with phases("student"):
-                    loss.backward()
-                total += loss.item()
+        advantages = on_policy_advantages(g["on"], on["mask"], on["norm"], args.token_mean, args.samples_per_prompt,
+                                          args.baseline)
+        total = student_backward(student, sides, advantages, s_head, t_head, args, amp, phases)
         with phases("student"):
             grad_norm, skipped = common.clip_and_step(student.parameters(), opt, args.grad_clip)
-        if skipped:
-            m["skipped"] = 1
         sched.step()
-        # The same estimates after the student's step, at the same states with the same adversaries: how far the
-        # student's step moved the moments it was asked to close (d_on's state distribution moves too; that part
-        # is the score term, checked exactly in tests/test_amm.py).
-        with phases("scoring"), amp:
-            after = {name: mean_distance(sd, moments(sd, hidden_states(student, sd["ro"], mb, mb_tokens), s_head,
-                                                     t_head, chunk)) for name, sd in sides.items()}
-        m.update(d_on_student=after["on"] - post["on"], d_off_student=after["off"] - post["off"])
-        m["response_len"] = on_ro.response_mask.sum().item() / on_ro.response_mask.shape[0]
-        m = common.reduce_metrics(m)
-        m["loss"] = common.all_reduce_sum(total)   # each rank holds its share of the global objective
-        m.update(step=step, grad_norm=grad_norm, s_per_step=time.time() - t0, **phases.stats)
-        common.log_metrics(metrics_path, m)
-        print0(f"step {step + 1}/{total_steps} | d_on {m['d_on']:.4f} ({m['d_on_gain']:+.4f} adv, "
-               f"{m['d_on_student']:+.4f} student) | d_off {m['d_off']:.4f} ({m['d_off_gain']:+.4f} adv, "
-               f"{m['d_off_student']:+.4f} student) | l1 {m['l1_on']:.3f}/{m['l1_off']:.3f} | loss {m['loss']:.4f} | "
-               f"grad_norm {grad_norm:.3f} | len {m['response_len']:.1f} | {m['s_per_step']:.2f} s/step")
-        if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
-            common.save_checkpoint(ckpt_path, step=step, student=student, adv_off=adv_off, adv_on=adv_on, opt=opt,
-                                   adv_opt=adv_opt, sched=sched)
-        steps_done += 1
-        if args.stop_after is not None and steps_done >= args.stop_after:
-            print0(f"--stop-after {args.stop_after}: exiting")
+        student_moves(student, sides, s_head, t_head, args, amp, phases, m)
+        m.update(response_len=on["ro"].response_mask.sum().item() / on["ro"].response_mask.shape[0],
+                 skipped=int(skipped))
+        m = common.reduce_metrics(m | phases.stats)
+        tokens = sum(common.all_reduce_sum(sd["ro"].response_mask.sum().item()) for sd in sides.values())
+        m.update(step=step, loss=common.all_reduce_sum(total), grad_norm=grad_norm, tokens=tokens,
+                 s_per_step=time.time() - t0)
+        common.log_step(args, "step", step, total_steps, m, LOG_KEYS)
+        if common.end_step(args, step, total_steps, step + 1 - start, student=student, adv_off=adv_off,
+                           adv_on=adv_on, opt=opt, adv_opt=adv_opt, sched=sched):
             common.compute_cleanup()
             return
 
-    # -------------------------------------------------------------------- save, evaluate
     opt = adv_opt = sched = sides = None   # training state goes before the evaluation loads anything
-    if rank == 0:   # only rank 0 exports and evaluates, or loads anything for it
-        models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
-        if val:
-            fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
-                                      layers=args.student_layers).eval()
-            eval_lib.white_box_report(student, fresh, teacher, tok, val, val_recs, pad,
-                                      os.path.join(args.out, "eval.json"), max_new_tokens=horizon,
-                                      max_prompt_len=args.max_prompt_len, chunk_size=args.chunk_size)
+    eval_lib.white_box_final(student, dict(name=args.student, dtype=args.dtype, device=device, seed=args.seed,
+                                           layers=args.student_layers), teacher, tok, val, val_recs, pad, args,
+                             device, args.max_new_tokens)
     common.compute_cleanup()
+
+
+def cosine(step, total):
+    """The learning rate's factor: cosine from 1 to 0 over `total` steps, no warmup."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
 if __name__ == "__main__":

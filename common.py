@@ -246,15 +246,6 @@ def fill_preset(args, presets, default):
     print0(f"preset {args.student if args.student in presets else 'paper'}: " + " ".join(filled))
 
 
-def drop_metrics_after(path, keep):
-    """On resume: keep only the metrics rows for which keep(row) is true (those up to the checkpoint); the rows
-    logged after it are redone by the resumed run and would otherwise appear twice."""
-    if get_rank() != 0 or not os.path.exists(path):
-        return
-    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if keep(r)))
-
-
 def make_optimizer(params, lr, weight_decay, adam8bit=False):
     """AdamW, or bitsandbytes' 8-bit AdamW (--adam8bit: optimizer state in 8 bits, a memory flag). On CUDA the
     fused AdamW kernel: one launch for all tensors, and none of the foreach path's full-size temporaries (its
@@ -285,11 +276,14 @@ def set_rng_state(state):
 
 def save_checkpoint(path, **state):
     """Rank 0 writes one atomic file: each named object's state_dict() (models, optimizers, schedulers), every
-    other value as is (step, stage, ...), and the RNG states. Collective-free: ranks hold the same weights."""
+    other value as is (step, stage, ...), the RNG states, and how many rows OUT/metrics.jsonl (beside it) holds.
+    Collective-free: ranks hold the same weights."""
     if get_rank() != 0:
         return
+    log = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
+    rows = sum(1 for _ in open(log, encoding="utf-8")) if os.path.exists(log) else 0
     payload = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
-    atomic_torch_save(payload | {"rng": rng_state()}, path)
+    atomic_torch_save(payload | {"rng": rng_state(), "log_rows": rows}, path)
 
 
 def load_checkpoint(path, **objects):
@@ -305,3 +299,68 @@ def load_checkpoint(path, **objects):
         obj.load_state_dict(ck.pop(name))
     set_rng_state(ck.pop("rng"))
     return ck
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run's life, the same in every trainer: start, resume, log a step, checkpoint, stop
+
+def add_run_flags(group, out):
+    """The flags of a run's life, the same in every trainer."""
+    group.add_argument("--out", default=out, help="checkpoints, metrics.jsonl, the final Hugging Face folders")
+    group.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    group.add_argument("--save-every", type=int, default=10,
+                       help="checkpoint every k steps (and at each stage or epoch end)")
+    group.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (tests of resume)")
+    group.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
+
+
+def setup(args):
+    """Start a run: torchrun's process group if launched by it, the seeds (the same on every rank: the models
+    start equal; sampling is keyed per prompt, not per rank), OUT/. Returns (rank, world size, device)."""
+    _, rank, _, world, device = compute_init(args.device)
+    seed_everything(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
+    return rank, world, device
+
+
+def resume(args, **objects):
+    """With --resume and OUT/ckpt.pt: the checkpoint's states copied into `objects`, the metrics rows logged
+    after it dropped (the resumed run logs them again), and its other values returned (step, stage, ...).
+    Otherwise a fresh OUT/metrics.jsonl, and None."""
+    path, log = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
+    if not (args.resume and os.path.exists(path)):
+        if get_rank() == 0 and os.path.exists(log):
+            os.remove(log)
+        return None
+    state = load_checkpoint(path, **objects)
+    rows = state.pop("log_rows")
+    if get_rank() == 0 and os.path.exists(log):
+        with open(log, encoding="utf-8") as f:
+            kept = [line for _, line in zip(range(rows), f)]
+        atomic_write_text(log, "".join(kept))
+    print0(f"resumed from {path} after {state.get('stage', 'step')} {state['step'] + 1}")
+    return state
+
+
+def log_step(args, label, step, total, m, keys):
+    """One step's metrics row (OUT/metrics.jsonl) and its line, in the one format of every trainer:
+        <label> <step>/<total> | key value | ... | <tokens/s> tok/s | <s> s/step
+    m holds the step's global values (reduced over ranks), with `tokens` (the response tokens the step
+    sampled or trained on) and `s_per_step`; tokens_per_s is added."""
+    m["tokens_per_s"] = m["tokens"] / max(m["s_per_step"], 1e-9)
+    log_metrics(os.path.join(args.out, "metrics.jsonl"), m)
+    fields = "".join(f" | {k} {m[k]:.4g}" for k in keys if k in m)
+    print0(f"{label} {step + 1}/{total}{fields} | {m['tokens_per_s']:.0f} tok/s | {m['s_per_step']:.2f} s/step")
+
+
+def end_step(args, step, total, steps_done, save=False, **state):
+    """After step `step` (0-based) of `total`: checkpoint (OUT/ckpt.pt, rank 0) every --save-every steps, at the
+    last step, and when `save`; then True if --stop-after says this process stops now (tests of resume)."""
+    if (step + 1) % args.save_every == 0 or step + 1 == total or save:
+        save_checkpoint(os.path.join(args.out, "ckpt.pt"), step=step, **state)
+    if args.stop_after is not None and steps_done >= args.stop_after:
+        print0(f"--stop-after {args.stop_after}: stopping")
+        return True
+    return False

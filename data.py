@@ -419,11 +419,12 @@ def train_val_split(records, val_fraction, seed=0):
 # ----------------------------------------------------------------------------------------------------------
 # trainer data: synthetic prompts, and the batch of a step
 
-def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_prompts, seed):
-    """Prompts of the white-box trainers (distillm2.py, amm.py): (train, val, val_records). train and val are rows
-    {"id", "prompt": token ids}, prompts over max_prompt_len tokens dropped, val cut to eval_prompts; val_records
-    are the held-out records themselves (their texts, for the evaluation table). source: a file, "sharegpt" (its
-    bad rows skipped: 1.6% of its records have no user turn), or "tiny"."""
+def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_prompts, seed, per_step):
+    """Prompts of the white-box trainers (distillm2.py, amm.py): (train, val, val_records, steps per epoch).
+    train and val are rows {"id", "prompt": token ids}, prompts over max_prompt_len tokens dropped, val cut to
+    eval_prompts; val_records are the held-out records themselves (their texts, for the evaluation table); an
+    epoch is the whole steps of per_step prompts. source: a file, "sharegpt" (its bad rows skipped: 1.6% of its
+    records have no user turn), or "tiny"."""
     if source == "tiny":
         records = tiny_prompts(limit, seed)
     else:
@@ -431,7 +432,10 @@ def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_
     train_records, val_records = train_val_split(records, val_fraction, seed=seed)
     encode = lambda recs: [{"id": r["id"], "prompt": p} for r in recs
                            if len(p := encode_prompt(tok, r["messages"])) <= max_prompt_len]
-    return encode(train_records), encode(val_records)[:eval_prompts], val_records
+    train, val = encode(train_records), encode(val_records)[:eval_prompts]
+    if len(train) < per_step:
+        raise ValueError(f"{len(train)} train prompts: fewer than --prompts-per-step {per_step}")
+    return train, val, val_records, len(train) // per_step
 
 
 def tiny_prompts(num, seed):

@@ -5,7 +5,7 @@ token that closes the response (GAD, arXiv 2511.10643; LMOps `gad/`: a reward mo
 It is found from the response mask, never from pad ids (several tokenizers pad with their end-of-turn id).
 
 Stored as a Hugging Face `AutoModelForSequenceClassification` with num_labels=1 (backbone `.model`, head
-`.score`), so `from_pretrained` loads it and eval.py can score with it without importing this file.
+`.score`), so `from_pretrained` loads it and eval.py scores it with `score` below.
 The head starts at zero: D begins indifferent (every pair at loss log 2) rather than with a random preference.
 """
 

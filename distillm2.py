@@ -51,6 +51,7 @@ Baselines (--loss skl|srkl|jsd|fkl|rkl), as their own papers' code defines them:
 """
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -156,12 +157,8 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=None, help="response length when sampling")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (reference: 0.8)")
     g.add_argument("--top-p", type=float, default=None, help="sampling top-p (reference: 0.95)")
-    g.add_argument("--out", default="runs/distillm2", help="checkpoints, metrics.jsonl, final HF folder")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--save-every", type=int, default=10, help="checkpoint every k steps (and at epoch ends)")
-    g.add_argument("--stop-after", type=int, default=None, help="exit after this many steps (tests of resume)")
+    common.add_run_flags(g, out="runs/distillm2")
     g.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts in the before/after table")
-    g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     args = p.parse_args(argv)
     common.fill_preset(args, PRESETS, PAPER)
     baseline = args.loss != "distillm2"
@@ -223,19 +220,11 @@ def add_lora(model, r, alpha, dropout):
     return get_peft_model(model, cfg)
 
 
-def respond(model, rows, tag, args, eos, pad, amp, temperature, top_p, vocab_size=None):
+def respond(model, rows, tag, gen, temperature, top_p, vocab_size=None):
     """One response (token ids) per prompt row from `model`, keyed by (tag, row id): the same whatever the
-    batching, the rank or an interruption."""
-    out = []
-    for i in range(0, len(rows), args.gen_batch_size):
-        chunk = rows[i:i + args.gen_batch_size]
-        with amp:
-            ro = sample.generate(model.eval(), [r["prompt"] for r in chunk], n=1, max_new_tokens=args.max_new_tokens,
-                                 temperature=temperature, top_p=top_p, eos_ids=eos, pad_id=pad,
-                                 seed=args.seed, prompt_keys=[f"{tag}|{r['id']}" for r in chunk],
-                                 vocab_size=vocab_size)
-        out += [ids[m.bool()].tolist() for ids, m in zip(ro.response_ids, ro.response_mask)]
-    return out
+    batching, the rank or an interruption. gen: sample.rollout's other arguments."""
+    return sample.rollout(model, [r["prompt"] for r in rows], [f"{tag}|{r['id']}" for r in rows],
+                          temperature=temperature, top_p=top_p, vocab_size=vocab_size, **gen).responses()
 
 
 def fit_length(prompt, responses, max_len, max_prompt_len):
@@ -316,175 +305,176 @@ def baseline_loss(args):
             "rkl": (losses.reverse_kl, {})}[args.loss]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    ddp, rank, local_rank, world, device = common.compute_init(args.device)
-    common.seed_everything(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path, ckpt_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "ckpt.pt")
-    if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
-
-    # -------------------------------------------------------------------- models
-    # The student keeps fp32 weights and AdamW state (LoRA: the frozen base in --dtype, peft's adapters in fp32);
-    # --dtype is the compute dtype (autocast) and the teacher's
-    tok = models.load_tokenizer(args.student)
-    student = models.load_model(args.student, dtype=args.dtype if args.lora_r else "float32", device=device,
-                                seed=args.seed, layers=args.student_layers)
-    lora = add_lora(student, args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora_r else None
-    if lora is not None:
+def load_models(args, device):
+    """The tokenizer, the student (fp32 weights and AdamW state; with LoRA the frozen base in --dtype and peft's
+    adapters in fp32) and the frozen teacher in --dtype. Returns them and the peft wrapper (None without LoRA)."""
+    tok, student, teacher = models.load_white_box(args, device, args.dtype if args.lora_r else "float32")
+    lora = None
+    if args.lora_r:
+        torch.manual_seed(args.seed)   # the adapters' init
+        lora = add_lora(student, args.lora_r, args.lora_alpha, args.lora_dropout)
         student = lora.get_base_model()  # the causal LM, its projections now LoRA layers: called as before
     if args.gradient_checkpointing:
         models.checkpoint_activations(student)
-    teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    return tok, student, teacher, lora
+
+
+def epoch_responses(student, teacher, train, epoch, fresh, steps_per_epoch, args, gen, vocab, phases):
+    """{row id: {"y_t", "y_s"}} of every row this rank trains on in `epoch`: sampled from the teacher and the
+    CURRENT student at the epoch's start (`fresh`; written, once, to OUT/epoch_rows for a resumed run), or,
+    resuming mid-epoch, read back: the student has moved since they were drawn."""
+    rank, world = common.get_rank(), common.get_world_size()
+    mine = [row for s in range(steps_per_epoch) for row in data_lib.batch_at_step(
+        train, epoch * steps_per_epoch + s, args.prompts_per_step, args.seed, "d2", rank, world)[0]]
+    if not fresh:
+        return load_epoch_rows(args.out, epoch, [r["id"] for r in mine])
+    with phases("sampling"):
+        y_t = respond(teacher, mine, f"t{epoch}", gen, args.temperature, args.top_p, vocab)
+        y_s = respond(student, mine, f"s{epoch}", gen, args.temperature, args.top_p) \
+            if uses_student_responses(args) else [[] for _ in mine]
+    rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
+    common.atomic_torch_save(rows, epoch_rows_path(args.out, epoch, rank))
+    common.barrier()   # every rank's file is on disk before any checkpoint of this epoch
+    return rows
+
+
+def step_rollouts(student, batch, epoch_rows, step, args, gen, device, phases):
+    """The step's rollouts of its prompts: [y_t], [y_t, y_s] (DistiLLM-2, --both-responses), or, on a GKD
+    on-policy step (a coin per step, the same on every rank), [a fresh sample of the current student]."""
+    coin = torch.rand(1, generator=torch.Generator().manual_seed(args.seed * 7919 + step)).item()
+    on_policy = coin < args.on_policy_fraction
+    if on_policy:
+        with phases("sampling"):
+            rows = [[y] for y in respond(student, batch, f"p{step}", gen, args.on_policy_temperature, 1.0)]
+        student.train()
+    else:
+        rows = [[epoch_rows[r["id"]]["y_t"]] + ([epoch_rows[r["id"]]["y_s"]] if uses_student_responses(args)
+                                                 else []) for r in batch]
+    return pack_rows(batch, rows, args, gen["pad_id"], device), on_policy
+
+
+def uses_student_responses(args):
+    """Whether each epoch also samples the student: DistiLLM-2's SRKL term and --both-responses train on them."""
+    return args.loss == "distillm2" or args.both_responses
+
+
+def curriculum_alphas(student, teacher, rollouts, epoch, n_seqs, args, amp, phases, m):
+    """Per-sample alphas [B] of the SKL and SRKL terms: alpha0, or, for DistiLLM-2 from its second epoch on, the
+    curriculum of the likelihood gaps (alpha_curriculum, global batch means). Gaps are logged into `m`."""
+    device = rollouts[0].prompt_ids.device
+    alpha = torch.full((rollouts[0].prompt_ids.shape[0],), args.alpha0, device=device)
+    if args.loss != "distillm2" or epoch == 0 or args.no_alpha_curriculum or args.released:
+        return alpha, alpha
+    t_ro, s_ro = rollouts
+    with phases("curriculum"), amp:
+        gap_t = mean_logprob(teacher, t_ro, args).exp() - mean_logprob(student, t_ro, args).exp()  # P - Q, y_t
+        gap_s = mean_logprob(student, s_ro, args).exp() - mean_logprob(teacher, s_ro, args).exp()  # Q - P, y_s
+    m_t, m_s = (common.all_reduce_sum(g.sum().item()) / n_seqs for g in (gap_t, gap_s))  # global means
+    m.update(gap_skl=gap_t.tolist(), gap_srkl=gap_s.tolist())
+    return alpha_curriculum(gap_t, args.alpha0, m_t), alpha_curriculum(gap_s, args.alpha0, m_s)
+
+
+def loss_terms(args, beta, alpha_t, alpha_s, num_rollouts):
+    """(name, per-token loss, its arguments, its weight) for each rollout of the step."""
+    if args.loss == "distillm2":
+        scale = 2.0 if args.released else 1.0
+        return [("skl", losses.skl, {"alpha": alpha_t}, scale * (1.0 - beta)),
+                ("srkl", losses.srkl, {"alpha": alpha_s, "stop_grad": True}, scale * beta)]
+    fn, kw = baseline_loss(args)
+    return [(args.loss, fn, kw, 1.0)] * num_rollouts
+
+
+def accumulate(student, teacher, rollouts, terms, n_seqs, n_tokens, args, amp, phases, m):
+    """Backward of the step's loss, micro-batch by micro-batch (a prompt's rollouts stay in one micro-batch);
+    returns this rank's share of it. DistiLLM-2 logs each term's per-sequence mean into `m`."""
+    total, n_rows = 0.0, rollouts[0].prompt_ids.shape[0]
+    for a, b in row_groups(rollouts, args.micro_batch_size, args.micro_batch_tokens):
+        j = slice(a, b)
+        for (name, fn, kw, scale), ro, n_tok in zip(terms, rollouts, n_tokens):
+            part = ro.rows(j).trim()
+            part_kw = {k: v[j] if torch.is_tensor(v) else v for k, v in kw.items()}   # per-row alphas cut
+            weights = scale * token_weights(part, args.reduction, n_seqs, n_tok)
+            with phases("losses"), amp:
+                loss, per_seq = divergence(fn, student, teacher, part, weights, args.chunk_size, **part_kw)
+            with phases("losses"):   # backward outside autocast
+                loss.backward()
+            total += loss.item()
+            if args.loss == "distillm2":
+                m[name] = m.get(name, 0.0) + per_seq.sum().item() / n_rows
+    return total
+
+
+LOG_KEYS = ("epoch", "loss", "skl", "srkl", "beta", "alpha_skl_mean", "alpha_srkl_mean", "grad_norm")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.setup(args)
+    tok, student, teacher, lora = load_models(args, device)
     amp = models.autocast(device, args.dtype)
-    eos, pad = sample.stop_ids(tok, student, teacher), tok.pad_token_id
-    student_vocab = student.get_output_embeddings().weight.shape[0]
+    pad = tok.pad_token_id
+    gen = dict(max_new_tokens=args.max_new_tokens, eos_ids=sample.stop_ids(tok, student, teacher), pad_id=pad,
+               seed=args.seed, amp=amp, batch_size=args.gen_batch_size)   # sample.rollout's settings
+    vocab = student.get_output_embeddings().weight.shape[0]
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, student {args.student}: "
            f"{models.num_params(student) / 1e6:.2f}M params, world {world}, loss {args.loss}, compute {args.dtype}")
-
-    # -------------------------------------------------------------------- data: prompts only (white-box)
-    train, val, val_recs = data_lib.white_box_prompts(
+    train, val, val_recs, steps_per_epoch = data_lib.white_box_prompts(
         tok, args.data, limit=args.limit, val_fraction=args.val_fraction, max_prompt_len=args.max_prompt_len,
-        eval_prompts=args.eval_prompts, seed=args.seed)
-    steps_per_epoch = len(train) // args.prompts_per_step
+        eval_prompts=args.eval_prompts, seed=args.seed, per_step=args.prompts_per_step)
     total_steps = steps_per_epoch * args.epochs
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} train prompts: fewer than --prompts-per-step {args.prompts_per_step}")
     print0(f"data: {len(train)} train prompts, {len(val)} held out; {steps_per_epoch} steps per epoch")
-
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
-    val_y = respond(teacher, val, "val", args, eos, pad, amp, args.temperature, args.top_p, student_vocab)
-    for r, y in zip(val, val_y):
+    for r, y in zip(val, respond(teacher, val, "val", gen, args.temperature, args.top_p, vocab)):
         r["y_t"] = y
 
-    # -------------------------------------------------------------------- optimizer, resume
     trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters only
     opt = common.make_optimizer(trainable, args.lr, args.weight_decay, args.adam8bit)
     warmup = math.ceil(args.warmup_ratio * total_steps)   # transformers' get_warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
-    start, epoch_rows = 0, None
-    if args.resume and os.path.exists(ckpt_path):
-        start = common.load_checkpoint(ckpt_path, student=student, opt=opt, sched=sched)["step"] + 1
-        common.drop_metrics_after(metrics_path, lambda r: r["step"] < start)
-        print0(f"resumed from {ckpt_path} at step {start}")
-    elif rank == 0:   # a fresh run: a fresh log, and no epoch responses of an earlier run in this folder
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, total=total_steps, warmup=warmup))
+    state = common.resume(args, student=student, opt=opt, sched=sched)
+    start = 0 if state is None else state["step"] + 1
+    if state is None and rank == 0:   # no epoch responses of an earlier run in this folder
         shutil.rmtree(os.path.join(args.out, "epoch_rows"), ignore_errors=True)
     common.barrier()
 
-    # -------------------------------------------------------------------- training
-    epoch_student_samples = args.loss == "distillm2" or args.both_responses
-    steps_done = 0
+    epoch_rows = None
     for step in range(start, total_steps):
         t0, phases = time.time(), common.Phases(device)
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step_in_epoch == 0 or epoch_rows is None:
-            # This epoch's responses from the teacher and the CURRENT student, for the rows this rank will train
-            # on: regenerated at the epoch's start (and written, once, to OUT/epoch_rows for a resumed run), or,
-            # resuming mid-epoch, read back: the student has moved since they were drawn.
-            mine = [row for s in range(steps_per_epoch) for row in
-                    data_lib.batch_at_step(train, epoch * steps_per_epoch + s, args.prompts_per_step, args.seed,
-                                           "d2", rank, world)[0]]
-            if step_in_epoch == 0:
-                with phases("sampling"):
-                    y_t = respond(teacher, mine, f"t{epoch}", args, eos, pad, amp, args.temperature, args.top_p,
-                                  student_vocab)
-                    y_s = respond(student, mine, f"s{epoch}", args, eos, pad, amp, args.temperature, args.top_p) \
-                        if epoch_student_samples else [[] for _ in mine]
-                epoch_rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
-                common.atomic_torch_save(epoch_rows, epoch_rows_path(args.out, epoch, rank))
-                common.barrier()   # every rank's file is on disk before any checkpoint of this epoch
-            else:
-                epoch_rows = load_epoch_rows(args.out, epoch, [r["id"] for r in mine])
+            epoch_rows = epoch_responses(student, teacher, train, epoch, step_in_epoch == 0, steps_per_epoch, args,
+                                         gen, vocab, phases)
             student.train()
         batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "d2", rank, world)
-        # GKD's coin (the same on every rank): this step trains on fresh samples of the current student
-        on_policy = torch.rand(1, generator=torch.Generator().manual_seed(args.seed * 7919 + step)).item() < \
-            args.on_policy_fraction
-        if on_policy:
-            with phases("sampling"):
-                rows = [[y] for y in respond(student, batch, f"p{step}", args, eos, pad, amp,
-                                             args.on_policy_temperature, 1.0)]
-            student.train()
-        else:
-            rows = [[epoch_rows[r["id"]]["y_t"]] + ([epoch_rows[r["id"]]["y_s"]] if epoch_student_samples else [])
-                    for r in batch]
-        rollouts = pack_rows(batch, rows, args, pad, device)   # [y_t], [y_t, y_s], or [a fresh student sample]
+        rollouts, on_policy = step_rollouts(student, batch, epoch_rows, step, args, gen, device, phases)
         n_seqs = common.all_reduce_sum(len(batch))
         n_tokens = [common.all_reduce_sum(ro.response_mask.sum().item()) for ro in rollouts]
         m = {"epoch": epoch, "lr": sched.get_last_lr()[0]}
-
-        # schedules
         beta = beta_at(step, total_steps, args.beta0, args.beta_schedule)
-        alpha_t = alpha_s = torch.full((len(batch),), args.alpha0, device=device)
-        if args.loss == "distillm2" and epoch > 0 and not (args.no_alpha_curriculum or args.released):
-            t_ro, s_ro = rollouts
-            with phases("curriculum"), amp:
-                gap_t = mean_logprob(teacher, t_ro, args).exp() - mean_logprob(student, t_ro, args).exp()  # P - Q, y_t
-                gap_s = mean_logprob(student, s_ro, args).exp() - mean_logprob(teacher, s_ro, args).exp()  # Q - P, y_s
-            m_t, m_s = (common.all_reduce_sum(g.sum().item()) / n_seqs for g in (gap_t, gap_s))  # global means
-            alpha_t, alpha_s = alpha_curriculum(gap_t, args.alpha0, m_t), alpha_curriculum(gap_s, args.alpha0, m_s)
-            m.update(gap_skl=gap_t.tolist(), gap_srkl=gap_s.tolist())
-
-        # each rollout's per-token loss and its weight in the step's loss
-        if args.loss == "distillm2":
-            scale = 2.0 if args.released else 1.0
-            terms = [("skl", losses.skl, {"alpha": alpha_t}, scale * (1.0 - beta)),
-                     ("srkl", losses.srkl, {"alpha": alpha_s, "stop_grad": True}, scale * beta)]
-        else:
-            fn, kw = baseline_loss(args)
-            terms = [(args.loss, fn, kw, 1.0)] * len(rollouts)
-        total = 0.0
-        for a, b in row_groups(rollouts, args.micro_batch_size, args.micro_batch_tokens):
-            j = slice(a, b)
-            for (name, fn, kw, scale), ro, n_tok in zip(terms, rollouts, n_tokens):
-                part = ro.rows(j).trim()
-                part_kw = {k: v[j] if torch.is_tensor(v) else v for k, v in kw.items()}   # per-row alphas cut
-                with phases("losses"), amp:
-                    loss, per_seq = divergence(fn, student, teacher, part, chunk_size=args.chunk_size,
-                                               weights=scale * token_weights(part, args.reduction, n_seqs, n_tok),
-                                               **part_kw)
-                with phases("losses"):   # backward outside autocast
-                    loss.backward()
-                total += loss.item()
-                if args.loss == "distillm2":
-                    m[name] = m.get(name, 0.0) + per_seq.sum().item() / len(batch)
+        alpha_t, alpha_s = curriculum_alphas(student, teacher, rollouts, epoch, n_seqs, args, amp, phases, m)
+        terms = loss_terms(args, beta, alpha_t, alpha_s, len(rollouts))
+        total = accumulate(student, teacher, rollouts, terms, n_seqs, n_tokens, args, amp, phases, m)
         with phases("update"):
             grad_norm, skipped = common.clip_and_step(trainable, opt, args.grad_clip)
-        if skipped:
-            m["skipped"] = 1
         sched.step()
-        m["loss"] = total * world  # this rank's share of the global loss, times the world: the mean over ranks
-        m = common.reduce_metrics({k: v for k, v in m.items() if not isinstance(v, list)}) | \
-            {k: v for k, v in m.items() if isinstance(v, list)}
+        m.update(loss=total * world, skipped=int(skipped))   # this rank's share of the loss, times the world
+        lists = {k: m.pop(k) for k in [k for k, v in m.items() if isinstance(v, list)]}
+        m = common.reduce_metrics(m | phases.stats) | lists
         m.update(step=step, grad_norm=grad_norm, beta=beta, on_policy=int(on_policy), tokens=sum(n_tokens),
-                 alpha_skl=alpha_t.tolist(), alpha_srkl=alpha_s.tolist(), s_per_step=time.time() - t0, **phases.stats)
-        common.log_metrics(metrics_path, m)
-        print0(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {m['loss']:.4f} | beta {beta:.3f} | "
-               f"alpha {alpha_t.mean().item():.3f}/{alpha_s.mean().item():.3f} | grad_norm {grad_norm:.3f} | "
-               f"{m['s_per_step']:.2f} s/step")
-        if (step + 1) % args.save_every == 0 or (step + 1) % steps_per_epoch == 0:
-            common.save_checkpoint(ckpt_path, step=step, student=student, opt=opt, sched=sched)
-        steps_done += 1
-        if args.stop_after is not None and steps_done >= args.stop_after:
-            print0(f"--stop-after {args.stop_after}: exiting")
+                 alpha_skl=alpha_t.tolist(), alpha_srkl=alpha_s.tolist(), alpha_skl_mean=alpha_t.mean().item(),
+                 alpha_srkl_mean=alpha_s.mean().item(), s_per_step=time.time() - t0)
+        common.log_step(args, "step", step, total_steps, m, LOG_KEYS)
+        if common.end_step(args, step, total_steps, step + 1 - start, save=(step + 1) % steps_per_epoch == 0,
+                           student=student, opt=opt, sched=sched):
             common.compute_cleanup()
             return
 
-    # -------------------------------------------------------------------- save, evaluate
     opt = sched = None   # training state goes before the evaluation loads anything
     if lora is not None:
         student = lora.merge_and_unload()  # a plain HF model: adapters folded into their base weights
-    if rank == 0:   # only rank 0 exports and evaluates, or loads anything for it
-        models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
-        if val:
-            fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
-                                      layers=args.student_layers).eval()
-            eval_lib.white_box_report(student, fresh, teacher, tok, val, val_recs, pad,
-                                      os.path.join(args.out, "eval.json"), max_new_tokens=args.max_new_tokens,
-                                      max_prompt_len=args.max_prompt_len, chunk_size=args.chunk_size)
+    eval_lib.white_box_final(student, dict(name=args.student, dtype=args.dtype, device=device, seed=args.seed,
+                                           layers=args.student_layers), teacher, tok, val, val_recs, pad, args,
+                             device, args.max_new_tokens)
     common.compute_cleanup()
 
 

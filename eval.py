@@ -35,6 +35,7 @@ Choices beyond the papers, each for a reason:
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -48,6 +49,7 @@ from tqdm import tqdm
 import common
 from common import print0
 import data as data_lib
+import discriminator
 import losses
 import models
 import sample
@@ -154,6 +156,20 @@ def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_pa
     summary = {when: {k: v for k, v in d.items() if k != "samples"} for when, d in table.items()}
     common.atomic_write_text(out_path, json.dumps(summary, indent=1))
     return summary
+
+
+def white_box_final(student, fresh_args, teacher, tok, val, val_records, pad, args, device, max_new_tokens):
+    """The end of a white-box trainer, on rank 0 only (the others load nothing for it): the student exported to
+    OUT/student in --dtype, and, with held-out prompts, white_box_report against the initial student (loaded
+    again as the run started it: `fresh_args` are load_model's arguments) into OUT/eval.json."""
+    if common.get_rank() != 0:
+        return
+    models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
+    if val:
+        fresh = models.load_model(**fresh_args).eval()
+        white_box_report(student, fresh, teacher, tok, val, val_records, pad, os.path.join(args.out, "eval.json"),
+                         max_new_tokens=max_new_tokens, max_prompt_len=args.max_prompt_len,
+                         chunk_size=args.chunk_size)
 
 
 def score_pairs(score_fn, prompts, responses, pad_id, batch_size, device):
@@ -278,30 +294,7 @@ def format_table(rows, keys=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# discriminator checkpoints (eval does not import discriminator.py: entry points and eval stay independent of it)
-
-def _hf_score_fn(cls_model):
-    """A score_fn from a saved discriminator (AutoModelForSequenceClassification, num_labels=1): the backbone's
-    hidden state at the last response token (the last position where the response mask is 1, never found from
-    pad ids: pad can equal the end-of-turn id), through the `score` head. HF's own forward pools at the last
-    non-pad token instead, which is wrong when pad is the end-of-turn id, hence this function."""
-    backbone, head = cls_model.base_model, cls_model.score
-    device = next(cls_model.parameters()).device
-
-    def score_fn(prompt_ids, prompt_mask, response_ids, response_mask):
-        ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)       # [N, P+T]
-        mask = torch.cat([prompt_mask, response_mask], dim=1).to(device)    # [N, P+T]
-        h = backbone(input_ids=ids, attention_mask=mask, position_ids=sample.position_ids_from_mask(mask),
-                     use_cache=False).last_hidden_state                                  # [N, P+T, H]
-        P, T = prompt_ids.shape[1], response_ids.shape[1]
-        rmask = response_mask.to(device)
-        # the largest column index with mask 1 (argmax takes the first max; an all-zero row: the last prompt token)
-        last_in_response = (torch.arange(T, device=device) * rmask).argmax(-1)
-        last = torch.where(rmask.any(-1), P + last_in_response, P - 1)     # [N]
-        return head(h[torch.arange(h.shape[0], device=device), last]).squeeze(-1).float()
-
-    return score_fn
-
+# discriminator checkpoints (scored by discriminator.score, as in training: the head at the last response token)
 
 def load_discriminator(path, dtype, device):
     from transformers import AutoModelForSequenceClassification
@@ -399,7 +392,8 @@ def main(argv=None):
         teacher = models.load_model(args.teacher, dtype=dtype, device=device)
         teacher_vocab = models.load_tokenizer(args.teacher).get_vocab()
     if args.discriminator:
-        score_fn = _hf_score_fn(load_discriminator(args.discriminator, models.DTYPES[dtype], device))
+        score_fn = functools.partial(discriminator.score,
+                                     load_discriminator(args.discriminator, models.DTYPES[dtype], device))
 
     results = {}
     for name, col in zip([args.model] + args.compare, column_names([args.model] + args.compare)):

@@ -25,6 +25,7 @@ Departures from the reference, each a flag:
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -96,10 +97,7 @@ def parse_args(argv=None):
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out prompts for eval")
     g = p.add_argument_group("stages")
     g.add_argument("--stage", default="all", choices=["seqkd", "warmup", "gad", "all"], help="what to run")
-    g.add_argument("--out", default="runs/gad", help="checkpoints, metrics.jsonl, final HF folders")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--save-every", type=int, default=10, help="checkpoint every k steps (and at stage ends)")
-    g.add_argument("--stop-after", type=int, default=None, help="exit after this many steps (tests of resume)")
+    common.add_run_flags(g, out="runs/gad")
     g.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-epochs")
     g.add_argument("--warmup-epochs", type=float, default=None, help="warmup length (reference: ~1 epoch)")
     g.add_argument("--gad-steps", type=int, default=None, help="overrides --gad-epochs")
@@ -131,7 +129,6 @@ def parse_args(argv=None):
     g = p.add_argument_group("eval")
     g.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts in the before/after table")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy eval length")
-    g.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     args = p.parse_args(argv)
 
     common.fill_preset(args, PRESETS, PAPER)
@@ -160,17 +157,14 @@ def load_records(args, rank):
             return [r for r in records if r["teacher_response"] is not None]
         teacher_file = os.path.join(args.out, "teacher.jsonl")
         if rank == 0:
-            prompts_file = os.path.join(args.out, "prompts.jsonl")
-            common.atomic_write_text(prompts_file, "".join(json.dumps(r) + "\n" for r in missing))
-            cmd = ["--data", prompts_file, "--out", teacher_file, "--max-new-tokens", str(args.max_response_len),
-                   "--temperature", "1.0", "--top-p", "1.0", "--seed", str(args.seed)]
             if args.teacher.startswith("api:"):
-                _, url_model = args.teacher.split(":", 1)
-                url, model = url_model.rsplit(":", 1)
-                cmd += ["--api-base", url, "--api-model", model]
+                url, model = args.teacher.split(":", 1)[1].rsplit(":", 1)
+                source = dict(api_base=url, api_model=model)
             else:
-                cmd += ["--model", args.teacher, "--max-prompt-len", str(args.max_prompt_len)]
-            if sample.main(cmd) != 0:
+                source = dict(model=args.teacher, max_prompt_len=args.max_prompt_len)
+            cfg = sample.settings(out=teacher_file, max_new_tokens=args.max_response_len, temperature=1.0,
+                                  top_p=1.0, seed=args.seed, **source)
+            if sample.sample_records(missing, cfg)["failed"]:
                 raise RuntimeError(f"sampling the teacher into {teacher_file} failed; rerun to resume it")
         common.barrier()
         sampled = {r["id"]: r["teacher_response"] for r in data_lib.read_records(teacher_file)[0]}
@@ -194,7 +188,64 @@ def encode_records(records, tok, args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# steps
+# models
+
+def load_models(args, device):
+    """The tokenizer, G and D, both with fp32 weights (and so fp32 AdamW state): --dtype is the compute dtype
+    (autocast). D is a copy of G's backbone with a zero score head, or --init-from's discriminator/."""
+    tok = models.load_tokenizer(args.student)
+    init = os.path.join(args.init_from, "student") if args.init_from else args.student
+    G = models.load_model(init, dtype="float32", attn=args.attn, device=device, seed=args.seed,
+                          layers=None if args.init_from else args.student_layers)
+    d_init = os.path.join(args.init_from, "discriminator") if args.init_from else None
+    if d_init and os.path.isdir(d_init):
+        from transformers import AutoModelForSequenceClassification
+        D = AutoModelForSequenceClassification.from_pretrained(d_init, dtype=torch.float32).to(device)
+    else:
+        D = discriminator.from_student(G)
+    if args.gradient_checkpointing:
+        for m in (G, D):
+            models.checkpoint_activations(m)
+    return tok, G, D
+
+
+def initial_student(args, device):
+    """G as the run started it (the "before" column of the table), in --dtype."""
+    init = os.path.join(args.init_from, "student") if args.init_from else args.student
+    return models.load_model(init, dtype=args.dtype, device=device, seed=args.seed,
+                             layers=None if args.init_from else args.student_layers).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# steps: each returns the step's metrics (this rank's, reduced by the caller) and its response-token count
+
+def teacher_rollout(batch, pad, device):
+    """The batch's prompts with their teacher responses, in a Rollout's layout."""
+    return sample.pack([ex["prompt"] for ex in batch], [ex["response"] for ex in batch], pad, device)
+
+
+def student_rollout(G, batch, keys, step, args, amp, eos, pad):
+    """n samples per prompt from G at the rollout temperature, keyed by (prompt, step)."""
+    return sample.rollout(G, [ex["prompt"] for ex in batch], [f"{k}|{step}" for k in keys],
+                          n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
+                          seed=args.seed, amp=amp)
+
+
+@torch.no_grad()
+def response_logprobs(model, ro, args, amp):
+    """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches."""
+    with amp:
+        return ro.map(lambda r: sample.sequence_logprobs(model, r, args.temperature, chunk_size=args.chunk_size),
+                      args.micro_batch_size, args.micro_batch_tokens, per_position=True)
+
+
+def d_step(D, opt_d, batch, ro, args, amp, pad, device):
+    """One Bradley-Terry step of D: each of G's samples against its prompt's teacher response."""
+    return discriminator.update(D, opt_d, teacher_rollout(batch, pad, device), ro, args.samples_per_prompt,
+                                max_grad_norm=args.grad_clip, micro_batch_size=args.micro_batch_size,
+                                micro_batch_tokens=args.micro_batch_tokens, amp=amp)
+
 
 def sft_step(model, opt, ro, args, amp):
     """One optimizer step of token-mean NLL on the responses of `ro` (SeqKD, and G's warmup step). Returns the
@@ -212,12 +263,92 @@ def sft_step(model, opt, ro, args, amp):
     return {"sft_loss": common.all_reduce_sum(total), "g_grad_norm": grad_norm, "g_skipped": int(skipped)}
 
 
-def num_steps(explicit, epochs, num_examples, per_step):
-    return explicit if explicit is not None else max(1, math.ceil(epochs * num_examples / per_step))
+def seqkd_step(G, opt_g, batch, args, amp, pad, device, phases):
+    """SeqKD, the baseline: SFT of G on the teacher's responses."""
+    ro = teacher_rollout(batch, pad, device)
+    with phases("g_update"):
+        m = sft_step(G, opt_g, ro, args, amp)
+    return m, ro.response_mask.sum().item()
+
+
+def warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases):
+    """The warmup: D learns to tell G's samples from the teacher's; G does SFT on the teacher's responses, once
+    per prompt, after the first --freeze-g-steps steps (the reference freezes G while D starts)."""
+    with phases("sampling"):
+        ro = student_rollout(G, batch, keys, step, args, amp, eos, pad)
+    with phases("d_update"):
+        m = d_step(D, opt_d, batch, ro, args, amp, pad, device)
+    if step >= args.freeze_g_steps:
+        with phases("g_update"):
+            m.update(sft_step(G, opt_g, teacher_rollout(batch, pad, device), args, amp))
+    m["response_len"] = ro.response_mask.sum(-1).float().mean().item()
+    return m, ro.response_mask.sum().item()
+
+
+def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases):
+    """One GAD step: roll out G; reward each sample with D BEFORE D's step; GRPO advantages per prompt; one D
+    step; one PPO update of G with a k3 penalty toward the reference (G at the start of the stage)."""
+    with phases("sampling"):
+        ro = student_rollout(G, batch, keys, step, args, amp, eos, pad)
+    with phases("scoring"):
+        D.eval()
+        rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
+        D.train()                                                           # [B*n]
+        advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)  # [B*n], per group of n
+        # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones (None)
+        on_policy = (args.ppo_epochs, args.mini_batches) == (1, 1)
+        old_lp = None if on_policy else response_logprobs(G, ro, args, amp)
+        ref_lp = response_logprobs(ref, ro, args, amp)
+    with phases("d_update"):
+        m = d_step(D, opt_d, batch, ro, args, amp, pad, device)
+    with phases("g_update"):
+        g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
+                           clip_eps=args.clip_eps, dual_clip=args.dual_clip, ppo_epochs=args.ppo_epochs,
+                           mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
+                           micro_batch_tokens=args.micro_batch_tokens, max_grad_norm=args.grad_clip,
+                           temperature=args.temperature,
+                           generator=torch.Generator().manual_seed(args.seed * 1000003 + step),
+                           amp=amp, chunk_size=args.chunk_size)
+    m.update(g_skipped=g.pop("skipped_steps", 0), **g)
+    m.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+             response_len=ro.response_mask.sum(-1).float().mean().item())
+    return m, ro.response_mask.sum().item()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# export
+# stages
+
+STAGES = ("seqkd", "warmup", "gad")
+LOG_KEYS = ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac", "sft_loss",
+            "response_len")
+
+
+def stage_starts(state):
+    """The first step of each stage: 0 in a fresh run; resumed, the step after the checkpoint's in its stage,
+    0 in the stages after it, None (done) in those before it."""
+    if state is None:
+        return {s: 0 for s in STAGES}
+    done = STAGES.index(state["stage"])
+    return {s: None if i < done else state["step"] + 1 if i == done else 0 for i, s in enumerate(STAGES)}
+
+
+def stage_steps(stage, args, num_prompts):
+    explicit, epochs = {"seqkd": (None, args.seqkd_epochs), "warmup": (args.warmup_steps, args.warmup_epochs),
+                        "gad": (args.gad_steps, args.gad_epochs)}[stage]
+    return explicit if explicit is not None else max(1, math.ceil(epochs * num_prompts / args.prompts_per_step))
+
+
+def count_bad(m, in_a_row, limit):
+    """Steps in a row whose D or G step was skipped (a non-finite loss or gradient); an error at `limit`."""
+    in_a_row = in_a_row + 1 if m.get("d_skipped", 0) + m.get("g_skipped", 0) else 0
+    if in_a_row >= limit:
+        raise RuntimeError(f"{in_a_row} steps in a row had a non-finite loss or gradient; stopping "
+                           f"(lower --lr / --d-lr, or check the data)")
+    return in_a_row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export and eval
 
 def save_hf(G, D, tok, folder, dtype):
     """The final student and discriminator as Hugging Face folders in `dtype` (from_pretrained loads them)."""
@@ -228,212 +359,87 @@ def save_hf(G, D, tok, folder, dtype):
             models.save_hf(m, tok, os.path.join(folder, name), dtype)
 
 
+def evaluate(G, D, tok, val_recs, args, device):
+    """The before / after table on held-out prompts (rank 0 alone loads what it needs), into OUT/eval.json.
+    The same limits as eval.py, so eval.json and `python eval.py` on OUT/student agree."""
+    teacher = None
+    if args.teacher and not args.teacher.startswith("api:"):
+        teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval()
+    score_fn = None if D is None else functools.partial(discriminator.score, D.eval())
+    kw = dict(teacher=teacher, score_fn=score_fn, max_new_tokens=args.eval_max_new_tokens,
+              max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len)
+    val = val_recs[:args.eval_prompts]
+    table = {"before": eval_lib.evaluate(initial_student(args, device), tok, val, **kw),
+             "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
+    print0(eval_lib.format_table(table))
+    common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(
+        {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
-    ddp, rank, local_rank, world, device = common.compute_init(args.device)
-    common.seed_everything(args.seed)  # same init on every rank; sampling randomness is keyed per prompt
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
-
-    # -------------------------------------------------------------------- models
-    # G and D keep fp32 weights and AdamW state; --dtype is the compute dtype (autocast) and the reference's
-    tok = models.load_tokenizer(args.student)
-    init = os.path.join(args.init_from, "student") if args.init_from else args.student
-    G = models.load_model(init, dtype="float32", attn=args.attn, device=device, seed=args.seed,
-                          layers=None if args.init_from else args.student_layers)
-    d_init = os.path.join(args.init_from, "discriminator") if args.init_from else None
-    if d_init and os.path.isdir(d_init):
-        from transformers import AutoModelForSequenceClassification
-        D = AutoModelForSequenceClassification.from_pretrained(d_init, dtype=torch.float32).to(device)
-    else:
-        D = discriminator.from_student(G)
-    if args.gradient_checkpointing:
-        for m in (G, D):
-            models.checkpoint_activations(m)
+    rank, world, device = common.setup(args)
+    tok, G, D = load_models(args, device)
     amp = models.autocast(device, args.dtype)
     eos, pad = sample.stop_ids(tok, G), tok.pad_token_id
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, device {device}, "
            f"compute {args.dtype}")
 
-    # -------------------------------------------------------------------- data
     records = load_records(args, rank)
     train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
     train, dropped = encode_records(train_recs, tok, args)
     print0(f"data: {len(train)} train prompts ({dropped} over --max-prompt-len dropped), {len(val_recs)} held out")
 
-    # -------------------------------------------------------------------- resume
     opt_g = common.make_optimizer(G.parameters(), args.seqkd_lr if args.stage == "seqkd" else args.lr,
                                   args.weight_decay, args.adam8bit)
     opt_d = common.make_optimizer(D.parameters(), args.d_lr, args.weight_decay, args.adam8bit)
-    resume = None   # the checkpoint's stage, step and (in the GAD stage) reference weights
-    order = ["seqkd", "warmup", "gad"]
-    if args.resume and os.path.exists(ckpt_path):
-        resume = common.load_checkpoint(ckpt_path, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
-        print0(f"resumed from {ckpt_path}: stage {resume['stage']} step {resume['step']}")
-        done = (order.index(resume["stage"]), resume["step"])
-        common.drop_metrics_after(metrics_path, lambda r: (order.index(r["stage"]), r["step"]) <= done)
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log
+    state = common.resume(args, G=G, D=D, opt_g=opt_g, opt_d=opt_d)   # stage, step, and the GAD stage's ref
+    starts = stage_starts(state)
+    stages = ["warmup", "gad"] if args.stage == "all" else [args.stage]
 
-    stages = ["warmup", "gad", "eval"] if args.stage == "all" else [args.stage] + (
-        ["eval"] if args.stage in ("gad", "seqkd") else [])
-    bad_in_a_row, steps_done = 0, 0
-
-    def log(stage, step, total, m, t0, tokens):
-        nonlocal bad_in_a_row
-        m = common.reduce_metrics(m)
-        dt = time.time() - t0
-        m.update(stage=stage, step=step, tokens_per_s=common.all_reduce_sum(tokens) / dt, s_per_step=dt)
-        common.log_metrics(metrics_path, m)
-        fields = " | ".join(f"{k} {m[k]:.4g}" for k in ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss",
-                                                          "kl", "clipfrac", "sft_loss", "response_len",
-                                                          "tokens_per_s", "s_per_step") if k in m)
-        print0(f"{stage} {step + 1}/{total} | {fields}")
-        skipped = m.get("d_skipped", 0) + m.get("g_skipped", 0)
-        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-        if bad_in_a_row >= args.max_bad_steps:
-            raise RuntimeError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping "
-                               f"(lower --lr / --d-lr, or check the data)")
-
-    def end_step(stage, step, total, ref=None):
-        """Checkpoint every --save-every steps and at the stage's end; then honour --stop-after."""
-        nonlocal steps_done
-        if (step + 1) % args.save_every == 0 or step + 1 == total:
-            common.save_checkpoint(ckpt_path, stage=stage, step=step, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ref=ref)
-        steps_done += 1
-        if args.stop_after is not None and steps_done >= args.stop_after:
-            print0(f"--stop-after {args.stop_after}: exiting")
-            common.compute_cleanup()
-            raise SystemExit(0)
-
-    def resume_step(stage):
-        """Where a stage starts: 0, or after the checkpointed step; None if the checkpoint is past this stage."""
-        if resume is None:
-            return 0
-        if order.index(resume["stage"]) > order.index(stage):
-            return None
-        return resume["step"] + 1 if resume["stage"] == stage else 0
-
-    def teacher_rollout(batch):
-        return sample.pack([ex["prompt"] for ex in batch], [ex["response"] for ex in batch], pad, device)
-
-    @torch.no_grad()
-    def response_logprobs(model, ro):
-        """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches."""
-        with amp:
-            return ro.map(lambda r: sample.sequence_logprobs(model, r, args.temperature, chunk_size=args.chunk_size),
-                          args.micro_batch_size, args.micro_batch_tokens, per_position=True)
-
-    def rollout(batch, keys, step):
-        G.eval()
-        with amp:
-            ro = sample.generate(G, [ex["prompt"] for ex in batch], n=args.samples_per_prompt,
-                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                 eos_ids=eos, pad_id=pad, seed=args.seed, prompt_keys=[f"{k}|{step}" for k in keys])
-        G.train()
-        return ro
-
-    d_kw = dict(max_grad_norm=args.grad_clip, micro_batch_size=args.micro_batch_size,
-                micro_batch_tokens=args.micro_batch_tokens, amp=amp)
-
-    # -------------------------------------------------------------------- SeqKD baseline
-    if "seqkd" in stages and (start := resume_step("seqkd")) is not None:
-        total = num_steps(None, args.seqkd_epochs, len(train), args.prompts_per_step)
-        for step in range(start, total):
+    bad, steps_done = 0, 0
+    for stage in stages:
+        if starts[stage] is None:
+            continue
+        total = stage_steps(stage, args, len(train))
+        ref = None
+        if stage == "warmup":
+            for group in opt_g.param_groups:
+                group["lr"] = args.lr
+        if stage == "gad":   # pi_ref = G at the start of the stage (matmul weights in --dtype)
+            ref = models.frozen_copy(G, args.dtype)
+            if state is not None and state["stage"] == "gad":
+                ref.load_state_dict(state.pop("ref"))
+        for step in range(starts[stage], total):
             t0, phases = time.time(), common.Phases(device)
-            batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "seqkd", rank, world)
-            ro = teacher_rollout(batch)
-            with phases("g_update"):
-                m = sft_step(G, opt_g, ro, args, amp)
-            log("seqkd", step, total, m | phases.stats, t0, ro.response_mask.sum().item())
-            end_step("seqkd", step, total)
+            batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, stage, rank, world)
+            if stage == "seqkd":
+                m, tokens = seqkd_step(G, opt_g, batch, args, amp, pad, device, phases)
+            elif stage == "warmup":
+                m, tokens = warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases)
+            else:
+                m, tokens = gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device,
+                                     phases)
+            m = common.reduce_metrics(m | phases.stats)
+            m.update(stage=stage, step=step, tokens=common.all_reduce_sum(tokens), s_per_step=time.time() - t0)
+            common.log_step(args, stage, step, total, m, LOG_KEYS)
+            bad = count_bad(m, bad, args.max_bad_steps)
+            steps_done += 1
+            if common.end_step(args, step, total, steps_done, stage=stage, G=G, D=D, opt_g=opt_g, opt_d=opt_d,
+                               ref=ref):
+                common.compute_cleanup()
+                return
+        ref = None
 
-    # -------------------------------------------------------------------- warmup: D learns, G does SFT
-    if "warmup" in stages and (start := resume_step("warmup")) is not None:
-        for group in opt_g.param_groups:
-            group["lr"] = args.lr
-        total = num_steps(args.warmup_steps, args.warmup_epochs, len(train), args.prompts_per_step)
-        for step in range(start, total):
-            t0, phases = time.time(), common.Phases(device)
-            batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "warmup", rank, world)
-            with phases("sampling"):
-                ro = rollout(batch, keys, step)
-            t_ro = teacher_rollout(batch)
-            with phases("d_update"):
-                m = discriminator.update(D, opt_d, t_ro, ro, args.samples_per_prompt, **d_kw)
-            if step >= args.freeze_g_steps:  # the reference freezes G for the first steps: D learns alone first
-                with phases("g_update"):
-                    m.update(sft_step(G, opt_g, t_ro, args, amp))  # once per unique prompt, not once per rollout
-            m["response_len"] = ro.response_mask.sum(-1).float().mean().item()
-            log("warmup", step, total, m | phases.stats, t0, ro.response_mask.sum().item())
-            end_step("warmup", step, total)
-
-    # -------------------------------------------------------------------- GAD: PPO against D
-    if "gad" in stages and (start := resume_step("gad")) is not None:
-        ref = models.frozen_copy(G, args.dtype)  # pi_ref = G at the start of the stage (matmul weights in --dtype)
-        if resume is not None and resume["stage"] == "gad":
-            ref.load_state_dict(resume.pop("ref"))
-        total = num_steps(args.gad_steps, args.gad_epochs, len(train), args.prompts_per_step)
-        for step in range(start, total):
-            t0, phases = time.time(), common.Phases(device)
-            batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "gad", rank, world)
-            with phases("sampling"):
-                ro = rollout(batch, keys, step)
-            with phases("scoring"):
-                D.eval()
-                rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
-                D.train()                                                          # [B*n], BEFORE the D step
-                advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)  # [B*n], per group of n
-                # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones (None)
-                on_policy = (args.ppo_epochs, args.mini_batches) == (1, 1)
-                old_lp = None if on_policy else response_logprobs(G, ro)
-                ref_lp = response_logprobs(ref, ro)
-            with phases("d_update"):
-                m = discriminator.update(D, opt_d, teacher_rollout(batch), ro, args.samples_per_prompt, **d_kw)
-            with phases("g_update"):
-                g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
-                                   clip_eps=args.clip_eps, dual_clip=args.dual_clip, ppo_epochs=args.ppo_epochs,
-                                   mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
-                                   micro_batch_tokens=args.micro_batch_tokens, max_grad_norm=args.grad_clip,
-                                   temperature=args.temperature,
-                                   generator=torch.Generator().manual_seed(args.seed * 1000003 + step),
-                                   token_count_fn=common.all_reduce_sum, grad_sync_fn=common.all_reduce_grads,
-                                   amp=amp, chunk_size=args.chunk_size)
-            m.update(g_skipped=g.pop("skipped_steps", 0), **g)
-            m.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                     response_len=ro.response_mask.sum(-1).float().mean().item())
-            log("gad", step, total, m | phases.stats, t0, ro.response_mask.sum().item())
-            end_step("gad", step, total, ref)
-        del ref
-
-    # -------------------------------------------------------------------- export, then eval: before / after
     # Training is over: its state goes before anything else is loaded (at 1.5B the two AdamW states are 25 GB).
-    opt_g = opt_d = resume = None
+    opt_g = opt_d = state = None
     if args.stage == "seqkd":
         D = None   # SeqKD trains no D: nothing to export or score with
     save_hf(G, D, tok, args.out, args.dtype)
-    if "eval" in stages and args.eval_prompts > 0 and rank == 0:   # only rank 0 evaluates, or loads for it
-        teacher = None
-        if args.teacher and not args.teacher.startswith("api:"):
-            teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval()
-        score_fn = None if D is None else (
-            lambda *t: discriminator.score_rollout(D.eval(), sample.Rollout(*t, None), args.micro_batch_size))
-        before = models.load_model(init, dtype=args.dtype, device=device, seed=args.seed,
-                                   layers=None if args.init_from else args.student_layers).eval()
-        # the same limits as eval.py, so eval.json and `python eval.py` on OUT/student agree
-        kw = dict(teacher=teacher, score_fn=score_fn, max_new_tokens=args.eval_max_new_tokens,
-                  max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len)
-        val = val_recs[:args.eval_prompts]
-        table = {"before": eval_lib.evaluate(before, tok, val, **kw),
-                 "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
-        print0(eval_lib.format_table(table))
-        common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(
-            {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
+    if args.stage != "warmup" and args.eval_prompts > 0 and rank == 0:   # only rank 0 evaluates
+        evaluate(G, D, tok, val_recs, args, device)
     common.compute_cleanup()
 
 

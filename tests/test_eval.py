@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data as data_lib
+import discriminator
 import eval as ev
 import models
 import sample
@@ -242,7 +243,7 @@ def test_long_prompts_skipped_and_training_mode_restored(tiny):
     assert m["num_prompts"] == 3 and len(m["samples"]) == 3
 
 
-def test_hf_score_fn_reads_the_last_response_token(tiny):
+def test_discriminator_score_reads_the_last_response_token(tiny):
     """The padded, batched score equals HF's own forward on one unpadded sequence (which, without pad tokens in
     it, pools at the last token), including a response that ends in the pad id itself."""
     from transformers import AutoModelForSequenceClassification
@@ -255,7 +256,7 @@ def test_hf_score_fn_reads_the_last_response_token(tiny):
     responses = [[11, 12, 258], [13], [14, 15, 16, 17, PAD]]
     batch = sample.pack(prompts, responses, pad_id=PAD)
     with torch.no_grad():
-        got = ev._hf_score_fn(d)(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        got = discriminator.score(d, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
         d.config.pad_token_id = None  # HF would otherwise skip back over the trailing PAD of row 2
         want = torch.stack([d(input_ids=torch.tensor([p + r])).logits[0, 0] for p, r in zip(prompts, responses)])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

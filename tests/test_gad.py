@@ -133,6 +133,25 @@ def test_each_stage_runs_alone(tmp_path):
     assert not torch.equal(warm_g["model.norm.weight"], student_weights(g)["model.norm.weight"])
 
 
+def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
+    """--teacher fills the rows that have no response through sample.py's library path, into OUT/teacher.jsonl,
+    once: a second run finds every id there and samples nothing."""
+    rows = [{"id": f"q{i}", "prompt": f"tell me about {i} cats"} for i in range(16)]
+    rows[0]["response"] = "cats are small."   # this one has its response: not sampled
+    data_file = tmp_path / "prompts.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = ["--student", "tiny", "--teacher", "tiny-teacher", "--data", str(data_file), "--stage", "seqkd",
+            "--seqkd-epochs", "0.5", "--eval-prompts", "0", "--out", str(out)]
+    first = run(args)
+    sampled = [json.loads(line) for line in open(out / "teacher.jsonl")]
+    assert sorted(r["id"] for r in sampled) == sorted(f"q{i}" for i in range(1, 16))
+    assert all(r["teacher_response"] for r in sampled) and "15 to do" in first.stdout
+    second = run(args)
+    assert "15 already in" in second.stdout and "0 to do" in second.stdout
+    assert len(open(out / "teacher.jsonl").readlines()) == 15
+
+
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run(SMALL + ["--out", str(full)])
