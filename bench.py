@@ -61,42 +61,40 @@ def time_call(fn, device):
 def bench_sample(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} n={args.n} prompts={args.prompts} "
-          f"prompt_len={args.prompt_len} max_new_tokens={args.max_new_tokens} repeats={args.repeats}")
-    print(f"{'model':<14} {'ours tok/s':>11} {'ours+logp tok/s':>16} {'HF tok/s':>10} {'ratio':>7} {'ratio+logp':>11}")
+    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} n={args.n} "
+          f"prompts={args.prompts} prompt_len={args.prompt_len} "
+          f"max_new_tokens={args.max_new_tokens} repeats={args.repeats}")
+    print(f"{'model':<14} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>7}")
     for name in args.models.split(","):
         model, tok = models.load(name, dtype=dtype, device=device)
         model.eval()
         prompts = bench_prompts(tok, args.prompts, args.prompt_len)
         pad = tok.pad_token_id
         ids, mask = sample.left_pad(prompts, pad, device)
-        # No end-of-turn stop on either side: both produce exactly max_new_tokens per sample (the same work).
-        common = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=1.0, eos_ids=[],
-                      pad_id=pad, seed=0)
+        # No end-of-turn stop on either side: both make exactly max_new_tokens a sample (same work).
+        common = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=1.0,
+                      eos_ids=[], pad_id=pad, seed=0)
 
         def ours():
-            sample.generate(model, prompts, return_logprobs=False, **common)
-
-        def ours_logp():
-            sample.generate(model, prompts, return_logprobs=True, **common)
+            sample.generate(model, prompts, **common)
 
         @torch.no_grad()
         def hf():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=1.0,
-                           max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                           num_return_sequences=args.n, pad_token_id=pad)
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8,
+                           top_p=1.0, max_new_tokens=args.max_new_tokens,
+                           min_new_tokens=args.max_new_tokens, num_return_sequences=args.n,
+                           pad_token_id=pad)
 
         for fn in (ours, hf):  # warm-up: allocator, kernels, lazy imports
             fn()
-        times = {"ours": [], "ours_logp": [], "hf": []}
-        for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits all three alike
+        times = {"ours": [], "hf": []}
+        for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits both alike
             times["ours"].append(time_call(ours, device))
-            times["ours_logp"].append(time_call(ours_logp, device))
             times["hf"].append(time_call(hf, device))
         tokens = len(prompts) * args.n * args.max_new_tokens
         tps = {k: tokens / statistics.median(v) for k, v in times.items()}
-        print(f"{name:<14} {tps['ours']:>11.0f} {tps['ours_logp']:>16.0f} {tps['hf']:>10.0f} "
-              f"{tps['ours'] / tps['hf']:>6.2f}x {tps['ours_logp'] / tps['hf']:>10.2f}x", flush=True)
+        print(f"{name:<14} {tps['ours']:>11.0f} {tps['hf']:>10.0f} "
+              f"{tps['ours'] / tps['hf']:>6.2f}x", flush=True)
 
 
 KD_LOSSES = {   # name -> (loss_fn, kwargs): DistiLLM's alpha 0.1 (arXiv 2402.03898), GKD's beta 0.5 (arXiv 2306.13649)

@@ -356,55 +356,8 @@ def encode_response(tokenizer, text, max_len=None):
     return ids + [end_of_turn_id(tokenizer)], False
 
 
-def tokenize_example(tokenizer, messages, response, max_prompt_len=None, max_response_len=None):
-    """prompt + response -> {"input_ids", "response_mask", "prompt_len"}; None if the prompt is too long (a cut
-    prompt would be a different question)."""
-    prompt_ids = encode_prompt(tokenizer, messages)
-    if max_prompt_len is not None and len(prompt_ids) > max_prompt_len:
-        return None
-    response_ids, _ = encode_response(tokenizer, response, max_response_len)
-    return {"input_ids": prompt_ids + response_ids,
-            "response_mask": [0] * len(prompt_ids) + [1] * len(response_ids),
-            "prompt_len": len(prompt_ids)}
-
-
-def filter_by_length(records, tokenizer, max_prompt_len, max_response_len=None):
-    """Drop records whose prompt is over max_prompt_len tokens -> (kept, counts); also counts the teacher
-    responses that max_response_len will cut, so a run can say how much it trains on partial answers."""
-    kept, too_long, truncated = [], 0, 0
-    for rec in records:
-        if len(encode_prompt(tokenizer, rec["messages"])) > max_prompt_len:
-            too_long += 1
-            continue
-        kept.append(rec)
-        if max_response_len is not None and rec.get("teacher_response") is not None:
-            truncated += encode_response(tokenizer, rec["teacher_response"], max_response_len)[1]
-    return kept, {"kept": len(kept), "prompt_too_long": too_long, "response_truncated": truncated}
-
-
-def collate(examples, pad_id):
-    """Right-pad tokenized examples into [B, T] long tensors: input_ids, attention_mask, response_mask."""
-    T = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # [B, T]
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)  # [B, T]
-    response_mask = torch.zeros((len(examples), T), dtype=torch.long)  # [B, T]
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        attention_mask[b, :n] = 1
-        response_mask[b, :n] = torch.tensor(e["response_mask"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # splitting
-
-def shard(records, rank, world_size):
-    """This rank's share: every world_size-th record, so shares differ by at most one."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    return records[rank::world_size]
-
 
 def train_val_split(records, val_fraction, seed=0):
     """Split by a hash of (seed, id): a record's side never depends on the other records or their order, so

@@ -28,22 +28,6 @@ def masked_mean(x, mask, dim=None):
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
-    """(x - mean) / std over the masked entries of the whole tensor, 0 on masked positions.
-
-    The variance is the population one (divide by the count), so the result has mean 0 and variance exactly 1
-    over the mask (up to eps). TRL's masked_whiten uses the unbiased variance instead; the difference is a factor
-    sqrt(n / (n - 1)). shift_mean=False keeps the original mean and only rescales (as TRL does for rewards).
-    An empty mask gives zeros.
-    """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # discriminator (GAD, arXiv 2511.10643): Bradley-Terry on (teacher, student) score pairs
 
@@ -95,24 +79,9 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, clip_eps=0.2, dual_clip=
     return loss, clipped
 
 
-def ppo_value_loss(values, old_values, returns, clip_eps=0.2):
-    """Per-token clipped value loss [B, T]: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2),
-    as cleanrl ppo.py (the value moves at most eps from its rollout value per update). clip_eps=None: unclipped."""
-    v_loss = (values - returns) ** 2
-    if clip_eps is not None:
-        v_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
-        v_loss = torch.maximum(v_loss, (v_clipped - returns) ** 2)
-    return 0.5 * v_loss
-
-
 # ----------------------------------------------------------------------------------------------------------
 # KL(pi || ref) estimators from samples of pi (Schulman, "Approximating KL Divergence", 2020)
 # With log-ratio d = ref - logprobs = log(ref(y) / pi(y)) and y ~ pi:
-
-def kl_k1(logprobs, ref_logprobs):
-    """-d: unbiased, high variance, negative on some samples."""
-    return logprobs - ref_logprobs
-
 
 def kl_k2(logprobs, ref_logprobs):
     """d^2 / 2: biased (its expectation is an f-divergence that matches KL to second order), low variance, >= 0.

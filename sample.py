@@ -5,11 +5,8 @@
     (HF `generate(num_return_sequences=n)` repeats the prompt n times before the prefill, so it prefills n times);
   - a plain decode loop with temperature / top-p; each sample has its own generator seeded from (seed, prompt
     key, sample index), so a prompt gets the same samples whatever batch, rank or resumed run it lands in;
-  - every position after the end-of-turn token is masked (response_mask 0, token = pad);
-  - per-token logprobs recomputed by one parallel forward pass over the whole response (on top of the prompt's
-    KV cache from the prefill, so the prompt is not recomputed n times) with logits / temperature: the
-    distribution the tokens were sampled from, computed the way a training forward pass computes it rather than
-    read off the step-by-step decode.
+  - every position after the end-of-turn token is masked (response_mask 0, token = pad).
+The trainers take the responses' logprobs from their own training forward (sequence_logprobs).
 
 CLI (teacher responses for black-box distillation), local model or OpenAI-compatible endpoint:
     python sample.py --model smollm2-135m --data sharegpt --out teacher.jsonl --limit 16
@@ -55,7 +52,6 @@ class Rollout:
     prompt_mask: torch.Tensor     # [B*n, P]
     response_ids: torch.Tensor    # [B*n, T] pad after the end-of-turn token
     response_mask: torch.Tensor   # [B*n, T] 1 up to and including the end-of-turn token
-    logprobs: torch.Tensor | None  # [B*n, T] log q(y_t | s_t) at the sampling temperature, 0 where masked
 
     @property
     def input_ids(self):
@@ -66,21 +62,20 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)  # [B*n, P+T]
 
     def rows(self, index):
-        """The Rollout of some rows (a slice or index tensor): micro-batches keep the same layout."""
-        lp = None if self.logprobs is None else self.logprobs[index]
+        """The Rollout of some rows (a slice or index tensor): micro-batches keep the layout."""
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
-                       self.response_mask[index], lp)
+                       self.response_mask[index])
 
     def trim(self):
-        """The same rows without the columns that are padding in every row (left of the prompts, right of the
-        responses): a micro-batch then costs its own longest prompt and response, not the whole batch's."""
+        """The same rows without the columns that are padding in every row (left of the prompts,
+        right of the responses): a micro-batch then costs its own longest prompt and response, not
+        the whole batch's."""
         keep_p = self.prompt_mask.any(0).nonzero()
         start = int(keep_p[0]) if len(keep_p) else self.prompt_ids.shape[1] - 1
         keep_r = self.response_mask.any(0).nonzero()
         end = int(keep_r[-1]) + 1 if len(keep_r) else 1
-        lp = None if self.logprobs is None else self.logprobs[:, :end]
-        return Rollout(self.prompt_ids[:, start:], self.prompt_mask[:, start:], self.response_ids[:, :end],
-                       self.response_mask[:, :end], lp)
+        return Rollout(self.prompt_ids[:, start:], self.prompt_mask[:, start:],
+                       self.response_ids[:, :end], self.response_mask[:, :end])
 
     def micro_batches(self, max_rows, max_tokens=None, rows=None):
         """(index, trimmed sub-Rollout) pairs covering `rows` (default: all, in order) in consecutive groups of
@@ -149,8 +144,9 @@ def left_pad(seqs, pad_id, device=None):
 
 
 def pack(prompts, responses, pad_id, device=None):
-    """Token lists -> a Rollout in the layout generate() returns (prompts left-padded to one width P, responses
-    right-padded after them), so teacher responses and student samples go through the same code."""
+    """Token lists -> a Rollout in the layout generate() returns (prompts left-padded to one width
+    P, responses right-padded after them), so teacher responses and student samples go through the
+    same code."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     T = max(1, max(len(r) for r in responses))
     response_ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
@@ -158,7 +154,7 @@ def pack(prompts, responses, pad_id, device=None):
     for i, r in enumerate(responses):
         response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         response_mask[i, :len(r)] = 1
-    return Rollout(prompt_ids, prompt_mask, response_ids.to(device), response_mask.to(device), None)
+    return Rollout(prompt_ids, prompt_mask, response_ids.to(device), response_mask.to(device))
 
 
 def position_ids_from_mask(mask):
@@ -271,37 +267,34 @@ def token_logprobs(hidden, head, tokens, temperature=1.0, chunk_size=LOGIT_CHUNK
     return (logprobs, entropy) if with_entropy else logprobs
 
 
-def sequence_logprobs(model, ro, temperature=1.0, return_entropy=False, value_head=None, chunk_size=LOGIT_CHUNK):
-    """Per-token log q(y_t | s_t) [N, T] of a Rollout's responses at `temperature`, 0 at padding; differentiable.
+def sequence_logprobs(model, ro, temperature=1.0, return_entropy=False, chunk_size=LOGIT_CHUNK):
+    """Per-token log q(y_t | s_t) [N, T] of a Rollout's responses at `temperature`, 0 at padding;
+    differentiable.
 
-    One backbone pass, then the LM head at the response positions only (padding costs nothing), chunk_size
-    positions at a time: the [N, T, V] logits are never built (at V = 151936 one fp32 [8, 1024, V] tensor is
-    5 GB). With return_entropy also the entropy [N, T] of each position's distribution (a diagnostic, no graph);
-    with value_head also values [N, T] = value_head(h_t), h_t the final hidden state at s_t (GAE's critic)."""
+    One backbone pass, then the LM head at the response positions only (padding costs nothing),
+    chunk_size positions at a time: the [N, T, V] logits are never built (at V = 151936 one fp32
+    [8, 1024, V] tensor is 5 GB). With return_entropy also the entropy [N, T] of each position's
+    distribution (a diagnostic, no graph)."""
     h, head = response_hidden(model, ro)                                        # [N, T, H]
     mask = ro.response_mask.bool()                                              # [N, T]
-    out = token_logprobs(h[mask], head, ro.response_ids[mask], temperature, chunk_size, return_entropy)
-    lp, ent = out if return_entropy else (out, None)
+    out = token_logprobs(h[mask], head, ro.response_ids[mask], temperature, chunk_size,
+                         return_entropy)
+    lp, ent = out if return_entropy else (out, None)                            # [M] each
     zeros = torch.zeros(mask.shape, dtype=lp.dtype, device=mask.device)
-    result = [zeros.masked_scatter(mask, lp)]                                   # [N, T]
-    if return_entropy:
-        result.append(zeros.masked_scatter(mask, ent))
-    if value_head is not None:
-        result.append(value_head(h).squeeze(-1).float())                        # [N, T]
-    return result[0] if len(result) == 1 else tuple(result)
+    lp = zeros.masked_scatter(mask, lp)                                         # [N, T]
+    return (lp, zeros.masked_scatter(mask, ent)) if return_entropy else lp
 
 
-@torch.no_grad()   # not inference_mode: a rollout is trained on, and inference tensors refuse autograd
-def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
-             seed=0, prompt_keys=None, return_logprobs=False, vocab_size=None):
-    """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows, prompt-major.
-    prompt_keys (default: the position in this batch) name the prompts for the per-sample seeds: pass a global
-    index or an id to make samples independent of how prompts are batched. vocab_size: sample only ids below it
-    (a teacher whose embedding matrix is padded past the student's vocabulary must not emit the extra ids).
-    return_logprobs: also the sampling distribution's log q(y_t | s_t) (one more pass over the responses; the
-    trainers recompute them with the training forward instead, so it is off by default).
-    Memory: the KV cache and one decode step's [N, V] logits; the logprobs pass goes through the LM head
-    LOGIT_CHUNK positions at a time."""
+# no_grad, not inference_mode: a rollout is trained on, and inference tensors refuse autograd
+@torch.no_grad()
+def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(),
+             pad_id=0, seed=0, prompt_keys=None, vocab_size=None):
+    """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows,
+    prompt-major. prompt_keys (default: the position in this batch) name the prompts for the
+    per-sample seeds: pass a global index or an id to make samples independent of how prompts are
+    batched. vocab_size: sample only ids below it (a teacher whose embedding matrix is padded past
+    the student's vocabulary must not emit the extra ids).
+    Memory: the KV cache and one decode step's [N, V] logits."""
     device = next(model.parameters()).device
     keys = range(len(prompts)) if prompt_keys is None else prompt_keys
     generators = row_generators(seed, keys, n, device)
@@ -312,62 +305,52 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     N = B * n
     head = model.get_output_embeddings()
     cache = DynamicCache()
-    # the prefill through the backbone, then the head at the last position: its hidden state is kept for the
-    # logprobs pass (it predicts response token 0)
-    first_hidden = model.model(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
-                               position_ids=position_ids_from_mask(prompt_mask), use_cache=True
+    # the prefill through the backbone, then the head at the last position (it predicts token 0)
+    first_hidden = model.model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                               past_key_values=cache, use_cache=True,
+                               position_ids=position_ids_from_mask(prompt_mask)
                                ).last_hidden_state[:, -1].repeat_interleave(n, dim=0)   # [N, H]
-    cache.batch_repeat_interleave(n)               # the one prefill, shared by the n samples of each prompt
+    cache.batch_repeat_interleave(n)        # the one prefill, shared by the n samples of a prompt
     logits = head(first_hidden)[:, :vocab_size]                                        # [N, V]
     P = prompt_ids.shape[1]
-    # The whole attention mask up front; step t uses a view of its first P+t+1 columns (no per-step torch.cat).
+    # The whole attention mask up front: step t views its first P+t+1 columns (no torch.cat a step).
     attn = torch.cat([prompt_mask.repeat_interleave(n, dim=0),
                       torch.ones(N, max_new_tokens, dtype=prompt_mask.dtype, device=device)], dim=1)
-    next_pos = prompt_mask.sum(-1, keepdim=True).repeat_interleave(n, dim=0)  # [N, 1] first response position
+    # [N, 1] first response position
+    next_pos = prompt_mask.sum(-1, keepdim=True).repeat_interleave(n, dim=0)
 
-    is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)  # [V] lookup table: one gather a step
+    # [V] lookup table: one gather a step
+    is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
     is_eos[list(eos_ids)] = True
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, alive = [], []
-    # Noise for `chunk` steps per generator call (fewer calls per step; the chunk does not depend on N, and on CPU a
-    # generator's stream is the same whether drawn in one call or many, so samples do not depend on it either).
+    # Noise for `chunk` steps per generator call (fewer calls per step; the chunk does not depend
+    # on N, and on CPU a generator's stream is the same whether drawn in one call or many, so
+    # samples do not depend on it either).
     V, chunk = logits.shape[-1], max(1, (1 << 18) // logits.shape[-1])
     for t in range(max_new_tokens):
         if t % chunk == 0 and temperature > 0:
             k = min(chunk, max_new_tokens - t)
-            noise = torch.stack([torch.rand(k, V, generator=g, device=device) for g in generators], dim=1)  # [k,N,V]
-        tok = sample_token(logits, temperature, top_p, noise[t % chunk] if temperature > 0 else None)
+            noise = torch.stack([torch.rand(k, V, generator=g, device=device)
+                                 for g in generators], dim=1)                    # [k, N, V]
+        uniform = noise[t % chunk] if temperature > 0 else None                   # [N, V]
+        tok = sample_token(logits, temperature, top_p, uniform)                   # [N]
         tok = tok.masked_fill(finished, pad_id)
         tokens.append(tok)
         alive.append(~finished)
         finished = finished | is_eos[tok]
         if t == max_new_tokens - 1 or finished.all():
             break
-        out = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1], position_ids=next_pos + t,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1],
+                    position_ids=next_pos + t, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
         cache = out.past_key_values
         logits = out.logits[:, -1, :vocab_size]
 
     response_ids = torch.stack(tokens, dim=1)            # [N, T]
-    response_mask = torch.stack(alive, dim=1).long()     # [N, T] the end-of-turn token itself stays unmasked
-    prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
-    prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
-    logprobs = None
-    if return_logprobs:
-        hidden = first_hidden[:, None]                                   # [N, 1, H]
-        if response_ids.shape[1] > 1:
-            # back to the prompt's prefill KV (crop takes the number of tokens to drop, negative); the response
-            # is recomputed in one parallel pass
-            cache.crop(P - cache.get_seq_length())
-            mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1)   # [N, P+T-1]
-            rest = model.model(input_ids=response_ids[:, :-1], attention_mask=mask, past_key_values=cache,
-                               position_ids=next_pos + torch.arange(response_ids.shape[1] - 1, device=device),
-                               use_cache=True).last_hidden_state          # [N, T-1, H]
-            hidden = torch.cat([hidden, rest], dim=1)                    # [N, T, H]
-        keep = response_mask.bool()
-        lp = token_logprobs(hidden[keep], head.weight[:vocab_size], response_ids[keep], temperature)
-        logprobs = torch.zeros(keep.shape, device=device).masked_scatter(keep, lp)
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs)
+    response_mask = torch.stack(alive, dim=1).long()     # [N, T] end-of-turn token unmasked
+    return Rollout(prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0),
+                   response_ids, response_mask)
 
 
 def rollout(model, prompts, keys, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
@@ -606,8 +589,8 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
         ids = data_lib.encode_prompt(tokenizer, rec["messages"])
         if len(ids) > args.max_prompt_len:
             stats["too_long"] += 1
-            print(f"skipped long prompt: id={rec['id']} ({len(ids)} > --max-prompt-len {args.max_prompt_len})",
-                  file=sys.stderr)
+            print(f"skipped long prompt: id={rec['id']} "
+                  f"({len(ids)} > --max-prompt-len {args.max_prompt_len})", file=sys.stderr)
             bar.update(1)
             continue
         encoded.append((rec, ids))
@@ -615,9 +598,10 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
     eos = stop_ids(tokenizer, model)
     for b in range(0, len(encoded), args.batch_size):
         batch = encoded[b:b + args.batch_size]
-        ro = generate(model, [ids for _, ids in batch], n=args.n, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                      seed=args.seed, prompt_keys=[rec["id"] for rec, _ in batch], return_logprobs=False)
+        ro = generate(model, [ids for _, ids in batch], n=args.n,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id, seed=args.seed,
+                      prompt_keys=[rec["id"] for rec, _ in batch])
         texts = ro.texts(tokenizer)
         for i, (rec, _) in enumerate(batch):
             writer.write(output_row(rec, texts[i * args.n:(i + 1) * args.n]))

@@ -1,4 +1,4 @@
-"""data.py: every source into one record shape, bad rows named by file/line/field, tokenization masks, splits."""
+"""data.py: each source into one record shape, bad rows named by file/line/field, tokens, splits."""
 
 import io
 import json
@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import data
 import models
@@ -337,43 +336,14 @@ def test_end_of_turn_falls_back_to_eos():
     assert data.end_of_turn_id(Tok()) == 7
 
 
-def test_tokenize_example_masks_exactly_the_response(tok):
+def test_prompt_then_response_is_the_chat_template_of_the_conversation(tok):
+    """encode_prompt + encode_response, as the trainers concatenate them, decode to the chat
+    template of the whole conversation (less the trailing newline)."""
     messages = [{"role": "system", "content": "sys"}, user("question?")]
-    ex = data.tokenize_example(tok, messages, "answer.")
-    prompt = data.encode_prompt(tok, messages)
-    assert ex["prompt_len"] == len(prompt) and ex["input_ids"][: len(prompt)] == prompt
-    assert ex["response_mask"] == [0] * len(prompt) + [1] * (len("answer.") + 1)
-    assert ex["input_ids"][-1] == data.end_of_turn_id(tok)
-    # prompt + response decodes to the chat template of the whole conversation (less the trailing newline)
-    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": "answer."}], tokenize=False)
-    assert tok.decode(ex["input_ids"]) == full.rstrip("\n")
-    assert data.tokenize_example(tok, messages, "answer.", max_prompt_len=len(prompt) - 1) is None
-    cut = data.tokenize_example(tok, messages, "answer.", max_prompt_len=len(prompt), max_response_len=3)
-    assert sum(cut["response_mask"]) == 3 and cut["input_ids"][-1] != data.end_of_turn_id(tok)
-
-
-def test_filter_by_length_counts(tok):
-    records = [{"id": str(i), "messages": [user("x" * n)], "teacher_response": r}
-               for i, (n, r) in enumerate([(5, "short"), (500, "a"), (5, "y" * 100), (6, None)])]
-    limit = len(data.encode_prompt(tok, records[0]["messages"])) + 1
-    kept, counts = data.filter_by_length(records, tok, max_prompt_len=limit, max_response_len=20)
-    assert [r["id"] for r in kept] == ["0", "2", "3"]
-    assert counts == {"kept": 3, "prompt_too_long": 1, "response_truncated": 1}
-
-
-def test_collate_pads_right(tok):
-    a = data.tokenize_example(tok, [user("a")], "bc")
-    b = data.tokenize_example(tok, [user("longer prompt")], "longer response")
-    batch = data.collate([a, b], pad_id=tok.pad_token_id)
-    n = len(a["input_ids"])
-    T = len(b["input_ids"])
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["response_mask"].shape == (2, T)
-    assert all(v.dtype == torch.long for v in batch.values())
-    assert batch["input_ids"][0, :n].tolist() == a["input_ids"]
-    assert (batch["input_ids"][0, n:] == tok.pad_token_id).all()
-    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (T - n)
-    assert batch["response_mask"][0].tolist() == a["response_mask"] + [0] * (T - n)
-    assert batch["attention_mask"][1].all() and batch["response_mask"][1].tolist() == b["response_mask"]
+    ids = data.encode_prompt(tok, messages) + data.encode_response(tok, "answer.")[0]
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": "answer."}],
+                                   tokenize=False)
+    assert tok.decode(ids) == full.rstrip("\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,16 +366,6 @@ def test_train_val_split_is_stable():
     assert {r["id"] for r in val_more} & {r["id"] for r in records} == val_ids  # adding data keeps old val
     assert {r["id"] for r in data.train_val_split(records, 0.1, seed=1)[1]} != val_ids
     assert data.train_val_split(records, 0.0)[1] == [] and data.train_val_split(records, 1.0)[0] == []
-
-
-def test_shard_partitions_exactly():
-    records = recs(103)
-    shards = [data.shard(records, r, 4) for r in range(4)]
-    ids = [r["id"] for s in shards for r in s]
-    assert sorted(ids) == sorted(r["id"] for r in records) and len(ids) == len(set(ids))
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    with pytest.raises(ValueError):
-        data.shard(records, 4, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,9 +393,9 @@ def test_smollm2_tokenizer_on_sharegpt():
     records, _ = data.read_records("sharegpt", limit=8)
     records = [r for r in records if r["teacher_response"]]
     for r in records[:4]:
-        ex = data.tokenize_example(tokenizer, r["messages"], r["teacher_response"], max_response_len=64)
-        assert ex["input_ids"][: ex["prompt_len"]] == data.encode_prompt(tokenizer, r["messages"])
-        assert 0 < sum(ex["response_mask"]) <= 64
-    ex = data.tokenize_example(tokenizer, [user("Hi")], "Hello!")
-    assert ex["input_ids"][-1] == eot
-    assert tokenizer.decode(ex["input_ids"][ex["prompt_len"]:]) == "Hello!<|im_end|>"
+        assert data.encode_prompt(tokenizer, r["messages"])
+        ids, _ = data.encode_response(tokenizer, r["teacher_response"], max_len=64)
+        assert 0 < len(ids) <= 64
+    ids, truncated = data.encode_response(tokenizer, "Hello!")
+    assert ids[-1] == eot and not truncated
+    assert tokenizer.decode(ids) == "Hello!<|im_end|>"

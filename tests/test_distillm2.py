@@ -108,7 +108,7 @@ def test_epoch_2_trains_on_samples_of_the_epoch_2_student(tmp_path):
         student.load_state_dict(weights)
         ro = sample.generate(student.eval(), [prompts[i] for i in ids], n=1, max_new_tokens=16, temperature=0.8,
                              top_p=0.95, eos_ids=sample.stop_ids(tok), pad_id=tok.pad_token_id, seed=0,
-                             prompt_keys=[f"s1|{i}" for i in ids], return_logprobs=False)
+                             prompt_keys=[f"s1|{i}" for i in ids])
         return [r[m.bool()].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]
 
     used = [rows_2[i]["y_s"] for i in ids]

@@ -42,7 +42,7 @@ def test_score_reads_the_last_response_token(tiny_d):
     ro = sample.pack([[5, 6, 7], [8, 9]], [[10, 11, 12, 258], [13, 258]], PAD)
     base = discriminator.score_rollout(tiny_d, ro)
     # padding after the last response token and before the prompt does not change the score ...
-    padded = sample.Rollout(ro.prompt_ids.clone(), ro.prompt_mask, ro.response_ids.clone(), ro.response_mask, None)
+    padded = sample.Rollout(ro.prompt_ids.clone(), ro.prompt_mask, ro.response_ids.clone(), ro.response_mask)
     padded.response_ids[1, 2:] = 77
     padded.prompt_ids[1, 0] = 99
     torch.testing.assert_close(discriminator.score_rollout(tiny_d, padded), base)
@@ -51,7 +51,7 @@ def test_score_reads_the_last_response_token(tiny_d):
     wide.response_mask[0, 4:] = 0
     torch.testing.assert_close(discriminator.score_rollout(tiny_d, wide), base, atol=1e-5, rtol=1e-5)
     # changing the last response token does
-    changed = sample.Rollout(ro.prompt_ids, ro.prompt_mask, ro.response_ids.clone(), ro.response_mask, None)
+    changed = sample.Rollout(ro.prompt_ids, ro.prompt_mask, ro.response_ids.clone(), ro.response_mask)
     changed.response_ids[1, 1] = 40
     new = discriminator.score_rollout(tiny_d, changed)
     assert new[0] == base[0] and abs(new[1] - base[1]) > 1e-4
@@ -224,7 +224,7 @@ def test_gad_raises_a_held_out_discriminators_score(tmp_path):
                       "--seed", "2", "--out", str(trained)])
         from transformers import AutoModelForSequenceClassification
         d_held = AutoModelForSequenceClassification.from_pretrained(held / "discriminator").eval()
-        score_fn = lambda *t: discriminator.score_rollout(d_held, sample.Rollout(*t, None))
+        score_fn = lambda *t: discriminator.score_rollout(d_held, sample.Rollout(*t))
         tok = models.load_tokenizer("tiny")
         prompts = data.tiny_prompts(40, seed=99)  # prompts neither run saw
         result = {}

@@ -28,31 +28,36 @@ def fresh_logprobs(model, prompt, response, temperature):
 def test_positions_after_end_of_turn_are_masked(tiny):
     model, _, prompts = tiny
     eos = list(range(0, 128))  # half the vocabulary ends a turn, so rows stop at different steps
-    ro = sample.generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, eos_ids=eos, pad_id=PAD, seed=0,
-                         return_logprobs=True)
+    ro = sample.generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, eos_ids=eos,
+                         pad_id=PAD, seed=0)
     lengths = set()
     for ids, mask in zip(ro.response_ids.tolist(), ro.response_mask.tolist()):
         stops = [i for i, t in enumerate(ids) if t in eos and mask[i]]
-        L = stops[0] + 1 if stops else len(ids)  # the end-of-turn token itself is part of the response
+        L = stops[0] + 1 if stops else len(ids)  # the end-of-turn token is part of the response
         assert mask == [1] * L + [0] * (len(ids) - L)
         assert all(t == PAD for t in ids[L:])
         assert not any(t in eos for t in ids[:L - 1])
         lengths.add(L)
     assert len(lengths) > 1, "all rows stopped together: the test would not see per-row masking"
-    assert (ro.logprobs[ro.response_mask == 0] == 0).all()
+    with torch.no_grad():
+        assert (sample.sequence_logprobs(model, ro, 1.0)[ro.response_mask == 0] == 0).all()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_equal_fresh_forward_pass(tiny, temperature):
+def test_rollout_logprobs_equal_fresh_forward_pass(tiny, temperature):
+    """sequence_logprobs of sampled, left-padded rows at the sampling temperature: those of one
+    unpadded forward pass per sequence."""
     model, _, prompts = tiny
     n = 3
-    ro = sample.generate(model, prompts, n=n, max_new_tokens=10, temperature=temperature, eos_ids=range(0, 40),
-                         pad_id=PAD, seed=1, return_logprobs=True)
+    ro = sample.generate(model, prompts, n=n, max_new_tokens=10, temperature=temperature,
+                         eos_ids=range(0, 40), pad_id=PAD, seed=1)
+    with torch.no_grad():
+        logprobs = sample.sequence_logprobs(model, ro, temperature)               # [N, T]
     for row in range(len(prompts) * n):
         mask = ro.response_mask[row].bool()
         response = ro.response_ids[row][mask].tolist()
         want = fresh_logprobs(model, prompts[row // n], response, temperature)
-        torch.testing.assert_close(ro.logprobs[row][mask], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logprobs[row][mask], want, atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_equals_unbatched_hf_generate(tiny):
