@@ -1,10 +1,12 @@
-"""Shared plumbing: one code path for `python` and `torchrun`, seeding, atomic writes, checkpoints, metrics log.
+"""Shared plumbing: one code path for `python` and `torchrun`, seeding, atomic writes, checkpoints,
+metrics log.
 
-nanochat-style: `compute_init()` reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE) and starts a
-process group whenever torchrun launched the process, even a single one, so `torchrun --nproc_per_node=1` runs
-every collective exactly as a full node does (NCCL on CUDA, gloo on CPU, so DDP is testable on a laptop).
-Every collective goes through the helpers here, and each puts its tensors on `comm_device()`: NCCL takes CUDA
-tensors only, and a Python number turned into a CPU tensor would crash the first step on a GPU node.
+nanochat-style: `compute_init()` reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE) and
+starts a process group whenever torchrun launched the process, even a single one, so
+`torchrun --nproc_per_node=1` runs every collective exactly as a full node does (NCCL on CUDA, gloo
+on CPU, so DDP is testable on a laptop). Every collective goes through the helpers here, and each
+puts its tensors on `comm_device()`: NCCL takes CUDA tensors only, and a Python number turned into a
+CPU tensor would crash the first step on a GPU node.
 """
 
 import contextlib
@@ -57,16 +59,18 @@ def compute_init(device=None):
         if cuda:
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
-        # A long timeout: ranks wait at the final barrier while rank 0 alone evaluates (minutes on real models).
+        # A long timeout: ranks wait at the final barrier while rank 0 alone evaluates (minutes on
+        # real models).
         # device_id binds NCCL to this rank's GPU (barriers then know which one to use).
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2),
+        dist.init_process_group(backend="nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(hours=2),
                                 device_id=torch.device(device) if cuda else None)
     return ddp, rank, local_rank, world_size, torch.device(device)
 
 
 def compute_cleanup():
-    """Wait for every rank (rank 0 may still be evaluating or saving), then tear the process group down: a rank
-    that leaves first kills gloo's connections under the others (SIGABRT)."""
+    """Wait for every rank (rank 0 may still be evaluating or saving), then tear the process group
+    down: a rank that leaves first kills gloo's connections under the others (SIGABRT)."""
     if is_initialized():
         barrier()
         dist.destroy_process_group()
@@ -78,15 +82,16 @@ def barrier():
 
 
 def comm_device():
-    """Where a collective's tensors must live: the current CUDA device under NCCL (it takes nothing else), the
-    CPU under gloo."""
+    """Where a collective's tensors must live: the current CUDA device under NCCL (it takes nothing
+    else), the CPU under gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def seed_everything(seed, rank=0):
-    """Seed python, numpy and torch; each rank gets its own stream (seed + rank) so samples differ by rank."""
+    """Seed python, numpy and torch; each rank gets its own stream (seed + rank) so samples differ
+    by rank."""
     s = seed + rank
     random.seed(s)
     np.random.seed(s % 2**32)
@@ -96,8 +101,9 @@ def seed_everything(seed, rank=0):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temp path in the same directory; on success rename it over `path`, on failure delete it. Readers
-    see the old file or the new one, never half of one (a kill mid-write leaves the previous version intact)."""
+    """Yield a temp path in the same directory; on success rename it over `path`, on failure delete
+    it. Readers see the old file or the new one, never half of one (a kill mid-write leaves the
+    previous version intact)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -138,8 +144,9 @@ def log_metrics(path, metrics):
 
 
 def all_reduce_sum(x):
-    """Sum a number or tensor over ranks (x itself without a process group): global token / pair counts.
-    A number comes back a float (summed in float64: exact for counts), a tensor a float32 tensor on comm_device()."""
+    """Sum a number or tensor over ranks (x itself without a process group): global token / pair
+    counts. A number comes back a float (summed in float64: exact for counts), a tensor a float32
+    tensor on comm_device()."""
     if not is_initialized():
         return x
     if torch.is_tensor(x):
@@ -152,13 +159,15 @@ def all_reduce_sum(x):
 
 
 def all_reduce_grads(params, bucket_numel=2**24):
-    """Sum gradients over ranks, in flat buckets (one collective per ~16M numbers, not one per tensor).
+    """Sum gradients over ranks, in flat buckets (one collective per ~16M numbers, not one per
+    tensor).
 
-    We sum rather than average, and every loss here is divided by a GLOBAL count (tokens or pairs summed over
-    ranks), so a DDP step equals the single-process step on the concatenated batch. Done by hand instead of
-    wrapping in DistributedDataParallel because the trainers call submodules (the discriminator's backbone and
-    head) and accumulate micro-batches, both of which DDP's hooks make awkward. The gradients live with the
-    trainable (fp32) parameters on the GPU, which is where NCCL wants them."""
+    We sum rather than average, and every loss here is divided by a GLOBAL count (tokens or pairs
+    summed over ranks), so a DDP step equals the single-process step on the concatenated batch. Done
+    by hand instead of wrapping in DistributedDataParallel because the trainers call submodules (the
+    discriminator's backbone and head) and accumulate micro-batches, both of which DDP's hooks make
+    awkward. The gradients live with the trainable (fp32) parameters on the GPU, which is where NCCL
+    wants them."""
     if not is_initialized():
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -178,14 +187,16 @@ def all_reduce_grads(params, bucket_numel=2**24):
 
 
 def clip_and_step(params, optimizer, max_grad_norm, sync=all_reduce_grads):
-    """The end of every optimizer step here: gradients summed over ranks (`sync`), their norm clipped, the step
-    taken unless the norm is not finite (a NaN or inf anywhere; every rank sees the same norm after the sum, so
-    all skip together), then the gradients freed (set to None: at 1.5B an fp32 gradient is 6 GB that would sit
-    through the next rollout). Returns (grad norm before clipping as a float, skipped)."""
+    """The end of every optimizer step here: gradients summed over ranks (`sync`), their norm
+    clipped, the step taken unless the norm is not finite (a NaN or inf anywhere; every rank sees
+    the same norm after the sum, so all skip together), then the gradients freed (set to None: at
+    1.5B an fp32 gradient is 6 GB that would sit through the next rollout). Returns (grad norm
+    before clipping as a float, skipped)."""
     params = [p for p in params if p.requires_grad]
     if sync is not None:
         sync(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf") if max_grad_norm is None else max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        params, float("inf") if max_grad_norm is None else max_grad_norm)
     skipped = not torch.isfinite(grad_norm).item()
     if not skipped:
         optimizer.step()
@@ -194,9 +205,10 @@ def clip_and_step(params, optimizer, max_grad_norm, sync=all_reduce_grads):
 
 
 def reduce_metrics(metrics):
-    """Mean of every metric over ranks. Ranks hold equal numbers of prompts and samples, so for per-row means
-    (losses per sequence, accuracies, reward means, lengths) this is the global value; for token-means (pg_loss,
-    kl, clipfrac) and standard deviations it is the mean of the per-rank values, close to the global one."""
+    """Mean of every metric over ranks. Ranks hold equal numbers of prompts and samples, so for
+    per-row means (losses per sequence, accuracies, reward means, lengths) this is the global value;
+    for token-means (pg_loss, kl, clipfrac) and standard deviations it is the mean of the per-rank
+    values, close to the global one."""
     if not is_initialized():
         return metrics
     keys = sorted(metrics)
@@ -211,10 +223,11 @@ class Phases:
         phases = common.Phases(device)
         with phases("sampling"):
             ...
-        m.update(phases.stats)      # t_sampling (s), mem_sampling (GiB allocated at the peak; CUDA only)
+        m.update(phases.stats)      # t_sampling (s), mem_sampling
+                                    # (GiB allocated at the peak; CUDA only)
 
-    On CUDA each boundary synchronises (the time is the GPU's work, not its launch) and resets the peak counter;
-    a phase entered twice in a step adds its times and keeps its larger peak."""
+    On CUDA each boundary synchronises (the time is the GPU's work, not its launch) and resets the
+    peak counter; a phase entered twice in a step adds its times and keeps its larger peak."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -235,8 +248,9 @@ class Phases:
 
 
 def fill_preset(args, presets, default):
-    """The one main dial: --student picks a preset (else `default`, the paper's recipe), which fills every
-    flag left unset (None). What was filled is printed, so a run's log says what it actually ran with."""
+    """The one main dial: --student picks a preset (else `default`, the paper's recipe), which fills
+    every flag left unset (None). What was filled is printed, so a run's log says what it actually
+    ran with."""
     preset = presets.get(args.student, default)
     filled = []
     for key, value in preset.items():
@@ -247,9 +261,9 @@ def fill_preset(args, presets, default):
 
 
 def make_optimizer(params, lr, weight_decay, adam8bit=False):
-    """AdamW, or bitsandbytes' 8-bit AdamW (--adam8bit: optimizer state in 8 bits, a memory flag). On CUDA the
-    fused AdamW kernel: one launch for all tensors, and none of the foreach path's full-size temporaries (its
-    sqrt(exp_avg_sq) alone is 4 bytes a parameter)."""
+    """AdamW, or bitsandbytes' 8-bit AdamW (--adam8bit: optimizer state in 8 bits, a memory flag).
+    On CUDA the fused AdamW kernel: one launch for all tensors, and none of the foreach path's
+    full-size temporaries (its sqrt(exp_avg_sq) alone is 4 bytes a parameter)."""
     params = list(params)
     if adam8bit:
         import bitsandbytes as bnb
@@ -259,8 +273,10 @@ def make_optimizer(params, lr, weight_decay, adam8bit=False):
 
 
 def rng_state():
-    """Every RNG a run draws from, as CPU tensors and Python objects (CUDA's state is a CPU ByteTensor too)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a run draws from, as CPU tensors and Python objects (CUDA's state is a CPU
+    ByteTensor too)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -275,9 +291,9 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, **state):
-    """Rank 0 writes one atomic file: each named object's state_dict() (models, optimizers, schedulers), every
-    other value as is (step, stage, ...), the RNG states, and how many rows OUT/metrics.jsonl (beside it) holds.
-    Collective-free: ranks hold the same weights."""
+    """Rank 0 writes one atomic file: each named object's state_dict() (models, optimizers,
+    schedulers), every other value as is (step, stage, ...), the RNG states, and how many rows
+    OUT/metrics.jsonl (beside it) holds. Collective-free: ranks hold the same weights."""
     if get_rank() != 0:
         return
     log = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
@@ -287,13 +303,15 @@ def save_checkpoint(path, **state):
 
 
 def load_checkpoint(path, **objects):
-    """Load `path` onto the CPU, copy each named state into its object (load_state_dict moves it to the object's
-    device and dtype), restore the RNG states, and return the other values of the file (step, stage, ...).
+    """Load `path` onto the CPU, copy each named state into its object (load_state_dict moves it to
+    the object's device and dtype), restore the RNG states, and return the other values of the file
+    (step, stage, ...).
 
-    On the CPU first: map_location=<the GPU> would put the RNG ByteTensor on the GPU, where torch.set_rng_state
-    refuses it, and would hold a second copy of every weight and optimizer state on the GPU. The loaded tensors
-    are dropped as soon as they are copied in: only the returned values stay referenced. mmap: the file's pages
-    are shared by every rank reading it (eight ranks of a 1.5B GAD run would otherwise each hold its ~40 GB)."""
+    On the CPU first: map_location=<the GPU> would put the RNG ByteTensor on the GPU, where
+    torch.set_rng_state refuses it, and would hold a second copy of every weight and optimizer state
+    on the GPU. The loaded tensors are dropped as soon as they are copied in: only the returned
+    values stay referenced. mmap: the file's pages are shared by every rank reading it (eight ranks
+    of a 1.5B GAD run would otherwise each hold its ~40 GB)."""
     ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     for name, obj in objects.items():
         obj.load_state_dict(ck.pop(name))
@@ -301,34 +319,38 @@ def load_checkpoint(path, **objects):
     return ck
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one run's life, the same in every trainer: start, resume, log a step, checkpoint, stop
 
 def add_run_flags(group, out):
     """The flags of a run's life, the same in every trainer."""
-    group.add_argument("--out", default=out, help="checkpoints, metrics.jsonl, the final Hugging Face folders")
+    group.add_argument("--out", default=out,
+                       help="checkpoints, metrics.jsonl, the final Hugging Face folders")
     group.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     group.add_argument("--save-every", type=int, default=10,
                        help="checkpoint every k steps (and at each stage or epoch end)")
-    group.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (tests of resume)")
+    group.add_argument("--stop-after", type=int, default=None,
+                       help="stop after this many steps (tests of resume)")
     group.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
 
 
 def setup(args):
-    """Start a run: torchrun's process group if launched by it, the seeds (the same on every rank: the models
-    start equal; sampling is keyed per prompt, not per rank), OUT/. Returns (rank, world size, device)."""
+    """Start a run: torchrun's process group if launched by it, the seeds (the same on every rank:
+    the models start equal; sampling is keyed per prompt, not per rank), OUT/. Returns (rank, world
+    size, device)."""
     _, rank, _, world, device = compute_init(args.device)
     seed_everything(args.seed)
     os.makedirs(args.out, exist_ok=True)
     if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the world size {world}")
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} "
+                         f"must divide by the world size {world}")
     return rank, world, device
 
 
 def resume(args, **objects):
-    """With --resume and OUT/ckpt.pt: the checkpoint's states copied into `objects`, the metrics rows logged
-    after it dropped (the resumed run logs them again), and its other values returned (step, stage, ...).
-    Otherwise a fresh OUT/metrics.jsonl, and None."""
+    """With --resume and OUT/ckpt.pt: the checkpoint's states copied into `objects`, the metrics
+    rows logged after it dropped (the resumed run logs them again), and its other values returned
+    (step, stage, ...). Otherwise a fresh OUT/metrics.jsonl, and None."""
     path, log = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     if not (args.resume and os.path.exists(path)):
         if get_rank() == 0 and os.path.exists(log):
@@ -347,17 +369,19 @@ def resume(args, **objects):
 def log_step(args, label, step, total, m, keys):
     """One step's metrics row (OUT/metrics.jsonl) and its line, in the one format of every trainer:
         <label> <step>/<total> | key value | ... | <tokens/s> tok/s | <s> s/step
-    m holds the step's global values (reduced over ranks), with `tokens` (the response tokens the step
-    sampled or trained on) and `s_per_step`; tokens_per_s is added."""
+    m holds the step's global values (reduced over ranks), with `tokens` (the response tokens the
+    step sampled or trained on) and `s_per_step`; tokens_per_s is added."""
     m["tokens_per_s"] = m["tokens"] / max(m["s_per_step"], 1e-9)
     log_metrics(os.path.join(args.out, "metrics.jsonl"), m)
     fields = "".join(f" | {k} {m[k]:.4g}" for k in keys if k in m)
-    print0(f"{label} {step + 1}/{total}{fields} | {m['tokens_per_s']:.0f} tok/s | {m['s_per_step']:.2f} s/step")
+    print0(f"{label} {step + 1}/{total}{fields} | {m['tokens_per_s']:.0f} tok/s | "
+           f"{m['s_per_step']:.2f} s/step")
 
 
 def end_step(args, step, total, steps_done, save=False, **state):
-    """After step `step` (0-based) of `total`: checkpoint (OUT/ckpt.pt, rank 0) every --save-every steps, at the
-    last step, and when `save`; then True if --stop-after says this process stops now (tests of resume)."""
+    """After step `step` (0-based) of `total`: checkpoint (OUT/ckpt.pt, rank 0) every --save-every
+    steps, at the last step, and when `save`; then True if --stop-after says this process stops now
+    (tests of resume)."""
     if (step + 1) % args.save_every == 0 or step + 1 == total or save:
         save_checkpoint(os.path.join(args.out, "ckpt.pt"), step=step, **state)
     if args.stop_after is not None and steps_done >= args.stop_after:

@@ -1,36 +1,42 @@
-"""Held-out metrics for a distilled student (the offline metrics of the GAD, DistiLLM-2 and MiniLLM papers),
-and a CLI that prints them as a table.
+"""Held-out metrics for a distilled student (the offline metrics of the GAD, DistiLLM-2 and MiniLLM
+papers), and a CLI that prints them as a table.
 
-    python eval.py --model out/gad/final --compare smollm2-135m out/seqkd/final --data teacher.jsonl \
-        --teacher qwen2.5-7b --discriminator out/gad/discriminator
+    python eval.py --model out/gad/final --compare smollm2-135m out/seqkd/final \
+        --data teacher.jsonl --teacher qwen2.5-7b --discriminator out/gad/discriminator
 
 samples the student greedily on each prompt and reports, per model (one table column each):
-  - rouge_l: ROUGE-L F1 of the sample against the teacher's response, as Google's `rouge-score` (RougeL, default
-    tokenizer, no stemming). The papers' diagnostic, not the quality metric (GAD can be below SeqKD on it).
-  - student_nll: nats/token of the teacher's responses under the student (how well it imitates the teacher).
-  - teacher_nll: nats/token of the student's samples under a white-box teacher: how teacher-like the student's own
-    outputs are, the fairest offline quality metric for every method here.
-  - disc_score / disc_score_teacher / disc_acc: a GAD discriminator's mean score of the student's samples and of
-    the teacher's responses, and how often the teacher response outscores the sample (near 1: D still tells them
-    apart; near 0.5: the student fools it).
-  - length (mean response tokens, the end-of-turn token counted), truncated (fraction cut at max_new_tokens:
-    length is capped there, so a length-hacking student shows up here), distinct_2 (unique word bigrams / bigrams
-    over all samples: a collapsed student repeats itself), num_prompts.
+  - rouge_l: ROUGE-L F1 of the sample against the teacher's response, as Google's `rouge-score`
+    (RougeL, default tokenizer, no stemming). The papers' diagnostic, not the quality metric (GAD
+    can be below SeqKD on it).
+  - student_nll: nats/token of the teacher's responses under the student (how well it imitates the
+    teacher).
+  - teacher_nll: nats/token of the student's samples under a white-box teacher: how teacher-like the
+    student's own outputs are, the fairest offline quality metric for every method here.
+  - disc_score / disc_score_teacher / disc_acc: a GAD discriminator's mean score of the student's
+    samples and of the teacher's responses, and how often the teacher response outscores the sample
+    (near 1: D still tells them apart; near 0.5: the student fools it).
+  - length (mean response tokens, the end-of-turn token counted), truncated (fraction cut at
+    max_new_tokens: length is capped there, so a length-hacking student shows up here), distinct_2
+    (unique word bigrams / bigrams over all samples: a collapsed student repeats itself),
+    num_prompts.
 
 Choices beyond the papers, each for a reason:
-  - Greedy decoding (temperature 0) by default: metrics are deterministic, so two checkpoints differ only by their
-    weights. With n > 1 samples per prompt, means run over all samples and disc_acc over the (prompt, sample)
-    pairs, the pairs the discriminator is trained on.
-  - NLLs are token means pooled over all responses (long responses weigh more), as the SFT loss is. The teacher
-    responses are tokenized as for training (data.encode_response): the end-of-turn token is included, so
-    stopping is part of the score; responses over max_response_len are cut (and then carry no end-of-turn token).
-  - teacher_nll feeds the student's token ids to the teacher: they must share a tokenizer (the CLI checks the
-    vocabularies match); Qwen2.5 7B and 1.5B do, although their embedding matrices differ in size.
-  - ROUGE-L's tokenizer keeps only [a-z0-9] runs after lower-casing, exactly as rouge-score does: text in other
-    scripts has no tokens and scores 0. The LCS is the bit-parallel one (same numbers as the textbook DP, tested
-    against it), since teacher responses of a thousand words make the O(m n) Python DP the slowest part of eval.
-  - A metric that cannot be computed (no teacher, no discriminator, no record with a teacher response) is left
-    out of the dict rather than set to nan; the table shows it as "-".
+  - Greedy decoding (temperature 0) by default: metrics are deterministic, so two checkpoints differ
+    only by their weights. With n > 1 samples per prompt, means run over all samples and disc_acc
+    over the (prompt, sample) pairs, the pairs the discriminator is trained on.
+  - NLLs are token means pooled over all responses (long responses weigh more), as the SFT loss is.
+    The teacher responses are tokenized as for training (data.encode_response): the end-of-turn
+    token is included, so stopping is part of the score; responses over max_response_len are cut
+    (and then carry no end-of-turn token).
+  - teacher_nll feeds the student's token ids to the teacher: they must share a tokenizer (the CLI
+    checks the vocabularies match); Qwen2.5 7B and 1.5B do, although their embedding matrices differ
+    in size.
+  - ROUGE-L's tokenizer keeps only [a-z0-9] runs after lower-casing, exactly as rouge-score does:
+    text in other scripts has no tokens and scores 0. The LCS is the bit-parallel one (same numbers
+    as the textbook DP, tested against it), since teacher responses of a thousand words make the O(m
+    n) Python DP the slowest part of eval.
+  - A metric that cannot be computed (no teacher, no discriminator, no record with a teacher
+    response) is left out of the dict rather than set to nan; the table shows it as "-".
 """
 
 import argparse
@@ -54,23 +60,26 @@ import losses
 import models
 import sample
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # text metrics
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
 def words(text):
-    """rouge-score's default tokenizer: lower-case, every run of characters other than [a-z0-9] is a separator."""
+    """rouge-score's default tokenizer: lower-case, every run of characters other than [a-z0-9] is a
+    separator."""
     return _NON_ALNUM.sub(" ", text.lower()).split()
 
 
 def lcs_length(a, b):
-    """Length of the longest common subsequence of two token lists, bit-parallel (Allison & Dix 1986; Hyyro 2004).
+    """Length of the longest common subsequence of two token lists, bit-parallel (Allison & Dix
+    1986; Hyyro 2004).
 
-    Bit i of V is 1 while row i of the classic DP table has not yet gained its increment; each token of b updates
-    all of a's positions at once with integer arithmetic. The LCS length is the number of bits that turned 0.
-    O(len(b)) big-int operations instead of O(len(a) * len(b)) Python steps."""
+    Bit i of V is 1 while row i of the classic DP table has not yet gained its increment; each token
+    of b updates all of a's positions at once with integer arithmetic. The LCS length is the number
+    of bits that turned 0. O(len(b)) big-int operations instead of O(len(a) * len(b)) Python
+    steps."""
     if not a or not b:
         return 0
     match = {}  # token -> bitmask of the positions where a has it
@@ -85,7 +94,8 @@ def lcs_length(a, b):
 
 
 def rouge_l(prediction, reference):
-    """ROUGE-L F1 in [0, 1] (rouge-score's RougeL fmeasure): LCS over word tokens; 0 if either side has none."""
+    """ROUGE-L F1 in [0, 1] (rouge-score's RougeL fmeasure): LCS over word tokens; 0 if either side
+    has none."""
     pred, ref = words(prediction), words(reference)
     lcs = lcs_length(ref, pred)
     if lcs == 0:
@@ -95,29 +105,33 @@ def rouge_l(prediction, reference):
 
 
 def distinct_n(texts, n=2):
-    """Unique word n-grams / all word n-grams over the texts (n-grams never cross two texts); 0 if there are none."""
+    """Unique word n-grams / all word n-grams over the texts (n-grams never cross two texts); 0 if
+    there are none."""
     grams = [tuple(w[i:i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # model metrics
 
 @torch.no_grad()
 def response_nll(model, prompts, responses, batch_size=8, desc=None):
-    """Token-mean NLL (nats/token, temperature 1) of each response given its prompt -> (nll, num_tokens).
+    """Token-mean NLL (nats/token, temperature 1) of each response given its prompt -> (nll,
+    num_tokens).
 
-    Batched as generate() lays rows out (sample.pack: prompts left-padded, responses right-padded with a mask), the
-    LM head over the response positions only, a chunk at a time (sample.sequence_logprobs); empty responses count
-    nothing; (nan, 0) if all are empty."""
+    Batched as generate() lays rows out (sample.pack: prompts left-padded, responses right-padded
+    with a mask), the LM head over the response positions only, a chunk at a time
+    (sample.sequence_logprobs); empty responses count nothing; (nan, 0) if all are empty."""
     device = next(model.parameters()).device
     # similar lengths together: less padding; the sum does not depend on the order
-    rows = sorted((i for i in range(len(responses)) if responses[i]), key=lambda i: len(prompts[i]) + len(responses[i]))
+    rows = sorted((i for i in range(len(responses)) if responses[i]),
+                  key=lambda i: len(prompts[i]) + len(responses[i]))
     total, count = 0.0, 0
     for b in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=desc is None):
         idx = rows[b:b + batch_size]
-        batch = sample.pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id=0, device=device)
-        logprobs = sample.sequence_logprobs(model, batch)                                 # [B, T], 0 at padding
+        batch = sample.pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id=0,
+                            device=device)
+        logprobs = sample.sequence_logprobs(model, batch)                    # [B, T], 0 at padding
         total -= logprobs.double().sum().item()
         count += int(batch.response_mask.sum())
     return (total / count if count else float("nan")), count
@@ -125,49 +139,57 @@ def response_nll(model, prompts, responses, batch_size=8, desc=None):
 
 @torch.no_grad()
 def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8):
-    """Token-mean forward and reverse KL(p, q) of a white-box pair on fixed responses (rows: {"prompt": ids,
-    "y_t": ids}, usually held-out teacher samples): the divergence every white-box method should lower.
-    batch_size rows per forward pass, the full-vocabulary logits chunk_size positions at a time."""
+    """Token-mean forward and reverse KL(p, q) of a white-box pair on fixed responses (rows:
+    {"prompt": ids, "y_t": ids}, usually held-out teacher samples): the divergence every white-box
+    method should lower. batch_size rows per forward pass, the full-vocabulary logits chunk_size
+    positions at a time."""
     device = next(student.parameters()).device
     tokens = sum(len(r["y_t"]) for r in rows)
     sums = {"heldout_fkl": 0.0, "heldout_rkl": 0.0}
     for b in range(0, len(rows), batch_size):
         batch = rows[b:b + batch_size]
         ro = sample.pack([r["prompt"] for r in batch], [r["y_t"] for r in batch], pad, device)
-        weight = ro.response_mask.float() / max(tokens, 1)                                 # the global token mean
-        (s_h, s_head), (t_h, t_head) = sample.response_hidden(student, ro), sample.response_hidden(teacher, ro)
+        weight = ro.response_mask.float() / max(tokens, 1)                   # the global token mean
+        (s_h, s_head), (t_h, t_head) = (sample.response_hidden(student, ro),
+                                        sample.response_hidden(teacher, ro))
         for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl)):
-            sums[name] += losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight, chunk_size=chunk_size)[0].item()
+            sums[name] += losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight,
+                                                 chunk_size=chunk_size)[0].item()
     return sums
 
 
-def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_path, *, max_new_tokens,
-                     max_prompt_len, chunk_size=128):
-    """The before/after table of the white-box trainers, on held-out prompts with fixed teacher responses (val rows
-    {"id", "prompt", "y_t"}): held-out KLs and the evaluate() metrics of the initial student (`fresh`, loaded as
-    the trained one was exported, so both columns are computed alike) and the trained one. Printed, written to
-    out_path as JSON, and returned."""
+def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_path, *,
+                     max_new_tokens, max_prompt_len, chunk_size=128):
+    """The before/after table of the white-box trainers, on held-out prompts with fixed teacher
+    responses (val rows {"id", "prompt", "y_t"}): held-out KLs and the evaluate() metrics of the
+    initial student (`fresh`, loaded as the trained one was exported, so both columns are computed
+    alike) and the trained one. Printed, written to out_path as JSON, and returned."""
     by_id = {r["id"]: r for r in val_records}
-    recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True)) for r in val]
+    recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
+            for r in val]
     kw = dict(teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len)
     table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, chunk_size),
-                    **evaluate(model, tok, recs, **kw)} for when, model in (("before", fresh), ("after", student))}
+                    **evaluate(model, tok, recs, **kw)}
+             for when, model in (("before", fresh), ("after", student))}
     print0(format_table(table))
     summary = {when: {k: v for k, v in d.items() if k != "samples"} for when, d in table.items()}
     common.atomic_write_text(out_path, json.dumps(summary, indent=1))
     return summary
 
 
-def white_box_final(student, fresh_args, teacher, tok, val, val_records, pad, args, device, max_new_tokens):
-    """The end of a white-box trainer, on rank 0 only (the others load nothing for it): the student exported to
-    OUT/student in --dtype, and, with held-out prompts, white_box_report against the initial student (loaded
-    again as the run started it: `fresh_args` are load_model's arguments) into OUT/eval.json."""
+def white_box_final(student, fresh_args, teacher, tok, val, val_records, pad, args, device,
+                    max_new_tokens):
+    """The end of a white-box trainer, on rank 0 only (the others load nothing for it): the student
+    exported to OUT/student in --dtype, and, with held-out prompts, white_box_report against the
+    initial student (loaded again as the run started it: `fresh_args` are load_model's arguments)
+    into OUT/eval.json."""
     if common.get_rank() != 0:
         return
     models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
     if val:
         fresh = models.load_model(**fresh_args).eval()
-        white_box_report(student, fresh, teacher, tok, val, val_records, pad, os.path.join(args.out, "eval.json"),
+        white_box_report(student, fresh, teacher, tok, val, val_records, pad,
+                         os.path.join(args.out, "eval.json"),
                          max_new_tokens=max_new_tokens, max_prompt_len=args.max_prompt_len,
                          chunk_size=args.chunk_size)
 
@@ -177,13 +199,15 @@ def score_pairs(score_fn, prompts, responses, pad_id, batch_size, device):
     out = []
     for b in range(0, len(prompts), batch_size):
         batch = sample.pack(prompts[b:b + batch_size], responses[b:b + batch_size], pad_id, device)
-        out.append(score_fn(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask).float().cpu())
+        out.append(score_fn(batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                            batch.response_mask).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
 @contextlib.contextmanager
 def eval_mode(*modules):
-    """eval() for the duration (no dropout), then each module back to the mode it was in: trainers call evaluate."""
+    """eval() for the duration (no dropout), then each module back to the mode it was in: trainers
+    call evaluate."""
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -200,18 +224,21 @@ def _mean(xs):
 
 
 @torch.no_grad()
-def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_new_tokens=64, temperature=0.0, n=1,
-             batch_size=8, seed=0, max_prompt_len=None, max_response_len=None):
-    """Sample the student on each record's prompt and measure (see the header) -> dict of floats, plus "samples":
-    the decoded responses, prompt-major (sample j of kept record i at i * n + j).
+def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_new_tokens=64,
+             temperature=0.0, n=1, batch_size=8, seed=0, max_prompt_len=None,
+             max_response_len=None):
+    """Sample the student on each record's prompt and measure (see the header) -> dict of floats,
+    plus "samples": the decoded responses, prompt-major (sample j of kept record i at i * n + j).
 
-    teacher: a causal LM with the student's tokenizer (teacher_nll). score_fn(prompt_ids, prompt_mask, response_ids,
-    response_mask) -> [N] scores, the discriminator's interface, called on rows laid out as generate() returns them.
-    Prompts over max_prompt_len tokens are skipped (a cut prompt is a different question) and counted.
-    One process: under torchrun, call it on rank 0 (the metrics are not all-reduced)."""
+    teacher: a causal LM with the student's tokenizer (teacher_nll). score_fn(prompt_ids,
+    prompt_mask, response_ids, response_mask) -> [N] scores, the discriminator's interface, called
+    on rows laid out as generate() returns them. Prompts over max_prompt_len tokens are skipped (a
+    cut prompt is a different question) and counted. One process: under torchrun, call it on rank 0
+    (the metrics are not all-reduced)."""
     if max_new_tokens < 1 or n < 1 or batch_size < 1:
         raise ValueError("max_new_tokens, n and batch_size must be >= 1")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else data_lib.end_of_turn_id(tokenizer)
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else data_lib.end_of_turn_id(tokenizer))
     device = next(student.parameters()).device
     prompts, kept = [], []
     for rec in records:
@@ -220,28 +247,32 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
             prompts.append(ids)
             kept.append(rec)
     if len(kept) < len(records):
-        print0(f"eval: skipped {len(records) - len(kept)} prompts over max_prompt_len={max_prompt_len} tokens")
+        print0(f"eval: skipped {len(records) - len(kept)} prompts over "
+               f"max_prompt_len={max_prompt_len} tokens")
     if not kept:
         raise ValueError("no prompts to evaluate")
 
     with eval_mode(*[m for m in (student, teacher) if m is not None]):
-        # 1. the student's responses, n per prompt; prompt_keys = global index, so a sample does not depend on
-        # the batch size (matters when temperature > 0)
+        # 1. the student's responses, n per prompt; prompt_keys = global index, so a sample does not
+        # depend on the batch size (matters when temperature > 0)
         eos = sample.stop_ids(tokenizer, student)
-        responses, texts = [], []  # token lists (end-of-turn token included when generated), decoded texts
+        # token lists (end-of-turn token included when generated), decoded texts
+        responses, texts = [], []
         for b in tqdm(range(0, len(prompts), batch_size), desc="eval: sampling", unit="batch"):
             chunk = prompts[b:b + batch_size]
-            ro = sample.generate(student, chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=1.0, eos_ids=eos, pad_id=pad_id, seed=seed, prompt_keys=range(b, b + len(chunk)),
-                                 return_logprobs=False)
-            responses += [ids[m.bool()].tolist() for ids, m in zip(ro.response_ids, ro.response_mask)]
+            ro = sample.generate(student, chunk, n=n, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=1.0, eos_ids=eos, pad_id=pad_id,
+                                 seed=seed, prompt_keys=range(b, b + len(chunk)))
+            responses += [ids[m.bool()].tolist()
+                          for ids, m in zip(ro.response_ids, ro.response_mask)]
             texts += ro.texts(tokenizer)
         sample_prompts = [p for p in prompts for _ in range(n)]
 
         # 2. the teacher's responses, tokenized as for training
         refs = [i for i, rec in enumerate(kept) if rec.get("teacher_response")]
         ref_prompts = [prompts[i] for i in refs]
-        ref_responses = [data_lib.encode_response(tokenizer, kept[i]["teacher_response"], max_response_len)[0]
+        ref_responses = [data_lib.encode_response(tokenizer, kept[i]["teacher_response"],
+                                                  max_response_len)[0]
                          for i in refs]
 
         metrics = {}
@@ -254,10 +285,12 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
             metrics["teacher_nll"] = response_nll(teacher, sample_prompts, responses, batch_size,
                                                   desc="eval: teacher nll")[0]
         if score_fn is not None:
-            student_scores = score_pairs(score_fn, sample_prompts, responses, pad_id, batch_size, device)  # [N*n]
+            student_scores = score_pairs(score_fn, sample_prompts, responses, pad_id, batch_size,
+                                         device)  # [N*n]
             metrics["disc_score"] = student_scores.mean().item()
             if refs:
-                teacher_scores = score_pairs(score_fn, ref_prompts, ref_responses, pad_id, batch_size, device)
+                teacher_scores = score_pairs(score_fn, ref_prompts, ref_responses, pad_id,
+                                             batch_size, device)
                 metrics["disc_score_teacher"] = teacher_scores.mean().item()
                 # each sample against its own prompt's teacher response: the pairs L_D is trained on
                 metrics["disc_acc"] = _mean(float(teacher_scores[k] > student_scores[i * n + j])
@@ -271,8 +304,8 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
 
 
 def format_table(rows, keys=None):
-    """{column name: metrics} -> a GitHub markdown table, one metric per line. Numbers only (the "samples" list is
-    skipped); floats with 4 decimals, a metric missing from a column as "-"."""
+    """{column name: metrics} -> a GitHub markdown table, one metric per line. Numbers only (the
+    "samples" list is skipped); floats with 4 decimals, a metric missing from a column as "-"."""
     def is_number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -293,51 +326,65 @@ def format_table(rows, keys=None):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# discriminator checkpoints (scored by discriminator.score, as in training: the head at the last response token)
+# --------------------------------------------------------------------------------------------------
+# discriminator checkpoints (scored by discriminator.score, as in training: the head at the last
+# response token)
 
 def load_discriminator(path, dtype, device):
     from transformers import AutoModelForSequenceClassification
 
     d = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
     if d.config.num_labels != 1 or not hasattr(d, "score"):
-        raise ValueError(f"{path}: expected a sequence-classification model with num_labels=1 and a `score` head")
+        raise ValueError(f"{path}: expected a sequence-classification model with num_labels=1 "
+                         "and a `score` head")
     return d
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate one or more students on held-out prompts and print a table "
-                                            "(one column per model).")
+    p = argparse.ArgumentParser(description="Evaluate one or more students on held-out prompts "
+                                            "and print a table (one column per model).")
     m = p.add_argument_group("models")
-    m.add_argument("--model", required=True, help="student: alias (tiny, smollm2-135m, qwen2.5-1.5b, ...) or folder")
+    m.add_argument("--model", required=True,
+                   help="student: alias (tiny, smollm2-135m, qwen2.5-1.5b, ...) or folder")
     m.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
                    help="more models for more columns, e.g. the checkpoint before training")
-    m.add_argument("--teacher", help="white-box teacher for teacher_nll (must share the students' tokenizer)")
-    m.add_argument("--discriminator", help="GAD discriminator folder (sequence classification, num_labels=1) for "
-                                           "disc_score / disc_acc")
+    m.add_argument("--teacher",
+                   help="white-box teacher for teacher_nll (must share the students' tokenizer)")
+    m.add_argument("--discriminator", help="GAD discriminator folder (sequence classification, "
+                                           "num_labels=1) for disc_score / disc_acc")
     d = p.add_argument_group("data")
-    d.add_argument("--data", required=True, help="records with teacher responses: jsonl, parquet, ShareGPT json")
-    d.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"], help="input format")
+    d.add_argument("--data", required=True,
+                   help="records with teacher responses: jsonl, parquet, ShareGPT json")
+    d.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"],
+                   help="input format")
     d.add_argument("--split", default="val", choices=["val", "train", "all"],
-                   help="which side of data.train_val_split to use (val: the trainers' held-out prompts)")
+                   help="which side of data.train_val_split to use (val: the trainers' "
+                        "held-out prompts)")
     d.add_argument("--val-fraction", type=float, default=0.1, help="as given to the trainer")
-    d.add_argument("--split-seed", type=int, default=0, help="as given to the trainer (data.train_val_split seed)")
+    d.add_argument("--split-seed", type=int, default=0,
+                   help="as given to the trainer (data.train_val_split seed)")
     d.add_argument("--limit", type=int, default=None, help="first L records of the split")
     d.add_argument("--max-prompt-len", type=int, default=1024, help="skip longer prompts (counted)")
-    d.add_argument("--max-response-len", type=int, default=1024, help="cut teacher responses for student_nll")
+    d.add_argument("--max-response-len", type=int, default=1024,
+                   help="cut teacher responses for student_nll")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="max response tokens")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic metrics)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (deterministic metrics)")
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call and rows per forward pass")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (only matters with --temperature > 0)")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per generate() call and rows per forward pass")
+    g.add_argument("--seed", type=int, default=0,
+                   help="sampling seed (only matters with --temperature > 0)")
     c = p.add_argument_group("compute and output")
     c.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    c.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    c.add_argument("--out", default=None, help="also write {model: metrics, with the samples} to this json file")
+    c.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    c.add_argument("--out", default=None,
+                   help="also write {model: metrics, with the samples} to this json file")
     args = p.parse_args(argv)
     if not 0.0 <= args.val_fraction <= 1.0:
         p.error("--val-fraction must be in [0, 1]")
@@ -355,9 +402,9 @@ def load_split(args):
 
 
 def same_vocabulary(a, b):
-    """Whether two token -> id maps tokenize alike: every token both have has one id, and a token only one has is
-    appended past the other's ids (a saved tokenizer reloaded as Qwen2Tokenizer gains '<|endoftext|>' as its unk
-    token at the end; the models never produce that id)."""
+    """Whether two token -> id maps tokenize alike: every token both have has one id, and a token
+    only one has is appended past the other's ids (a saved tokenizer reloaded as Qwen2Tokenizer
+    gains '<|endoftext|>' as its unk token at the end; the models never produce that id)."""
     shared = a.keys() & b.keys()
     return (all(a[t] == b[t] for t in shared) and all(a[t] >= len(b) for t in a.keys() - shared)
             and all(b[t] >= len(a) for t in b.keys() - shared))
@@ -376,14 +423,16 @@ def column_names(names):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda")
+                                                     else "float32")
     try:
         records = load_split(args)
     except data_lib.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not records:
-        print(f"error: no records in the {args.split} split of {args.data} (try --split all)", file=sys.stderr)
+        print(f"error: no records in the {args.split} split of {args.data} (try --split all)",
+              file=sys.stderr)
         return 2
     print0(f"eval: {len(records)} prompts ({args.split} split of {args.data})")
 
@@ -393,21 +442,24 @@ def main(argv=None):
         teacher_vocab = models.load_tokenizer(args.teacher).get_vocab()
     if args.discriminator:
         score_fn = functools.partial(discriminator.score,
-                                     load_discriminator(args.discriminator, models.DTYPES[dtype], device))
+                                     load_discriminator(args.discriminator, models.DTYPES[dtype],
+                                                        device))
 
     results = {}
     for name, col in zip([args.model] + args.compare, column_names([args.model] + args.compare)):
         t0 = time.time()
         student, tokenizer = models.load(name, dtype=dtype, device=device)
         if teacher_vocab is not None and not same_vocabulary(tokenizer.get_vocab(), teacher_vocab):
-            print(f"error: {name} and the teacher {args.teacher} have different tokenizers: teacher_nll needs one "
-                  f"vocabulary", file=sys.stderr)
+            print(f"error: {name} and the teacher {args.teacher} have different tokenizers: "
+                  f"teacher_nll needs one vocabulary", file=sys.stderr)
             return 2
         results[col] = evaluate(student, tokenizer, records, teacher=teacher, score_fn=score_fn,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
-                                batch_size=args.batch_size, seed=args.seed, max_prompt_len=args.max_prompt_len,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                n=args.n, batch_size=args.batch_size, seed=args.seed,
+                                max_prompt_len=args.max_prompt_len,
                                 max_response_len=args.max_response_len)
-        print0(f"eval: {col} done in {time.time() - t0:.1f}s; first sample: {results[col]['samples'][0][:200]!r}")
+        print0(f"eval: {col} done in {time.time() - t0:.1f}s; first sample: "
+               f"{results[col]['samples'][0][:200]!r}")
         del student
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

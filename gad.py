@@ -1,27 +1,34 @@
-"""GAD: Generative Adversarial Distillation (black-box; arXiv 2511.10643, reference recipe microsoft/LMOps `gad/`).
+"""GAD: Generative Adversarial Distillation (black-box; arXiv 2511.10643, reference recipe
+microsoft/LMOps `gad/`).
 
-The student G is a generator trained by PPO against a Bradley-Terry discriminator D that learns to tell the
-teacher's responses from G's. Only the teacher's text is used. One command runs the pipeline:
+The student G is a generator trained by PPO against a Bradley-Terry discriminator D that learns to
+tell the teacher's responses from G's. Only the teacher's text is used. One command runs the
+pipeline:
 
-    python gad.py                                     # embedded default: SmolLM2-135M-Instruct student,
-                                                      # ShareGPT's ChatGPT answers as the teacher, CPU
-    python gad.py --student tiny --out runs/tiny      # tiny random models, < 1 minute
+    python gad.py                                 # embedded default: SmolLM2-135M-Instruct student,
+                                                  # ShareGPT's ChatGPT answers as the teacher, CPU
+    python gad.py --student tiny --out runs/tiny  # tiny random models, < 1 minute
     torchrun --nproc_per_node=8 gad.py --student qwen2.5-1.5b --data teacher.jsonl
 
-Stages (--stage): seqkd (SFT on teacher responses: the baseline), warmup (D learns, G does SFT), gad (PPO
-against D), all = warmup -> gad -> eval, each stage starting from the previous one's weights in memory.
+Stages (--stage): seqkd (SFT on teacher responses: the baseline), warmup (D learns, G does SFT), gad
+(PPO against D), all = warmup -> gad -> eval, each stage starting from the previous one's weights in
+memory.
 
-Each GAD step: (1) roll out n responses per prompt from G; (2) rewards r_i = D(x, y_i) BEFORE this step's D
-update; (3) GRPO advantages per group; (4) one D step on L_D; (5) one PPO update of G with a k3 KL penalty to
-G-at-the-start-of-the-stage. See README "GAD: implementation details" for each detail and its source.
+Each GAD step: (1) roll out n responses per prompt from G; (2) rewards r_i = D(x, y_i) BEFORE this
+step's D update; (3) GRPO advantages per group; (4) one D step on L_D; (5) one PPO update of G with
+a k3 KL penalty to G-at-the-start-of-the-stage. See README "GAD: implementation details" for each
+detail and its source.
 
 Departures from the reference, each a flag:
-  - the reference keeps PPO at one epoch / one mini-batch (ratio 1, REINFORCE with a group baseline): the same
-    defaults here, with --ppo-epochs / --mini-batches for real PPO;
-  - the reference's D head initialisation is not specified; ours starts at zero (D indifferent at step 0);
-  - the pipeline's reference teacher is GPT-5-Chat; the CPU default uses ShareGPT's ChatGPT answers instead;
-  - prompts over --max-prompt-len are dropped; the reference's verl loader, where it does not filter them out,
-    cuts them to their first max_prompt_length tokens (data.truncation=right), losing the conversation's end.
+  - the reference keeps PPO at one epoch / one mini-batch (ratio 1, REINFORCE with a group
+    baseline): the same defaults here, with --ppo-epochs / --mini-batches for real PPO;
+  - the reference's D head initialisation is not specified; ours starts at zero (D indifferent at
+    step 0);
+  - the pipeline's reference teacher is GPT-5-Chat; the CPU default uses ShareGPT's ChatGPT answers
+    instead;
+  - prompts over --max-prompt-len are dropped; the reference's verl loader, where it does not filter
+    them out, cuts them to their first max_prompt_length tokens (data.truncation=right), losing the
+    conversation's end.
 """
 
 import argparse
@@ -44,31 +51,36 @@ import sample
 
 # Presets: --student picks one; every flag left unset is filled from it (and printed).
 PAPER = dict(  # GAD reference recipe (LMOps gad/scripts/train): 7B-14B students on 8 GPUs
-    data="sharegpt", samples_per_prompt=8, prompts_per_step=256, temperature=0.8, top_p=1.0, lr=1e-6, d_lr=1e-6,
-    weight_decay=0.01, grad_clip=0.2, clip_eps=0.2, dual_clip=3.0, kl_coef=0.001, freeze_g_steps=10,
+    data="sharegpt", samples_per_prompt=8, prompts_per_step=256, temperature=0.8, top_p=1.0,
+    lr=1e-6, d_lr=1e-6, weight_decay=0.01, grad_clip=0.2, clip_eps=0.2, dual_clip=3.0,
+    kl_coef=0.001, freeze_g_steps=10,
     warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0, seqkd_lr=5e-6,
-    # LMOps gad/scripts/train/*.sh: data.max_prompt_length=2048, data.max_response_length=1536 (rollouts and
-    # validation alike; teacher responses cut to it)
+    # LMOps gad/scripts/train/*.sh: data.max_prompt_length=2048, data.max_response_length=1536
+    # (rollouts and validation alike; teacher responses cut to it)
     max_prompt_len=2048, max_response_len=1536, max_new_tokens=1536, eval_max_new_tokens=1536,
     micro_batch_size=8, dtype="bfloat16", eval_prompts=256,
-    # LMOps gad/scripts/train: gradient checkpointing on, micro-batches of at most 12288 tokens per GPU
-    # (ppo_max_token_len_per_gpu, the critic's too)
+    # LMOps gad/scripts/train: gradient checkpointing on, micro-batches of at most 12288 tokens per
+    # GPU (ppo_max_token_len_per_gpu, the critic's too)
     gradient_checkpointing=True, micro_batch_tokens=12288,
 )
 PRESETS = {
-    # lr / d_lr: with a D much faster than G (d_lr 3e-3) the tiny student's reward never climbs; with these, 80
-    # GAD steps of 8 x 8 samples raise a held-out D's score (tests/test_gad.py, the learning test).
-    "tiny": dict(PAPER, data="tiny", teacher="tiny-teacher", samples_per_prompt=4, prompts_per_step=8, lr=1e-2,
-                 d_lr=1e-3, grad_clip=1.0, kl_coef=0.001, freeze_g_steps=2, warmup_steps=6, gad_steps=20,
-                 seqkd_epochs=2.0, seqkd_lr=3e-3, max_prompt_len=64, max_response_len=16, max_new_tokens=16,
-                 micro_batch_size=32, dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160,
+    # lr / d_lr: with a D much faster than G (d_lr 3e-3) the tiny student's reward never climbs;
+    # with these, 80 GAD steps of 8 x 8 samples raise a held-out D's score (tests/test_gad.py, the
+    # learning test).
+    "tiny": dict(PAPER, data="tiny", teacher="tiny-teacher", samples_per_prompt=4,
+                 prompts_per_step=8, lr=1e-2, d_lr=1e-3, grad_clip=1.0, kl_coef=0.001,
+                 freeze_g_steps=2, warmup_steps=6, gad_steps=20, seqkd_epochs=2.0, seqkd_lr=3e-3,
+                 max_prompt_len=64, max_response_len=16, max_new_tokens=16, micro_batch_size=32,
+                 dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160,
                  gradient_checkpointing=False, micro_batch_tokens=None),
-    # The embedded CPU default: real weights and data from packages, sized for ~6 minutes on 2 cores.
-    "smollm2-135m": dict(PAPER, samples_per_prompt=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4, grad_clip=1.0,
-                         freeze_g_steps=2, warmup_steps=10, gad_steps=20, seqkd_epochs=1.0, seqkd_lr=2e-5,
-                         max_prompt_len=64, max_response_len=32, max_new_tokens=32, micro_batch_size=8,
-                         dtype="float32", eval_prompts=32, eval_max_new_tokens=32, limit=1200,
-                         gradient_checkpointing=False, micro_batch_tokens=None),
+    # The embedded CPU default: real weights and data from packages, sized for ~6 minutes on 2
+    # cores.
+    "smollm2-135m": dict(PAPER, samples_per_prompt=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4,
+                         grad_clip=1.0, freeze_g_steps=2, warmup_steps=10, gad_steps=20,
+                         seqkd_epochs=1.0, seqkd_lr=2e-5, max_prompt_len=64, max_response_len=32,
+                         max_new_tokens=32, micro_batch_size=8, dtype="float32", eval_prompts=32,
+                         eval_max_new_tokens=32, limit=1200, gradient_checkpointing=False,
+                         micro_batch_tokens=None),
 }
 DEFAULT_STUDENT = "smollm2-135m"
 
@@ -76,58 +88,77 @@ DEFAULT_STUDENT = "smollm2-135m"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GAD: generative adversarial distillation (black-box)")
     g = p.add_argument_group("models")
-    g.add_argument("--student", default=DEFAULT_STUDENT, help="student alias/folder; picks the preset")
-    g.add_argument("--student-layers", default=None, help="keep only these student layers, e.g. '0-5' or 'every2'")
-    g.add_argument("--teacher", default=None, help="local model or 'api:URL:MODEL' to sample responses for rows "
-                                                   "that have none (black-box: only its text is used)")
-    g.add_argument("--init-from", default=None, help="folder with student/ (and discriminator/) to start from")
-    g.add_argument("--dtype", default=None, help="compute dtype, float32 | bfloat16 (autocast; G and D keep fp32 "
-                                                 "weights and AdamW state, the reference is stored in it)")
+    g.add_argument("--student", default=DEFAULT_STUDENT,
+                   help="student alias/folder; picks the preset")
+    g.add_argument("--student-layers", default=None,
+                   help="keep only these student layers, e.g. '0-5' or 'every2'")
+    g.add_argument("--teacher", default=None,
+                   help="local model or 'api:URL:MODEL' to sample responses for rows that "
+                        "have none (black-box: only its text is used)")
+    g.add_argument("--init-from", default=None,
+                   help="folder with student/ (and discriminator/) to start from")
+    g.add_argument("--dtype", default=None,
+                   help="compute dtype, float32 | bfloat16 (autocast; G and D keep fp32 weights "
+                        "and AdamW state, the reference is stored in it)")
     g.add_argument("--attn", default="sdpa", help="sdpa | eager | flash_attention_2")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (paper preset: on)")
     g.add_argument("--adam8bit", action="store_true", help="bitsandbytes 8-bit AdamW for G and D")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="jsonl/parquet/ShareGPT file, 'sharegpt' (package), 'tiny'")
+    g.add_argument("--data", default=None,
+                   help="jsonl/parquet/ShareGPT file, 'sharegpt' (package), 'tiny'")
     g.add_argument("--limit", type=int, default=None, help="read at most this many rows")
     g.add_argument("--skip-bad", action="store_true", help="skip bad rows instead of stopping")
     g.add_argument("--max-prompt-len", type=int, default=None, help="drop longer prompts (tokens)")
-    g.add_argument("--max-response-len", type=int, default=None, help="cut longer teacher responses (tokens)")
+    g.add_argument("--max-response-len", type=int, default=None,
+                   help="cut longer teacher responses (tokens)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out prompts for eval")
     g = p.add_argument_group("stages")
-    g.add_argument("--stage", default="all", choices=["seqkd", "warmup", "gad", "all"], help="what to run")
+    g.add_argument("--stage", default="all", choices=["seqkd", "warmup", "gad", "all"],
+                   help="what to run")
     common.add_run_flags(g, out="runs/gad")
     g.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-epochs")
-    g.add_argument("--warmup-epochs", type=float, default=None, help="warmup length (reference: ~1 epoch)")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="warmup length (reference: ~1 epoch)")
     g.add_argument("--gad-steps", type=int, default=None, help="overrides --gad-epochs")
-    g.add_argument("--gad-epochs", type=float, default=None, help="GAD length (reference: ~2 epochs)")
-    g.add_argument("--seqkd-epochs", type=float, default=None, help="SeqKD baseline epochs (reference: 3)")
+    g.add_argument("--gad-epochs", type=float, default=None,
+                   help="GAD length (reference: ~2 epochs)")
+    g.add_argument("--seqkd-epochs", type=float, default=None,
+                   help="SeqKD baseline epochs (reference: 3)")
     g = p.add_argument_group("GAD")
-    g.add_argument("--samples-per-prompt", type=int, default=None, help="rollouts per prompt, the GRPO group "
-                                                                         "(reference: 8)")
-    g.add_argument("--prompts-per-step", type=int, default=None, help="global prompts per step (ref: 256)")
+    g.add_argument("--samples-per-prompt", type=int, default=None,
+                   help="rollouts per prompt, the GRPO group (reference: 8)")
+    g.add_argument("--prompts-per-step", type=int, default=None,
+                   help="global prompts per step (ref: 256)")
     g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
-    g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens per forward/backward "
-                                                                         "(reference: 12288 per GPU)")
-    g.add_argument("--chunk-size", type=int, default=128, help="positions per chunk of full-vocabulary logits")
+    g.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="padded tokens per forward/backward (reference: 12288 per GPU)")
+    g.add_argument("--chunk-size", type=int, default=128,
+                   help="positions per chunk of full-vocabulary logits")
     g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length")
     g.add_argument("--temperature", type=float, default=None, help="rollout temperature (ref: 0.8)")
     g.add_argument("--top-p", type=float, default=None, help="rollout top-p (ref: 1.0)")
     g.add_argument("--lr", type=float, default=None, help="G learning rate (ref: 1e-6, constant)")
     g.add_argument("--d-lr", type=float, default=None, help="D learning rate (ref: 1e-6, constant)")
     g.add_argument("--seqkd-lr", type=float, default=None, help="SeqKD learning rate (ref: 5e-6)")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (ref: 0.01)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (ref: 0.01)")
     g.add_argument("--grad-clip", type=float, default=None, help="max grad norm (ref: 0.2)")
     g.add_argument("--clip-eps", type=float, default=None, help="PPO clip (ref: 0.2)")
     g.add_argument("--dual-clip", type=float, default=None, help="dual-clip c for A<0 (ref: 3)")
-    g.add_argument("--kl-coef", type=float, default=None, help="k3 KL(pi||ref) loss coefficient (ref: 0.001)")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (ref: 1)")
+    g.add_argument("--kl-coef", type=float, default=None,
+                   help="k3 KL(pi||ref) loss coefficient (ref: 0.001)")
+    g.add_argument("--ppo-epochs", type=int, default=1,
+                   help="passes over each rollout batch (ref: 1)")
     g.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per pass (ref: 1)")
-    g.add_argument("--freeze-g-steps", type=int, default=None, help="warmup: D learns alone first (ref: 10)")
-    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    g.add_argument("--freeze-g-steps", type=int, default=None,
+                   help="warmup: D learns alone first (ref: 10)")
+    g.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many non-finite steps in a row")
     g = p.add_argument_group("eval")
-    g.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts in the before/after table")
+    g.add_argument("--eval-prompts", type=int, default=None,
+                   help="held-out prompts in the before/after table")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy eval length")
     args = p.parse_args(argv)
 
@@ -137,17 +168,18 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data
 
 def load_records(args, rank):
-    """Prompts with teacher responses. Rows without one are sampled once from --teacher (rank 0, resumable, into
-    OUT/teacher.jsonl), then everyone reads that file."""
+    """Prompts with teacher responses. Rows without one are sampled once from --teacher (rank 0,
+    resumable, into OUT/teacher.jsonl), then everyone reads that file."""
     if args.data == "tiny":
         records = data_lib.tiny_prompts(args.limit or 160, args.seed)
     else:
-        records, bad = data_lib.read_records(data_lib.resolve_data_path(args.data), skip_bad=args.skip_bad
-                                             or args.data == "sharegpt", limit=args.limit)
+        records, bad = data_lib.read_records(data_lib.resolve_data_path(args.data),
+                                             skip_bad=args.skip_bad or args.data == "sharegpt",
+                                             limit=args.limit)
         if bad:
             print0(f"skipped {len(bad)} bad rows (first: {bad[0]})")
     missing = [r for r in records if r["teacher_response"] is None]
@@ -162,10 +194,11 @@ def load_records(args, rank):
                 source = dict(api_base=url, api_model=model)
             else:
                 source = dict(model=args.teacher, max_prompt_len=args.max_prompt_len)
-            cfg = sample.settings(out=teacher_file, max_new_tokens=args.max_response_len, temperature=1.0,
-                                  top_p=1.0, seed=args.seed, **source)
+            cfg = sample.settings(out=teacher_file, max_new_tokens=args.max_response_len,
+                                  temperature=1.0, top_p=1.0, seed=args.seed, **source)
             if sample.sample_records(missing, cfg)["failed"]:
-                raise RuntimeError(f"sampling the teacher into {teacher_file} failed; rerun to resume it")
+                raise RuntimeError(f"sampling the teacher into {teacher_file} failed; "
+                                   "rerun to resume it")
         common.barrier()
         sampled = {r["id"]: r["teacher_response"] for r in data_lib.read_records(teacher_file)[0]}
         for r in records:
@@ -187,12 +220,13 @@ def encode_records(records, tok, args):
     return out, dropped
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # models
 
 def load_models(args, device):
-    """The tokenizer, G and D, both with fp32 weights (and so fp32 AdamW state): --dtype is the compute dtype
-    (autocast). D is a copy of G's backbone with a zero score head, or --init-from's discriminator/."""
+    """The tokenizer, G and D, both with fp32 weights (and so fp32 AdamW state): --dtype is the
+    compute dtype (autocast). D is a copy of G's backbone with a zero score head, or --init-from's
+    discriminator/."""
     tok = models.load_tokenizer(args.student)
     init = os.path.join(args.init_from, "student") if args.init_from else args.student
     G = models.load_model(init, dtype="float32", attn=args.attn, device=device, seed=args.seed,
@@ -200,7 +234,8 @@ def load_models(args, device):
     d_init = os.path.join(args.init_from, "discriminator") if args.init_from else None
     if d_init and os.path.isdir(d_init):
         from transformers import AutoModelForSequenceClassification
-        D = AutoModelForSequenceClassification.from_pretrained(d_init, dtype=torch.float32).to(device)
+        D = AutoModelForSequenceClassification.from_pretrained(d_init,
+                                                               dtype=torch.float32).to(device)
     else:
         D = discriminator.from_student(G)
     if args.gradient_checkpointing:
@@ -216,12 +251,14 @@ def initial_student(args, device):
                              layers=None if args.init_from else args.student_layers).eval()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# steps: each returns the step's metrics (this rank's, reduced by the caller) and its response-token count
+# --------------------------------------------------------------------------------------------------
+# steps: each returns the step's metrics (this rank's, reduced by the caller) and its response-token
+# count
 
 def teacher_rollout(batch, pad, device):
     """The batch's prompts with their teacher responses, in a Rollout's layout."""
-    return sample.pack([ex["prompt"] for ex in batch], [ex["response"] for ex in batch], pad, device)
+    return sample.pack([ex["prompt"] for ex in batch], [ex["response"] for ex in batch], pad,
+                       device)
 
 
 def student_rollout(G, batch, keys, step, args, amp, eos, pad):
@@ -236,20 +273,23 @@ def student_rollout(G, batch, keys, step, args, amp, eos, pad):
 def response_logprobs(model, ro, args, amp):
     """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches."""
     with amp:
-        return ro.map(lambda r: sample.sequence_logprobs(model, r, args.temperature, chunk_size=args.chunk_size),
+        return ro.map(lambda r: sample.sequence_logprobs(model, r, args.temperature,
+                                                         chunk_size=args.chunk_size),
                       args.micro_batch_size, args.micro_batch_tokens, per_position=True)
 
 
 def d_step(D, opt_d, batch, ro, args, amp, pad, device):
     """One Bradley-Terry step of D: each of G's samples against its prompt's teacher response."""
-    return discriminator.update(D, opt_d, teacher_rollout(batch, pad, device), ro, args.samples_per_prompt,
-                                max_grad_norm=args.grad_clip, micro_batch_size=args.micro_batch_size,
+    return discriminator.update(D, opt_d, teacher_rollout(batch, pad, device), ro,
+                                args.samples_per_prompt, max_grad_norm=args.grad_clip,
+                                micro_batch_size=args.micro_batch_size,
                                 micro_batch_tokens=args.micro_batch_tokens, amp=amp)
 
 
 def sft_step(model, opt, ro, args, amp):
-    """One optimizer step of token-mean NLL on the responses of `ro` (SeqKD, and G's warmup step). Returns the
-    global batch's loss (each rank holds its share of it, so the shares are summed, not averaged)."""
+    """One optimizer step of token-mean NLL on the responses of `ro` (SeqKD, and G's warmup step).
+    Returns the global batch's loss (each rank holds its share of it, so the shares are summed, not
+    averaged)."""
     model.train()
     tokens = common.all_reduce_sum(ro.response_mask.sum().item())
     total = 0.0
@@ -260,7 +300,8 @@ def sft_step(model, opt, ro, args, amp):
         loss.backward()
         total += loss.item()
     grad_norm, skipped = common.clip_and_step(model.parameters(), opt, args.grad_clip)
-    return {"sft_loss": common.all_reduce_sum(total), "g_grad_norm": grad_norm, "g_skipped": int(skipped)}
+    return {"sft_loss": common.all_reduce_sum(total), "g_grad_norm": grad_norm,
+            "g_skipped": int(skipped)}
 
 
 def seqkd_step(G, opt_g, batch, args, amp, pad, device, phases):
@@ -272,8 +313,9 @@ def seqkd_step(G, opt_g, batch, args, amp, pad, device, phases):
 
 
 def warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases):
-    """The warmup: D learns to tell G's samples from the teacher's; G does SFT on the teacher's responses, once
-    per prompt, after the first --freeze-g-steps steps (the reference freezes G while D starts)."""
+    """The warmup: D learns to tell G's samples from the teacher's; G does SFT on the teacher's
+    responses, once per prompt, after the first --freeze-g-steps steps (the reference freezes G
+    while D starts)."""
     with phases("sampling"):
         ro = student_rollout(G, batch, keys, step, args, amp, eos, pad)
     with phases("d_update"):
@@ -286,16 +328,19 @@ def warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, devi
 
 
 def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases):
-    """One GAD step: roll out G; reward each sample with D BEFORE D's step; GRPO advantages per prompt; one D
-    step; one PPO update of G with a k3 penalty toward the reference (G at the start of the stage)."""
+    """One GAD step: roll out G; reward each sample with D BEFORE D's step; GRPO advantages per
+    prompt; one D step; one PPO update of G with a k3 penalty toward the reference (G at the start
+    of the stage)."""
     with phases("sampling"):
         ro = student_rollout(G, batch, keys, step, args, amp, eos, pad)
     with phases("scoring"):
         D.eval()
-        rewards = discriminator.score_rollout(D, ro, args.micro_batch_size, args.micro_batch_tokens, amp)
+        rewards = discriminator.score_rollout(D, ro, args.micro_batch_size,
+                                              args.micro_batch_tokens, amp)
         D.train()                                                           # [B*n]
         advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)  # [B*n], per group of n
-        # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones (None)
+        # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones
+        # (None)
         on_policy = (args.ppo_epochs, args.mini_batches) == (1, 1)
         old_lp = None if on_policy else response_logprobs(G, ro, args, amp)
         ref_lp = response_logprobs(ref, ro, args, amp)
@@ -315,7 +360,7 @@ def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, de
     return m, ro.response_mask.sum().item()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # stages
 
 STAGES = ("seqkd", "warmup", "gad")
@@ -324,22 +369,26 @@ LOG_KEYS = ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "cl
 
 
 def stage_starts(state):
-    """The first step of each stage: 0 in a fresh run; resumed, the step after the checkpoint's in its stage,
-    0 in the stages after it, None (done) in those before it."""
+    """The first step of each stage: 0 in a fresh run; resumed, the step after the checkpoint's in
+    its stage, 0 in the stages after it, None (done) in those before it."""
     if state is None:
         return {s: 0 for s in STAGES}
     done = STAGES.index(state["stage"])
-    return {s: None if i < done else state["step"] + 1 if i == done else 0 for i, s in enumerate(STAGES)}
+    return {s: None if i < done else state["step"] + 1 if i == done else 0
+            for i, s in enumerate(STAGES)}
 
 
 def stage_steps(stage, args, num_prompts):
-    explicit, epochs = {"seqkd": (None, args.seqkd_epochs), "warmup": (args.warmup_steps, args.warmup_epochs),
+    explicit, epochs = {"seqkd": (None, args.seqkd_epochs),
+                        "warmup": (args.warmup_steps, args.warmup_epochs),
                         "gad": (args.gad_steps, args.gad_epochs)}[stage]
-    return explicit if explicit is not None else max(1, math.ceil(epochs * num_prompts / args.prompts_per_step))
+    return (explicit if explicit is not None
+            else max(1, math.ceil(epochs * num_prompts / args.prompts_per_step)))
 
 
 def count_bad(m, in_a_row, limit):
-    """Steps in a row whose D or G step was skipped (a non-finite loss or gradient); an error at `limit`."""
+    """Steps in a row whose D or G step was skipped (a non-finite loss or gradient); an error at
+    `limit`."""
     in_a_row = in_a_row + 1 if m.get("d_skipped", 0) + m.get("g_skipped", 0) else 0
     if in_a_row >= limit:
         raise RuntimeError(f"{in_a_row} steps in a row had a non-finite loss or gradient; stopping "
@@ -347,11 +396,12 @@ def count_bad(m, in_a_row, limit):
     return in_a_row
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # export and eval
 
 def save_hf(G, D, tok, folder, dtype):
-    """The final student and discriminator as Hugging Face folders in `dtype` (from_pretrained loads them)."""
+    """The final student and discriminator as Hugging Face folders in `dtype` (from_pretrained loads
+    them)."""
     if common.get_rank() != 0:
         return
     for name, m in (("student", G), ("discriminator", D)):
@@ -360,8 +410,9 @@ def save_hf(G, D, tok, folder, dtype):
 
 
 def evaluate(G, D, tok, val_recs, args, device):
-    """The before / after table on held-out prompts (rank 0 alone loads what it needs), into OUT/eval.json.
-    The same limits as eval.py, so eval.json and `python eval.py` on OUT/student agree."""
+    """The before / after table on held-out prompts (rank 0 alone loads what it needs), into
+    OUT/eval.json. The same limits as eval.py, so eval.json and `python eval.py` on OUT/student
+    agree."""
     teacher = None
     if args.teacher and not args.teacher.startswith("api:"):
         teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval()
@@ -376,7 +427,7 @@ def evaluate(G, D, tok, val_recs, args, device):
         {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
@@ -384,18 +435,21 @@ def main(argv=None):
     tok, G, D = load_models(args, device)
     amp = models.autocast(device, args.dtype)
     eos, pad = sample.stop_ids(tok, G), tok.pad_token_id
-    print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, device {device}, "
-           f"compute {args.dtype}")
+    print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, "
+           f"device {device}, compute {args.dtype}")
 
     records = load_records(args, rank)
     train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
     train, dropped = encode_records(train_recs, tok, args)
-    print0(f"data: {len(train)} train prompts ({dropped} over --max-prompt-len dropped), {len(val_recs)} held out")
+    print0(f"data: {len(train)} train prompts ({dropped} over --max-prompt-len dropped), "
+           f"{len(val_recs)} held out")
 
-    opt_g = common.make_optimizer(G.parameters(), args.seqkd_lr if args.stage == "seqkd" else args.lr,
+    opt_g = common.make_optimizer(G.parameters(),
+                                  args.seqkd_lr if args.stage == "seqkd" else args.lr,
                                   args.weight_decay, args.adam8bit)
     opt_d = common.make_optimizer(D.parameters(), args.d_lr, args.weight_decay, args.adam8bit)
-    state = common.resume(args, G=G, D=D, opt_g=opt_g, opt_d=opt_d)   # stage, step, and the GAD stage's ref
+    # stage, step, and the GAD stage's ref
+    state = common.resume(args, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
     starts = stage_starts(state)
     stages = ["warmup", "gad"] if args.stage == "all" else [args.stage]
 
@@ -414,26 +468,30 @@ def main(argv=None):
                 ref.load_state_dict(state.pop("ref"))
         for step in range(starts[stage], total):
             t0, phases = time.time(), common.Phases(device)
-            batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, stage, rank, world)
+            batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed,
+                                                 stage, rank, world)
             if stage == "seqkd":
                 m, tokens = seqkd_step(G, opt_g, batch, args, amp, pad, device, phases)
             elif stage == "warmup":
-                m, tokens = warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases)
+                m, tokens = warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad,
+                                        device, phases)
             else:
-                m, tokens = gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device,
-                                     phases)
+                m, tokens = gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos,
+                                     pad, device, phases)
             m = common.reduce_metrics(m | phases.stats)
-            m.update(stage=stage, step=step, tokens=common.all_reduce_sum(tokens), s_per_step=time.time() - t0)
+            m.update(stage=stage, step=step, tokens=common.all_reduce_sum(tokens),
+                     s_per_step=time.time() - t0)
             common.log_step(args, stage, step, total, m, LOG_KEYS)
             bad = count_bad(m, bad, args.max_bad_steps)
             steps_done += 1
-            if common.end_step(args, step, total, steps_done, stage=stage, G=G, D=D, opt_g=opt_g, opt_d=opt_d,
-                               ref=ref):
+            if common.end_step(args, step, total, steps_done, stage=stage, G=G, D=D, opt_g=opt_g,
+                               opt_d=opt_d, ref=ref):
                 common.compute_cleanup()
                 return
         ref = None
 
-    # Training is over: its state goes before anything else is loaded (at 1.5B the two AdamW states are 25 GB).
+    # Training is over: its state goes before anything else is loaded (at 1.5B the two AdamW states
+    # are 25 GB).
     opt_g = opt_d = state = None
     if args.stage == "seqkd":
         D = None   # SeqKD trains no D: nothing to export or score with

