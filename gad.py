@@ -348,8 +348,9 @@ def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, de
         m = d_step(D, opt_d, batch, ro, args, amp, pad, device)
     with phases("g_update"):
         g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
-                           clip_eps=args.clip_eps, dual_clip=args.dual_clip, ppo_epochs=args.ppo_epochs,
-                           mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
+                           clip_eps=args.clip_eps, dual_clip=args.dual_clip,
+                           ppo_epochs=args.ppo_epochs, mini_batches=args.mini_batches,
+                           micro_batch_size=args.micro_batch_size,
                            micro_batch_tokens=args.micro_batch_tokens, max_grad_norm=args.grad_clip,
                            temperature=args.temperature,
                            generator=torch.Generator().manual_seed(args.seed * 1000003 + step),

@@ -23,21 +23,22 @@ import losses
 from sample import LOGIT_CHUNK, sequence_logprobs
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # advantages
 
 def grpo_advantages(rewards, group_size, eps=1e-6):
-    """GRPO (Shao et al. 2024, DeepSeekMath) advantage of each sample against the other samples of its prompt:
-    A_i = (r_i - mean_group) / (std_group + eps), std unbiased (n - 1) as in GAD's reference and verl's GRPO.
-    eps = 1e-6 is theirs too; a group with equal rewards gets A = 0 (no signal), not 0/0.
+    """GRPO (Shao et al. 2024, DeepSeekMath) advantage of each sample against the other samples of
+    its prompt: A_i = (r_i - mean_group) / (std_group + eps), std unbiased (n - 1) as in GAD's
+    reference and verl's GRPO. eps = 1e-6 is theirs too; a group with equal rewards gets A = 0 (no
+    signal), not 0/0.
 
-    rewards: [num_prompts * group_size], the samples of one prompt contiguous (sample.generate's row order).
-    group_size 1 returns zeros: with one sample per prompt there is no baseline to compare against (and the
-    unbiased std of one value is NaN), so no sample is pushed up or down.
+    rewards: [num_prompts * group_size], the samples of one prompt contiguous (sample.generate's row
+    order). group_size 1 returns zeros: with one sample per prompt there is no baseline to compare
+    against (and the unbiased std of one value is NaN), so no sample is pushed up or down.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be flat with a multiple of group_size={group_size} entries, "
-                         f"got shape {tuple(rewards.shape)}")
+        raise ValueError(f"rewards must be flat with a multiple of group_size={group_size} "
+                         f"entries, got shape {tuple(rewards.shape)}")
     if group_size == 1:
         return torch.zeros_like(rewards, dtype=torch.float32)
     r = rewards.float().view(-1, group_size)             # [num_prompts, G]
@@ -46,7 +47,7 @@ def grpo_advantages(rewards, group_size, eps=1e-6):
     return ((r - mean) / (std + eps)).view(-1)           # [num_prompts * G]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the PPO update
 
 def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs=None, *,
