@@ -126,6 +126,39 @@ PRESETS = {
 LOSSES = ("distillm2", "skl", "srkl", "jsd", "fkl", "rkl")
 
 
+def add_loss_flags(p):
+    """The objective and its schedules."""
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="distillm2", choices=LOSSES, help="objective")
+    g.add_argument("--alpha0", type=float, default=0.1,
+                   help="skew alpha (DistiLLM: 0.1); curriculum upper bound")
+    g.add_argument("--beta0", type=float, default=0.5,
+                   help="DistiLLM-2 starting beta (SRKL weight)")
+    g.add_argument("--beta-schedule", default=None, choices=["linear", "gradual", "constant"],
+                   help="linear to 1 (ours), gradual (the released code's), "
+                        "constant (default with --released)")
+    g.add_argument("--no-alpha-curriculum", action="store_true", help="keep alpha at alpha0")
+    g.add_argument("--released", action="store_true",
+                   help="as the released code: no alpha curriculum, "
+                        "constant beta, SKL + SRKL")
+    g.add_argument("--jsd-beta", type=float, default=0.5,
+                   help="GKD's beta (0: KL(p||q), 1: KL(q||p))")
+    g.add_argument("--on-policy-fraction", type=float, default=None,
+                   help="baselines: share of steps on fresh "
+                        "samples of the student (GKD lambda)")
+    g.add_argument("--on-policy-temperature", type=float, default=0.9,
+                   help="their temperature (TRL GKD: 0.9)")
+    g.add_argument("--both-responses", action="store_true",
+                   help="baselines: the loss on the teacher's and the "
+                        "epoch's student responses every step, summed")
+    g.add_argument("--reduction", default=None, choices=["token", "sequence"],
+                   help="mean over all response tokens "
+                        "(baselines' default) or per sequence, then over sequences "
+                        "(distillm2, --both-responses)")
+    g.add_argument("--chunk-size", type=int, default=128,
+                   help="positions per chunk of full-vocab logits")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DistiLLM-2 and white-box KD baselines")
     g = p.add_argument_group("models")
@@ -157,35 +190,7 @@ def parse_args(argv=None):
                    help="prompt + response tokens in training (the "
                         "reference's max_length); none: no cap")
     g.add_argument("--val-fraction", type=float, default=None, help="held-out prompts for eval")
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="distillm2", choices=LOSSES, help="objective")
-    g.add_argument("--alpha0", type=float, default=0.1,
-                   help="skew alpha (DistiLLM: 0.1); curriculum upper bound")
-    g.add_argument("--beta0", type=float, default=0.5,
-                   help="DistiLLM-2 starting beta (SRKL weight)")
-    g.add_argument("--beta-schedule", default=None, choices=["linear", "gradual", "constant"],
-                   help="linear to 1 (ours), gradual (the released code's), "
-                        "constant (default with --released)")
-    g.add_argument("--no-alpha-curriculum", action="store_true", help="keep alpha at alpha0")
-    g.add_argument("--released", action="store_true",
-                   help="as the released code: no alpha curriculum, "
-                        "constant beta, SKL + SRKL")
-    g.add_argument("--jsd-beta", type=float, default=0.5,
-                   help="GKD's beta (0: KL(p||q), 1: KL(q||p))")
-    g.add_argument("--on-policy-fraction", type=float, default=None,
-                   help="baselines: share of steps on fresh "
-                        "samples of the student (GKD lambda)")
-    g.add_argument("--on-policy-temperature", type=float, default=0.9,
-                   help="their temperature (TRL GKD: 0.9)")
-    g.add_argument("--both-responses", action="store_true",
-                   help="baselines: the loss on the teacher's and the "
-                        "epoch's student responses every step, summed")
-    g.add_argument("--reduction", default=None, choices=["token", "sequence"],
-                   help="mean over all response tokens "
-                        "(baselines' default) or per sequence, then over sequences "
-                        "(distillm2, --both-responses)")
-    g.add_argument("--chunk-size", type=int, default=128,
-                   help="positions per chunk of full-vocab logits")
+    add_loss_flags(p)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None,
                    help="epochs; responses are regenerated every epoch")

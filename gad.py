@@ -85,6 +85,40 @@ PRESETS = {
 DEFAULT_STUDENT = "smollm2-135m"
 
 
+def add_gad_flags(p):
+    """The GAD step: rollouts, PPO, the discriminator."""
+    g = p.add_argument_group("GAD")
+    g.add_argument("--samples-per-prompt", type=int, default=None,
+                   help="rollouts per prompt, the GRPO group (reference: 8)")
+    g.add_argument("--prompts-per-step", type=int, default=None,
+                   help="global prompts per step (ref: 256)")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
+    g.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="padded tokens per forward/backward (reference: 12288 per GPU)")
+    g.add_argument("--chunk-size", type=int, default=128,
+                   help="positions per chunk of full-vocabulary logits")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length")
+    g.add_argument("--temperature", type=float, default=None, help="rollout temperature (ref: 0.8)")
+    g.add_argument("--top-p", type=float, default=None, help="rollout top-p (ref: 1.0)")
+    g.add_argument("--lr", type=float, default=None, help="G learning rate (ref: 1e-6, constant)")
+    g.add_argument("--d-lr", type=float, default=None, help="D learning rate (ref: 1e-6, constant)")
+    g.add_argument("--seqkd-lr", type=float, default=None, help="SeqKD learning rate (ref: 5e-6)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (ref: 0.01)")
+    g.add_argument("--grad-clip", type=float, default=None, help="max grad norm (ref: 0.2)")
+    g.add_argument("--clip-eps", type=float, default=None, help="PPO clip (ref: 0.2)")
+    g.add_argument("--dual-clip", type=float, default=None, help="dual-clip c for A<0 (ref: 3)")
+    g.add_argument("--kl-coef", type=float, default=None,
+                   help="k3 KL(pi||ref) loss coefficient (ref: 0.001)")
+    g.add_argument("--ppo-epochs", type=int, default=1,
+                   help="passes over each rollout batch (ref: 1)")
+    g.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per pass (ref: 1)")
+    g.add_argument("--freeze-g-steps", type=int, default=None,
+                   help="warmup: D learns alone first (ref: 10)")
+    g.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many non-finite steps in a row")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GAD: generative adversarial distillation (black-box)")
     g = p.add_argument_group("models")
@@ -126,36 +160,7 @@ def parse_args(argv=None):
                    help="GAD length (reference: ~2 epochs)")
     g.add_argument("--seqkd-epochs", type=float, default=None,
                    help="SeqKD baseline epochs (reference: 3)")
-    g = p.add_argument_group("GAD")
-    g.add_argument("--samples-per-prompt", type=int, default=None,
-                   help="rollouts per prompt, the GRPO group (reference: 8)")
-    g.add_argument("--prompts-per-step", type=int, default=None,
-                   help="global prompts per step (ref: 256)")
-    g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
-    g.add_argument("--micro-batch-tokens", type=int, default=None,
-                   help="padded tokens per forward/backward (reference: 12288 per GPU)")
-    g.add_argument("--chunk-size", type=int, default=128,
-                   help="positions per chunk of full-vocabulary logits")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length")
-    g.add_argument("--temperature", type=float, default=None, help="rollout temperature (ref: 0.8)")
-    g.add_argument("--top-p", type=float, default=None, help="rollout top-p (ref: 1.0)")
-    g.add_argument("--lr", type=float, default=None, help="G learning rate (ref: 1e-6, constant)")
-    g.add_argument("--d-lr", type=float, default=None, help="D learning rate (ref: 1e-6, constant)")
-    g.add_argument("--seqkd-lr", type=float, default=None, help="SeqKD learning rate (ref: 5e-6)")
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help="AdamW weight decay (ref: 0.01)")
-    g.add_argument("--grad-clip", type=float, default=None, help="max grad norm (ref: 0.2)")
-    g.add_argument("--clip-eps", type=float, default=None, help="PPO clip (ref: 0.2)")
-    g.add_argument("--dual-clip", type=float, default=None, help="dual-clip c for A<0 (ref: 3)")
-    g.add_argument("--kl-coef", type=float, default=None,
-                   help="k3 KL(pi||ref) loss coefficient (ref: 0.001)")
-    g.add_argument("--ppo-epochs", type=int, default=1,
-                   help="passes over each rollout batch (ref: 1)")
-    g.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per pass (ref: 1)")
-    g.add_argument("--freeze-g-steps", type=int, default=None,
-                   help="warmup: D learns alone first (ref: 10)")
-    g.add_argument("--max-bad-steps", type=int, default=5,
-                   help="stop after this many non-finite steps in a row")
+    add_gad_flags(p)
     g = p.add_argument_group("eval")
     g.add_argument("--eval-prompts", type=int, default=None,
                    help="held-out prompts in the before/after table")
