@@ -534,9 +534,7 @@ def main(argv=None):
             return
 
     opt = adv_opt = sched = sides = None  # training state goes before the evaluation loads anything
-    eval_lib.white_box_final(student, dict(name=args.student, dtype=args.dtype, device=device,
-                                           seed=args.seed, layers=args.student_layers),
-                             teacher, tok, val, val_recs, pad, args, device, args.max_new_tokens)
+    eval_lib.white_box_final(student, teacher, tok, val, val_recs, pad, args, device)
     common.compute_cleanup()
 
 

@@ -581,9 +581,7 @@ def main(argv=None):
     if lora is not None:
         # a plain HF model: adapters folded into their base weights
         student = lora.merge_and_unload()
-    eval_lib.white_box_final(student, dict(name=args.student, dtype=args.dtype, device=device,
-                                           seed=args.seed, layers=args.student_layers),
-                             teacher, tok, val, val_recs, pad, args, device, args.max_new_tokens)
+    eval_lib.white_box_final(student, teacher, tok, val, val_recs, pad, args, device)
     common.compute_cleanup()
 
 

@@ -177,20 +177,20 @@ def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_pa
     return summary
 
 
-def white_box_final(student, fresh_args, teacher, tok, val, val_records, pad, args, device,
-                    max_new_tokens):
+def white_box_final(student, teacher, tok, val, val_records, pad, args, device):
     """The end of a white-box trainer, on rank 0 only (the others load nothing for it): the student
     exported to OUT/student in --dtype, and, with held-out prompts, white_box_report against the
-    initial student (loaded again as the run started it: `fresh_args` are load_model's arguments)
-    into OUT/eval.json."""
+    initial student (loaded again from --student and --student-layers, as the run started it) into
+    OUT/eval.json, sampling --max-new-tokens."""
     if common.get_rank() != 0:
         return
     models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
     if val:
-        fresh = models.load_model(**fresh_args).eval()
+        fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
+                                  layers=args.student_layers).eval()
         white_box_report(student, fresh, teacher, tok, val, val_records, pad,
                          os.path.join(args.out, "eval.json"),
-                         max_new_tokens=max_new_tokens, max_prompt_len=args.max_prompt_len,
+                         max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
                          chunk_size=args.chunk_size)
 
 
