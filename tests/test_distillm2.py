@@ -1,4 +1,5 @@
-"""DistiLLM-2 trainer: schedules against their formulas, per-epoch regeneration, vocab mismatch, learning, DDP."""
+"""DistiLLM-2 trainer: schedules against their formulas, per-epoch regeneration, vocab mismatch,
+learning, DDP."""
 
 import contextlib
 import copy
@@ -14,7 +15,8 @@ import models
 import sample
 from scripts import metrics, run_script, student_weights
 
-TINY = ["--student", "tiny", "--limit", "40", "--epochs", "2", "--eval-prompts", "4"]  # 36 train: 4 steps/epoch
+# 36 train: 4 steps/epoch
+TINY = ["--student", "tiny", "--limit", "40", "--epochs", "2", "--eval-prompts", "4"]
 
 
 def run(args, torchrun=False):
@@ -25,36 +27,41 @@ def test_schedules_follow_their_formulas():
     assert distillm2.beta_at(0, 10, 0.5) == 0.5
     betas = [distillm2.beta_at(s, 10, 0.5) for s in range(10)]
     assert all(b2 > b1 for b1, b2 in zip(betas, betas[1:])) and betas[-1] < 1.0
-    # the released code's schedule (DistiLLMTrainer.kd_loss): (2 - b) SKL + b SRKL, b = 1 + 0.5 min(1, 2 s / max)
+    # the released code's schedule (DistiLLMTrainer.kd_loss): (2 - b) SKL + b SRKL,
+    # b = 1 + 0.5 min(1, 2 s / max)
     for s_ in range(11):
         b = 1.0 + 0.5 * min(1.0, 2 * s_ / 10)
         beta = distillm2.beta_at(s_, 10, 0.5, "gradual")
-        assert (2 - 2 * beta, 2 * beta) == pytest.approx((2 - b, b))     # the --released scale: 2 (1 - beta), 2 beta
+        # the --released scale: 2 (1 - beta), 2 beta
+        assert (2 - 2 * beta, 2 * beta) == pytest.approx((2 - b, b))
     assert {distillm2.beta_at(s_, 10, 0.5, "constant") for s_ in range(10)} == {0.5}
     gap = torch.tensor([0.2, 0.05, -0.1, 1.0, 0.1])
     m = gap.mean().item()
     want = [min(max(1 - 0.9 * m / (g + 1e-5), 0.01), 0.1) for g in gap.tolist()]
     torch.testing.assert_close(distillm2.alpha_curriculum(gap, 0.1), torch.tensor(want))
     a = distillm2.alpha_curriculum(gap, 0.1)
-    assert a[2] == 0.1 and a[1] == 0.01  # negative gap -> alpha0; a gap well below the mean -> the floor
+    # negative gap -> alpha0; a gap well below the mean -> the floor
+    assert a[2] == 0.1 and a[1] == 0.01
 
 
 def test_lr_warmup_and_cosine_equal_transformers_schedule():
-    """The reference's lr_scheduler_type cosine with warmup_ratio 0.1 is transformers' schedule, step for step."""
+    """The reference's lr_scheduler_type cosine with warmup_ratio 0.1 is transformers' schedule,
+    step for step."""
     from transformers import get_cosine_schedule_with_warmup
     for total, ratio in ((50, 0.1), (7, 0.1), (12, 0.0)):
         warmup = math.ceil(ratio * total)
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         hf = get_cosine_schedule_with_warmup(opt, warmup, total)
         for step in range(total):
-            assert distillm2.lr_factor(step, total, warmup) == pytest.approx(hf.get_last_lr()[0], abs=1e-12)
+            assert distillm2.lr_factor(step, total, warmup) == pytest.approx(hf.get_last_lr()[0],
+                                                                             abs=1e-12)
             opt.step()
             hf.step()
 
 
 def reference_truncation(prompt, chosen, rejected, max_len, max_prompt_len):
-    """DistiLLMTrainer.tokenize_row (jongwooko/distillm-2), its two steps: keep the prompt's end, then cut both
-    responses, each only while the prompt and the longer response exceed max_len."""
+    """DistiLLMTrainer.tokenize_row (jongwooko/distillm-2), its two steps: keep the prompt's end,
+    then cut both responses, each only while the prompt and the longer response exceed max_len."""
     longer = max(len(chosen), len(rejected))
     if len(prompt) + longer > max_len:
         prompt = prompt[-max_prompt_len:]
@@ -63,10 +70,12 @@ def reference_truncation(prompt, chosen, rejected, max_len, max_prompt_len):
     return chosen, rejected
 
 
-@pytest.mark.parametrize("lengths", [(100, 300, 200), (500, 600, 10), (300, 900, 700), (512, 512, 511), (1, 1023, 5)])
+@pytest.mark.parametrize("lengths", [(100, 300, 200), (500, 600, 10), (300, 900, 700),
+                                     (512, 512, 511), (1, 1023, 5)])
 def test_responses_are_cut_by_the_reference_rule(lengths):
     p, c, r = ([1] * n for n in lengths)
-    assert distillm2.fit_length(p, [c, r], 1024, 512) == list(reference_truncation(p, c, r, 1024, 512))
+    assert (distillm2.fit_length(p, [c, r], 1024, 512)
+            == list(reference_truncation(p, c, r, 1024, 512)))
     assert distillm2.fit_length(p, [c, r], None, 512) == [c, r]
 
 
@@ -83,7 +92,8 @@ def test_alpha_per_sample_and_beta_are_logged_and_follow_the_schedules(tmp_path)
             for gap_key, alpha_key in (("gap_skl", "alpha_skl"), ("gap_srkl", "alpha_srkl")):
                 want = distillm2.alpha_curriculum(torch.tensor(m[gap_key]), 0.1)
                 torch.testing.assert_close(torch.tensor(m[alpha_key]), want)
-    assert any(a < 0.1 for m in log if m["epoch"] == 1 for a in m["alpha_skl"]), "the curriculum never acted"
+    assert any(a < 0.1 for m in log if m["epoch"] == 1
+               for a in m["alpha_skl"]), "the curriculum never acted"
     run(TINY + ["--released", "--out", str(tmp_path / "r")])
     released = metrics(tmp_path / "r")
     assert {m["beta"] for m in released} == {0.5}
@@ -96,8 +106,10 @@ def test_epoch_2_trains_on_samples_of_the_epoch_2_student(tmp_path):
     out = tmp_path / "e"
     run(TINY + ["--out", str(out), "--save-every", "1", "--stop-after", "4"])  # the end of epoch 1
     end_of_epoch_1 = torch.load(out / "ckpt.pt", weights_only=False)
-    run(TINY + ["--out", str(out), "--save-every", "1", "--resume", "--stop-after", "1"])  # first step of epoch 2
-    rows_1, rows_2 = (torch.load(out / "epoch_rows" / f"epoch{e}.rank0.pt") for e in (0, 1))  # what each used
+    run(TINY + ["--out", str(out), "--save-every", "1", "--resume",
+                "--stop-after", "1"])  # first step of epoch 2
+    rows_1, rows_2 = (torch.load(out / "epoch_rows" / f"epoch{e}.rank0.pt")
+                      for e in (0, 1))  # what each used
     tok = models.load_tokenizer("tiny")
     student = models.tiny_model(seed=0)
     ids = list(rows_2)
@@ -106,16 +118,16 @@ def test_epoch_2_trains_on_samples_of_the_epoch_2_student(tmp_path):
 
     def regenerate(weights):
         student.load_state_dict(weights)
-        ro = sample.generate(student.eval(), [prompts[i] for i in ids], n=1, max_new_tokens=16, temperature=0.8,
-                             top_p=0.95, eos_ids=sample.stop_ids(tok), pad_id=tok.pad_token_id, seed=0,
-                             prompt_keys=[f"s1|{i}" for i in ids])
+        ro = sample.generate(student.eval(), [prompts[i] for i in ids], n=1, max_new_tokens=16,
+                             temperature=0.8, top_p=0.95, eos_ids=sample.stop_ids(tok),
+                             pad_id=tok.pad_token_id, seed=0, prompt_keys=[f"s1|{i}" for i in ids])
         return [r[m.bool()].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]
 
     used = [rows_2[i]["y_s"] for i in ids]
-    assert used == regenerate(end_of_epoch_1["student"])          # the student as it was when epoch 2 began
+    assert used == regenerate(end_of_epoch_1["student"])  # the student as it was when epoch 2 began
     initial = models.tiny_model(seed=0).state_dict()
-    assert used != regenerate(initial)                           # not the epoch-1 (initial) student's samples
-    both = [i for i in ids if i in rows_1]                       # prompts trained on in both epochs
+    assert used != regenerate(initial)      # not the epoch-1 (initial) student's samples
+    both = [i for i in ids if i in rows_1]  # prompts trained on in both epochs
     assert len(both) > 10
     assert [rows_2[i]["y_s"] for i in both] != [rows_1[i]["y_s"] for i in both]
 
@@ -127,13 +139,15 @@ def test_teacher_with_a_larger_vocabulary(tmp_path):
         m.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     out = tmp_path / "v"
-    run(["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--data", "tiny",
-         "--limit", "24", "--epochs", "1", "--prompts-per-step", "8", "--micro-batch-size", "8", "--lr", "3e-3",
-         "--max-new-tokens", "12", "--max-prompt-len", "64", "--dtype", "float32", "--eval-prompts", "4",
+    run(["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+         "--data", "tiny", "--limit", "24", "--epochs", "1", "--prompts-per-step", "8",
+         "--micro-batch-size", "8", "--lr", "3e-3", "--max-new-tokens", "12",
+         "--max-prompt-len", "64", "--dtype", "float32", "--eval-prompts", "4",
          "--gen-batch-size", "16", "--save-every", "1", "--out", str(out)])
     rows = torch.load(out / "epoch_rows" / "epoch0.rank0.pt")
     teacher_tokens = [t for r in rows.values() for t in r["y_t"]]
-    assert teacher_tokens and max(teacher_tokens) < 1000  # the teacher never samples ids the student lacks
+    # the teacher never samples ids the student lacks
+    assert teacher_tokens and max(teacher_tokens) < 1000
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(out))
     table = json.loads((out / "eval.json").read_text())
     assert table["after"]["heldout_fkl"] < table["before"]["heldout_fkl"]
@@ -150,9 +164,9 @@ def test_each_loss_lowers_the_held_out_divergence(tmp_path, loss):
 
 
 def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path):
-    """Two gloo ranks equal one process; two ranks stopped in the middle of epoch 2 and resumed equal the
-    uninterrupted two-rank run (fault 7 of issue 9: rank 0's checkpoint held only its own epoch rows, and every
-    other rank raised KeyError on resume)."""
+    """Two gloo ranks equal one process; two ranks stopped in the middle of epoch 2 and resumed
+    equal the uninterrupted two-rank run (fault 7 of issue 9: rank 0's checkpoint held only its own
+    epoch rows, and every other rank raised KeyError on resume)."""
     run(TINY + ["--out", str(tmp_path / "one")])
     run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -164,7 +178,8 @@ def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
     cut = tmp_path / "cut"
-    run(TINY + ["--out", str(cut), "--save-every", "1", "--stop-after", "6"], torchrun=True)   # mid epoch 2
+    run(TINY + ["--out", str(cut), "--save-every", "1", "--stop-after", "6"],
+        torchrun=True)   # mid epoch 2
     run(TINY + ["--out", str(cut), "--save-every", "1", "--resume"], torchrun=True)
     wc = student_weights(cut)
     for k in wb:   # tolerance 0: the same ops in the same order, every rank's epoch rows read back
@@ -174,17 +189,22 @@ def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     run(TINY + ["--out", str(tmp_path / "full")])
-    # an earlier run in the same folder, with more ranks, left its epoch-2 responses: a fresh run must not read them
+    # an earlier run in the same folder, with more ranks, left its epoch-2 responses: a fresh run
+    # must not read them
     (tmp_path / "cut" / "epoch_rows").mkdir(parents=True)
     torch.save({f"tiny-{i}": {"y_t": [5], "y_s": [6]} for i in range(40)},
                tmp_path / "cut" / "epoch_rows" / "epoch1.rank1.pt")
-    run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--stop-after", "6"])  # mid epoch 2
+    run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1",
+                "--stop-after", "6"])  # mid epoch 2
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
     a = student_weights(tmp_path / "full")
     b = student_weights(tmp_path / "cut")
-    for k in a:  # tolerance 0: same ops in the same order on CPU, the epoch's responses restored from the checkpoint
+    # tolerance 0: same ops in the same order on CPU, the epoch's responses restored from the
+    # checkpoint
+    for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [m["loss"] for m in metrics(tmp_path / "full")] == [m["loss"] for m in metrics(tmp_path / "cut")]
+    assert ([m["loss"] for m in metrics(tmp_path / "full")]
+            == [m["loss"] for m in metrics(tmp_path / "cut")])
 
 
 def test_lora_trains_only_adapters_and_exports_a_plain_model(tmp_path):
@@ -198,7 +218,8 @@ def test_lora_trains_only_adapters_and_exports_a_plain_model(tmp_path):
     for k, v in start.items():  # the base weights never move: only the adapters train
         assert torch.equal(base[k], v), k
     from transformers import AutoModelForCausalLM
-    merged = AutoModelForCausalLM.from_pretrained(out / "student")  # exported with the adapters merged in
+    # exported with the adapters merged in
+    merged = AutoModelForCausalLM.from_pretrained(out / "student")
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
                            start["model.layers.0.self_attn.q_proj.weight"])
     table = json.loads((out / "eval.json").read_text())
@@ -206,14 +227,16 @@ def test_lora_trains_only_adapters_and_exports_a_plain_model(tmp_path):
 
 
 def test_on_policy_steps_train_on_samples_of_that_steps_student(tmp_path, monkeypatch):
-    """GKD (TRL GKDTrainer.training_step): an on-policy step samples the student as it is at that step, at
-    temperature 0.9 without top-p; no sample is drawn ahead (an epoch-old sample would be off-policy)."""
+    """GKD (TRL GKDTrainer.training_step): an on-policy step samples the student as it is at that
+    step, at temperature 0.9 without top-p; no sample is drawn ahead (an epoch-old sample would be
+    off-policy)."""
     generate, clip_and_step = sample.generate, distillm2.common.clip_and_step
     calls, after_update = [], []
 
     def recording_generate(model, *a, **kw):
         out = generate(model, *a, **kw)
-        calls.append((kw["prompt_keys"][0].split("|")[0], copy.deepcopy(model.state_dict()), a, kw, out))
+        calls.append((kw["prompt_keys"][0].split("|")[0], copy.deepcopy(model.state_dict()),
+                      a, kw, out))
         return out
 
     def recording_step(params, *a, **kw):
@@ -223,41 +246,47 @@ def test_on_policy_steps_train_on_samples_of_that_steps_student(tmp_path, monkey
 
     student_box = []
     load_model = distillm2.models.load_model
-    monkeypatch.setattr(distillm2.models, "load_model", lambda name, **kw: (m := load_model(name, **kw),
-                                                                            student_box.append(m))[0])
+    monkeypatch.setattr(distillm2.models, "load_model",
+                        lambda name, **kw: (m := load_model(name, **kw),
+                                            student_box.append(m))[0])
     monkeypatch.setattr(sample, "generate", recording_generate)
     monkeypatch.setattr(distillm2.common, "clip_and_step", recording_step)
     with contextlib.redirect_stdout(io.StringIO()):
-        distillm2.main(TINY + ["--loss", "rkl", "--on-policy-fraction", "1", "--lr", "3e-2", "--epochs", "1",
-                               "--stop-after", "3", "--out", str(tmp_path / "p")])
+        distillm2.main(TINY + ["--loss", "rkl", "--on-policy-fraction", "1", "--lr", "3e-2",
+                               "--epochs", "1", "--stop-after", "3", "--out", str(tmp_path / "p")])
     tags = [c[0] for c in calls]
-    assert tags == ["val", "t0", "p0", "p1", "p2"]                 # fresh samples at each step, none per epoch
+    assert tags == ["val", "t0", "p0", "p1", "p2"]  # fresh samples at each step, none per epoch
     initial = models.tiny_model(seed=0).state_dict()
     replay = models.tiny_model(seed=0)
     for step, (tag, weights, a, kw, out) in enumerate(calls[2:]):
         assert kw["temperature"] == 0.9 and kw["top_p"] == 1.0
-        expected = initial if step == 0 else after_update[step - 1]   # the student after the previous update
+        # the student after the previous update
+        expected = initial if step == 0 else after_update[step - 1]
         for k in expected:
             assert torch.equal(weights[k], expected[k]), (step, k)
         replay.load_state_dict(expected)
         assert torch.equal(generate(replay.eval(), *a, **kw).response_ids, out.response_ids)
-        if step > 0:   # the initial student, with the same noise, samples something else: the weights decided
+        # the initial student, with the same noise, samples something else: the weights decided
+        if step > 0:
             replay.load_state_dict(initial)
             assert not torch.equal(generate(replay.eval(), *a, **kw).response_ids, out.response_ids)
 
 
 def test_srkl_baseline_is_distillm_v1_token_mean_without_stop_gradient():
-    """--loss srkl: DistiLLM's skewed_reverse_kl (jongwooko/distillm, losses.py), brute force in float64 from
-    full logits: KL(q || (1 - a) p + a q), q NOT detached, one mean over every response token of the batch."""
+    """--loss srkl: DistiLLM's skewed_reverse_kl (jongwooko/distillm, losses.py), brute force in
+    float64 from full logits: KL(q || (1 - a) p + a q), q NOT detached, one mean over every response
+    token of the batch."""
     args = distillm2.parse_args(["--student", "tiny", "--loss", "srkl"])
     student, teacher = models.tiny_model(seed=0), models.tiny_model(seed=3)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (5, 9, 3)]
-    responses = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (7, 2, 11)]  # unequal: a token mean
+    responses = [torch.randint(3, 250, (n,), generator=g).tolist()
+                 for n in (7, 2, 11)]  # unequal: a token mean
     ro = sample.pack(prompts, responses, pad_id=0)
     fn, kw = distillm2.baseline_loss(args)
     n_tokens = ro.response_mask.sum().item()
-    loss, _ = distillm2.divergence(fn, student, teacher, ro, distillm2.token_weights(ro, args.reduction, 3, n_tokens),
+    loss, _ = distillm2.divergence(fn, student, teacher, ro,
+                                   distillm2.token_weights(ro, args.reduction, 3, n_tokens),
                                    chunk_size=4, **kw)
     loss.backward()
     got = {k: p.grad.clone() for k, p in student.named_parameters()}
@@ -274,32 +303,37 @@ def test_srkl_baseline_is_distillm_v1_token_mean_without_stop_gradient():
     assert args.reduction == "token"
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     for k, p in student.named_parameters():
-        torch.testing.assert_close(got[k].double(), p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(got[k].double(), p.grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_both_responses_is_the_distillm2_repositorys_gkd(tmp_path):
-    """--loss jsd --jsd-beta 0.9 --both-responses: the DistiLLM-2 repository's GKD baseline (distillm_trainer.py,
-    loss_type gkd): 0.9 KL(p || m) + 0.1 KL(q || m), m = 0.9 p + 0.1 q, each sequence's token mean, on the teacher's
-    and the epoch's student responses, the two summed and averaged over the batch. Checked on the first step."""
+    """--loss jsd --jsd-beta 0.9 --both-responses: the DistiLLM-2 repository's GKD baseline
+    (distillm_trainer.py, loss_type gkd): 0.9 KL(p || m) + 0.1 KL(q || m), m = 0.9 p + 0.1 q, each
+    sequence's token mean, on the teacher's and the epoch's student responses, the two summed and
+    averaged over the batch. Checked on the first step."""
     out = tmp_path / "g"
     with contextlib.redirect_stdout(io.StringIO()):
-        distillm2.main(TINY + ["--loss", "jsd", "--jsd-beta", "0.9", "--both-responses", "--stop-after", "1",
-                               "--out", str(out)])
+        distillm2.main(TINY + ["--loss", "jsd", "--jsd-beta", "0.9", "--both-responses",
+                               "--stop-after", "1", "--out", str(out)])
     logged = metrics(out)[0]["loss"]
     tok = models.load_tokenizer("tiny")
     train, _, _, _ = distillm2.data_lib.white_box_prompts(tok, "tiny", limit=40, val_fraction=0.1,
-                                                          max_prompt_len=64, eval_prompts=4, seed=0, per_step=8)
+                                                          max_prompt_len=64, eval_prompts=4, seed=0,
+                                                          per_step=8)
     batch, _ = distillm2.data_lib.batch_at_step(train, 0, 8, 0, "d2", 0, 1)
     rows = torch.load(out / "epoch_rows" / "epoch0.rank0.pt")
     student = models.tiny_model(seed=0).double()
     teacher = models.load_model("tiny-teacher").double()
     total = 0.0
     for key in ("y_t", "y_s"):
-        ro = sample.pack([r["prompt"] for r in batch], [rows[r["id"]][key] for r in batch], tok.pad_token_id)
-        q, p = (head(h).softmax(-1) for h, head in (sample.response_hidden(m, ro) for m in (student, teacher)))
+        ro = sample.pack([r["prompt"] for r in batch], [rows[r["id"]][key] for r in batch],
+                         tok.pad_token_id)
+        q, p = (head(h).softmax(-1)
+                for h, head in (sample.response_hidden(m, ro) for m in (student, teacher)))
         m = 0.9 * p + 0.1 * q
         per_token = 0.9 * (p * (p / m).log()).sum(-1) + 0.1 * (q * (q / m).log()).sum(-1)
         mask = ro.response_mask.double()
         total += ((per_token * mask).sum(-1) / mask.sum(-1)).mean().item()
-    assert all(rows[r["id"]]["y_s"] for r in batch)                  # the student's responses were drawn
+    assert all(rows[r["id"]]["y_s"] for r in batch)  # the student's responses were drawn
     assert logged == pytest.approx(total, rel=1e-5)

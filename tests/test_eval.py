@@ -1,5 +1,6 @@
-"""eval.py: the text metrics against brute force, the NLLs and discriminator metrics against independent unbatched
-forward passes on a tiny model, and the CLI as a subprocess on tiny checkpoints saved to disk."""
+"""eval.py: the text metrics against brute force, the NLLs and discriminator metrics against
+independent unbatched forward passes on a tiny model, and the CLI as a subprocess on tiny
+checkpoints saved to disk."""
 
 import itertools
 import json
@@ -23,19 +24,21 @@ PAD = 256
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP threads spinning on a busy machine make each
-    matmul milliseconds instead of microseconds. Restored afterwards for the other test files."""
+    """Tiny models gain nothing from intra-op threads, and OpenMP threads spinning on a busy machine
+    make each matmul milliseconds instead of microseconds. Restored afterwards for the other test
+    files."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # text metrics
 
 def brute_lcs(a, b):
-    """The longest subsequence of the shorter list that is also a subsequence of the other, by trying them all."""
+    """The longest subsequence of the shorter list that is also a subsequence of the other, by
+    trying them all."""
     if len(a) > len(b):
         a, b = b, a
 
@@ -68,8 +71,10 @@ def test_rouge_l_hand_worked():
 
 def test_rouge_l_tokenizer_as_rouge_score():
     assert ev.rouge_l("The cat!", "the CAT") == 1.0
-    assert ev.words("Don't stop -- it's 3.14, OK?") == ["don", "t", "stop", "it", "s", "3", "14", "ok"]
-    assert ev.words("café naïve") == ["caf", "na", "ve"]  # non-ASCII letters are separators, as in rouge-score
+    assert ev.words("Don't stop -- it's 3.14, OK?") == [
+        "don", "t", "stop", "it", "s", "3", "14", "ok"]
+    # non-ASCII letters are separators, as in rouge-score
+    assert ev.words("café naïve") == ["caf", "na", "ve"]
     assert ev.rouge_l("日本語", "日本語") == 0.0  # no [a-z0-9] tokens at all
     for empty in ["", "   ", "!!! ..."]:
         assert ev.rouge_l(empty, "the cat") == 0.0
@@ -119,11 +124,13 @@ def test_format_table():
     lines = ev.format_table(rows).splitlines()
     assert lines[0] == "| metric | before | after |"
     assert lines[1] == "|---|---:|---:|"
-    assert lines[2:] == ["| rouge_l | 0.1235 | 0.5000 |", "| num_prompts | 3 | 3 |", "| teacher_nll | - | 2.0000 |"]
-    assert ev.format_table(rows, keys=["teacher_nll"]).splitlines()[2:] == ["| teacher_nll | - | 2.0000 |"]
+    assert lines[2:] == ["| rouge_l | 0.1235 | 0.5000 |", "| num_prompts | 3 | 3 |",
+                         "| teacher_nll | - | 2.0000 |"]
+    assert ev.format_table(rows, keys=["teacher_nll"]).splitlines()[2:] == [
+        "| teacher_nll | - | 2.0000 |"]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # model metrics on a tiny model
 
 @pytest.fixture(scope="module")
@@ -133,23 +140,27 @@ def tiny():
     records = [
         {"id": "a", "messages": [{"role": "user", "content": "hi"}], "teacher_response": "ok"},
         {"id": "b", "messages": [{"role": "system", "content": "be brief"},
-                                 {"role": "user", "content": "a longer prompt, so batches need left padding"}],
+                                 {"role": "user",
+                                  "content": "a longer prompt, so batches need left padding"}],
          "teacher_response": "a long teacher answer that is longer than any sample"},
-        {"id": "c", "messages": [{"role": "user", "content": "no reference"}], "teacher_response": None},
+        {"id": "c", "messages": [{"role": "user", "content": "no reference"}],
+         "teacher_response": None},
         {"id": "d", "messages": [{"role": "user", "content": "third"}], "teacher_response": "yes"},
     ]
     return model, tok, records
 
 
 def unbatched_nll_sum(model, prompt, response):
-    """-sum log p(response | prompt) from one unpadded forward pass: no padding, no position ids, no batching."""
+    """-sum log p(response | prompt) from one unpadded forward pass: no padding, no position ids, no
+    batching."""
     ids = torch.tensor([prompt + response])
     logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()  # [T, V]
     return -torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).sum().item()
 
 
 def greedy_unbatched(model, tok, prompt, max_new_tokens):
-    """HF generate on one unpadded prompt, cut after the first stop token (kept, as the response mask keeps it)."""
+    """HF generate on one unpadded prompt, cut after the first stop token (kept, as the response
+    mask keeps it)."""
     stops = sample.stop_ids(tok)
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=stops, pad_token_id=PAD)[0, len(prompt):].tolist()
@@ -161,8 +172,10 @@ def greedy_unbatched(model, tok, prompt, max_new_tokens):
 
 def test_response_nll_equals_unbatched(tiny):
     model, tok, _ = tiny
-    prompts = [tok.encode(s, add_special_tokens=False) for s in ["x", "a much longer prompt here", "mid size", "q"]]
-    responses = [tok.encode(s, add_special_tokens=False) for s in ["short", "a somewhat longer response", "", "r"]]
+    prompts = [tok.encode(s, add_special_tokens=False)
+               for s in ["x", "a much longer prompt here", "mid size", "q"]]
+    responses = [tok.encode(s, add_special_tokens=False)
+                 for s in ["short", "a somewhat longer response", "", "r"]]
     responses[0].append(258)  # an end-of-turn token inside the scored tokens
     total = sum(unbatched_nll_sum(model, p, r) for p, r in zip(prompts, responses) if r)
     count = sum(len(r) for r in responses)
@@ -175,27 +188,33 @@ def test_response_nll_equals_unbatched(tiny):
 
 def test_evaluate_teacher_nll_and_samples(tiny):
     model, tok, records = tiny
-    teacher = models.tiny_model(seed=0).eval()  # the same weights: teacher_nll is the student's NLL of its samples
+    # the same weights: teacher_nll is the student's NLL of its samples
+    teacher = models.tiny_model(seed=0).eval()
     m = ev.evaluate(model, tok, records, teacher=teacher, max_new_tokens=12, batch_size=3)
     prompts = [data_lib.encode_prompt(tok, r["messages"]) for r in records]
     greedy = [greedy_unbatched(model, tok, p, 12) for p in prompts]
     assert m["samples"] == [tok.decode(g, skip_special_tokens=True) for g in greedy]
     assert m["length"] == pytest.approx(sum(map(len, greedy)) / len(greedy))
-    want = sum(unbatched_nll_sum(model, p, g) for p, g in zip(prompts, greedy)) / sum(map(len, greedy))
+    want = (sum(unbatched_nll_sum(model, p, g) for p, g in zip(prompts, greedy))
+            / sum(map(len, greedy)))
     assert m["teacher_nll"] == pytest.approx(want, rel=1e-5)
 
     refs = [(p, r["teacher_response"]) for p, r in zip(prompts, records) if r["teacher_response"]]
     ref_ids = [data_lib.encode_response(tok, text)[0] for _, text in refs]
     assert all(ids[-1] == data_lib.end_of_turn_id(tok) for ids in ref_ids)
-    want = sum(unbatched_nll_sum(model, p, r) for (p, _), r in zip(refs, ref_ids)) / sum(map(len, ref_ids))
+    want = (sum(unbatched_nll_sum(model, p, r) for (p, _), r in zip(refs, ref_ids))
+            / sum(map(len, ref_ids)))
     assert m["student_nll"] == pytest.approx(want, rel=1e-5)
-    want = [ev.rouge_l(s, r["teacher_response"]) for s, r in zip(m["samples"], records) if r["teacher_response"]]
+    want = [ev.rouge_l(s, r["teacher_response"])
+            for s, r in zip(m["samples"], records) if r["teacher_response"]]
     assert m["rouge_l"] == pytest.approx(sum(want) / len(want))
     assert m["num_prompts"] == 4 and "disc_score" not in m
 
-    assert ev.evaluate(model, tok, records, teacher=teacher, max_new_tokens=12, batch_size=3) == m  # deterministic
+    # deterministic
+    assert ev.evaluate(model, tok, records, teacher=teacher, max_new_tokens=12, batch_size=3) == m
     other = ev.evaluate(model, tok, records, teacher=teacher, max_new_tokens=12, batch_size=2)
-    assert other["samples"] == m["samples"]  # another batching: the same samples, the NLLs up to float noise
+    # another batching: the same samples, the NLLs up to float noise
+    assert other["samples"] == m["samples"]
     assert other["teacher_nll"] == pytest.approx(m["teacher_nll"], rel=1e-5)
 
 
@@ -204,10 +223,12 @@ def test_evaluate_discriminator_metrics(tiny):
     calls = []
 
     def length_score(prompt_ids, prompt_mask, response_ids, response_mask):
-        # the layout generate() returns: every prompt ends at the last prompt column, responses are a mask prefix
+        # the layout generate() returns: every prompt ends at the last prompt column, responses are
+        # a mask prefix
         assert prompt_mask[:, -1].all()
         lengths = response_mask.sum(-1)
-        assert torch.equal(response_mask, (torch.arange(response_mask.shape[1]) < lengths[:, None]).long())
+        assert torch.equal(response_mask,
+                           (torch.arange(response_mask.shape[1]) < lengths[:, None]).long())
         calls.append(len(lengths))
         return lengths.float()
 
@@ -226,14 +247,17 @@ def test_evaluate_discriminator_metrics(tiny):
 
 def test_metrics_without_references_are_left_out(tiny):
     model, tok, records = tiny
-    m = ev.evaluate(model, tok, [records[2]], score_fn=lambda *a: torch.zeros(a[0].shape[0]), max_new_tokens=4)
-    assert "rouge_l" not in m and "student_nll" not in m and "disc_acc" not in m and "disc_score_teacher" not in m
+    m = ev.evaluate(model, tok, [records[2]], score_fn=lambda *a: torch.zeros(a[0].shape[0]),
+                    max_new_tokens=4)
+    assert ("rouge_l" not in m and "student_nll" not in m and "disc_acc" not in m
+            and "disc_score_teacher" not in m)
     assert m["disc_score"] == 0.0 and m["num_prompts"] == 1
 
 
 def test_long_prompts_skipped_and_training_mode_restored(tiny):
     model, tok, records = tiny
-    limit = max(len(data_lib.encode_prompt(tok, r["messages"])) for r in records if r["id"] != "b")  # b is longer
+    limit = max(len(data_lib.encode_prompt(tok, r["messages"]))
+                for r in records if r["id"] != "b")  # b is longer
     model.train()
     try:
         m = ev.evaluate(model, tok, records, max_new_tokens=2, max_prompt_len=limit)
@@ -244,8 +268,9 @@ def test_long_prompts_skipped_and_training_mode_restored(tiny):
 
 
 def test_discriminator_score_reads_the_last_response_token(tiny):
-    """The padded, batched score equals HF's own forward on one unpadded sequence (which, without pad tokens in
-    it, pools at the last token), including a response that ends in the pad id itself."""
+    """The padded, batched score equals HF's own forward on one unpadded sequence (which, without
+    pad tokens in it, pools at the last token), including a response that ends in the pad id
+    itself."""
     from transformers import AutoModelForSequenceClassification
 
     cfg = models.tiny_config()
@@ -256,13 +281,15 @@ def test_discriminator_score_reads_the_last_response_token(tiny):
     responses = [[11, 12, 258], [13], [14, 15, 16, 17, PAD]]
     batch = sample.pack(prompts, responses, pad_id=PAD)
     with torch.no_grad():
-        got = discriminator.score(d, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        got = discriminator.score(d, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                  batch.response_mask)
         d.config.pad_token_id = None  # HF would otherwise skip back over the trailing PAD of row 2
-        want = torch.stack([d(input_ids=torch.tensor([p + r])).logits[0, 0] for p, r in zip(prompts, responses)])
+        want = torch.stack([d(input_ids=torch.tensor([p + r])).logits[0, 0]
+                            for p, r in zip(prompts, responses)])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def test_cli_end_to_end(tmp_path):
@@ -277,20 +304,24 @@ def test_cli_end_to_end(tmp_path):
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "disc")
     with open(tmp_path / "data.jsonl", "w") as f:
         for i in range(6):
-            f.write(json.dumps({"id": str(i), "messages": [{"role": "user", "content": f"question {i}?" * (i + 1)}],
-                                "teacher_response": f"the answer is {i}"}) + "\n")
+            f.write(json.dumps({
+                "id": str(i), "messages": [{"role": "user", "content": f"question {i}?" * (i + 1)}],
+                "teacher_response": f"the answer is {i}"}) + "\n")
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", str(tmp_path / "student"),
            "--compare", str(tmp_path / "before"), "--teacher", str(tmp_path / "student"),
-           "--discriminator", str(tmp_path / "disc"), "--data", str(tmp_path / "data.jsonl"), "--split", "all",
-           "--max-new-tokens", "6", "--batch-size", "4", "--out", str(tmp_path / "metrics.json")]
-    # one thread: a tiny model gains nothing from more, and OpenMP threads spinning against a busy machine are slow
+           "--discriminator", str(tmp_path / "disc"), "--data", str(tmp_path / "data.jsonl"),
+           "--split", "all", "--max-new-tokens", "6", "--batch-size", "4",
+           "--out", str(tmp_path / "metrics.json")]
+    # one thread: a tiny model gains nothing from more, and OpenMP threads spinning against a busy
+    # machine are slow
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in r.stdout.splitlines() if line.startswith("| ")}
     assert table["metric"] == [str(tmp_path / "student"), str(tmp_path / "before")]
-    for key in ["rouge_l", "student_nll", "teacher_nll", "disc_score", "disc_score_teacher", "disc_acc", "length"]:
+    for key in ["rouge_l", "student_nll", "teacher_nll", "disc_score", "disc_score_teacher",
+                "disc_acc", "length"]:
         assert len(table[key]) == 2 and all(c != "-" for c in table[key]), key
     assert table["num_prompts"] == ["6", "6"]
     saved = json.load(open(tmp_path / "metrics.json"))
@@ -300,7 +331,7 @@ def test_cli_end_to_end(tmp_path):
 def test_same_vocabulary_allows_appended_tokens_only():
     base = {"a": 0, "b": 1, "c": 2}
     assert ev.same_vocabulary(base, dict(base))
-    assert ev.same_vocabulary(base | {"<|endoftext|>": 3}, base)      # appended past the other's ids
+    assert ev.same_vocabulary(base | {"<|endoftext|>": 3}, base)     # appended past the other's ids
     assert ev.same_vocabulary(base, base | {"<|endoftext|>": 3})
-    assert not ev.same_vocabulary(base, {"a": 0, "b": 2, "c": 1})     # the same tokens, other ids
+    assert not ev.same_vocabulary(base, {"a": 0, "b": 2, "c": 1})    # the same tokens, other ids
     assert not ev.same_vocabulary(base | {"x": 1}, {"a": 0, "x": 1, "b": 3})

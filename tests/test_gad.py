@@ -1,4 +1,5 @@
-"""GAD: the discriminator's scoring position, the stages, resume, DDP and learning, on tiny models."""
+"""GAD: the discriminator's scoring position, the stages, resume, DDP and learning, on tiny
+models."""
 
 import contextlib
 import io
@@ -18,9 +19,10 @@ import sample
 from scripts import ROOT, metrics, run_script, student_weights
 
 PAD = 256
-# Small enough for a subprocess to finish in seconds; every stage still takes several optimizer steps.
-SMALL = ["--student", "tiny", "--warmup-steps", "3", "--gad-steps", "4", "--freeze-g-steps", "1", "--eval-prompts",
-         "4", "--save-every", "1"]
+# Small enough for a subprocess to finish in seconds; every stage still takes several optimizer
+# steps.
+SMALL = ["--student", "tiny", "--warmup-steps", "3", "--gad-steps", "4", "--freeze-g-steps", "1",
+         "--eval-prompts", "4", "--save-every", "1"]
 
 
 def run(args, torchrun=False, check=True):
@@ -28,7 +30,7 @@ def run(args, torchrun=False, check=True):
 
 
 
-# ------------------------------------------------------------------------------------------------ discriminator
+# ------------------------------------------------------------------------------------ discriminator
 
 @pytest.fixture(scope="module")
 def tiny_d():
@@ -42,16 +44,20 @@ def test_score_reads_the_last_response_token(tiny_d):
     ro = sample.pack([[5, 6, 7], [8, 9]], [[10, 11, 12, 258], [13, 258]], PAD)
     base = discriminator.score_rollout(tiny_d, ro)
     # padding after the last response token and before the prompt does not change the score ...
-    padded = sample.Rollout(ro.prompt_ids.clone(), ro.prompt_mask, ro.response_ids.clone(), ro.response_mask)
+    padded = sample.Rollout(ro.prompt_ids.clone(), ro.prompt_mask, ro.response_ids.clone(),
+                            ro.response_mask)
     padded.response_ids[1, 2:] = 77
     padded.prompt_ids[1, 0] = 99
     torch.testing.assert_close(discriminator.score_rollout(tiny_d, padded), base)
-    # ... and neither does a wider padding layout (the score is read at the last response token wherever it is)
+    # ... and neither does a wider padding layout (the score is read at the last response token
+    # wherever it is)
     wide = sample.pack([[5, 6, 7], [8, 9]], [[10, 11, 12, 258, PAD, PAD], [13, 258]], PAD)
     wide.response_mask[0, 4:] = 0
-    torch.testing.assert_close(discriminator.score_rollout(tiny_d, wide), base, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(discriminator.score_rollout(tiny_d, wide), base,
+                               atol=1e-5, rtol=1e-5)
     # changing the last response token does
-    changed = sample.Rollout(ro.prompt_ids, ro.prompt_mask, ro.response_ids.clone(), ro.response_mask)
+    changed = sample.Rollout(ro.prompt_ids, ro.prompt_mask, ro.response_ids.clone(),
+                             ro.response_mask)
     changed.response_ids[1, 1] = 40
     new = discriminator.score_rollout(tiny_d, changed)
     assert new[0] == base[0] and abs(new[1] - base[1]) > 1e-4
@@ -65,84 +71,100 @@ def test_discriminator_update_learns_and_accumulates_exactly():
     torch.manual_seed(0)
     student = models.tiny_model(seed=0)
     teacher = sample.pack([[5, 6], [7, 8, 9]], [[100, 101, 258], [102, 258]], PAD)
-    samples = sample.pack([[5, 6]] * 2 + [[7, 8, 9]] * 2, [[30, 31, 32, 33], [34, 258], [35, 258], [36, 37]], PAD)
+    samples = sample.pack([[5, 6]] * 2 + [[7, 8, 9]] * 2,
+                          [[30, 31, 32, 33], [34, 258], [35, 258], [36, 37]], PAD)
     steps = []
-    for mb in (None, 3, 2):  # whole batch; one prompt (1 teacher + 2 samples); one pair (a prompt split in two)
+    # whole batch; one prompt (1 teacher + 2 samples); one pair (a prompt split in two)
+    for mb in (None, 3, 2):
         d = discriminator.from_student(student)
         before = torch.cat([p.detach().flatten() for p in d.parameters()])
-        opt = torch.optim.SGD(d.parameters(), lr=1.0)   # the step is minus the gradient (no clipping)
-        discriminator.update(d, opt, teacher, samples, n=2, max_grad_norm=None, micro_batch_size=mb)
+        # the step is minus the gradient (no clipping)
+        opt = torch.optim.SGD(d.parameters(), lr=1.0)
+        discriminator.update(d, opt, teacher, samples, n=2, max_grad_norm=None,
+                             micro_batch_size=mb)
         steps.append(torch.cat([p.detach().flatten() for p in d.parameters()]) - before)
     assert steps[0].abs().max() > 0
     torch.testing.assert_close(steps[0], steps[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(steps[0], steps[2], atol=1e-6, rtol=1e-5)
-    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=2) == [[0], [1], [2], [3]]
-    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=3) == [[0, 1], [2, 3]]
-    # prompt 0's pairs with its teacher row: 3 rows x (2 + 4) = 18 tokens fit; prompt 1's: 3 x (3 + 4) = 21 do not
-    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=9, max_tokens=18) == \
-        [[0, 1], [2], [3]]
+    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=2) == \
+        [[0], [1], [2], [3]]
+    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=3) == \
+        [[0, 1], [2, 3]]
+    # prompt 0's pairs with its teacher row: 3 rows x (2 + 4) = 18 tokens fit; prompt 1's:
+    # 3 x (3 + 4) = 21 do not
+    assert discriminator.pair_batches([2, 3], [3, 2], [4, 2, 2, 4], 2, max_rows=9,
+                                      max_tokens=18) == [[0, 1], [2], [3]]
     d = discriminator.from_student(student)
     opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
     first = discriminator.update(d, opt, teacher, samples, n=2)
     for _ in range(20):
         last = discriminator.update(d, opt, teacher, samples, n=2)
-    assert first["d_loss"] == pytest.approx(losses.bt_loss(torch.zeros(1), torch.zeros(1)).item())  # zero head: log 2
+    # zero head: log 2
+    assert first["d_loss"] == pytest.approx(losses.bt_loss(torch.zeros(1), torch.zeros(1)).item())
     assert last["d_loss"] < 0.2 and last["d_acc"] == 1.0
 
 
-# ------------------------------------------------------------------------------------------------ pipeline
+# ------------------------------------------------------------------------------------ pipeline
 
 def test_pipeline_tiny_end_to_end(tmp_path):
     out = tmp_path / "run"
     r = run(SMALL + ["--out", str(out), "--ppo-epochs", "2", "--mini-batches", "2"])
     rows = metrics(out)
     assert [m["stage"] for m in rows] == ["warmup"] * 3 + ["gad"] * 4
-    for key in ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac", "response_len",
-                "tokens_per_s", "s_per_step"):
+    for key in ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac",
+                "response_len", "tokens_per_s", "s_per_step"):
         assert all(key in m for m in rows if m["stage"] == "gad"), key
-    assert any(m["clipfrac"] > 0 for m in rows if m["stage"] == "gad"), "2 epochs x 2 mini-batches must clip"
-    assert all("sft_loss" not in m for m in rows[:1]) and all("sft_loss" in m for m in rows[1:3])  # G frozen 1 step
+    assert any(m["clipfrac"] > 0 for m in rows if m["stage"] == "gad"), \
+        "2 epochs x 2 mini-batches must clip"
+    # G frozen 1 step
+    assert all("sft_loss" not in m for m in rows[:1]) and all("sft_loss" in m for m in rows[1:3])
     table = json.loads((out / "eval.json").read_text())
-    assert set(table) == {"before", "after"} and "disc_score" in table["after"] and "teacher_nll" in table["after"]
+    assert (set(table) == {"before", "after"} and "disc_score" in table["after"]
+            and "teacher_nll" in table["after"])
     assert "| rouge_l |" in r.stdout
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    g = AutoModelForCausalLM.from_pretrained(out / "student")  # the final student in Hugging Face format
+    # the final student in Hugging Face format
+    g = AutoModelForCausalLM.from_pretrained(out / "student")
     d = AutoModelForSequenceClassification.from_pretrained(out / "discriminator")
     start = models.tiny_model(seed=0)
-    assert not torch.equal(g.model.norm.weight, start.model.norm.weight), "the exported student was trained"
+    assert not torch.equal(g.model.norm.weight, start.model.norm.weight), \
+        "the exported student was trained"
     assert d.score.weight.abs().sum() > 0, "the discriminator head was trained"
 
 
 def test_each_stage_runs_alone(tmp_path):
     seqkd = tmp_path / "seqkd"
-    # SeqKD with bitsandbytes' 8-bit AdamW (the --adam8bit memory flag; bitsandbytes is in requirements-dev.txt)
-    run(["--student", "tiny", "--stage", "seqkd", "--seqkd-epochs", "0.2", "--eval-prompts", "4", "--adam8bit",
-         "--out", str(seqkd)])
+    # SeqKD with bitsandbytes' 8-bit AdamW (the --adam8bit memory flag; bitsandbytes is in
+    # requirements-dev.txt)
+    run(["--student", "tiny", "--stage", "seqkd", "--seqkd-epochs", "0.2", "--eval-prompts", "4",
+         "--adam8bit", "--out", str(seqkd)])
     rows = metrics(seqkd)
     assert {m["stage"] for m in rows} == {"seqkd"} and rows[-1]["sft_loss"] < rows[0]["sft_loss"]
     warm = tmp_path / "warm"
     run(SMALL + ["--stage", "warmup", "--out", str(warm)])
-    assert {m["stage"] for m in metrics(warm)} == {"warmup"} and (warm / "discriminator" / "config.json").exists()
+    assert ({m["stage"] for m in metrics(warm)} == {"warmup"}
+            and (warm / "discriminator" / "config.json").exists())
     g = tmp_path / "gad"
     run(SMALL + ["--stage", "gad", "--init-from", str(warm), "--out", str(g)])
     rows = metrics(g)
     assert {m["stage"] for m in rows} == {"gad"}
-    # GAD started from the warmup's D, not a fresh zero head: its first reward already separates samples
+    # GAD started from the warmup's D, not a fresh zero head: its first reward already separates
+    # samples
     assert rows[0]["reward_std"] > 0
     warm_g = student_weights(warm)
     assert not torch.equal(warm_g["model.norm.weight"], student_weights(g)["model.norm.weight"])
 
 
 def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
-    """--teacher fills the rows that have no response through sample.py's library path, into OUT/teacher.jsonl,
-    once: a second run finds every id there and samples nothing."""
+    """--teacher fills the rows that have no response through sample.py's library path, into
+    OUT/teacher.jsonl, once: a second run finds every id there and samples nothing."""
     rows = [{"id": f"q{i}", "prompt": f"tell me about {i} cats"} for i in range(16)]
     rows[0]["response"] = "cats are small."   # this one has its response: not sampled
     data_file = tmp_path / "prompts.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    args = ["--student", "tiny", "--teacher", "tiny-teacher", "--data", str(data_file), "--stage", "seqkd",
-            "--seqkd-epochs", "0.5", "--eval-prompts", "0", "--out", str(out)]
+    args = ["--student", "tiny", "--teacher", "tiny-teacher", "--data", str(data_file),
+            "--stage", "seqkd", "--seqkd-epochs", "0.5", "--eval-prompts", "0", "--out", str(out)]
     first = run(args)
     sampled = [json.loads(line) for line in open(out / "teacher.jsonl")]
     assert sorted(r["id"] for r in sampled) == sorted(f"q{i}" for i in range(1, 16))
@@ -155,7 +177,8 @@ def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run(SMALL + ["--out", str(full)])
-    r = run(SMALL + ["--out", str(cut), "--stop-after", "5"])  # killed after step 5 of 7 (2nd GAD step)
+    # killed after step 5 of 7 (2nd GAD step)
+    r = run(SMALL + ["--out", str(cut), "--stop-after", "5"])
     assert "--stop-after 5" in r.stdout and not (cut / "student").exists()
     run(SMALL + ["--out", str(cut), "--resume"])
     a, b = student_weights(full), student_weights(cut)
@@ -167,60 +190,70 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         for key in ("d_loss", "reward_mean", "pg_loss", "kl"):
             if key in x:
                 assert x[key] == y[key], (x["stage"], x["step"], key)
-    assert json.loads((full / "eval.json").read_text()) == json.loads((cut / "eval.json").read_text())
+    assert json.loads((full / "eval.json").read_text()) == \
+        json.loads((cut / "eval.json").read_text())
 
 
 def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path):
-    """Two gloo ranks equal one process (sft_loss included: fault 8 of issue 9, each rank's share of the global
-    loss was averaged, halving it), and a two-rank run stopped in the GAD stage and resumed equals the
-    uninterrupted two-rank run (acceptance 3 of issue 9)."""
+    """Two gloo ranks equal one process (sft_loss included: fault 8 of issue 9, each rank's share of
+    the global loss was averaged, halving it), and a two-rank run stopped in the GAD stage and
+    resumed equals the uninterrupted two-rank run (acceptance 3 of issue 9)."""
     one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
     common = SMALL + ["--prompts-per-step", "8", "--micro-batch-size", "6"]
     run(common + ["--out", str(one)])
     run(common + ["--out", str(two)], torchrun=True)
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) == 7
-    for x, y in zip(m1, m2):  # same global batch and samples: per-row means agree up to float reordering
+    # same global batch and samples: per-row means agree up to float reordering
+    for x, y in zip(m1, m2):
         for key in ("d_loss", "d_acc", "reward_mean", "response_len", "sft_loss"):
             if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["stage"], x["step"], key)
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), \
+                    (x["stage"], x["step"], key)
     assert sum("sft_loss" in x for x in m1) == 2
     a, b = student_weights(one), student_weights(two)
     for k in a:
-        # Adam turns float-reordering noise in near-zero gradients into ~1e-5 weight differences at lr 1e-2
+        # Adam turns float-reordering noise in near-zero gradients into ~1e-5 weight differences at
+        # lr 1e-2
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
-    run(common + ["--out", str(cut), "--stop-after", "5"], torchrun=True)     # after the 2nd GAD step
+    run(common + ["--out", str(cut), "--stop-after", "5"], torchrun=True)  # after the 2nd GAD step
     run(common + ["--out", str(cut), "--resume"], torchrun=True)
     c = student_weights(cut)
-    for k in b:   # tolerance 0: the same ops in the same order, the reference and both optimizers restored
+    # tolerance 0: the same ops in the same order, the reference and both optimizers restored
+    for k in b:
         assert torch.equal(b[k], c[k]), k
     assert [x.get("pg_loss") for x in metrics(cut)] == [x.get("pg_loss") for x in m2]
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
-    # an absurd D learning rate: the first D step blows its weights up, every later D gradient is inf/NaN
-    r = run(SMALL + ["--out", str(tmp_path / "nan"), "--d-lr", "1e30", "--max-bad-steps", "2"], check=False)
+    # an absurd D learning rate: the first D step blows its weights up, every later D gradient is
+    # inf/NaN
+    r = run(SMALL + ["--out", str(tmp_path / "nan"), "--d-lr", "1e30", "--max-bad-steps", "2"],
+            check=False)
     assert r.returncode != 0
     assert "2 steps in a row had a non-finite loss or gradient" in r.stderr
     rows = metrics(tmp_path / "nan")
-    assert [m["d_skipped"] for m in rows] == [0, 1, 1]  # skipped, counted, and the run stopped at the 2nd in a row
+    # skipped, counted, and the run stopped at the 2nd in a row
+    assert [m["d_skipped"] for m in rows] == [0, 1, 1]
 
 
 def test_gad_raises_a_held_out_discriminators_score(tmp_path):
-    """Learning: 80 GAD steps (8 prompts x 8 samples) on the tiny pair make the student's samples look more like
-    the teacher's to a discriminator trained separately (teacher vs the initial student, G frozen) and never used
-    as a reward. Seeds 0, 1, 2, 3 gave +0.34, +1.33, +1.08, +1.45 on this score; the teacher NLL of the samples
-    does not move reliably at this scale, so it is not asserted. 80 RL steps at lr 1e-2 amplify float rounding, so
-    the run is pinned to one thread: the same numbers on every machine (with 2 threads seed 2 gave +0.35)."""
+    """Learning: 80 GAD steps (8 prompts x 8 samples) on the tiny pair make the student's samples
+    look more like the teacher's to a discriminator trained separately (teacher vs the initial
+    student, G frozen) and never used as a reward. Seeds 0, 1, 2, 3 gave +0.34, +1.33, +1.08, +1.45
+    on this score; the teacher NLL of the samples does not move reliably at this scale, so it is not
+    asserted. 80 RL steps at lr 1e-2 amplify float rounding, so the run is pinned to one thread: the
+    same numbers on every machine (with 2 threads seed 2 gave +0.35)."""
     held, trained = tmp_path / "held", tmp_path / "gad"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            gad.main(["--student", "tiny", "--stage", "warmup", "--warmup-steps", "30", "--freeze-g-steps", "100",
-                      "--d-lr", "3e-3", "--seed", "2", "--out", str(held)])
-            gad.main(["--student", "tiny", "--stage", "gad", "--gad-steps", "80", "--samples-per-prompt", "8",
-                      "--eval-prompts", "0",
+            gad.main(["--student", "tiny", "--stage", "warmup", "--warmup-steps", "30",
+                      "--freeze-g-steps", "100", "--d-lr", "3e-3", "--seed", "2",
+                      "--out", str(held)])
+            gad.main(["--student", "tiny", "--stage", "gad", "--gad-steps", "80",
+                      "--samples-per-prompt", "8", "--eval-prompts", "0",
                       "--seed", "2", "--out", str(trained)])
         from transformers import AutoModelForSequenceClassification
         d_held = AutoModelForSequenceClassification.from_pretrained(held / "discriminator").eval()
@@ -230,17 +263,18 @@ def test_gad_raises_a_held_out_discriminators_score(tmp_path):
         result = {}
         for name, student in (("before", models.load_model("tiny", seed=2)),
                               ("after", models.load_model(str(trained / "student")))):
-            result[name] = eval_lib.evaluate(student.eval(), tok, prompts, score_fn=score_fn, temperature=1.0, n=4,
-                                             max_new_tokens=16, seed=1)
+            result[name] = eval_lib.evaluate(student.eval(), tok, prompts, score_fn=score_fn,
+                                             temperature=1.0, n=4, max_new_tokens=16, seed=1)
     finally:
         torch.set_num_threads(threads)
     assert result["after"]["disc_score"] > result["before"]["disc_score"] + 0.5
 
 
 def test_resume_keeps_no_loaded_weights_alive(tmp_path, monkeypatch):
-    """Fault 3 (issue 9): the loaded checkpoint (at 1.5B: G, D, the reference and two AdamW states, ~21 GiB) must
-    be copied into the models and dropped, not kept referenced for the whole run. Every model tensor torch.load
-    returns is watched through a weak reference; at each logged step after the resume none may be alive."""
+    """Fault 3 (issue 9): the loaded checkpoint (at 1.5B: G, D, the reference and two AdamW states,
+    ~21 GiB) must be copied into the models and dropped, not kept referenced for the whole run.
+    Every model tensor torch.load returns is watched through a weak reference; at each logged step
+    after the resume none may be alive."""
     import gc
     import weakref
     out = tmp_path / "run"
@@ -267,12 +301,14 @@ def test_resume_keeps_no_loaded_weights_alive(tmp_path, monkeypatch):
 
 
 def test_eval_under_torchrun_runs_on_rank_0_alone_and_agrees_with_eval_py(tmp_path):
-    """Fault 6 (issue 9): under torchrun only rank 0 evaluates, so only rank 0 may load the teacher and the initial
-    student for it (the other ranks' GPUs still hold their training state); and the table in eval.json must be
-    what `python eval.py` prints for the exported student with the same limits (teacher responses longer than
-    --max-response-len are cut for student_nll in training and in eval.py alike)."""
+    """Fault 6 (issue 9): under torchrun only rank 0 evaluates, so only rank 0 may load the teacher
+    and the initial student for it (the other ranks' GPUs still hold their training state); and the
+    table in eval.json must be what `python eval.py` prints for the exported student with the same
+    limits (teacher responses longer than --max-response-len are cut for student_nll in training and
+    in eval.py alike)."""
     rows = [{"id": f"long{i}", "prompt": f"say something about {i} dogs",
-             "response": f"dog number {i} " + "runs and jumps over the fence " * 3} for i in range(40)]
+             "response": f"dog number {i} " + "runs and jumps over the fence " * 3}
+            for i in range(40)]
     data_file = tmp_path / "long.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
@@ -283,7 +319,8 @@ def test_eval_under_torchrun_runs_on_rank_0_alone_and_agrees_with_eval_py(tmp_pa
         "import gad, models\n"
         "real = models.load_model\n"
         "def traced(name, *args, **kwargs):\n"
-        f"    with open(os.path.join({str(tmp_path)!r}, 'loads.rank' + os.environ['RANK']), 'a') as f:\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, 'loads.rank' + os.environ['RANK']), "
+        "'a') as f:\n"
         "        f.write(str(name) + '\\n')\n"
         "    return real(name, *args, **kwargs)\n"
         "models.load_model = traced\n"
@@ -291,16 +328,20 @@ def test_eval_under_torchrun_runs_on_rank_0_alone_and_agrees_with_eval_py(tmp_pa
     args = SMALL + ["--data", str(data_file), "--val-fraction", "0.2", "--out", str(out)]
     run_script(str(wrapper), args, torchrun=True)
     loads = {r: (tmp_path / f"loads.rank{r}").read_text().split() for r in (0, 1)}
-    assert loads[1] == ["tiny"]                                     # its student, nothing for the evaluation
-    assert sorted(loads[0]) == ["tiny", "tiny", "tiny-teacher"]     # + the teacher and the initial student
+    # its student, nothing for the evaluation
+    assert loads[1] == ["tiny"]
+    # + the teacher and the initial student
+    assert sorted(loads[0]) == ["tiny", "tiny", "tiny-teacher"]
     table = json.loads((out / "eval.json").read_text())["after"]
 
-    cli = run_script("eval.py", ["--model", str(out / "student"), "--data", str(data_file), "--teacher", "tiny-teacher",
-                                 "--discriminator", str(out / "discriminator"), "--val-fraction", "0.2", "--limit", "4",
-                                 "--max-prompt-len", "64", "--max-response-len", "16", "--max-new-tokens", "16",
+    cli = run_script("eval.py", ["--model", str(out / "student"), "--data", str(data_file),
+                                 "--teacher", "tiny-teacher",
+                                 "--discriminator", str(out / "discriminator"),
+                                 "--val-fraction", "0.2", "--limit", "4", "--max-prompt-len", "64",
+                                 "--max-response-len", "16", "--max-new-tokens", "16",
                                  "--out", str(tmp_path / "cli.json")])
     assert "| student_nll |" in cli.stdout
     by_cli = json.loads((tmp_path / "cli.json").read_text())[str(out / "student")]
-    for key in ("rouge_l", "student_nll", "teacher_nll", "disc_score", "disc_score_teacher", "disc_acc", "length",
-                "truncated", "num_prompts"):
+    for key in ("rouge_l", "student_nll", "teacher_nll", "disc_score", "disc_score_teacher",
+                "disc_acc", "length", "truncated", "num_prompts"):
         assert table[key] == pytest.approx(by_cli[key], rel=1e-5, abs=1e-6), key

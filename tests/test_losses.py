@@ -1,4 +1,5 @@
-"""losses.py against textbook formulas computed another way (float64, Python loops, exact expectations)."""
+"""losses.py against textbook formulas computed another way (float64, Python loops, exact
+expectations)."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 import losses
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # masked reductions
 
 def test_masked_mean_ignores_masked_values_and_empty_rows_give_zero():
@@ -21,7 +22,7 @@ def test_masked_mean_ignores_masked_values_and_empty_rows_give_zero():
     assert losses.masked_mean(x, torch.zeros_like(mask)).item() == 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bradley-Terry
 
 def test_bt_loss_matches_softplus_formula_in_float64():
@@ -32,7 +33,8 @@ def test_bt_loss_matches_softplus_formula_in_float64():
     # huge margins: log(sigmoid) would give log(0) = -inf; logsigmoid stays finite and linear
     big = losses.bt_loss(torch.tensor([-200.0]), torch.tensor([0.0]))
     assert math.isclose(big.item(), 200.0, rel_tol=1e-6)
-    assert losses.bt_loss(torch.tensor([200.0]), torch.tensor([0.0])).item() == pytest.approx(0.0, abs=1e-30)
+    assert (losses.bt_loss(torch.tensor([200.0]), torch.tensor([0.0])).item()
+            == pytest.approx(0.0, abs=1e-30))
 
 
 def test_bt_loss_gradient_raises_teacher_and_lowers_student():
@@ -50,7 +52,7 @@ def test_bt_accuracy_counts_strict_wins():
     assert losses.bt_accuracy(t, s).item() == 0.5
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PPO clipped surrogate with dual clip
 
 def brute_force_ppo(r, a, eps, c):
@@ -94,7 +96,8 @@ def test_ppo_policy_loss_crafted_cases_and_brute_force():
 def test_ppo_policy_loss_random_against_brute_force_with_and_without_dual_clip():
     g = torch.Generator().manual_seed(0)
     logprobs = torch.randn(6, 9, generator=g, dtype=torch.float64) * 0.02 - 2
-    old = logprobs + torch.randn(6, 9, generator=g, dtype=torch.float64) * 1.0    # ratios from ~0.1 to ~10
+    # ratios from ~0.1 to ~10
+    old = logprobs + torch.randn(6, 9, generator=g, dtype=torch.float64) * 1.0
     adv = torch.randn(6, 9, generator=g, dtype=torch.float64)
     for c in (3.0, None):
         loss, clipped = losses.ppo_policy_loss(logprobs, old, adv, clip_eps=0.2, dual_clip=c)
@@ -105,11 +108,12 @@ def test_ppo_policy_loss_random_against_brute_force_with_and_without_dual_clip()
                 assert loss[i, j].item() == pytest.approx(bf_loss, rel=1e-9, abs=1e-12)
                 assert bool(clipped[i, j]) == bf_clip
     # without the dual clip a huge ratio with A < 0 is not capped
-    big, _ = losses.ppo_policy_loss(torch.tensor([[math.log(10.0)]]), torch.zeros(1, 1), torch.tensor([[-1.0]]),
-                                    dual_clip=None)
+    big, _ = losses.ppo_policy_loss(torch.tensor([[math.log(10.0)]]), torch.zeros(1, 1),
+                                    torch.tensor([[-1.0]]), dual_clip=None)
     assert big.item() == pytest.approx(10.0, rel=1e-6)
     with pytest.raises(ValueError):
-        losses.ppo_policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), dual_clip=1.0)
+        losses.ppo_policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1),
+                               dual_clip=1.0)
 
 
 def test_ppo_policy_loss_gradient_is_zero_exactly_where_clipped():
@@ -131,7 +135,7 @@ def test_ppo_policy_loss_sequence_advantages_broadcast_to_tokens():
     assert torch.equal(a, b) and torch.equal(ca, cb)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # KL estimators
 
 def test_kl_k3_zero_for_equal_and_positive_otherwise():
@@ -174,7 +178,7 @@ def test_kl_estimators_monte_carlo():
     assert (k3 >= 0).all()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # entropy
 
 def test_entropy_matches_definition_and_is_stable():

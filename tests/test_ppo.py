@@ -17,15 +17,16 @@ EOS = list(range(0, 40))   # many end-of-turn ids, so responses stop at differen
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tensors here are tiny: thread hand-offs cost more than the math, and on a shared CPU two threads per
-    process ran this file 5x slower than one. Restored afterwards, so other test files are unaffected."""
+    """The tensors here are tiny: thread hand-offs cost more than the math, and on a shared CPU two
+    threads per process ran this file 5x slower than one. Restored afterwards, so other test files
+    are unaffected."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # advantages
 
 def test_grpo_advantages_match_python_loop():
@@ -37,7 +38,8 @@ def test_grpo_advantages_match_python_loop():
         group = r[4 * p:4 * p + 4]
         mean, std = statistics.mean(group), statistics.stdev(group)   # stdev: unbiased, n - 1
         for i in range(4):
-            assert got[4 * p + i].item() == pytest.approx((group[i] - mean) / (std + 1e-6), rel=1e-5, abs=1e-6)
+            assert got[4 * p + i].item() == pytest.approx((group[i] - mean) / (std + 1e-6),
+                                                          rel=1e-5, abs=1e-6)
 
 
 def test_grpo_constant_group_and_group_size_one_give_zeros():
@@ -49,7 +51,7 @@ def test_grpo_constant_group_and_group_size_one_give_zeros():
         ppo.grpo_advantages(rewards, group_size=3)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # a tiny model and a rollout
 
 @pytest.fixture(scope="module")
@@ -71,11 +73,14 @@ def logprobs_of(model, ro, temperature=0.7):
 
 
 def naive_logprobs(model, ro, temperature):
-    """log softmax(logits / temperature)[y_t] from the model's own full logits [N, P+T, V], 0 at padding."""
+    """log softmax(logits / temperature)[y_t] from the model's own full logits [N, P+T, V], 0 at
+    padding."""
     P = ro.prompt_ids.shape[1]
-    logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
-                   position_ids=sample.position_ids_from_mask(ro.attention_mask)).logits[:, P - 1:-1]
-    lp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, ro.response_ids[..., None].clone())[..., 0]
+    logits = model(
+        input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+        position_ids=sample.position_ids_from_mask(ro.attention_mask)).logits[:, P - 1:-1]
+    lp = torch.log_softmax(logits.float() / temperature, -1).gather(
+        -1, ro.response_ids[..., None].clone())[..., 0]
     return torch.where(ro.response_mask.bool(), lp, 0.0)
 
 
@@ -105,7 +110,7 @@ def test_sequence_entropy_at_the_state_before_each_token(rollout):
             assert (ent[row, t:] == 0).all() and (lp[row, t:] == 0).all()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the update
 
 def seq_advantages(n_rows, seed=0):
@@ -114,44 +119,51 @@ def seq_advantages(n_rows, seed=0):
 
 
 def test_first_step_has_ratio_one(rollout):
-    """One epoch, one mini-batch, old logprobs from the same weights: PPO is REINFORCE, nothing is clipped."""
+    """One epoch, one mini-batch, old logprobs from the same weights: PPO is REINFORCE, nothing is
+    clipped."""
     model = models.tiny_model(seed=0)
     old = logprobs_of(model, rollout)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, old, kl_coef=0.001, micro_batch_size=5,
-                           temperature=0.7, generator=torch.Generator().manual_seed(0))
+    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, old, kl_coef=0.001,
+                           micro_batch_size=5, temperature=0.7,
+                           generator=torch.Generator().manual_seed(0))
     assert stats["clipfrac"] == 0.0
-    assert stats["approx_kl"] < 1e-12 and stats["kl"] < 1e-6     # current == old == ref up to float noise
+    # current == old == ref up to float noise
+    assert stats["approx_kl"] < 1e-12 and stats["kl"] < 1e-6
     assert stats["skipped_steps"] == 0 and stats["grad_norm"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_on_policy_update_uses_its_own_logprobs_as_the_old_ones(rollout):
-    """old_logprobs=None (one epoch, one mini-batch): the step equals the one with a separate pass's logprobs, with
-    the ratio exactly 1; with more epochs it is refused."""
+    """old_logprobs=None (one epoch, one mini-batch): the step equals the one with a separate pass's
+    logprobs, with the ratio exactly 1; with more epochs it is refused."""
     adv = seq_advantages(12)
     steps = []
     for old in (logprobs_of(models.tiny_model(seed=0), rollout), None):
         model = models.tiny_model(seed=0)
         before = [p.detach().clone() for p in model.parameters()]
-        stats = ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv, old,
-                               micro_batch_size=5, max_grad_norm=None, temperature=0.7)
-        steps.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())]))
+        stats = ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv,
+                               old, micro_batch_size=5, max_grad_norm=None, temperature=0.7)
+        steps.append(torch.cat([(b - p.detach()).flatten()
+                                for b, p in zip(before, model.parameters())]))
     assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
-    # equal up to rounding (the separate pass batches rows differently): 1e-6 failed 1 run in 4 on 2 busy
-    # cores (1.5e-6 off), while wrong old logprobs move a step with lr 1 by far more than 1e-5
+    # equal up to rounding (the separate pass batches rows differently): 1e-6 failed 1 run in 4 on
+    # 2 busy cores (1.5e-6 off), while wrong old logprobs move a step with lr 1 by far more than
+    # 1e-5
     torch.testing.assert_close(steps[1], steps[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="on-policy"):
-        ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv, None, ppo_epochs=2)
+        ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv, None,
+                       ppo_epochs=2)
 
 
 def test_later_minibatches_get_clipped(rollout):
     model = models.tiny_model(seed=0)
     old = logprobs_of(model, rollout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, ppo_epochs=2, mini_batches=2,
-                           temperature=0.7, generator=torch.Generator().manual_seed(0))
+    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, ppo_epochs=2,
+                           mini_batches=2, temperature=0.7,
+                           generator=torch.Generator().manual_seed(0))
     assert stats["clipfrac"] > 0
     assert stats["approx_kl"] > 0
 
@@ -159,10 +171,10 @@ def test_later_minibatches_get_clipped(rollout):
 def test_update_raises_logprobs_of_positive_advantage_samples(rollout):
     model = models.tiny_model(seed=0)
     old = logprobs_of(model, rollout)
-    adv = torch.tensor([1.0, -1.0] * 6)                     # each prompt has good and bad samples
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)    # small: the first-order (monotone) regime
+    adv = torch.tensor([1.0, -1.0] * 6)                   # each prompt has good and bad samples
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # small: the first-order (monotone) regime
     ppo.ppo_update(model, opt, rollout, adv, old, temperature=0.7)
-    delta = (logprobs_of(model, rollout) - old).sum(-1)     # [N] change of log q(y | x)
+    delta = (logprobs_of(model, rollout) - old).sum(-1)   # [N] change of log q(y | x)
     assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
     assert (delta[adv > 0] > 0).float().mean() >= 0.5
     assert (delta[adv < 0] < 0).float().mean() >= 0.5

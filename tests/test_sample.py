@@ -19,7 +19,8 @@ def tiny():
 
 
 def fresh_logprobs(model, prompt, response, temperature):
-    """log q(y_t | s_t) from one unpadded, uncached forward pass per sequence: no padding, no KV cache."""
+    """log q(y_t | s_t) from one unpadded, uncached forward pass per sequence: no padding, no KV
+    cache."""
     ids = torch.tensor([prompt + response])
     logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / temperature  # [T, V]
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
@@ -61,12 +62,14 @@ def test_rollout_logprobs_equal_fresh_forward_pass(tiny, temperature):
 
 
 def test_greedy_equals_unbatched_hf_generate(tiny):
-    """The shared-prefill KV cache, left padding and position ids give what an unpadded HF generate gives."""
+    """The shared-prefill KV cache, left padding and position ids give what an unpadded HF
+    generate gives."""
     model, _, prompts = tiny
-    ro = sample.generate(model, prompts, n=2, max_new_tokens=12, temperature=0, eos_ids=[], pad_id=PAD)
+    ro = sample.generate(model, prompts, n=2, max_new_tokens=12, temperature=0, eos_ids=[],
+                         pad_id=PAD)
     for b, p in enumerate(prompts):
-        hf = model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                            pad_token_id=PAD)
+        hf = model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12,
+                            do_sample=False, pad_token_id=PAD)
         assert ro.response_ids[2 * b].tolist() == hf[0, len(p):].tolist()
         assert ro.response_ids[2 * b + 1].tolist() == hf[0, len(p):].tolist()
 
@@ -104,8 +107,8 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 
 def test_rollout_texts_drop_end_of_turn_and_padding(tiny):
     model, tok, prompts = tiny
-    ro = sample.generate(model, prompts, n=2, max_new_tokens=16, temperature=1.0, eos_ids=[258] + list(range(60)),
-                         pad_id=PAD, seed=3)
+    ro = sample.generate(model, prompts, n=2, max_new_tokens=16, temperature=1.0,
+                         eos_ids=[258] + list(range(60)), pad_id=PAD, seed=3)
     for text, ids, mask in zip(ro.texts(tok), ro.response_ids, ro.response_mask):
         kept = [t for t in ids[mask.bool()].tolist() if t < 256]
         assert text == tok.decode(kept)
@@ -113,7 +116,8 @@ def test_rollout_texts_drop_end_of_turn_and_padding(tiny):
 
 
 def test_samples_do_not_depend_on_the_batch(tiny):
-    """Per-sample generators keyed by prompt: a prompt sampled alone or inside a batch gets the same tokens."""
+    """Per-sample generators keyed by prompt: a prompt sampled alone or inside a batch gets the same
+    tokens."""
     model, _, prompts = tiny
     kw = dict(n=2, max_new_tokens=10, temperature=1.0, eos_ids=[], pad_id=PAD, seed=5)
     batch = sample.generate(model, prompts, prompt_keys=["a", "b", "c"], **kw)
@@ -122,15 +126,17 @@ def test_samples_do_not_depend_on_the_batch(tiny):
 
 
 def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softmax():
-    """sample.token_logprobs (chunks of 3 of 10 positions, temperature 0.7) against log_softmax over the whole
-    [M, V] logits, in float64: the values, the entropy, and the gradients to the hidden states and the head
-    (backward recomputes each chunk's logits); under bf16 autocast, the same within bf16 error, fp32 gradients."""
+    """sample.token_logprobs (chunks of 3 of 10 positions, temperature 0.7) against log_softmax over
+    the whole [M, V] logits, in float64: the values, the entropy, and the gradients to the hidden
+    states and the head (backward recomputes each chunk's logits); under bf16 autocast, the same
+    within bf16 error, fp32 gradients."""
     g = torch.Generator().manual_seed(0)
     M, H, V = 10, 6, 17
     hidden = torch.randn(M, H, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, V, (M,), generator=g)
-    upstream = torch.randn(M, generator=g, dtype=torch.float64)   # any loss downstream: a weighted sum
+    # any loss downstream: a weighted sum
+    upstream = torch.randn(M, generator=g, dtype=torch.float64)
 
     logq = torch.log_softmax(hidden @ weight.T / 0.7, -1)
     want_lp = logq.gather(-1, tokens[:, None]).squeeze(-1)
@@ -148,7 +154,8 @@ def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softma
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lp16 = sample.token_logprobs(h32, w32, tokens, 0.7, chunk_size=3)
     (lp16.double() * upstream).sum().backward()
-    assert lp16.dtype == torch.float32 and w32.grad.dtype == torch.float32 and h32.grad.dtype == torch.float32
+    assert (lp16.dtype == torch.float32 and w32.grad.dtype == torch.float32
+            and h32.grad.dtype == torch.float32)
     torch.testing.assert_close(lp16.double(), want_lp, rtol=0.05, atol=0.1)
     torch.testing.assert_close(w32.grad.double(), want_grads[1], rtol=0.05, atol=0.1)
 
@@ -156,7 +163,8 @@ def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softma
 def test_micro_batches_respect_the_row_and_token_budgets_and_trim_padding():
     sizes = [(1, 4, 2), (1, 4, 9), (1, 2, 1), (1, 3, 3), (1, 30, 30), (1, 1, 1)]
     groups = sample.split_by_budget(sizes, max_rows=3, max_tokens=30)
-    assert groups == [(0, 2), (2, 4), (4, 5), (5, 6)]   # 2 x 13 fits; 3 x 13 > 30; a 60-token row goes alone
+    # 2 x 13 fits; 3 x 13 > 30; a 60-token row goes alone
+    assert groups == [(0, 2), (2, 4), (4, 5), (5, 6)]
     for a, b in groups:
         rows = sizes[a:b]
         assert len(rows) <= 3 and (b - a == 1 or len(rows) * (max(p for _, p, _ in rows) +
@@ -166,18 +174,20 @@ def test_micro_batches_respect_the_row_and_token_budgets_and_trim_padding():
     (idx_a, a), (idx_b, b) = ro.micro_batches(max_rows=2, max_tokens=18)   # 2 x (4 + 5): just fits
     assert idx_a.tolist() == [0, 1] and idx_b.tolist() == [2]
     assert a.prompt_ids.tolist() == ro.prompt_ids[:2].tolist() and a.response_ids.shape[1] == 5
-    assert b.prompt_ids.tolist() == [[6, 7]] and b.response_ids.tolist() == [[15]]   # its own width: 2 + 1
+    # its own width: 2 + 1
+    assert b.prompt_ids.tolist() == [[6, 7]] and b.response_ids.tolist() == [[15]]
 
 
 def test_stop_ids_include_the_models_generation_config(tmp_path):
-    """Qwen2.5-Instruct's generation_config.json lists eos_token_id [<|im_end|>, <|endoftext|>]; vLLM (the
-    references' sampler) stops on every one, so generation stops on the second too, read from the saved folder."""
+    """Qwen2.5-Instruct's generation_config.json lists eos_token_id [<|im_end|>, <|endoftext|>];
+    vLLM (the references' sampler) stops on every one, so generation stops on the second too, read
+    from the saved folder."""
     tok = models.tiny_tokenizer()
     model = models.tiny_model(seed=0).eval()
     prompt = tok.encode("third one", add_special_tokens=False)
-    greedy = sample.generate(model, [prompt], max_new_tokens=8, temperature=0, eos_ids=sample.stop_ids(tok),
-                             pad_id=PAD).response_ids[0].tolist()
-    other = greedy[2]                                       # the third greedy token, as the model's second eos
+    greedy = sample.generate(model, [prompt], max_new_tokens=8, temperature=0,
+                             eos_ids=sample.stop_ids(tok), pad_id=PAD).response_ids[0].tolist()
+    other = greedy[2]                       # the third greedy token, as the model's second eos
     assert other not in sample.stop_ids(tok) and other not in greedy[:2]
     model.generation_config.eos_token_id = [tok.eos_token_id, other]
     model.save_pretrained(tmp_path / "m")
@@ -185,5 +195,7 @@ def test_stop_ids_include_the_models_generation_config(tmp_path):
     loaded = models.load_model(str(tmp_path / "m"))
     stops = sample.stop_ids(tok, loaded)
     assert stops == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id, other})
-    ro = sample.generate(loaded.eval(), [prompt], max_new_tokens=8, temperature=0, eos_ids=stops, pad_id=PAD)
-    assert ro.response_ids[0][ro.response_mask[0].bool()].tolist() == greedy[:3]   # stopped at the second eos
+    ro = sample.generate(loaded.eval(), [prompt], max_new_tokens=8, temperature=0, eos_ids=stops,
+                         pad_id=PAD)
+    # stopped at the second eos
+    assert ro.response_ids[0][ro.response_mask[0].bool()].tolist() == greedy[:3]

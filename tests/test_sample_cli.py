@@ -1,7 +1,8 @@
-"""sample.py run as a user runs it: a subprocess against a real chat-completions server on loopback that injects
-faults on a fixed schedule (429, 5xx, a slow answer past --timeout, a dropped connection), kill-and-resume with
-the tiny local model and with the endpoint, and bad input rows. Every expected count below is derived from the
-schedule, so a retry that is miscounted, a row written twice or a row lost shows up as a number that differs."""
+"""sample.py run as a user runs it: a subprocess against a real chat-completions server on loopback
+that injects faults on a fixed schedule (429, 5xx, a slow answer past --timeout, a dropped
+connection), kill-and-resume with the tiny local model and with the endpoint, and bad input rows.
+Every expected count below is derived from the schedule, so a retry that is miscounted, a row
+written twice or a row lost shows up as a number that differs."""
 
 import contextlib
 import http.server
@@ -20,21 +21,24 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "sample.py")
 
-TIMEOUT_S = 1.0  # client --timeout: generous for a loopback answer on a busy 2-core CI box, short for the test
+# client --timeout: generous for a loopback answer on a busy 2-core CI box, short for the test
+TIMEOUT_S = 1.0
 SLOW_S = 3 * TIMEOUT_S  # a "slow" answer arrives well after the client gave up on it
 SUMMARY_RE = re.compile(
-    r"summary: written=(?P<written>\d+) already_done=(?P<already_done>\d+) bad_skipped=(?P<bad_skipped>\d+) "
-    r"failed=(?P<failed>\d+) retries=(?P<retries>\d+) \(http_429=(?P<http_429>\d+) http_5xx=(?P<http_5xx>\d+) "
-    r"timeout=(?P<timeout>\d+) connection=(?P<connection>\d+)\) elapsed_s=(?P<elapsed_s>\d+(\.\d+)?) "
+    r"summary: written=(?P<written>\d+) already_done=(?P<already_done>\d+) "
+    r"bad_skipped=(?P<bad_skipped>\d+) failed=(?P<failed>\d+) retries=(?P<retries>\d+) "
+    r"\(http_429=(?P<http_429>\d+) http_5xx=(?P<http_5xx>\d+) timeout=(?P<timeout>\d+) "
+    r"connection=(?P<connection>\d+)\) elapsed_s=(?P<elapsed_s>\d+(\.\d+)?) "
     r"rows_per_s=(?P<rows_per_s>\d+(\.\d+)?)"
 )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # a fake OpenAI-compatible endpoint
 
 def prompt_for(pid):
-    # The id is inside the text so the server can find its schedule and the test can tie a response to its prompt.
+    # The id is inside the text so the server can find its schedule and the test can tie a
+    # response to its prompt.
     return f"[{pid}] write one sentence about {pid}"
 
 
@@ -44,20 +48,23 @@ def answer_for(prompt, k):
 
 
 class FakeChat:
-    """State shared by the handler threads: what to do with each prompt id, and a log of every request."""
+    """State shared by the handler threads: what to do with each prompt id, and a log of every
+    request."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.faults = {}  # prompt id -> list of faults, one consumed per request, then it answers
         self.always = {}  # prompt id -> fault returned on every request (a persistent error)
-        self.max_choices = {}  # prompt id -> at most this many choices per answer (the client must ask again)
+        # prompt id -> at most this many choices per answer (the client must ask again)
+        self.max_choices = {}
         self.delay_s = 0.0  # before every answer: keeps a run going long enough to kill it
         self.requests = []  # one dict per request, in arrival order
         self.served = {}  # prompt id -> choices delivered so far (numbers the answers)
         self.inflight = 0
         self.max_inflight = 0
         self.errors = []  # exceptions raised in the handler itself
-        self.hangups = 0  # requests whose client went away before sending all of it (killed mid-request)
+        # requests whose client went away before sending all of it (killed mid-request)
+        self.hangups = 0
         self.base = None  # http://127.0.0.1:PORT/v1, set by the fixture
 
     def for_pid(self, pid):
@@ -71,7 +78,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         chat = self.server.chat
         body = self.read_body()
-        if body is None:  # the client hung up mid-request (a test killed it): drop it, as real servers do
+        # the client hung up mid-request (a test killed it): drop it, as real servers do
+        if body is None:
             with chat.lock:
                 chat.hangups += 1
             self.close_connection = True
@@ -81,8 +89,9 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         with chat.lock:
             queue = chat.faults.get(pid, [])
             fault = chat.always.get(pid) or (queue.pop(0) if queue else None)
-            chat.requests.append({"path": self.path, "pid": pid, "body": body, "headers": dict(self.headers),
-                                  "time": time.monotonic(), "fault": fault})
+            chat.requests.append({"path": self.path, "pid": pid, "body": body,
+                                  "headers": dict(self.headers), "time": time.monotonic(),
+                                  "fault": fault})
             chat.inflight += 1
             chat.max_inflight = max(chat.max_inflight, chat.inflight)
         try:
@@ -95,10 +104,11 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 chat.inflight -= 1
 
     def read_body(self):
-        """The request's JSON body, or None if the client went away before sending all of it: headers cut before
-        Content-Length, a body shorter than Content-Length (empty included), or a reset. A SIGKILL mid-request
-        leaves exactly these. A body of full length that is not JSON cannot come from a kill: json.loads raises,
-        handle_error records it and the test fails (the client sent garbage, or this fake misread it)."""
+        """The request's JSON body, or None if the client went away before sending all of it:
+        headers cut before Content-Length, a body shorter than Content-Length (empty included), or
+        a reset. A SIGKILL mid-request leaves exactly these. A body of full length that is not JSON
+        cannot come from a kill: json.loads raises, handle_error records it and the test fails (the
+        client sent garbage, or this fake misread it)."""
         length = self.headers.get("Content-Length", "")
         if not length.isdigit():
             return None
@@ -118,21 +128,25 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             return
         if fault is not None and fault != "slow":
             code, _, retry_after = fault.partition("+ra")  # "429+ra0" = 429 with Retry-After: 0
-            self.send_json(int(code), {"error": {"message": f"injected {fault}", "type": "injected"}},
+            self.send_json(int(code),
+                           {"error": {"message": f"injected {fault}", "type": "injected"}},
                            {"Retry-After": retry_after} if retry_after else {})
             return
         if fault == "slow":
-            time.sleep(SLOW_S)  # then answer a client that has gone; these choices never count as delivered
+            # then answer a client that has gone; these choices never count as delivered
+            time.sleep(SLOW_S)
         with chat.lock:
             k0 = chat.served.get(pid, 0)
             count = min(body.get("n", 1), chat.max_choices.get(pid, 10**9))
             if fault is None:
                 chat.served[pid] = k0 + count
-        choices = [{"index": i, "message": {"role": "assistant", "content": answer_for(prompt, k0 + i)},
+        choices = [{"index": i,
+                    "message": {"role": "assistant", "content": answer_for(prompt, k0 + i)},
                     "finish_reason": "stop"} for i in range(count)]
-        self.send_json(200, {"id": f"chatcmpl-{pid}-{k0}", "object": "chat.completion", "created": 0,
-                             "model": body["model"], "choices": choices,
-                             "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 6 * count,
+        self.send_json(200, {"id": f"chatcmpl-{pid}-{k0}", "object": "chat.completion",
+                             "created": 0, "model": body["model"], "choices": choices,
+                             "usage": {"prompt_tokens": len(prompt.split()),
+                                       "completion_tokens": 6 * count,
                                        "total_tokens": len(prompt.split()) + 6 * count}})
 
     def send_json(self, code, obj, headers=None):
@@ -150,8 +164,8 @@ class QuietServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # slow answers still sleeping at teardown must not block it
 
     def handle_error(self, request, client_address):
-        # Hang-ups by clients that timed out are expected; anything else is a bug in this fake, which would
-        # otherwise pass for a dropped connection, so the fixture fails the test on it.
+        # Hang-ups by clients that timed out are expected; anything else is a bug in this fake,
+        # which would otherwise pass for a dropped connection, so the fixture fails the test on it.
         exc = sys.exc_info()[1]
         if not isinstance(exc, OSError):
             self.chat.errors.append(repr(exc))
@@ -159,11 +173,13 @@ class QuietServer(http.server.ThreadingHTTPServer):
 
 @contextlib.contextmanager
 def serve_chat(check=True):
-    """A fake endpoint on a free loopback port for the duration; with check, its own errors fail the test."""
+    """A fake endpoint on a free loopback port for the duration; with check, its own errors fail the
+    test."""
     server = QuietServer(("127.0.0.1", 0), ChatHandler)
     server.chat = FakeChat()
     server.chat.base = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     try:
         yield server.chat
@@ -180,12 +196,12 @@ def chat_server():
         yield chat
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 def write_prompts(path, ids, grow=0):
-    """One messages-style row per id (a system turn on every third, so the client must send the whole list).
-    grow > 0 makes the i-th prompt grow*i words longer."""
+    """One messages-style row per id (a system turn on every third, so the client must send the
+    whole list). grow > 0 makes the i-th prompt grow*i words longer."""
     rows = []
     for i, pid in enumerate(ids):
         messages = [{"role": "user", "content": prompt_for(pid) + " more" * (grow * i)}]
@@ -201,8 +217,9 @@ def sample_cmd(data, out, *args):
 
 
 def api_args(chat, *extra, max_retries=4, concurrency=4):
-    return ["--api-base", chat.base, "--api-model", "teacher-x", "--timeout", TIMEOUT_S, "--retry-base", 0.01,
-            "--max-retries", max_retries, "--concurrency", concurrency, "--max-new-tokens", 32, *extra]
+    return ["--api-base", chat.base, "--api-model", "teacher-x", "--timeout", TIMEOUT_S,
+            "--retry-base", 0.01, "--max-retries", max_retries, "--concurrency", concurrency,
+            "--max-new-tokens", 32, *extra]
 
 
 def env_with_key(key="sk-test-123"):
@@ -219,7 +236,8 @@ def run_sample(data, out, *args, env=None, timeout=60):
 
 
 def describe(proc):
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    return (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+            f"--- stderr\n{proc.stderr[-3000:]}")
 
 
 def last_line(proc):
@@ -228,8 +246,9 @@ def last_line(proc):
 
 
 def summary(proc):
-    """The counters of the last stdout line, which must be the summary. Its exact format is checked once, in
-    test_api_faults_are_retried_and_counted, so a format slip fails one test, not every test."""
+    """The counters of the last stdout line, which must be the summary. Its exact format is checked
+    once, in test_api_faults_are_retried_and_counted, so a format slip fails one test, not every
+    test."""
     m = SUMMARY_RE.match(last_line(proc))
     assert m, "last stdout line is not the summary\n" + describe(proc)
     return {k: float(v) if "." in v else int(v) for k, v in m.groupdict().items()}
@@ -249,7 +268,8 @@ def read_rows(path):
 
 
 def complete_rows(path):
-    """What a reader keeps of a killed run: the newline-terminated lines that parse (a torn tail is dropped)."""
+    """What a reader keeps of a killed run: the newline-terminated lines that parse (a torn tail is
+    dropped)."""
     rows = []
     for line in path.read_bytes().split(b"\n")[:-1]:
         try:
@@ -265,7 +285,8 @@ def ids_of(rows):
 
 def assert_each_once(rows, ids):
     got = ids_of(rows)
-    assert sorted(got) == sorted(ids), f"missing {set(ids) - set(got)}, extra/duplicated {sorted(got)}"
+    assert sorted(got) == sorted(ids), (f"missing {set(ids) - set(got)}, "
+                                        f"extra/duplicated {sorted(got)}")
 
 
 def wait_for_lines(path, n, proc, deadline_s=60):
@@ -276,23 +297,27 @@ def wait_for_lines(path, n, proc, deadline_s=60):
             return
         if proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"sample.py ended (exit {proc.returncode}) before writing {n} rows\n{out}\n{err}")
+            pytest.fail(f"sample.py ended (exit {proc.returncode}) before writing {n} rows\n"
+                        f"{out}\n{err}")
         time.sleep(0.005)
     proc.kill()
     pytest.fail(f"no {n} rows within {deadline_s}s")
 
 
 def kill(proc):
-    assert proc.poll() is None, "sample.py finished before the kill: the run is too short to test resume"
+    assert proc.poll() is None, ("sample.py finished before the kill: the run is too short to "
+                                 "test resume")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the fake endpoint itself: a killed client's torn request is a hang-up, a bug of the fake is still an error
+# --------------------------------------------------------------------------------------------------
+# the fake endpoint itself: a killed client's torn request is a hang-up, a bug of the fake is
+# still an error
 
 def raw_request(chat, head, body=b""):
-    """Send bytes to the fake as a client killed mid-request would (or a whole request), then hang up."""
+    """Send bytes to the fake as a client killed mid-request would (or a whole request), then hang
+    up."""
     port = int(chat.base.split(":")[-1].split("/")[0])
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(head + body)
@@ -306,30 +331,34 @@ def post_head(length):
 
 
 def test_fake_endpoint_drops_torn_requests_but_reports_its_own_bugs():
-    body = json.dumps({"model": "m", "n": 1, "messages": [{"role": "user", "content": prompt_for("t0")}]}).encode()
+    body = json.dumps({"model": "m", "n": 1,
+                       "messages": [{"role": "user", "content": prompt_for("t0")}]}).encode()
     with serve_chat(check=False) as chat:
-        # killed after the headers, mid-body, and mid-headers (no Content-Length yet): three hang-ups, no error
+        # killed after the headers, mid-body, and mid-headers (no Content-Length yet): three
+        # hang-ups, no error
         assert raw_request(chat, post_head(len(body))) == b""
         assert raw_request(chat, post_head(len(body)), body[:len(body) // 2]) == b""
         assert raw_request(chat, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n") == b""
         # a whole request is answered ...
         assert raw_request(chat, post_head(len(body)), body).startswith(b"HTTP/1.0 200")
-        # ... and whole requests the fake cannot handle are its bugs (or the client's), never taken for a hang-up
+        # ... and whole requests the fake cannot handle are its bugs (or the client's), never taken
+        # for a hang-up
         raw_request(chat, post_head(9), b"not json!")
         raw_request(chat, post_head(2), b"{}")
     assert chat.hangups == 3
     assert [r["pid"] for r in chat.requests] == ["t0"]
-    assert len(chat.errors) == 2 and "JSONDecodeError" in chat.errors[0] and "KeyError" in chat.errors[1]
+    assert (len(chat.errors) == 2 and "JSONDecodeError" in chat.errors[0]
+            and "KeyError" in chat.errors[1])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # endpoint: retries, counters, request format
 
 def test_api_faults_are_retried_and_counted(tmp_path, chat_server):
     ids = [f"p{i}" for i in range(12)]
     prompts = write_prompts(tmp_path / "in.jsonl", ids)
-    # Each fault is consumed by one request, so every fault is exactly one retry of its kind. p7 takes
-    # --max-retries (4) faults of all four kinds and must still succeed on its 5th attempt.
+    # Each fault is consumed by one request, so every fault is exactly one retry of its kind. p7
+    # takes --max-retries (4) faults of all four kinds and must still succeed on its 5th attempt.
     chat_server.faults = {
         "p0": ["429"],
         "p1": ["429+ra0", "429"],
@@ -341,10 +370,12 @@ def test_api_faults_are_retried_and_counted(tmp_path, chat_server):
         "p7": ["drop", "slow", "503", "429"],
         "p8": ["429+ra1"],
     }
-    n_faults = {pid: len(f) for pid, f in chat_server.faults.items()}  # the server consumes the lists
+    # the server consumes the lists
+    n_faults = {pid: len(f) for pid, f in chat_server.faults.items()}
     expected = {"http_429": 5, "http_5xx": 5, "timeout": 2, "connection": 3}
     out = tmp_path / "out.jsonl"
-    proc = run_sample(tmp_path / "in.jsonl", out, *api_args(chat_server, "--temperature", 0.7, "--top-p", 0.9))
+    proc = run_sample(tmp_path / "in.jsonl", out,
+                      *api_args(chat_server, "--temperature", 0.7, "--top-p", 0.9))
     assert proc.returncode == 0, describe(proc)
 
     rows = read_rows(out)
@@ -359,7 +390,8 @@ def test_api_faults_are_retried_and_counted(tmp_path, chat_server):
     assert s["retries"] == sum(expected.values())
     assert (s["written"], s["already_done"], s["bad_skipped"], s["failed"]) == (12, 0, 0, 0)
     # One request per row plus one per retry: nothing was asked again after it succeeded.
-    assert {pid: len(chat_server.for_pid(pid)) for pid in ids} == {pid: 1 + n_faults.get(pid, 0) for pid in ids}
+    assert ({pid: len(chat_server.for_pid(pid)) for pid in ids}
+            == {pid: 1 + n_faults.get(pid, 0) for pid in ids})
 
     # The request format of the contract, on every request.
     for r in chat_server.requests:
@@ -383,7 +415,8 @@ def test_api_faults_are_retried_and_counted(tmp_path, chat_server):
 def test_api_n3_asks_again_for_missing_choices(tmp_path, chat_server):
     ids = [f"q{i}" for i in range(6)]
     prompts = write_prompts(tmp_path / "in.jsonl", ids)
-    chat_server.max_choices = {"q0": 2, "q3": 1}  # answers with fewer than n choices: ask for the rest
+    # answers with fewer than n choices: ask for the rest
+    chat_server.max_choices = {"q0": 2, "q3": 1}
     chat_server.delay_s = 0.1  # so that two workers are in flight together
     out = tmp_path / "out.jsonl"
     proc = run_sample(tmp_path / "in.jsonl", out, "--n", 3, *api_args(chat_server, concurrency=2),
@@ -395,12 +428,14 @@ def test_api_n3_asks_again_for_missing_choices(tmp_path, chat_server):
     for row in rows:
         expected = [answer_for(prompt_for(row["id"]), k) for k in range(3)]
         assert row["messages"] == prompts[row["id"]]
-        assert sorted(row["teacher_responses"]) == expected  # 3 distinct server choices, none lost or repeated
+        # 3 distinct server choices, none lost or repeated
+        assert sorted(row["teacher_responses"]) == expected
         assert row["teacher_response"] in row["teacher_responses"]
 
     s = summary(proc)
     assert (s["written"], s["failed"], s["retries"]) == (6, 0, 0)  # a short answer is not a fault
-    # Rows answered in full take one request with n=3; q0 (2 per answer) then asks for 1, q3 (1 per answer) for 2, 1.
+    # Rows answered in full take one request with n=3; q0 (2 per answer) then asks for 1, q3 (1 per
+    # answer) for 2, 1.
     asked = {pid: [r["body"]["n"] for r in chat_server.for_pid(pid)] for pid in ids}
     assert asked == {"q0": [3, 1], "q1": [3], "q2": [3], "q3": [3, 2, 1], "q4": [3], "q5": [3]}
     # No OPENAI_API_KEY in the environment: no Authorization header at all (not "Bearer None").
@@ -420,10 +455,12 @@ def test_api_row_past_max_retries_fails_then_rerun_completes(tmp_path, chat_serv
     assert proc.returncode == 1, describe(proc)
     rows = read_rows(out)
     assert_each_once(rows, [i for i in ids if i != "r2"])
-    assert len(chat_server.for_pid("r2")) == 3  # the first try and --max-retries retries, then it gives up
+    # the first try and --max-retries retries, then it gives up
+    assert len(chat_server.for_pid("r2")) == 3
     s = summary(proc)
     assert (s["written"], s["failed"]) == (7, 1)
-    assert (s["retries"], s["http_429"], s["http_5xx"], s["timeout"], s["connection"]) == (4, 1, 3, 0, 0)
+    assert ((s["retries"], s["http_429"], s["http_5xx"], s["timeout"], s["connection"])
+            == (4, 1, 3, 0, 0))
 
     chat_server.always = {}  # the endpoint recovers; the same command picks up the failed row
     before = len(chat_server.requests)
@@ -431,7 +468,8 @@ def test_api_row_past_max_retries_fails_then_rerun_completes(tmp_path, chat_serv
     assert proc.returncode == 0, describe(proc)
     rows = read_rows(out)
     assert_each_once(rows, ids)
-    assert [r["pid"] for r in chat_server.requests[before:]] == ["r2"]  # done rows are not asked again
+    # done rows are not asked again
+    assert [r["pid"] for r in chat_server.requests[before:]] == ["r2"]
     assert rows[-1]["id"] == "r2"  # appended after the rows already there
     assert rows[-1]["teacher_response"] == answer_for(prompt_for("r2"), 0)
     s = summary(proc)
@@ -452,20 +490,21 @@ def test_api_non_retryable_errors_fail_only_their_row(tmp_path, chat_server):
     assert (s["written"], s["failed"], s["retries"]) == (4, 2, 0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # kill and resume
 
 def test_local_kill_and_resume(tmp_path):
     ids = [f"k{i:02d}" for i in range(36)]
-    # sample.py batches prompts by length; growing prompts (to ~700 tokens) make each later batch slower, so
-    # the kill after the first batch lands mid-run (~0.5 s of work left) rather than racing the end.
+    # sample.py batches prompts by length; growing prompts (to ~700 tokens) make each later batch
+    # slower, so the kill after the first batch lands mid-run (~0.5 s of work left) rather than
+    # racing the end.
     prompts = write_prompts(tmp_path / "in.jsonl", ids, grow=4)
     out = tmp_path / "out.jsonl"
     args = ["--model", "tiny", "--batch-size", 4, "--max-new-tokens", 8, "--seed", 0]
     # One torch thread: on a busy 2-core box more threads made this run 3x slower, not faster.
     env = dict(env_with_key(None), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(sample_cmd(tmp_path / "in.jsonl", out, *args), cwd=ROOT, text=True, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(sample_cmd(tmp_path / "in.jsonl", out, *args), cwd=ROOT, text=True,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_lines(out, 4, proc)
     kill(proc)
     survived = complete_rows(out)
@@ -485,7 +524,8 @@ def test_local_kill_and_resume(tmp_path):
         assert row["messages"] == prompts[row["id"]]
         assert isinstance(row["teacher_response"], str)
     s = summary(proc)
-    assert (s["already_done"], s["written"], s["failed"]) == (len(survived), len(ids) - len(survived), 0)
+    assert ((s["already_done"], s["written"], s["failed"])
+            == (len(survived), len(ids) - len(survived), 0))
 
 
 def test_api_kill_and_resume(tmp_path, chat_server):
@@ -501,13 +541,15 @@ def test_api_kill_and_resume(tmp_path, chat_server):
     survived = complete_rows(out)
     assert 3 <= len(survived) < len(ids)
     done = set(ids_of(survived))
-    # The worst torn tail: a whole, valid row without its newline. Its write did not finish, so it is not done.
+    # The worst torn tail: a whole, valid row without its newline. Its write did not finish, so it
+    # is not done.
     torn_id = next(i for i in ids if i not in done)
     with open(out, "ab") as f:
-        f.write(json.dumps({"id": torn_id, "messages": prompts[torn_id], "teacher_response": "TORN"}).encode())
+        f.write(json.dumps({"id": torn_id, "messages": prompts[torn_id],
+                            "teacher_response": "TORN"}).encode())
 
-    # The rerun talks to a fresh endpoint: a request the killed run had sent may still be on its way into the first
-    # one's log, and must not be counted as the rerun's.
+    # The rerun talks to a fresh endpoint: a request the killed run had sent may still be on its
+    # way into the first one's log, and must not be counted as the rerun's.
     with serve_chat() as rerun_server:
         proc = run_sample(tmp_path / "in.jsonl", out, *api_args(rerun_server, concurrency=2))
     assert proc.returncode == 0, describe(proc)
@@ -515,22 +557,26 @@ def test_api_kill_and_resume(tmp_path, chat_server):
     assert_each_once(rows, ids)
     assert rows[:len(survived)] == survived
     for row in rows:
-        # Any choice number: rows in flight at the kill were answered but never written, and are asked again.
-        assert re.fullmatch(r"answer \d+ to: " + re.escape(prompt_for(row["id"])), row["teacher_response"])
+        # Any choice number: rows in flight at the kill were answered but never written, and are
+        # asked again.
+        assert re.fullmatch(r"answer \d+ to: " + re.escape(prompt_for(row["id"])),
+                            row["teacher_response"])
     assert torn_id in ids_of(rows[len(survived):])  # the torn "TORN" row was cut and redone
     # The rerun asks once for each row that was not complete, and never for one that was.
     asked = [r["pid"] for r in rerun_server.requests]
     assert sorted(asked) == sorted(set(ids) - done)
     s = summary(proc)
-    assert (s["already_done"], s["written"], s["failed"]) == (len(survived), len(ids) - len(survived), 0)
+    assert ((s["already_done"], s["written"], s["failed"])
+            == (len(survived), len(ids) - len(survived), 0))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bad input rows
 
 def write_bad_rows(path):
     """Good and bad rows mixed; returns (good ids, {line number: field the error should name})."""
-    good = lambda pid: json.dumps({"id": pid, "messages": [{"role": "user", "content": prompt_for(pid)}]})
+    good = lambda pid: json.dumps({"id": pid,
+                                   "messages": [{"role": "user", "content": prompt_for(pid)}]})
     lines = [
         good("g1"),
         json.dumps({"id": "g2", "prompt": prompt_for("g2")}),
@@ -544,7 +590,8 @@ def write_bad_rows(path):
         json.dumps({"id": "b10", "messages": "hello"}),  # messages a string
         good("g11"),
     ]
-    data = b"".join((line.encode() if line is not None else b'{"id": "b9", "prompt": "caf\xe9 au lait"}') + b"\n"
+    data = b"".join((line.encode() if line is not None
+                     else b'{"id": "b9", "prompt": "caf\xe9 au lait"}') + b"\n"
                     for line in lines)
     path.write_bytes(data)
     return ["g1", "g2", "g5", "g11"], [3, 4, 6, 7, 8, 9, 10]
@@ -572,13 +619,14 @@ def test_skip_bad_reports_each_row_and_writes_the_good_ones(tmp_path, chat_serve
     out = tmp_path / "out.jsonl"
     proc = run_sample(data, out, "--skip-bad", *api_args(chat_server))
     assert proc.returncode == 0, describe(proc)
-    reported = [int(n) for n in re.findall(r"skipped bad row: " + re.escape(str(data)) + r", line (\d+), field '",
-                                           proc.stderr)]
+    reported = [int(n) for n in re.findall(r"skipped bad row: " + re.escape(str(data))
+                                           + r", line (\d+), field '", proc.stderr)]
     assert reported == bad_lines, describe(proc)
     rows = read_rows(out)
     assert_each_once(rows, good_ids)
     by_id = {r["id"]: r for r in rows}
-    assert by_id["g2"]["messages"] == [{"role": "user", "content": prompt_for("g2")}]  # the prompt form
+    # the prompt form
+    assert by_id["g2"]["messages"] == [{"role": "user", "content": prompt_for("g2")}]
     for pid in good_ids:
         assert by_id[pid]["teacher_response"] == answer_for(prompt_for(pid), 0)
     s = summary(proc)
