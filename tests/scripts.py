@@ -22,7 +22,8 @@ def run_script(script, args, torchrun=False, check=True):
         # the rank had finished its work; 40 local repeats did not reproduce it). Run the command
         # once more, loudly: a failure that is ours repeats, and a resumed run then resumes from
         # the last checkpoint.
-        print(f"retrying after a gloo teardown abort: {' '.join(cmd)}", file=sys.stderr)
+        print(f"retrying after a gloo teardown abort: {' '.join(cmd)}\n--- its stderr's end:\n"
+              f"{out.stderr[-1500:]}\n---", file=sys.stderr)
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

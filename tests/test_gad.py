@@ -318,6 +318,8 @@ def test_eval_under_torchrun_runs_on_rank_0_alone_and_agrees_with_eval_py(tmp_pa
         f"sys.path.insert(0, {ROOT!r})\n"
         "import gad, models\n"
         "real = models.load_model\n"
+        # a fresh trace each run (scripts.run_script reruns a command after a gloo teardown abort)
+        f"open(os.path.join({str(tmp_path)!r}, 'loads.rank' + os.environ['RANK']), 'w').close()\n"
         "def traced(name, *args, **kwargs):\n"
         f"    with open(os.path.join({str(tmp_path)!r}, 'loads.rank' + os.environ['RANK']), "
         "'a') as f:\n"
