@@ -93,6 +93,7 @@ import common
 from common import print0
 import data as data_lib
 import eval as eval_lib
+import judge
 import losses
 import models
 import sample
@@ -186,6 +187,7 @@ def parse_args(argv=None):
     common.add_run_flags(g, out="runs/amm")
     g.add_argument("--eval-prompts", type=int, default=None,
                    help="held-out prompts in the before/after table")
+    judge.add_flags(p)
     args = p.parse_args(argv)
     common.fill_preset(args, PRESETS, PAPER)
     if args.baseline == "loo" and args.samples_per_prompt < 2:
@@ -372,7 +374,7 @@ def load_models(args, device):
     return tok, student, teacher, adv_off, adv_on
 
 
-def make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, phases):
+def make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, phases, compute):
     """Each side's fixed quantities for the step: its rollout (on: k samples per prompt from the
     student; off: the teacher's response), the teacher's hidden states (p, and the adversary's
     input) and the student's before the update (q for the adversary steps and the advantages), its
@@ -385,6 +387,9 @@ def make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, p
                                **gen)                                                    # y_s ~ q
         off_ro = sample.rollout(teacher, prompts, [f"t{step}|{r['id']}" for r in batch],
                                 vocab_size=vocab, **gen)                                 # y_t ~ p
+    compute.generate(student, on_ro, k)
+    compute.generate(teacher, off_ro, teacher=True,
+                     calls=math.ceil(len(batch) / (args.gen_batch_size or len(batch))))
     student.train()
     sides = {}
     for name, ro, adversary, weight, rows in (
@@ -396,13 +401,16 @@ def make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, p
         with phases("scoring"), amp:
             t_h, s_h = (hidden_states(teacher, ro, mb, mb_tokens),
                         hidden_states(student, ro, mb, mb_tokens))
+        compute.forward(teacher, ro, teacher=True,
+                        calls=common.micro_batch_count(ro, mb, mb_tokens))
+        compute.forward(student, ro)
         sides[name] = dict(ro=ro, mask=mask, norm=norm, count=common.all_reduce_sum(rows),
                            weight=weight, adversary=adversary, t_h=t_h, s_h=s_h,
                            adv_in=t_h if args.adv_input == "teacher" else s_h)
     return sides
 
 
-def adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phases, m):
+def adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phases, m, compute):
     """--adv-steps ascent steps of both adversaries on beta d_off + (1 - beta) d_on (p, q fixed).
     Logs the distances after them and each adversary's gain (same samples) into `m`; returns the
     moments g [N, T] after."""
@@ -422,12 +430,19 @@ def adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phase
         l1 = {name: mean_distance(sd, side_values(l1_values, sd, sd["s_h"], s_head, t_head, chunk))
               for name, sd in sides.items()}
     post = {name: mean_distance(sd, g[name]) for name, sd in sides.items()}
+    heads = models.num_params(s_head) + models.num_params(t_head)   # run alone on stored states
+    for sd in sides.values():   # over each side's response tokens: the heads (moments before and
+        # after, l1, each ascent step), the adversary (moments before and after; each ascent step)
+        tokens = int(sd["mask"].sum())
+        compute.forward(heads, tokens, passes=3 + args.adv_steps)
+        compute.forward(sd["adversary"], tokens, passes=2)
+        compute.train(sd["adversary"], tokens, passes=args.adv_steps)
     m.update(d_on=post["on"], d_off=post["off"], d_on_gain=post["on"] - pre["on"],
              d_off_gain=post["off"] - pre["off"], l1_on=l1["on"], l1_off=l1["off"])
     return g
 
 
-def student_backward(student, sides, advantages, s_head, t_head, args, amp, phases):
+def student_backward(student, sides, advantages, s_head, t_head, args, amp, phases, compute):
     """Backward of the student's objective, beta d_off + (1 - beta) (the surrogate of d_on),
     micro-batch by micro-batch; returns this rank's share of it."""
     total = 0.0
@@ -447,10 +462,14 @@ def student_backward(student, sides, advantages, s_head, t_head, args, amp, phas
             with phases("student"):
                 loss.backward()
             total += loss.item()
+        # the student's pass (its head included), the teacher's head and the adversary
+        compute.train(student, sd["ro"])
+        compute.forward(models.num_params(t_head) + models.num_params(sd["adversary"]),
+                        int(sd["mask"].sum()))
     return total
 
 
-def student_moves(student, sides, s_head, t_head, args, amp, phases, m):
+def student_moves(student, sides, s_head, t_head, args, amp, phases, m, compute):
     """The distance estimates after the student's step, at the same states with the same
     adversaries: how far the step moved the moments it was asked to close (d_on's state distribution
     moves too; that part is the score term, checked exactly in tests/test_amm.py). Logged as
@@ -461,6 +480,10 @@ def student_moves(student, sides, s_head, t_head, args, amp, phases, m):
                                                                    args.micro_batch_tokens),
                                                  s_head, t_head, args.chunk_size))
                  for name, sd in sides.items()}
+    heads = models.num_params(s_head) + models.num_params(t_head)
+    for sd in sides.values():   # a student pass, then the heads and the adversary on its states
+        compute.forward(student, sd["ro"])
+        compute.forward(heads + models.num_params(sd["adversary"]), int(sd["mask"].sum()))
     m.update(d_on_student=after["on"] - m["d_on"], d_off_student=after["off"] - m["d_off"])
 
 
@@ -502,34 +525,40 @@ def main(argv=None):
     adv_opt = torch.optim.AdamW(adv_params, lr=args.adv_lr, weight_decay=args.weight_decay)
     state = common.resume(args, student=student, adv_off=adv_off, adv_on=adv_on, opt=opt,
                           adv_opt=adv_opt, sched=sched)
+    compute = common.Compute()   # the counters of every metrics row
+    compute.resume(state)
     start = 0 if state is None else state["step"] + 1
 
     for step in range(start, total_steps):
         t0, phases = time.time(), common.Phases(device)
         batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "amm",
                                           rank, world)
-        sides = make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, phases)
+        sides = make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, phases,
+                           compute)
         m = {"lr": sched.get_last_lr()[0]}
-        g = adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phases, m)
+        g = adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phases, m,
+                            compute)
         # advantages of the student's samples under the updated adversary, before the student moves
         on = sides["on"]
         advantages = on_policy_advantages(g["on"], on["mask"], on["norm"], args.token_mean,
                                           args.samples_per_prompt, args.baseline)
-        total = student_backward(student, sides, advantages, s_head, t_head, args, amp, phases)
+        total = student_backward(student, sides, advantages, s_head, t_head, args, amp, phases,
+                                 compute)
         with phases("student"):
             grad_norm, skipped = common.clip_and_step(student.parameters(), opt, args.grad_clip)
         sched.step()
-        student_moves(student, sides, s_head, t_head, args, amp, phases, m)
+        student_moves(student, sides, s_head, t_head, args, amp, phases, m, compute)
         m.update(response_len=on["ro"].response_mask.sum().item() / on["ro"].response_mask.shape[0],
                  skipped=int(skipped))
         m = common.reduce_metrics(m | phases.stats)
         tokens = sum(common.all_reduce_sum(sd["ro"].response_mask.sum().item())
                      for sd in sides.values())
         m.update(step=step, loss=common.all_reduce_sum(total), grad_norm=grad_norm, tokens=tokens,
-                 s_per_step=time.time() - t0)
+                 s_per_step=time.time() - t0, **compute.log())
         common.log_step(args, "step", step, total_steps, m, LOG_KEYS)
         if common.end_step(args, step, total_steps, step + 1 - start, student=student,
-                           adv_off=adv_off, adv_on=adv_on, opt=opt, adv_opt=adv_opt, sched=sched):
+                           adv_off=adv_off, adv_on=adv_on, opt=opt, adv_opt=adv_opt, sched=sched,
+                           compute=compute):
             common.compute_cleanup()
             return
 
@@ -544,4 +573,4 @@ def cosine(step, total):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)   # a locked --out: exit 2

@@ -99,6 +99,81 @@ def seed_everything(seed, rank=0):
     return s
 
 
+class OutputLocked(RuntimeError):
+    """Another live run writes this output (the message names it): the entry points exit 2."""
+
+
+def lock_output(path):
+    """Take the one-writer lock of an output (a jsonl file, or a run's --out folder) -> the open
+    lock file: hold it while writing, close it (or exit) to release. A second run on the same output
+    gets OutputLocked naming the run that holds it. An OS lock (flock on PATH.lock, or PATH/.lock
+    for a folder): the kernel drops it when the holder dies, so a kill -9 leaves no stale lock."""
+    import fcntl
+    import socket
+    import sys
+
+    path = os.fspath(path)
+    lock_path = os.path.join(path, ".lock") if os.path.isdir(path) else path + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    f = open(lock_path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        for _ in range(50):   # the holder writes its name just after it locks: give it a moment
+            f.seek(0)
+            holder = f.read().strip()
+            if holder:
+                break
+            time.sleep(0.01)
+        f.close()
+        holder = holder or "a process that has not written its name yet"
+        raise OutputLocked(f"{path} is being written by another run ({holder}); wait for it to "
+                           "finish, or give this run another output") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}")
+    f.flush()
+    return f
+
+
+_run_lock = None   # rank 0's lock on the running trainer's --out, held until the process exits
+
+
+def lock_run_output(out, rank):
+    """A trainer's one-writer lock on OUT (an existing folder: OUT/.lock), taken by rank 0, the
+    only rank that writes there, and held until the process exits (or the next run in this process
+    starts). One collective tells every rank the outcome, so no rank waits for a rank 0 that gave
+    up: on a refusal the process group is torn down and every rank raises OutputLocked."""
+    global _run_lock
+    if _run_lock is not None:   # an earlier run in this process (tests call main() in turn)
+        _run_lock.close()
+        _run_lock = None
+    error = None
+    if rank == 0:
+        try:
+            _run_lock = lock_output(out)
+        except OutputLocked as e:
+            error = e
+    if all_reduce_sum(float(error is not None)):
+        compute_cleanup()
+        raise error or OutputLocked(f"{out} is being written by another run (see rank 0)")
+
+
+def run_main(main):
+    """An entry point's `__main__`: main(), a refused output (OutputLocked) turned into `error: ...`
+    on stderr (printed by rank 0 alone) and exit status 2 on every rank."""
+    import sys
+
+    try:
+        main()
+    except OutputLocked as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path in the same directory; on success rename it over `path`, on failure delete
@@ -141,6 +216,57 @@ def log_metrics(path, metrics):
     row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def wandb_project(project):
+    """--wandb's argparse type: checks that wandb is installed without importing it, so a missing
+    package stops the run at startup (exit 2), not at its first logged step minutes later."""
+    import argparse
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+        raise argparse.ArgumentTypeError("needs the wandb package: pip install wandb")
+    return project
+
+
+_wandb = {}   # rank 0's live wandb run: the args it logs for, the run, its next step
+
+
+def wandb_log(args, metrics):
+    """With --wandb PROJECT: the metrics row, as written to metrics.jsonl (the source of truth),
+    logged to wandb too (rank 0). The run starts at the first row, wandb imported only then;
+    WANDB_MODE=offline keeps it in OUT/wandb/ for a later `wandb sync`. wandb's step is the row's
+    index in metrics.jsonl, the step across stages: gad.py's `step` restarts at each stage, and
+    wandb drops a step lower than one it has seen."""
+    if getattr(args, "wandb", None) is None or get_rank() != 0:
+        return
+    if _wandb.get("args") is not args:
+        import atexit
+        import uuid
+        import wandb
+        if _wandb:   # an earlier run in this process (tests call main() more than once)
+            _wandb["run"].finish()
+        # The run id is stored in OUT/wandb_id: a fresh run writes a new one, a resumed run reads
+        # it back and appends to the same wandb run (resume="allow"). Not derived from the path:
+        # a fresh run in the same folder restarts at step 0, and wandb would drop its rows.
+        id_path = os.path.join(args.out, "wandb_id")
+        resumed = args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt"))
+        if resumed and os.path.exists(id_path):
+            with open(id_path, encoding="utf-8") as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            atomic_write_text(id_path, run_id)
+        run = wandb.init(project=args.wandb, dir=args.out, config=vars(args), id=run_id,
+                         resume="allow", name=os.path.basename(os.path.abspath(args.out)))
+        # The trainers end in several places (done, --stop-after, an error): finish at exit, with
+        # the exit code wandb's own hooks saw.
+        atexit.register(run.finish)
+        with open(os.path.join(args.out, "metrics.jsonl"), encoding="utf-8") as f:
+            rows = sum(1 for _ in f)
+        _wandb.update(args=args, run=run, step=rows - 1)   # this row is already in the file
+    row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+    _wandb["run"].log(row, step=_wandb["step"])
+    _wandb["step"] += 1
 
 
 def all_reduce_sum(x):
@@ -247,6 +373,93 @@ class Phases:
         self.stats[f"t_{name}"] = self.stats.get(f"t_{name}", 0.0) + time.perf_counter() - t0
 
 
+class Compute:
+    """Compute accounting: cumulative counters in every metrics row, to plot quality against
+    compute (README, "Compute accounting"). A trainer counts each pass where it makes it, and once
+    a step `log()` sums the step's counts over ranks into the totals:
+
+        compute = common.Compute()
+        compute.generate(G, ro, n=8)       # sampling: 2 N per prompt token (one prefill a prompt)
+                                           # and per generated token
+        compute.forward(D, ro)             # a pass without gradient: 2 N a token
+        compute.train(G, ro, passes=2)     # forward + backward: 6 N a token (train_tokens)
+        m.update(compute.log())            # every rank, once a step: the row's counters
+
+    N is every parameter of the module making the pass (embeddings included, a tied head once).
+    Tokens are real ones, read from the masks: padding is not counted. `model` is a module or a
+    parameter count; `tokens` a count or a Rollout (its prompt + response tokens). teacher=True
+    marks the teacher's passes, `calls` its forward passes or generate() batches."""
+
+    KEYS = ("student_tokens", "teacher_tokens", "teacher_calls", "train_tokens", "flops")
+
+    def __init__(self):
+        self.totals = dict.fromkeys(self.KEYS, 0)
+        self.pending = dict.fromkeys(self.KEYS, 0)   # this rank's counts since the last log()
+
+    @staticmethod
+    def params(model):
+        return model if isinstance(model, int) else sum(p.numel() for p in model.parameters())
+
+    @staticmethod
+    def tokens(x):
+        if hasattr(x, "prompt_mask"):
+            return int(x.prompt_mask.sum()) + int(x.response_mask.sum())
+        return int(x)
+
+    def add(self, **counts):
+        for key, value in counts.items():
+            self.pending[key] += value
+
+    def generate(self, model, ro, n=1, teacher=False, calls=0):
+        """Sampling of the Rollout `ro`, n samples a prompt: each prompt prefilled once (its rows
+        repeat it n times), each new token a decode step. A student's new tokens are
+        student_tokens; a teacher's prompt and new tokens are teacher_tokens."""
+        prompt, new = int(ro.prompt_mask.sum()) // n, int(ro.response_mask.sum())
+        self.add(flops=2 * self.params(model) * (prompt + new))
+        if teacher:
+            self.add(teacher_tokens=prompt + new, teacher_calls=calls)
+        else:
+            self.add(student_tokens=new)
+
+    def forward(self, model, tokens, passes=1, teacher=False, calls=0):
+        """`passes` forward passes without gradient over `tokens`."""
+        tokens = self.tokens(tokens) * passes
+        self.add(flops=2 * self.params(model) * tokens)
+        if teacher:
+            self.add(teacher_tokens=tokens, teacher_calls=calls)
+
+    def train(self, model, tokens, passes=1):
+        """`passes` forward and backward passes over `tokens`."""
+        tokens = self.tokens(tokens) * passes
+        self.add(flops=6 * self.params(model) * tokens, train_tokens=tokens)
+
+    def log(self):
+        """The step's counts summed over ranks (float64: exact for counts) and added to the totals,
+        a collective every rank calls once a step. Returns the metrics row's counters: the
+        cumulative ones, the step's `flops` and `flops_total`."""
+        step = {key: all_reduce_sum(value) for key, value in self.pending.items()}
+        self.pending = dict.fromkeys(self.KEYS, 0)
+        for key, value in step.items():
+            self.totals[key] += value if key == "flops" else round(value)
+        return ({key: self.totals[key] for key in self.KEYS if key != "flops"}
+                | {"flops": float(step["flops"]), "flops_total": float(self.totals["flops"])})
+
+    def state_dict(self):
+        """The totals, for the checkpoint (save_checkpoint stores what state_dict() returns)."""
+        return dict(self.totals)
+
+    def resume(self, state):
+        """The totals of the values common.resume returned (None: a fresh run, all 0); 0 for a
+        counter an older checkpoint lacks."""
+        saved = (state or {}).get("compute") or {}
+        self.totals = {key: saved.get(key, 0) for key in self.KEYS}
+
+
+def micro_batch_count(ro, max_rows, max_tokens=None):
+    """The forward passes Rollout.map makes over `ro`, one a micro-batch (a teacher's calls)."""
+    return sum(1 for _ in ro.micro_batches(max_rows, max_tokens))
+
+
 def fill_preset(args, presets, default):
     """The one main dial: --student picks a preset (else `default`, the paper's recipe), which fills
     every flag left unset (None). What was filled is printed, so a run's log says what it actually
@@ -332,15 +545,20 @@ def add_run_flags(group, out):
     group.add_argument("--stop-after", type=int, default=None,
                        help="stop after this many steps (tests of resume)")
     group.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
+    group.add_argument("--wandb", type=wandb_project, default=None, metavar="PROJECT",
+                       help="also log metrics.jsonl's rows to this wandb project (needs wandb; "
+                            "WANDB_MODE=offline: to OUT/wandb/ only, no network)")
 
 
 def setup(args):
     """Start a run: torchrun's process group if launched by it, the seeds (the same on every rank:
-    the models start equal; sampling is keyed per prompt, not per rank), OUT/. Returns (rank, world
-    size, device)."""
+    the models start equal; sampling is keyed per prompt, not per rank), OUT/ and its one-writer
+    lock (OutputLocked on every rank if another run holds it). Returns (rank, world size,
+    device)."""
     _, rank, _, world, device = compute_init(args.device)
     seed_everything(args.seed)
     os.makedirs(args.out, exist_ok=True)
+    lock_run_output(args.out, rank)   # the folder first, so the lock is OUT/.lock
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} "
                          f"must divide by the world size {world}")
@@ -373,6 +591,7 @@ def log_step(args, label, step, total, m, keys):
     step sampled or trained on) and `s_per_step`; tokens_per_s is added."""
     m["tokens_per_s"] = m["tokens"] / max(m["s_per_step"], 1e-9)
     log_metrics(os.path.join(args.out, "metrics.jsonl"), m)
+    wandb_log(args, m)
     fields = "".join(f" | {k} {m[k]:.4g}" for k in keys if k in m)
     print0(f"{label} {step + 1}/{total}{fields} | {m['tokens_per_s']:.0f} tok/s | "
            f"{m['s_per_step']:.2f} s/step")

@@ -77,6 +77,7 @@ import common
 from common import print0
 import data as data_lib
 import eval as eval_lib
+import judge
 import losses
 import models
 import sample
@@ -215,6 +216,7 @@ def parse_args(argv=None):
     common.add_run_flags(g, out="runs/distillm2")
     g.add_argument("--eval-prompts", type=int, default=None,
                    help="held-out prompts in the before/after table")
+    judge.add_flags(p)
     args = p.parse_args(argv)
     common.fill_preset(args, PRESETS, PAPER)
     baseline = args.loss != "distillm2"
@@ -284,12 +286,17 @@ def add_lora(model, r, alpha, dropout):
     return get_peft_model(model, cfg)
 
 
-def respond(model, rows, tag, gen, temperature, top_p, vocab_size=None):
+def respond(model, rows, tag, gen, temperature, top_p, vocab_size=None, compute=None,
+            teacher=False):
     """One response (token ids) per prompt row from `model`, keyed by (tag, row id): the same
-    whatever the batching, the rank or an interruption. gen: sample.rollout's other arguments."""
-    return sample.rollout(model, [r["prompt"] for r in rows], [f"{tag}|{r['id']}" for r in rows],
-                          temperature=temperature, top_p=top_p, vocab_size=vocab_size,
-                          **gen).responses()
+    whatever the batching, the rank or an interruption. gen: sample.rollout's other arguments.
+    Counted in `compute` (not the held-out responses: evaluation is not training compute)."""
+    ro = sample.rollout(model, [r["prompt"] for r in rows], [f"{tag}|{r['id']}" for r in rows],
+                        temperature=temperature, top_p=top_p, vocab_size=vocab_size, **gen)
+    if compute is not None:
+        compute.generate(model, ro, teacher=teacher,
+                         calls=math.ceil(len(rows) / (gen["batch_size"] or len(rows))))
+    return ro.responses()
 
 
 def fit_length(prompt, responses, max_len, max_prompt_len):
@@ -401,7 +408,7 @@ def load_models(args, device):
 
 
 def epoch_responses(student, teacher, train, epoch, fresh, steps_per_epoch, args, gen, vocab,
-                    phases):
+                    phases, compute):
     """{row id: {"y_t", "y_s"}} of every row this rank trains on in `epoch`: sampled from the
     teacher and the CURRENT student at the epoch's start (`fresh`; written, once, to OUT/epoch_rows
     for a resumed run), or, resuming mid-epoch, read back: the student has moved since they were
@@ -412,16 +419,17 @@ def epoch_responses(student, teacher, train, epoch, fresh, steps_per_epoch, args
     if not fresh:
         return load_epoch_rows(args.out, epoch, [r["id"] for r in mine])
     with phases("sampling"):
-        y_t = respond(teacher, mine, f"t{epoch}", gen, args.temperature, args.top_p, vocab)
-        y_s = respond(student, mine, f"s{epoch}", gen, args.temperature, args.top_p) \
-            if uses_student_responses(args) else [[] for _ in mine]
+        y_t = respond(teacher, mine, f"t{epoch}", gen, args.temperature, args.top_p, vocab,
+                      compute, teacher=True)
+        y_s = respond(student, mine, f"s{epoch}", gen, args.temperature, args.top_p,
+                      compute=compute) if uses_student_responses(args) else [[] for _ in mine]
     rows = {r["id"]: {"y_t": a, "y_s": b} for r, a, b in zip(mine, y_t, y_s)}
     common.atomic_torch_save(rows, epoch_rows_path(args.out, epoch, rank))
     common.barrier()   # every rank's file is on disk before any checkpoint of this epoch
     return rows
 
 
-def step_rollouts(student, batch, epoch_rows, step, args, gen, device, phases):
+def step_rollouts(student, batch, epoch_rows, step, args, gen, device, phases, compute):
     """The step's rollouts of its prompts: [y_t], [y_t, y_s] (DistiLLM-2, --both-responses), or, on
     a GKD on-policy step (a coin per step, the same on every rank),
     [a fresh sample of the current student]."""
@@ -430,7 +438,7 @@ def step_rollouts(student, batch, epoch_rows, step, args, gen, device, phases):
     if on_policy:
         with phases("sampling"):
             rows = [[y] for y in respond(student, batch, f"p{step}", gen,
-                                         args.on_policy_temperature, 1.0)]
+                                         args.on_policy_temperature, 1.0, compute=compute)]
         student.train()
     else:
         rows = [[epoch_rows[r["id"]]["y_t"]] + ([epoch_rows[r["id"]]["y_s"]]
@@ -445,7 +453,7 @@ def uses_student_responses(args):
     return args.loss == "distillm2" or args.both_responses
 
 
-def curriculum_alphas(student, teacher, rollouts, epoch, n_seqs, args, amp, phases, m):
+def curriculum_alphas(student, teacher, rollouts, epoch, n_seqs, args, amp, phases, m, compute):
     """Per-sample alphas [B] of the SKL and SRKL terms: alpha0, or, for DistiLLM-2 from its second
     epoch on, the curriculum of the likelihood gaps (alpha_curriculum, global batch means). Gaps are
     logged into `m`."""
@@ -459,6 +467,10 @@ def curriculum_alphas(student, teacher, rollouts, epoch, n_seqs, args, amp, phas
         gap_t = mean_logprob(teacher, t_ro, args).exp() - mean_logprob(student, t_ro, args).exp()
         # Q - P, y_s
         gap_s = mean_logprob(student, s_ro, args).exp() - mean_logprob(teacher, s_ro, args).exp()
+    for ro in rollouts:   # a teacher and a student pass over each
+        compute.forward(teacher, ro, teacher=True, calls=common.micro_batch_count(
+            ro, args.micro_batch_size, args.micro_batch_tokens))
+        compute.forward(student, ro)
     # global means
     m_t, m_s = (common.all_reduce_sum(g.sum().item()) / n_seqs for g in (gap_t, gap_s))
     m.update(gap_skl=gap_t.tolist(), gap_srkl=gap_s.tolist())
@@ -475,7 +487,8 @@ def loss_terms(args, beta, alpha_t, alpha_s, num_rollouts):
     return [(args.loss, fn, kw, 1.0)] * num_rollouts
 
 
-def accumulate(student, teacher, rollouts, terms, n_seqs, n_tokens, args, amp, phases, m):
+def accumulate(student, teacher, rollouts, terms, n_seqs, n_tokens, args, amp, phases, m,
+               compute):
     """Backward of the step's loss, micro-batch by micro-batch (a prompt's rollouts stay in one
     micro-batch); returns this rank's share of it. DistiLLM-2 logs each term's per-sequence mean
     into `m`."""
@@ -492,6 +505,8 @@ def accumulate(student, teacher, rollouts, terms, n_seqs, n_tokens, args, amp, p
                                            **part_kw)
             with phases("losses"):   # backward outside autocast
                 loss.backward()
+            compute.train(student, part)
+            compute.forward(teacher, part, teacher=True, calls=1)
             total += loss.item()
             if args.loss == "distillm2":
                 m[name] = m.get(name, 0.0) + per_seq.sum().item() / n_rows
@@ -533,6 +548,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, functools.partial(lr_factor, total=total_steps, warmup=warmup))
     state = common.resume(args, student=student, opt=opt, sched=sched)
+    compute = common.Compute()   # the counters of every metrics row
+    compute.resume(state)
     start = 0 if state is None else state["step"] + 1
     if state is None and rank == 0:   # no epoch responses of an earlier run in this folder
         shutil.rmtree(os.path.join(args.out, "epoch_rows"), ignore_errors=True)
@@ -544,21 +561,21 @@ def main(argv=None):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step_in_epoch == 0 or epoch_rows is None:
             epoch_rows = epoch_responses(student, teacher, train, epoch, step_in_epoch == 0,
-                                         steps_per_epoch, args, gen, vocab, phases)
+                                         steps_per_epoch, args, gen, vocab, phases, compute)
             student.train()
         batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "d2",
                                           rank, world)
         rollouts, on_policy = step_rollouts(student, batch, epoch_rows, step, args, gen, device,
-                                            phases)
+                                            phases, compute)
         n_seqs = common.all_reduce_sum(len(batch))
         n_tokens = [common.all_reduce_sum(ro.response_mask.sum().item()) for ro in rollouts]
         m = {"epoch": epoch, "lr": sched.get_last_lr()[0]}
         beta = beta_at(step, total_steps, args.beta0, args.beta_schedule)
         alpha_t, alpha_s = curriculum_alphas(student, teacher, rollouts, epoch, n_seqs, args, amp,
-                                             phases, m)
+                                             phases, m, compute)
         terms = loss_terms(args, beta, alpha_t, alpha_s, len(rollouts))
         total = accumulate(student, teacher, rollouts, terms, n_seqs, n_tokens, args, amp,
-                           phases, m)
+                           phases, m, compute)
         with phases("update"):
             grad_norm, skipped = common.clip_and_step(trainable, opt, args.grad_clip)
         sched.step()
@@ -569,11 +586,11 @@ def main(argv=None):
         m.update(step=step, grad_norm=grad_norm, beta=beta, on_policy=int(on_policy),
                  tokens=sum(n_tokens), alpha_skl=alpha_t.tolist(), alpha_srkl=alpha_s.tolist(),
                  alpha_skl_mean=alpha_t.mean().item(), alpha_srkl_mean=alpha_s.mean().item(),
-                 s_per_step=time.time() - t0)
+                 s_per_step=time.time() - t0, **compute.log())
         common.log_step(args, "step", step, total_steps, m, LOG_KEYS)
         if common.end_step(args, step, total_steps, step + 1 - start,
                            save=(step + 1) % steps_per_epoch == 0,
-                           student=student, opt=opt, sched=sched):
+                           student=student, opt=opt, sched=sched, compute=compute):
             common.compute_cleanup()
             return
 
@@ -586,4 +603,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)   # a locked --out: exit 2

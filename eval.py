@@ -56,6 +56,7 @@ import common
 from common import print0
 import data as data_lib
 import discriminator
+import judge
 import losses
 import models
 import sample
@@ -159,11 +160,12 @@ def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8
 
 
 def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_path, *,
-                     max_new_tokens, max_prompt_len, chunk_size=128):
+                     max_new_tokens, max_prompt_len, chunk_size=128, judge_args=None):
     """The before/after table of the white-box trainers, on held-out prompts with fixed teacher
     responses (val rows {"id", "prompt", "y_t"}): held-out KLs and the evaluate() metrics of the
     initial student (`fresh`, loaded as the trained one was exported, so both columns are computed
-    alike) and the trained one. Printed, written to out_path as JSON, and returned."""
+    alike) and the trained one; with judge_args.judge, the LLM judge's numbers too (cached in
+    judge.jsonl beside out_path). Printed, written to out_path as JSON, and returned."""
     by_id = {r["id"]: r for r in val_records}
     recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
             for r in val]
@@ -171,10 +173,24 @@ def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_pa
     table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, chunk_size),
                     **evaluate(model, tok, recs, **kw)}
              for when, model in (("before", fresh), ("after", student))}
+    add_judgements(table, recs, judge_args, os.path.join(os.path.dirname(out_path), "judge.jsonl"))
     print0(format_table(table))
     summary = {when: {k: v for k, v in d.items() if k != "samples"} for when, d in table.items()}
     common.atomic_write_text(out_path, json.dumps(summary, indent=1))
     return summary
+
+
+def add_judgements(table, records, args, cache_path):
+    """With --judge (judge.py), each column's samples judged against the records' teacher responses:
+    the judge_* numbers join the column (cached in --judge-cache, else cache_path). Without it,
+    nothing."""
+    if not getattr(args, "judge", None):
+        return
+    cache_path = args.judge_cache or cache_path
+    by_id = {rec["id"]: rec for rec in records}
+    for metrics in table.values():
+        kept = [by_id[i] for i in metrics["prompt_ids"]]
+        metrics.update(judge.judge_samples(args, kept, metrics["samples"], cache_path))
 
 
 def white_box_final(student, teacher, tok, val, val_records, pad, args, device):
@@ -191,7 +207,7 @@ def white_box_final(student, teacher, tok, val, val_records, pad, args, device):
         white_box_report(student, fresh, teacher, tok, val, val_records, pad,
                          os.path.join(args.out, "eval.json"),
                          max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                         chunk_size=args.chunk_size)
+                         chunk_size=args.chunk_size, judge_args=args)
 
 
 def score_pairs(score_fn, prompts, responses, pad_id, batch_size, device):
@@ -300,6 +316,7 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
     metrics["distinct_2"] = distinct_n(texts, 2)
     metrics["num_prompts"] = len(kept)
     metrics["samples"] = texts
+    metrics["prompt_ids"] = [rec["id"] for rec in kept]  # the samples' records (a judge needs them)
     return metrics
 
 
@@ -360,6 +377,9 @@ def parse_args(argv=None):
                    help="records with teacher responses: jsonl, parquet, ShareGPT json")
     d.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"],
                    help="input format")
+    d.add_argument("--skip-bad", action="store_true",
+                   help="skip bad input rows (counted) instead of stopping, as the trainers do "
+                        "with the ShareGPT package's file")
     d.add_argument("--split", default="val", choices=["val", "train", "all"],
                    help="which side of data.train_val_split to use (val: the trainers' "
                         "held-out prompts)")
@@ -385,6 +405,7 @@ def parse_args(argv=None):
                    help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     c.add_argument("--out", default=None,
                    help="also write {model: metrics, with the samples} to this json file")
+    judge.add_flags(p)
     args = p.parse_args(argv)
     if not 0.0 <= args.val_fraction <= 1.0:
         p.error("--val-fraction must be in [0, 1]")
@@ -394,7 +415,10 @@ def parse_args(argv=None):
 
 
 def load_split(args):
-    records, _ = data_lib.read_records(args.data, fmt=args.format)
+    records, bad = data_lib.read_records(data_lib.resolve_data_path(args.data), fmt=args.format,
+                                         skip_bad=args.skip_bad)
+    if bad:
+        print0(f"eval: skipped {len(bad)} bad rows (first: {bad[0]})")
     if args.split != "all":
         train, val = data_lib.train_val_split(records, args.val_fraction, seed=args.split_seed)
         records = val if args.split == "val" else train
@@ -418,6 +442,13 @@ def column_names(names):
         seen[base] += 1
         out.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
     return out
+
+
+def judge_cache(args):
+    """Where the judgements are cached: --judge-cache, else beside --out, else the working dir."""
+    if args.judge_cache:
+        return args.judge_cache
+    return os.path.splitext(args.out)[0] + ".judge.jsonl" if args.out else "judge.jsonl"
 
 
 def main(argv=None):
@@ -461,12 +492,17 @@ def main(argv=None):
         print0(f"eval: {col} done in {time.time() - t0:.1f}s; first sample: "
                f"{results[col]['samples'][0][:200]!r}")
         del student
+    try:
+        add_judgements(results, records, args, judge_cache(args))
+    except common.OutputLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(results, f, ensure_ascii=False, indent=1)
     print(format_table(results), flush=True)
-    return 0
+    return 1 if any(r.get("judge_failed") for r in results.values()) else 0
 
 
 if __name__ == "__main__":

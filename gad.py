@@ -45,6 +45,7 @@ from common import print0
 import data as data_lib
 import discriminator
 import eval as eval_lib
+import judge
 import models
 import ppo
 import sample
@@ -165,6 +166,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-prompts", type=int, default=None,
                    help="held-out prompts in the before/after table")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy eval length")
+    judge.add_flags(p)
     args = p.parse_args(argv)
 
     common.fill_preset(args, PRESETS, PAPER)
@@ -176,9 +178,10 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------------
 # data
 
-def load_records(args, rank):
+def load_records(args, rank, tok, compute):
     """Prompts with teacher responses. Rows without one are sampled once from --teacher (rank 0,
-    resumable, into OUT/teacher.jsonl), then everyone reads that file."""
+    resumable, into OUT/teacher.jsonl), then everyone reads that file; the sampling is counted in
+    `compute` (count_teacher)."""
     if args.data == "tiny":
         records = data_lib.tiny_prompts(args.limit or 160, args.seed)
     else:
@@ -201,15 +204,33 @@ def load_records(args, rank):
                 source = dict(model=args.teacher, max_prompt_len=args.max_prompt_len)
             cfg = sample.settings(out=teacher_file, max_new_tokens=args.max_response_len,
                                   temperature=1.0, top_p=1.0, seed=args.seed, **source)
-            if sample.sample_records(missing, cfg)["failed"]:
+            before = sample.scan_output(teacher_file)   # ids an earlier process sampled
+            stats = sample.sample_records(missing, cfg)
+            if stats["failed"]:
                 raise RuntimeError(f"sampling the teacher into {teacher_file} failed; "
                                    "rerun to resume it")
         common.barrier()
         sampled = {r["id"]: r["teacher_response"] for r in data_lib.read_records(teacher_file)[0]}
+        if rank == 0:
+            count_teacher(compute, tok, [sampled[r["id"]] for r in missing
+                                         if r["id"] in sampled and r["id"] not in before],
+                          stats, cfg)
         for r in records:
             r["teacher_response"] = r["teacher_response"] or sampled.get(r["id"])
         records = [r for r in records if r["teacher_response"]]
     return records
+
+
+def count_teacher(compute, tok, responses, stats, cfg):
+    """The teacher's cost to this run (rank 0 samples): the tokens of the responses this process
+    sampled, in the student's tokenizer as the trainer reads them (an endpoint's own count is not
+    known), and its generate() batches or requests (retries included). Not its FLOPs: a black-box
+    teacher's size is not known."""
+    retries = sum(stats[k] for k in ("http_429", "http_5xx", "timeout", "connection"))
+    calls = (math.ceil(stats["written"] / cfg.batch_size) if cfg.model
+             else stats["written"] + retries)
+    compute.add(teacher_tokens=sum(len(data_lib.encode_response(tok, y)[0]) for y in responses),
+                teacher_calls=calls)
 
 
 def encode_records(records, tok, args):
@@ -266,12 +287,14 @@ def teacher_rollout(batch, pad, device):
                        device)
 
 
-def student_rollout(G, batch, keys, step, args, amp, eos, pad):
+def student_rollout(G, batch, keys, step, args, amp, eos, pad, compute):
     """n samples per prompt from G at the rollout temperature, keyed by (prompt, step)."""
-    return sample.rollout(G, [ex["prompt"] for ex in batch], [f"{k}|{step}" for k in keys],
-                          n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
-                          seed=args.seed, amp=amp)
+    ro = sample.rollout(G, [ex["prompt"] for ex in batch], [f"{k}|{step}" for k in keys],
+                        n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
+                        seed=args.seed, amp=amp)
+    compute.generate(G, ro, args.samples_per_prompt)
+    return ro
 
 
 @torch.no_grad()
@@ -283,15 +306,29 @@ def response_logprobs(model, ro, args, amp):
                       args.micro_batch_size, args.micro_batch_tokens, per_position=True)
 
 
-def d_step(D, opt_d, batch, ro, args, amp, pad, device):
+def d_step(D, opt_d, batch, ro, args, amp, pad, device, compute):
     """One Bradley-Terry step of D: each of G's samples against its prompt's teacher response."""
-    return discriminator.update(D, opt_d, teacher_rollout(batch, pad, device), ro,
-                                args.samples_per_prompt, max_grad_norm=args.grad_clip,
+    t_ro = teacher_rollout(batch, pad, device)
+    compute.train(D, d_step_tokens(t_ro, ro, args))
+    return discriminator.update(D, opt_d, t_ro, ro, args.samples_per_prompt,
+                                max_grad_norm=args.grad_clip,
                                 micro_batch_size=args.micro_batch_size,
                                 micro_batch_tokens=args.micro_batch_tokens, amp=amp)
 
 
-def sft_step(model, opt, ro, args, amp):
+def d_step_tokens(t_ro, ro, args):
+    """The tokens D's step runs forward and backward: every sample once, and a teacher row once in
+    each micro-batch holding one of its prompt's samples (discriminator.update's pair_batches)."""
+    n = args.samples_per_prompt
+    t_prompt, t_resp = t_ro.prompt_mask.sum(1).tolist(), t_ro.response_mask.sum(1).tolist()
+    batches = discriminator.pair_batches(t_prompt, t_resp, ro.response_mask.sum(1).tolist(), n,
+                                         args.micro_batch_size or len(t_prompt) * (n + 1),
+                                         args.micro_batch_tokens)
+    return common.Compute.tokens(ro) + sum(t_prompt[b] + t_resp[b] for rows in batches
+                                           for b in {j // n for j in rows})
+
+
+def sft_step(model, opt, ro, args, amp, compute):
     """One optimizer step of token-mean NLL on the responses of `ro` (SeqKD, and G's warmup step).
     Returns the global batch's loss (each rank holds its share of it, so the shares are summed, not
     averaged)."""
@@ -305,39 +342,42 @@ def sft_step(model, opt, ro, args, amp):
         loss.backward()
         total += loss.item()
     grad_norm, skipped = common.clip_and_step(model.parameters(), opt, args.grad_clip)
+    compute.train(model, ro)
     return {"sft_loss": common.all_reduce_sum(total), "g_grad_norm": grad_norm,
             "g_skipped": int(skipped)}
 
 
-def seqkd_step(G, opt_g, batch, args, amp, pad, device, phases):
+def seqkd_step(G, opt_g, batch, args, amp, pad, device, phases, compute):
     """SeqKD, the baseline: SFT of G on the teacher's responses."""
     ro = teacher_rollout(batch, pad, device)
     with phases("g_update"):
-        m = sft_step(G, opt_g, ro, args, amp)
+        m = sft_step(G, opt_g, ro, args, amp, compute)
     return m, ro.response_mask.sum().item()
 
 
-def warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases):
+def warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases,
+                compute):
     """The warmup: D learns to tell G's samples from the teacher's; G does SFT on the teacher's
     responses, once per prompt, after the first --freeze-g-steps steps (the reference freezes G
     while D starts)."""
     with phases("sampling"):
-        ro = student_rollout(G, batch, keys, step, args, amp, eos, pad)
+        ro = student_rollout(G, batch, keys, step, args, amp, eos, pad, compute)
     with phases("d_update"):
-        m = d_step(D, opt_d, batch, ro, args, amp, pad, device)
+        m = d_step(D, opt_d, batch, ro, args, amp, pad, device, compute)
     if step >= args.freeze_g_steps:
         with phases("g_update"):
-            m.update(sft_step(G, opt_g, teacher_rollout(batch, pad, device), args, amp))
+            m.update(sft_step(G, opt_g, teacher_rollout(batch, pad, device), args, amp, compute))
     m["response_len"] = ro.response_mask.sum(-1).float().mean().item()
     return m, ro.response_mask.sum().item()
 
 
-def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases):
+def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, device, phases,
+             compute):
     """One GAD step: roll out G; reward each sample with D BEFORE D's step; GRPO advantages per
     prompt; one D step; one PPO update of G with a k3 penalty toward the reference (G at the start
     of the stage)."""
     with phases("sampling"):
-        ro = student_rollout(G, batch, keys, step, args, amp, eos, pad)
+        ro = student_rollout(G, batch, keys, step, args, amp, eos, pad, compute)
     with phases("scoring"):
         D.eval()
         rewards = discriminator.score_rollout(D, ro, args.micro_batch_size,
@@ -349,8 +389,12 @@ def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, de
         on_policy = (args.ppo_epochs, args.mini_batches) == (1, 1)
         old_lp = None if on_policy else response_logprobs(G, ro, args, amp)
         ref_lp = response_logprobs(ref, ro, args, amp)
+    # scoring's passes over the rollout: D's rewards, G's old logprobs unless on policy, pi_ref's
+    compute.forward(D, ro)
+    compute.forward(G, ro, passes=0 if on_policy else 1)
+    compute.forward(ref, ro)
     with phases("d_update"):
-        m = d_step(D, opt_d, batch, ro, args, amp, pad, device)
+        m = d_step(D, opt_d, batch, ro, args, amp, pad, device, compute)
     with phases("g_update"):
         g = ppo.ppo_update(G, opt_g, ro, advantages, old_lp, ref_lp, kl_coef=args.kl_coef,
                            clip_eps=args.clip_eps, dual_clip=args.dual_clip,
@@ -360,6 +404,7 @@ def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, de
                            temperature=args.temperature,
                            generator=torch.Generator().manual_seed(args.seed * 1000003 + step),
                            amp=amp, chunk_size=args.chunk_size)
+    compute.train(G, ro, passes=args.ppo_epochs)   # each epoch: every row forward and backward
     m.update(g_skipped=g.pop("skipped_steps", 0), **g)
     m.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
              response_len=ro.response_mask.sum(-1).float().mean().item())
@@ -428,6 +473,7 @@ def evaluate(G, D, tok, val_recs, args, device):
     val = val_recs[:args.eval_prompts]
     table = {"before": eval_lib.evaluate(initial_student(args, device), tok, val, **kw),
              "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
+    eval_lib.add_judgements(table, val, args, os.path.join(args.out, "judge.jsonl"))
     print0(eval_lib.format_table(table))
     common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(
         {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
@@ -444,7 +490,8 @@ def main(argv=None):
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, "
            f"device {device}, compute {args.dtype}")
 
-    records = load_records(args, rank)
+    compute = common.Compute()   # the counters of every metrics row
+    records = load_records(args, rank, tok, compute)
     train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
     train, dropped = encode_records(train_recs, tok, args)
     print0(f"data: {len(train)} train prompts ({dropped} over --max-prompt-len dropped), "
@@ -456,6 +503,7 @@ def main(argv=None):
     opt_d = common.make_optimizer(D.parameters(), args.d_lr, args.weight_decay, args.adam8bit)
     # stage, step, and the GAD stage's ref
     state = common.resume(args, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
+    compute.resume(state)
     starts = stage_starts(state)
     stages = ["warmup", "gad"] if args.stage == "all" else [args.stage]
 
@@ -477,21 +525,21 @@ def main(argv=None):
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed,
                                                  stage, rank, world)
             if stage == "seqkd":
-                m, tokens = seqkd_step(G, opt_g, batch, args, amp, pad, device, phases)
+                m, tokens = seqkd_step(G, opt_g, batch, args, amp, pad, device, phases, compute)
             elif stage == "warmup":
                 m, tokens = warmup_step(G, D, opt_g, opt_d, batch, keys, step, args, amp, eos, pad,
-                                        device, phases)
+                                        device, phases, compute)
             else:
                 m, tokens = gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos,
-                                     pad, device, phases)
+                                     pad, device, phases, compute)
             m = common.reduce_metrics(m | phases.stats)
             m.update(stage=stage, step=step, tokens=common.all_reduce_sum(tokens),
-                     s_per_step=time.time() - t0)
+                     s_per_step=time.time() - t0, **compute.log())
             common.log_step(args, stage, step, total, m, LOG_KEYS)
             bad = count_bad(m, bad, args.max_bad_steps)
             steps_done += 1
             if common.end_step(args, step, total, steps_done, stage=stage, G=G, D=D, opt_g=opt_g,
-                               opt_d=opt_d, ref=ref):
+                               opt_d=opt_d, ref=ref, compute=compute):
                 common.compute_cleanup()
                 return
         ref = None
@@ -508,4 +556,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)   # a locked --out: exit 2

