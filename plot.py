@@ -120,7 +120,7 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.png")
     try:
         drawn = plot(rows, out, title=path, dpi=args.dpi)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:   # rows of no known trainer; no matplotlib
         p.error(f"{path}: {e}")
     print(f"{out}: {', '.join(drawn)}")
     return drawn

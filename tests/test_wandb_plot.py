@@ -226,8 +226,15 @@ def test_plot_cli_errors(tmp_path):
     assert r.returncode == 2 and "neither gad.py, distillm2.py nor amm.py" in r.stderr
 
 
-def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib raises ImportError
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_lib.plot(amm_rows(), str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists()
+    # the CLI says it in one line, exit 2, no traceback
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in amm_rows()))
+    with pytest.raises(SystemExit) as exit_info:
+        plot_lib.main([str(metrics)])
+    assert exit_info.value.code == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
