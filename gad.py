@@ -204,17 +204,16 @@ def load_records(args, rank, tok, compute):
                 source = dict(model=args.teacher, max_prompt_len=args.max_prompt_len)
             cfg = sample.settings(out=teacher_file, max_new_tokens=args.max_response_len,
                                   temperature=1.0, top_p=1.0, seed=args.seed, **source)
-            before = sample.scan_output(teacher_file)   # ids an earlier process sampled
             stats = sample.sample_records(missing, cfg)
             if stats["failed"]:
                 raise RuntimeError(f"sampling the teacher into {teacher_file} failed; "
                                    "rerun to resume it")
         common.barrier()
-        sampled = {r["id"]: r["teacher_response"] for r in data_lib.read_records(teacher_file)[0]}
-        if rank == 0:
-            count_teacher(compute, tok, [sampled[r["id"]] for r in missing
-                                         if r["id"] in sampled and r["id"] not in before],
-                          stats, cfg)
+        rows = data_lib.read_records(teacher_file)[0]
+        sampled = {r["id"]: r["teacher_response"] for r in rows}
+        if rank == 0:   # this process appended the file's last `written` rows (one writer)
+            count_teacher(compute, tok, [r["teacher_response"]
+                                         for r in rows[len(rows) - stats["written"]:]], stats, cfg)
         for r in records:
             r["teacher_response"] = r["teacher_response"] or sampled.get(r["id"])
         records = [r for r in records if r["teacher_response"]]
