@@ -101,6 +101,7 @@ def add_gad_flags(p):
     g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length")
     g.add_argument("--temperature", type=float, default=None, help="rollout temperature (ref: 0.8)")
     g.add_argument("--top-p", type=float, default=None, help="rollout top-p (ref: 1.0)")
+    sample.add_decode_flag(g)
     g.add_argument("--lr", type=float, default=None, help="G learning rate (ref: 1e-6, constant)")
     g.add_argument("--d-lr", type=float, default=None, help="D learning rate (ref: 1e-6, constant)")
     g.add_argument("--seqkd-lr", type=float, default=None, help="SeqKD learning rate (ref: 5e-6)")
@@ -291,7 +292,7 @@ def student_rollout(G, batch, keys, step, args, amp, eos, pad, compute):
     ro = sample.rollout(G, [ex["prompt"] for ex in batch], [f"{k}|{step}" for k in keys],
                         n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
-                        seed=args.seed, amp=amp)
+                        seed=args.seed, amp=amp, decode=args.decode)
     compute.generate(G, ro, args.samples_per_prompt)
     return ro
 

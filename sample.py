@@ -81,13 +81,21 @@ class Rollout:
                        self.response_ids[:, :end], self.response_mask[:, :end])
 
     def micro_batches(self, max_rows, max_tokens=None, rows=None):
-        """(index, trimmed sub-Rollout) pairs covering `rows` (default: all, in order) in
-        consecutive groups of at most max_rows rows and, with max_tokens, at most max_tokens padded
-        tokens (split_by_budget)."""
+        """(index, trimmed sub-Rollout) pairs covering `rows` (default: all) in groups of at most
+        max_rows rows and, with max_tokens, at most max_tokens padded tokens (split_by_budget).
+        When the rows need more than one group they are length-bucketed: sorted by length first, so
+        a group pads its rows to lengths close to their own (fewer groups, less padding). A
+        gradient accumulated over the groups is the same sum in another order."""
         rows = torch.arange(self.prompt_ids.shape[0]) if rows is None else rows.cpu()
         plen, rlen = (self.prompt_mask.sum(1).cpu()[rows].tolist(),
                       self.response_mask.sum(1).cpu()[rows].tolist())
-        for a, b in split_by_budget([(1, p, r) for p, r in zip(plen, rlen)], max_rows, max_tokens):
+        sizes = [(1, p, r) for p, r in zip(plen, rlen)]
+        groups = split_by_budget(sizes, max_rows, max_tokens)
+        if len(groups) > 1:
+            order = sorted(range(len(sizes)), key=lambda i: sizes[i][1] + sizes[i][2])
+            rows, sizes = rows[order], [sizes[i] for i in order]
+            groups = split_by_budget(sizes, max_rows, max_tokens)
+        for a, b in groups:
             index = rows[a:b].to(self.prompt_ids.device)
             yield index, self.rows(index).trim()
 
@@ -173,45 +181,64 @@ def position_ids_from_mask(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def row_generators(seed, keys, n, device):
-    """One torch.Generator per sample, seeded from (seed, prompt key, sample index) by a stable
-    hash. A sample's randomness then does not depend on which batch, rank or resumed run its prompt
-    lands in: the same global prompt gets the same draws single-process or under torchrun (up to
-    float noise in the logits)."""
-    gens = []
+def row_uniforms(seed, keys, n, steps):
+    """[len(keys) * n, steps] uniform numbers in [0, 1), one per sample per decode step, each
+    sample's row from a CPU generator of its own, seeded from (seed, prompt key, sample index) by a
+    stable hash. A sample's randomness then does not depend on which batch, rank, device or resumed
+    run its prompt lands in: the same global prompt gets the same draws single-process or under
+    torchrun, on a CPU or a GPU (the samples are equal up to float noise in the logits)."""
+    rows = []
     for key in keys:
         for i in range(n):
             h = hashlib.sha256(f"{seed}|{key}|{i}".encode()).digest()
-            gens.append(torch.Generator(device=device).manual_seed(
-                int.from_bytes(h[:8], "little") >> 1))
-    return gens
+            g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
+            rows.append(torch.rand(steps, generator=g, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.zeros(0, steps, dtype=torch.float64)
 
 
-def sample_token(logits, temperature, top_p, uniform):
-    """logits [N, V] -> tokens [N], given uniform noise [N, V] (each row's from its own generator).
-    temperature 0 is greedy. Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and
-    lets each row bring its own noise."""
+def sample_token(logits, temperature, top_p, u):
+    """logits [N, V] -> tokens [N], given one uniform number per row u [N] (each row's own).
+    temperature 0 is greedy. Inverse CDF: the token whose interval [cdf_{i-1}, cdf_i) of the
+    cumulative probabilities holds u x total is an exact draw from p, and needs one random number a
+    row, not V (the Gumbel-max trick's [N, V] noise is 1.2 GB at 2048 rows x 151936 ids). With top-p
+    the tokens are sorted first and the tail beyond the smallest prefix reaching top_p gets p = 0."""
     if temperature == 0:
         return logits.argmax(-1)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)            # [N, V]
+    probs = torch.softmax(logits.float() / temperature, dim=-1)                # [N, V]
+    order = None
     if top_p < 1.0:
-        sorted_logp, sorted_idx = logp.sort(dim=-1, descending=True)
-        sorted_p = sorted_logp.exp()
+        probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        logp = logp.scatter(-1, sorted_idx, sorted_logp.masked_fill(drop, float("-inf")))
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
-    return (logp + gumbel).argmax(-1)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(-1)                                                       # [N, V]
+    total = cdf[:, -1:]
+    tok = torch.searchsorted(cdf, (u[:, None] * total).to(cdf.dtype), right=True)     # [N, 1]
+    # u x total rounding up to the total would land past the last token with p > 0
+    tok = torch.minimum(tok, (cdf < total).sum(-1, keepdim=True))
+    return (tok if order is None else order.gather(-1, tok)).squeeze(-1)
 
 
-def response_hidden(model, ro):
+def response_hidden(model, ro, pack=None):
     """Final hidden states at the positions that predict the response tokens [N, T, H], and the LM
     head: the inputs of the full-vocabulary losses (losses.kd_loss_chunked) and of AMM's
-    adversary."""
+    adversary. pack (default: on when the model runs flash_attention_2) lays the rows' real tokens
+    end to end as one sequence, positions restarting at each row: HF reads that as packed
+    sequences (flash-attn's varlen kernels; a block-diagonal mask elsewhere), so no padding is
+    computed, and the values are the padded pass's."""
     mask = ro.attention_mask
-    h = model.model(input_ids=ro.input_ids, attention_mask=mask,
-                    position_ids=position_ids_from_mask(mask),
-                    use_cache=False).last_hidden_state          # [N, P+T, H] (no KV cache to fill)
+    positions = position_ids_from_mask(mask)
+    if pack is None:
+        pack = model.config._attn_implementation == "flash_attention_2"
+    if pack:
+        real = mask.bool()                                                       # [N, P+T]
+        packed = model.model(input_ids=ro.input_ids[real][None],
+                             position_ids=positions[real][None],
+                             use_cache=False).last_hidden_state[0]               # [M, H]
+        h = packed.new_zeros(*real.shape, packed.shape[-1])
+        h[real] = packed                                                         # [N, P+T, H]
+    else:
+        h = model.model(input_ids=ro.input_ids, attention_mask=mask, position_ids=positions,
+                        use_cache=False).last_hidden_state     # [N, P+T, H] (no KV cache to fill)
     P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
     return h[:, P - 1:P - 1 + T], model.get_output_embeddings()  # position P-1+t predicts token t
 
@@ -308,23 +335,108 @@ def sequence_logprobs(model, ro, temperature=1.0, return_entropy=False, chunk_si
     return (lp, zeros.masked_scatter(mask, ent)) if return_entropy else lp
 
 
+class StaticKV:
+    """A KV cache allocated once, [rows, kv_heads, P + max_new_tokens, head_dim] per layer, each
+    decode step writing its one key and value in place at column `pos` (HF's DynamicCache
+    concatenates a step, copying the whole cache every step, and its shape changes, so a decode
+    step cannot be compiled or captured as a CUDA graph). The model reads it through the one method
+    its attention layers call, update(); columns not yet written are masked by `valid` [rows, S],
+    which also holds the prompts' left padding. With `end` set, a step sees only the first `end`
+    columns (views: the columns not written yet are not read); a compiled step sees them all, as
+    its shapes must not change a step. select() keeps some rows (finished ones dropped)."""
+
+    def __init__(self, prefill, n, prompt_mask, max_new_tokens):
+        P = prompt_mask.shape[1]
+        self.keys, self.values = [], []
+        for layer in prefill.layers:
+            for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
+                B, H, _, D = src.shape
+                buf = src.new_zeros(B * n, H, P + max_new_tokens, D)
+                buf[:, :, :P] = src.repeat_interleave(n, dim=0)
+                dst.append(buf)
+        self.valid = torch.zeros(prompt_mask.shape[0] * n, P + max_new_tokens, dtype=torch.bool,
+                                 device=prompt_mask.device)
+        self.valid[:, :P] = prompt_mask.bool().repeat_interleave(n, dim=0)
+        self.pos = torch.tensor([P], device=prompt_mask.device)      # the column written next
+        self.end = None
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.pos, key)
+        self.values[layer_idx].index_copy_(2, self.pos, value)
+        return self.keys[layer_idx][:, :, :self.end], self.values[layer_idx][:, :, :self.end]
+
+    def get_seq_length(self, layer_idx=0):
+        return self.keys[0].shape[2]
+
+    def select(self, rows):
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.valid = self.valid[rows]
+
+    def mark_static(self):
+        """CUDA graphs replay fixed addresses: the buffers a decode step writes must be marked as
+        such, or torch.compile skips the graphs (mutated inputs)."""
+        for t in self.keys + self.values + [self.valid, self.pos]:
+            torch._dynamo.mark_static_address(t)
+
+
+def static_decode_step(model, kv, tok, position_ids):
+    """One decode step on a StaticKV: tok [N] at position_ids [N, 1] -> next-token logits [N, V].
+    The attention mask is handed over ready-made (HF's mask builder returns a 4D mask as it is):
+    sdpa takes the boolean one, eager an additive one."""
+    kv.valid.index_fill_(1, kv.pos, True)
+    mask = kv.valid[:, None, None, :kv.end]                                    # [N, 1, 1, S]
+    if model.config._attn_implementation != "sdpa":
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, -1e30)
+    h = model.model(input_ids=tok[:, None], position_ids=position_ids, past_key_values=kv,
+                    attention_mask=mask, use_cache=True).last_hidden_state
+    kv.pos.add_(1)
+    return model.get_output_embeddings()(h[:, -1])                             # [N, V]
+
+
+def fast_decode_supported(model):
+    """The static path needs a model whose attention reads the cache through update() and takes a
+    ready-made 4D mask (Qwen2, Llama: sdpa or eager), with no sliding-window layers; anything else
+    decodes on the plain path."""
+    cfg = model.config
+    return (cfg._attn_implementation in ("sdpa", "eager")
+            and set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"})
+
+
+COMPACT_AT = 0.75   # drop finished rows once at most this fraction of the batch's rows is live
+DECODE = ("static", "plain", "compiled")
+
+
 # no_grad, not inference_mode: a rollout is trained on, and inference tensors refuse autograd
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=(),
-             pad_id=0, seed=0, prompt_keys=None, vocab_size=None):
+             pad_id=0, seed=0, prompt_keys=None, vocab_size=None, decode="static"):
     """Sample n responses for each prompt (lists of token ids). Returns a Rollout with B*n rows,
     prompt-major. prompt_keys (default: the position in this batch) name the prompts for the
     per-sample seeds: pass a global index or an id to make samples independent of how prompts are
     batched. vocab_size: sample only ids below it (a teacher whose embedding matrix is padded past
     the student's vocabulary must not emit the extra ids).
+    decode: "static" (default) runs the decode on a StaticKV and drops the rows that have ended
+    from the batch once a quarter of it has ended, so a batch does not decode at the pace of its
+    longest row. "plain" is the loop on HF's DynamicCache with every row to the end: the same
+    samples (each row draws from its own generator, whatever rows sit next to it), kept as the
+    readable reference. "compiled" is "static" with the decode step under torch.compile
+    ("reduce-overhead": CUDA graphs on a GPU); a batch size seen for the first time compiles or
+    captures once more, so compaction then shrinks the batch to powers of two only. Models the
+    static path cannot drive (fast_decode_supported) decode on the plain path.
     Memory: the KV cache and one decode step's [N, V] logits."""
     device = next(model.parameters()).device
     keys = range(len(prompts)) if prompt_keys is None else prompt_keys
-    generators = row_generators(seed, keys, n, device)
+    # [N, max_new_tokens]: every draw of the call in one transfer
+    uniform = row_uniforms(seed, keys, n, max_new_tokens).to(device)
     from transformers import DynamicCache
 
+    if decode not in DECODE:
+        raise ValueError(f"decode must be one of {DECODE}, got {decode!r}")
+    fast = decode != "plain" and fast_decode_supported(model)
+    compile_step = fast and decode == "compiled"
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # [B, P]
-    B = prompt_ids.shape[0]
+    B, P = prompt_ids.shape
     N = B * n
     head = model.get_output_embeddings()
     cache = DynamicCache()
@@ -333,69 +445,101 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
                                past_key_values=cache, use_cache=True,
                                position_ids=position_ids_from_mask(prompt_mask)
                                ).last_hidden_state[:, -1].repeat_interleave(n, dim=0)   # [N, H]
-    cache.batch_repeat_interleave(n)        # the one prefill, shared by the n samples of a prompt
     logits = head(first_hidden)[:, :vocab_size]                                        # [N, V]
-    P = prompt_ids.shape[1]
-    # The whole attention mask up front: step t views its first P+t+1 columns (no torch.cat a step).
-    attn = torch.cat([prompt_mask.repeat_interleave(n, dim=0),
-                      torch.ones(N, max_new_tokens, dtype=prompt_mask.dtype, device=device)], dim=1)
+    if fast:
+        cache = StaticKV(cache, n, prompt_mask, max_new_tokens)  # the prefill, copied to n rows
+        step = functools.partial(static_decode_step, model, cache)
+        if compile_step:
+            cache.mark_static()
+            # dynamic: one graph for every batch size compaction leaves (CUDA graphs still record
+            # one replay per size)
+            step = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None,
+                                 dynamic=True)
+    else:
+        cache.batch_repeat_interleave(n)    # the one prefill, shared by the n samples of a prompt
+        # The whole attention mask up front: step t views its first P+t+1 columns (no torch.cat).
+        attn = torch.cat([prompt_mask.repeat_interleave(n, dim=0),
+                          torch.ones(N, max_new_tokens, dtype=prompt_mask.dtype, device=device)],
+                         dim=1)
     # [N, 1] first response position
     next_pos = prompt_mask.sum(-1, keepdim=True).repeat_interleave(n, dim=0)
 
     # [V] lookup table: one gather a step
     is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
     is_eos[list(eos_ids)] = True
+    # the batch's rows, as rows of the output (compaction drops some), and the output
+    rows = torch.arange(N, device=device)
+    response_ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, alive = [], []
-    # Noise for `chunk` steps per generator call (fewer calls per step; the chunk does not depend
-    # on N, and on CPU a generator's stream is the same whether drawn in one call or many, so
-    # samples do not depend on it either).
-    V, chunk = logits.shape[-1], max(1, (1 << 18) // logits.shape[-1])
     for t in range(max_new_tokens):
-        if t % chunk == 0 and temperature > 0:
-            k = min(chunk, max_new_tokens - t)
-            noise = torch.stack([torch.rand(k, V, generator=g, device=device)
-                                 for g in generators], dim=1)                    # [k, N, V]
-        uniform = noise[t % chunk] if temperature > 0 else None                   # [N, V]
-        tok = sample_token(logits, temperature, top_p, uniform)                   # [N]
+        tok = sample_token(logits, temperature, top_p, uniform[:, t])             # [N]
         tok = tok.masked_fill(finished, pad_id)
-        tokens.append(tok)
-        alive.append(~finished)
+        response_ids[rows, t] = tok
+        response_mask[rows, t] = (~finished).long()
         finished = finished | is_eos[tok]
-        if t == max_new_tokens - 1 or finished.all():
+        live = int((~finished).sum())
+        if t == max_new_tokens - 1 or live == 0:
             break
-        out = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1],
-                    position_ids=next_pos + t, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :vocab_size]
+        if not fast:
+            out = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1],
+                        position_ids=next_pos + t, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :vocab_size]
+            continue
+        size = 1 << (live - 1).bit_length() if compile_step else live
+        if size <= COMPACT_AT * len(rows):
+            keep = (~finished).nonzero()[:, 0]
+            keep = torch.cat([keep, finished.nonzero()[:size - live, 0]])  # padded to `size`
+            cache.select(keep)
+            if compile_step:
+                cache.mark_static()
+            rows, tok, next_pos, finished = rows[keep], tok[keep], next_pos[keep], finished[keep]
+            uniform = uniform[keep]
+        if not compile_step:
+            cache.end = P + t + 1
+        logits = step(tok, next_pos + t)[:, :vocab_size]
 
-    response_ids = torch.stack(tokens, dim=1)            # [N, T]
-    response_mask = torch.stack(alive, dim=1).long()     # [N, T] end-of-turn token unmasked
+    T = t + 1
     return Rollout(prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0),
-                   response_ids, response_mask)
+                   response_ids[:, :T], response_mask[:, :T])
 
 
 def rollout(model, prompts, keys, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, eos_ids=(),
-            pad_id=0, seed=0, amp=None, batch_size=None, vocab_size=None):
+            pad_id=0, seed=0, amp=None, batch_size=None, vocab_size=None, decode="static"):
     """n samples of each prompt (token lists) from `model` in eval mode (its mode is restored
-    after), at most `batch_size` prompts per generate() call. Sample i of prompt j is keyed by
+    after), at most `batch_size` prompts per generate() call, the prompts sorted by length across
+    the calls (a call pads its prompts to its longest). Sample i of prompt j is keyed by
     (keys[j], i): the same whatever the batching, the rank, or an interruption. One Rollout of
-    len(prompts) * n rows, prompt-major."""
+    len(prompts) * n rows, prompt-major, in the order of `prompts`."""
     was_training = model.training
     model.eval()
     size = batch_size or len(prompts)
+    order = (sorted(range(len(prompts)), key=lambda j: len(prompts[j])) if size < len(prompts)
+             else list(range(len(prompts))))
     with amp or contextlib.nullcontext():
-        parts = [generate(model, prompts[i:i + size], n=n, max_new_tokens=max_new_tokens,
+        parts = [generate(model, [prompts[j] for j in part], n=n, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
-                          seed=seed, prompt_keys=keys[i:i + size], vocab_size=vocab_size)
-                 for i in range(0, len(prompts), size)]
+                          seed=seed, prompt_keys=[keys[j] for j in part], vocab_size=vocab_size,
+                          decode=decode)
+                 for part in (order[i:i + size] for i in range(0, len(prompts), size))]
     model.train(was_training)
     if len(parts) == 1:
         return parts[0]
-    responses = [y for part in parts for y in part.responses()]
+    sampled = [y for part in parts for y in part.responses()]       # in `order`, n per prompt
+    responses = [None] * len(sampled)
+    for rank, j in enumerate(order):
+        responses[j * n:(j + 1) * n] = sampled[rank * n:(rank + 1) * n]
     return pack([p for p in prompts for _ in range(n)], responses, pad_id,
                 parts[0].prompt_ids.device)
+
+
+def add_decode_flag(group):
+    group.add_argument("--decode", choices=DECODE, default="static",
+                       help="sampling loop: static (preallocated KV cache, finished rows dropped), "
+                            "plain (HF DynamicCache, the reference loop), compiled (static + "
+                            "torch.compile / CUDA graphs); all give the same samples")
 
 
 def stop_ids(tokenizer, *models):
@@ -584,6 +728,7 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=0.95,
                    help="nucleus sampling mass (DistiLLM-2: 0.95)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_decode_flag(g)
     loc = p.add_argument_group("local model")
     loc.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
     loc.add_argument("--dtype", default="auto",
@@ -648,7 +793,7 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
         ro = generate(model, [ids for _, ids in batch], n=args.n,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id, seed=args.seed,
-                      prompt_keys=[rec["id"] for rec, _ in batch])
+                      prompt_keys=[rec["id"] for rec, _ in batch], decode=args.decode)
         texts = ro.texts(tokenizer)
         for i, (rec, _) in enumerate(batch):
             writer.write(output_row(rec, texts[i * args.n:(i + 1) * args.n]))

@@ -90,19 +90,25 @@ def test_same_seed_same_samples_and_samples_differ(tiny):
 def test_sample_token_follows_the_tempered_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 6) * 2
-    draws = sample.sample_token(logits.expand(40000, 6), 0.5, 1.0, torch.rand(40000, 6))
+    draws = sample.sample_token(logits.expand(40000, 6), 0.5, 1.0, torch.rand(40000))
     freq = torch.bincount(draws, minlength=6).float() / len(draws)
     torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.5, -1), atol=0.01, rtol=0)
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    draws = sample.sample_token(probs.log().expand(20000, 4), 1.0, 0.8, torch.rand(20000, 4))
+    draws = sample.sample_token(probs.log().expand(20000, 4), 1.0, 0.8, torch.rand(20000))
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
     # the top token alone reaches 0.4
-    draws = sample.sample_token(probs.log().expand(100, 4), 1.0, 0.4, torch.rand(100, 4))
+    draws = sample.sample_token(probs.log().expand(100, 4), 1.0, 0.4, torch.rand(100))
     assert (draws == 0).all()
+    # u at the very top of [0, 1): the last token with p > 0, never one outside the nucleus or
+    # one with logit -inf
+    top = torch.tensor([1 - 1e-12, 1 - 1e-12], dtype=torch.float64)
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.2, 0.8, 0.0, 0.0]]).log()
+    assert sample.sample_token(logits, 1.0, 0.8, top).tolist() == [1, 1]
+    assert sample.sample_token(logits, 1.0, 1.0, top).tolist() == [3, 1]
 
 
 def test_rollout_texts_drop_end_of_turn_and_padding(tiny):
@@ -123,6 +129,101 @@ def test_samples_do_not_depend_on_the_batch(tiny):
     batch = sample.generate(model, prompts, prompt_keys=["a", "b", "c"], **kw)
     alone = sample.generate(model, prompts[1:2], prompt_keys=["b"], **kw)
     assert torch.equal(batch.response_ids[2:4], alone.response_ids)
+
+
+def decode_batch_sizes(model):
+    """Records the rows of every forward pass through the backbone (prefill included)."""
+    sizes = []
+    handle = model.model.register_forward_pre_hook(
+        lambda _m, _a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    return sizes, handle
+
+
+@pytest.mark.parametrize("attn,temperature,top_p", [("sdpa", 1.0, 1.0), ("sdpa", 0.7, 0.9),
+                                                    ("sdpa", 0, 1.0), ("eager", 1.0, 1.0)])
+def test_static_decode_gives_the_plain_samples_and_drops_finished_rows(tiny, attn, temperature,
+                                                                       top_p):
+    """The static path (preallocated cache, ended rows compacted away) against HF's DynamicCache
+    loop: the same tokens and masks, for rows that end at many different steps, while the decode
+    steps run on fewer and fewer rows."""
+    model, _, prompts = tiny
+    model.config._attn_implementation = attn
+    kw = dict(n=4, max_new_tokens=24, temperature=temperature, top_p=top_p,
+              eos_ids=range(0, 30), pad_id=PAD, seed=3)
+    try:
+        plain_sizes, handle = decode_batch_sizes(model)
+        plain = sample.generate(model, prompts, decode="plain", **kw)
+        handle.remove()
+        sizes, handle = decode_batch_sizes(model)
+        static = sample.generate(model, prompts, **kw)
+        handle.remove()
+    finally:
+        model.config._attn_implementation = "sdpa"
+    assert torch.equal(static.response_ids, plain.response_ids)
+    assert torch.equal(static.response_mask, plain.response_mask)
+    lengths = plain.response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "rows must end at different steps to test compaction"
+    steps = sizes[1:]                                                    # after the prefill
+    assert plain_sizes[1:] == [12] * len(steps)
+    assert steps == sorted(steps, reverse=True) and steps[-1] < 12
+    # a step runs the rows still going, or at most a third more (compaction waits for a quarter)
+    for t, rows in enumerate(steps):
+        live = int((lengths > t + 1).sum())
+        assert live <= rows and (rows == 12 or rows <= live / sample.COMPACT_AT)
+
+
+def test_static_decode_drives_a_llama_model_too(tiny):
+    """SmolLM2 (the CPU defaults' model) is a Llama: its backbone builds its mask another way than
+    Qwen2's, and the static path must give the plain path's samples there as well."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    _, _, prompts = tiny
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, pad_token_id=PAD)).eval()
+    kw = dict(n=3, max_new_tokens=16, temperature=1.0, eos_ids=range(0, 40), pad_id=PAD, seed=2)
+    plain = sample.generate(model, prompts, decode="plain", **kw)
+    static = sample.generate(model, prompts, **kw)
+    assert torch.equal(static.response_ids, plain.response_ids)
+    assert torch.equal(static.response_mask, plain.response_mask)
+    assert len(set(plain.response_mask.sum(1).tolist())) > 1
+
+
+def test_compiled_decode_gives_the_plain_samples_on_power_of_two_batches(tiny, monkeypatch):
+    """The decode step under torch.compile (here dynamo's graph capture with the eager backend: a
+    C++ compile of the graph takes a minute on CPU) samples what the plain loop samples; compaction
+    keeps batch sizes to powers of two (a CUDA graph each)."""
+    model, _, prompts = tiny
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, mode=None, **kw: compile_(fn, backend="eager", **kw))
+    kw = dict(n=4, max_new_tokens=24, temperature=1.0, eos_ids=range(0, 30), pad_id=PAD, seed=3)
+    plain = sample.generate(model, prompts, decode="plain", **kw)
+    sizes, handle = decode_batch_sizes(model)
+    compiled = sample.generate(model, prompts, decode="compiled", **kw)
+    handle.remove()
+    assert torch.equal(compiled.response_ids, plain.response_ids)
+    assert torch.equal(compiled.response_mask, plain.response_mask)
+    assert set(sizes[1:]) <= {12, 8, 4, 2, 1} and len(set(sizes[1:])) > 1
+
+
+def test_rollout_sorts_prompts_by_length_across_calls_and_keeps_their_order(tiny, monkeypatch):
+    """Several generate() calls get prompts of similar lengths (less left padding); the result is
+    in the caller's order and equal to one call on all prompts."""
+    model, _, prompts = tiny
+    prompts = prompts + [prompts[0] + prompts[2], prompts[1][:5]]
+    keys = ["a", "b", "c", "d", "e"]
+    kw = dict(n=2, max_new_tokens=10, temperature=1.0, eos_ids=range(0, 30), pad_id=PAD, seed=4)
+    whole = sample.rollout(model, prompts, keys, **kw)
+    calls, generate = [], sample.generate
+    monkeypatch.setattr(sample, "generate",
+                        lambda m, ps, **k: calls.append([len(p) for p in ps]) or generate(m, ps,
+                                                                                           **k))
+    parts = sample.rollout(model, prompts, keys, batch_size=2, **kw)
+    lengths = [length for call in calls for length in call]
+    assert lengths == sorted(len(p) for p in prompts) and len(calls) == 3
+    assert parts.responses() == whole.responses()
+    assert torch.equal(parts.input_ids, whole.input_ids)
 
 
 def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softmax():
@@ -160,6 +261,27 @@ def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softma
     torch.testing.assert_close(w32.grad.double(), want_grads[1], rtol=0.05, atol=0.1)
 
 
+def test_packed_rows_give_the_padded_hidden_states_and_gradients(tiny):
+    """Rows laid end to end as one padding-free sequence (what flash-attn's varlen path runs; here
+    sdpa with HF's block-diagonal mask) against the padded batch: the same hidden states at every
+    response position and the same weight gradients."""
+    model, _, prompts = tiny
+    ro = sample.generate(model, prompts, n=2, max_new_tokens=12, temperature=1.0,
+                         eos_ids=range(0, 40), pad_id=PAD, seed=6)
+    assert not ro.attention_mask.all(), "the rows must carry padding"
+    grads = []
+    for pack in (False, True):
+        model.zero_grad()
+        h, head = sample.response_hidden(model, ro, pack=pack)
+        h = h * ro.response_mask[..., None]                # padding positions are not defined
+        (head(h).logsumexp(-1) * ro.response_mask).sum().backward()
+        grads.append((h.detach(), [p.grad.clone() for p in model.parameters()]))
+    model.zero_grad()
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
+    for packed, padded in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(packed, padded, rtol=1e-3, atol=1e-4)   # summation order
+
+
 def test_micro_batches_respect_the_row_and_token_budgets_and_trim_padding():
     sizes = [(1, 4, 2), (1, 4, 9), (1, 2, 1), (1, 3, 3), (1, 30, 30), (1, 1, 1)]
     groups = sample.split_by_budget(sizes, max_rows=3, max_tokens=30)
@@ -171,11 +293,18 @@ def test_micro_batches_respect_the_row_and_token_budgets_and_trim_padding():
                                                              max(r for _, _, r in rows)) <= 30)
     assert sample.split_by_budget(sizes, max_rows=4) == [(0, 4), (4, 6)]
     ro = sample.pack([[1, 2, 3, 4], [5], [6, 7]], [[8, 9], [10, 11, 12, 13, 14], [15]], PAD)
-    (idx_a, a), (idx_b, b) = ro.micro_batches(max_rows=2, max_tokens=18)   # 2 x (4 + 5): just fits
-    assert idx_a.tolist() == [0, 1] and idx_b.tolist() == [2]
-    assert a.prompt_ids.tolist() == ro.prompt_ids[:2].tolist() and a.response_ids.shape[1] == 5
-    # its own width: 2 + 1
-    assert b.prompt_ids.tolist() == [[6, 7]] and b.response_ids.tolist() == [[15]]
+    (idx,  whole), = ro.micro_batches(max_rows=3)          # one group: the rows in their order
+    assert idx.tolist() == [0, 1, 2] and whole.response_ids.shape[1] == 5
+    # two groups: length-bucketed, the shortest rows (3 and 6 tokens) together
+    (idx_a, a), (idx_b, b) = ro.micro_batches(max_rows=2, max_tokens=18)
+    assert idx_a.tolist() == [2, 0] and idx_b.tolist() == [1]
+    # each trimmed to its own width: prompts 4, responses 2; then 1 + 5
+    assert a.prompt_ids.tolist() == [[PAD, PAD, 6, 7], [1, 2, 3, 4]]
+    assert a.response_ids.tolist() == [[15, PAD], [8, 9]]
+    assert b.prompt_ids.tolist() == [[5]] and b.response_ids.shape[1] == 5
+    # padded tokens over the groups, against consecutive groups of the same budget
+    padded = sum(r.input_ids.numel() for _, r in ro.micro_batches(max_rows=2, max_tokens=18))
+    assert padded == 2 * 6 + 6 < 2 * (4 + 5) + (2 + 1)
 
 
 def test_stop_ids_include_the_models_generation_config(tmp_path):
