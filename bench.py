@@ -2,11 +2,13 @@
 absolute times only mean something on a GPU.
 
     python bench.py sample                 # sample.generate vs HF generate(num_return_sequences=n)
-    python bench.py sample --models tiny --n 8 --prompt-len 256 --max-new-tokens 64
+    python bench.py sample --models smollm2-135m --stop eos --max-new-tokens 128
     python bench.py losses                 # full-vocab KD losses: naive vs losses.kd_loss_chunked
     python bench.py losses --vocab 151936 --seq 1024 --batch 1 --hidden 896 --chunk 128 \
         --losses skl,srkl
-    python bench.py gpu                    # the trainers under torchrun, bf16: s/step, memory
+    python bench.py train                  # tokens/s and MFU of a PPO update, a DistiLLM-2 step
+    python bench.py gpu                    # the trainers under torchrun, bf16: s/step, memory;
+                                           # sampling and training speed at 1.5B
     python bench.py gpu --device cpu       # the same on tiny models (a test runs it)
     python bench.py gpu --predict-only     # the memory arithmetic of a GAD step at 1.5B
 """
@@ -61,43 +63,137 @@ def time_call(fn, device):
     return time.perf_counter() - t0
 
 
+def memory_bandwidth(device, gib=1.0):
+    """Bytes/s of a device-to-device copy (read + write), the decode roofline's denominator,
+    measured in the same run as what it divides."""
+    x = torch.empty(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    seconds = min(time_call(lambda: y.copy_(x), device) for _ in range(3))
+    return 2 * x.numel() * 4 / seconds
+
+
+def decode_bytes(model, prompt_len, lengths):
+    """Bytes a decode must read at least: every step reads the weights once and the KV cache of the
+    rows still going, up to the step's position (ideal: no padding, no finished rows). lengths:
+    each sample's response length in tokens."""
+    c = model.config
+    kv_dim = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    elem = next(model.parameters()).element_size()
+    total = 0
+    for t in range(1, max(lengths)):               # token t is fed at step t (token 0: prefill)
+        rows = sum(1 for n in lengths if n > t)
+        total += weights + rows * (prompt_len + t) * c.num_hidden_layers * 2 * kv_dim * elem
+    return total
+
+
+def sampling_engines(model, prompts, pad, n, max_new_tokens, eos_ids, device, hf_static=False):
+    """{engine: function returning [lengths]}: ours on each decode path, and HF generate with
+    num_return_sequences=n (and its static-cache generate, which compiles the decode step on a
+    GPU), all with the same settings."""
+    ids, mask = sample.left_pad(prompts, pad, device)
+    engines = {}
+    for decode in (["static", "plain"] + (["compiled"] if device.type == "cuda" else [])):
+        engines[decode] = (lambda d: lambda: sample.generate(
+            model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=0.8, top_p=1.0,
+            eos_ids=eos_ids, pad_id=pad, seed=0, decode=d).response_mask.sum(1).tolist())(decode)
+    stop = list(eos_ids) or None
+
+    def hf(**extra):
+        @torch.no_grad()
+        def run():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                 temperature=0.8, top_p=1.0, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=0 if stop else max_new_tokens,
+                                 num_return_sequences=n, pad_token_id=pad, eos_token_id=stop,
+                                 **extra)[:, ids.shape[1]:]
+            ended = torch.isin(out, torch.tensor(stop or [-1], device=out.device))
+            # up to and including the first stop token, as ours counts
+            first = torch.where(ended.any(1), ended.float().argmax(1) + 1, out.shape[1])
+            return first.tolist()
+        return run
+    engines["hf"] = hf()
+    if hf_static:
+        engines["hf-static"] = hf(cache_implementation="static")
+    return engines
+
+
+def time_engines(engines, device, repeats):
+    """Median seconds and tokens of each engine, warm-up first, runs interleaved so a noisy
+    neighbour hits all alike. An engine that runs out of memory is reported as such."""
+    times, lengths, failed = {k: [] for k in engines}, {}, {}
+    for name, fn in engines.items():
+        try:
+            lengths[name] = fn()
+        except torch.OutOfMemoryError as e:
+            failed[name] = f"out of memory ({str(e).splitlines()[0][:60]})"
+            torch.cuda.empty_cache()
+    for _ in range(repeats):
+        for name, fn in engines.items():
+            if name not in failed:
+                times[name].append(time_call(fn, device))
+    return {name: ({"error": failed[name]} if name in failed else
+                   {"seconds": statistics.median(times[name]), "tokens": sum(lengths[name]),
+                    "lengths": lengths[name]})
+            for name in engines}
+
+
+def sampling_bench(model, prompts, pad, n, max_new_tokens, eos_ids, device, repeats,
+                   hf_static=False, bandwidth=None):
+    """Tokens/s of every engine (generated tokens, end-of-turn tokens included, over the median
+    time), each engine's speed against HF generate and ours on the plain path, and the static
+    path's fraction of the decode's memory roofline (decode_bytes over the measured bandwidth)."""
+    engines = sampling_engines(model, prompts, pad, n, max_new_tokens, eos_ids, device, hf_static)
+    res = time_engines(engines, device, repeats)
+    for name, r in res.items():
+        if "error" not in r:
+            r["tok_s"] = r["tokens"] / r["seconds"]
+    for name, r in res.items():
+        for base in ("hf", "plain"):
+            if "tok_s" in r and "tok_s" in res[base]:
+                r[f"vs_{base}"] = r["tok_s"] / res[base]["tok_s"]
+    if bandwidth:
+        for name in ("static", "compiled"):
+            if "seconds" in res.get(name, {}):
+                ideal = decode_bytes(model, len(prompts[0]), res[name]["lengths"]) / bandwidth
+                res[name]["roofline"] = ideal / res[name]["seconds"]
+    for r in res.values():
+        r.pop("lengths", None)
+    return res
+
+
+def print_sampling(title, res):
+    print(title)
+    print(f"  {'engine':<10} {'tok/s':>9} {'vs HF':>7} {'vs plain':>9} {'roofline':>9}")
+    for name, r in res.items():
+        if "error" in r:
+            print(f"  {name:<10} {r['error']}")
+            continue
+        cols = [f"{r['tok_s']:.0f}"] + [f"{r[k]:.2f}x" if k in r else "-"
+                                        for k in ("vs_hf", "vs_plain")]
+        cols.append(f"{100 * r['roofline']:.0f}%" if "roofline" in r else "-")
+        print(f"  {name:<10} {cols[0]:>9} {cols[1]:>7} {cols[2]:>9} {cols[3]:>9}", flush=True)
+
+
 def bench_sample(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
+    bandwidth = memory_bandwidth(device)
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} n={args.n} "
           f"prompts={args.prompts} prompt_len={args.prompt_len} "
-          f"max_new_tokens={args.max_new_tokens} repeats={args.repeats}")
-    print(f"{'model':<14} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>7}")
+          f"max_new_tokens={args.max_new_tokens} stop={args.stop} repeats={args.repeats} "
+          f"copy bandwidth={bandwidth / 1e9:.0f} GB/s")
     for name in args.models.split(","):
         model, tok = models.load(name, dtype=dtype, device=device)
         model.eval()
         prompts = bench_prompts(tok, args.prompts, args.prompt_len)
-        pad = tok.pad_token_id
-        ids, mask = sample.left_pad(prompts, pad, device)
-        # No end-of-turn stop on either side: both make exactly max_new_tokens a sample (same work).
-        common = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=1.0,
-                      eos_ids=[], pad_id=pad, seed=0)
-
-        def ours():
-            sample.generate(model, prompts, **common)
-
-        @torch.no_grad()
-        def hf():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8,
-                           top_p=1.0, max_new_tokens=args.max_new_tokens,
-                           min_new_tokens=args.max_new_tokens, num_return_sequences=args.n,
-                           pad_token_id=pad)
-
-        for fn in (ours, hf):  # warm-up: allocator, kernels, lazy imports
-            fn()
-        times = {"ours": [], "hf": []}
-        for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits both alike
-            times["ours"].append(time_call(ours, device))
-            times["hf"].append(time_call(hf, device))
-        tokens = len(prompts) * args.n * args.max_new_tokens
-        tps = {k: tokens / statistics.median(v) for k, v in times.items()}
-        print(f"{name:<14} {tps['ours']:>11.0f} {tps['hf']:>10.0f} "
-              f"{tps['ours'] / tps['hf']:>6.2f}x", flush=True)
+        # --stop none: every sample makes max_new_tokens (same work for every engine); eos: rows
+        # end at their end-of-turn token, as in training (where finished rows cost the plain loop)
+        eos = sample.stop_ids(tok, model) if args.stop == "eos" else []
+        res = sampling_bench(model, prompts, tok.pad_token_id, args.n, args.max_new_tokens, eos,
+                             device, args.repeats, hf_static=args.hf_static, bandwidth=bandwidth)
+        print_sampling(name, res)
 
 
 KD_LOSSES = {   # name -> (loss_fn, kwargs): DistiLLM's alpha 0.1 (arXiv 2402.03898),
@@ -228,10 +324,14 @@ GPU_SIZES = {   # --size: the models and step shapes of each run
     "qwen": dict(student="random-qwen2.5-0.5b", teacher="random-qwen2.5-1.5b",
                  big="random-qwen2.5-1.5b", prompt_len=256, new_tokens=256, prompts=16, n=8,
                  eval_prompts=8, peak_prompts=64, peak_n=8, peak_new_tokens=1024,
-                 peak_prompt_len=256),
+                 peak_prompt_len=256, sample_prompts=(64, 256), sample_n=8,
+                 sample_new_tokens=512, sample_prompt_len=256, train_rows=16, train_seq_len=2048,
+                 train_micro_batch_tokens=12288),
     "tiny": dict(student="tiny", teacher="tiny-teacher", big="tiny", prompt_len=24, new_tokens=8,
                  prompts=4, n=2, eval_prompts=2, peak_prompts=8, peak_n=4, peak_new_tokens=16,
-                 peak_prompt_len=24),
+                 peak_prompt_len=24, sample_prompts=(2, 4), sample_n=2, sample_new_tokens=8,
+                 sample_prompt_len=16, train_rows=2, train_seq_len=32,
+                 train_micro_batch_tokens=64),
 }
 PHASES = {"gad.py": ["sampling", "scoring", "d_update", "g_update"],
           "distillm2.py": ["sampling", "curriculum", "losses", "update"],
@@ -389,10 +489,36 @@ def gpu_runs(size, device, data):
     ]
 
 
+def gpu_sampling(size, device):
+    """Sampling at the 1.5B shape (random weights: no row ends early, so every engine makes the
+    same tokens): ours on each decode path against HF generate(num_return_sequences=n) and its
+    static-cache generate, at each batch of size["sample_prompts"] prompts."""
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model = models.load_model(size["big"], dtype=dtype, device=device).eval()
+    bandwidth = memory_bandwidth(device)
+    out = {"bandwidth": bandwidth}
+    g = torch.Generator().manual_seed(0)
+    for prompts in size["sample_prompts"]:
+        ids = torch.randint(0, 256, (prompts, size["sample_prompt_len"]), generator=g).tolist()
+        res = sampling_bench(model, ids, model.config.pad_token_id, size["sample_n"],
+                             size["sample_new_tokens"], [], device, repeats=2,
+                             hf_static=device.type == "cuda", bandwidth=bandwidth)
+        print_sampling(f"\nsampling {size['big']}: {prompts} prompts x {size['sample_n']} "
+                       f"samples, {size['sample_prompt_len']} prompt + "
+                       f"{size['sample_new_tokens']} new tokens (copy bandwidth "
+                       f"{bandwidth / 1e9:.0f} GB/s)", res)
+        out[str(prompts)] = res
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del model
+    return out
+
+
 def bench_gpu(args):
     """A few steps of gad.py (warmup + GAD), distillm2.py and amm.py, each stopped once and resumed,
     then the peak memory of GAD steps at the 1.5B shape, all in bf16 with fp32 master weights under
-    torchrun."""
+    torchrun; then, in this process, sampling speed against HF generate (gpu_sampling) and the
+    training steps' MFU (bench_train) at the 1.5B shape."""
     if args.predict_only:
         size = GPU_SIZES["qwen"]
         print_memory_model(size["big"], size["peak_prompts"] * size["peak_n"],
@@ -455,9 +581,103 @@ def bench_gpu(args):
                                               for p in ("scoring", "d_update", "g_update")))
         print_memory_model(size["big"], rows, size["peak_prompt_len"], size["peak_new_tokens"],
                            12288 if cuda else 256, results["gad_peak"])
+    results["sampling"] = gpu_sampling(size, torch.device(device))
+    print()
+    results["train"] = bench_train(argparse.Namespace(
+        model=size["big"], teacher=size["big"], rows=size["train_rows"],
+        seq_len=size["train_seq_len"], micro_batch_tokens=size["train_micro_batch_tokens"],
+        dtype=None, repeats=3, device=device))
     with open(os.path.join(work, "bench_gpu.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nresults: {os.path.join(work, 'bench_gpu.json')}")
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of a large matmul in `dtype`: the MFU denominator, measured in the same run (the
+    spec sheet's number is not what a given GPU sustains)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    seconds = min(time_call(lambda: [a @ b for _ in range(10)], device) for _ in range(3))
+    return 10 * 2 * n**3 / seconds
+
+
+def synthetic_rollout(rows, prompt_len, response_len, vocab, device, seed=0):
+    """rows x (prompt_len + response_len) random token ids, every position real (no padding):
+    the tokens a training benchmark counts are all computed on."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, prompt_len + response_len), generator=g)
+    ones = torch.ones_like(ids)
+    return sample.Rollout(ids[:, :prompt_len].to(device), ones[:, :prompt_len].to(device),
+                          ids[:, prompt_len:].to(device), ones[:, prompt_len:].to(device))
+
+
+def train_models(name, device, dtype):
+    """A trainable model as the trainers build it: fp32 weights and (fused, on CUDA) AdamW,
+    activation checkpointing, forward passes under `dtype` autocast."""
+    import common
+    model = models.load_model(name, device=device, seed=0)
+    models.checkpoint_activations(model)
+    model.train()
+    opt = common.make_optimizer(model.parameters(), lr=1e-6, weight_decay=0.0)
+    return model, opt, models.autocast(device, dtype)
+
+
+def bench_train(args):
+    """Tokens/s and MFU of the two training steps that dominate: GAD's PPO update (one optimizer
+    step over rows of prompt + response tokens) and a DistiLLM-2 step (SKL on the teacher's
+    responses + SRKL on the student's, the teacher frozen in bf16). Model FLOPs: 6 N per trained
+    token (2 N forward, 4 N backward; activation checkpointing's recomputed forward is not counted,
+    as MFU conventions do not), + 2 N_teacher per teacher token."""
+    import common
+    import distillm2
+    import ppo
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    peak = matmul_peak(device, models.to_dtype(dtype))
+    half = args.seq_len // 2
+    print(f"device={torch.cuda.get_device_name() if cuda else 'cpu'} dtype={dtype} "
+          f"rows={args.rows} x {args.seq_len} tokens ({half} prompt + {half} response), "
+          f"micro-batches of {args.micro_batch_tokens} tokens; matmul peak {peak / 1e12:.3f} "
+          f"TFLOP/s")
+    results = {"peak_flops": peak}
+    model, opt, amp = train_models(args.model, device, dtype)
+    N, V = models.num_params(model), model.config.vocab_size
+    ro = synthetic_rollout(args.rows, half, args.seq_len - half, V, device)
+    adv = torch.randn(args.rows, device=device)
+
+    def ppo_step():
+        ppo.ppo_update(model, opt, ro, adv, None, micro_batch_tokens=args.micro_batch_tokens,
+                       amp=amp)
+    tokens = args.rows * args.seq_len
+    rows = [("PPO update", ppo_step, 6 * N * tokens, tokens)]
+
+    teacher = models.load_model(args.teacher or args.model, dtype=dtype, device=device, seed=1)
+    teacher.eval().requires_grad_(False)
+    student_ro = synthetic_rollout(args.rows, half, args.seq_len - half, V, device, seed=1)
+
+    def distillm2_step():
+        for ro_, fn, kw in ((ro, losses.skl, {"alpha": 0.1}),
+                            (student_ro, losses.srkl, {"alpha": 0.1, "stop_grad": True})):
+            for index, part in ro_.micro_batches(args.rows, args.micro_batch_tokens // 2):
+                weights = distillm2.token_weights(part, "sequence", 2 * args.rows, None)
+                with amp:
+                    loss, _ = distillm2.divergence(fn, model, teacher, part, weights, 128, **kw)
+                loss.backward()
+        common.clip_and_step(list(model.parameters()), opt, 1.0, sync=None)
+    N_t = models.num_params(teacher)
+    rows.append(("DistiLLM-2 step", distillm2_step, 2 * (6 * N + 2 * N_t) * tokens, 2 * tokens))
+    print(f"  {'step':<16} {'s/step':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+    for label, fn, flops, n_tokens in rows:
+        fn()                                                    # warm-up: allocator, kernels
+        seconds = statistics.median(time_call(fn, device) for _ in range(args.repeats))
+        results[label] = {"seconds": seconds, "tok_s": n_tokens / seconds,
+                          "mfu": flops / seconds / peak}
+        print(f"  {label:<16} {seconds:>8.3f} {n_tokens / seconds:>9.0f} "
+              f"{flops / seconds / 1e12:>8.3f} {100 * flops / seconds / peak:>5.1f}%", flush=True)
+    return results
 
 
 def main():
@@ -474,6 +694,11 @@ def main():
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample")
     s.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--stop", choices=["none", "eos"], default="none",
+                   help="none: every sample makes --max-new-tokens; eos: samples end at their "
+                        "end-of-turn token")
+    s.add_argument("--hf-static", action="store_true",
+                   help="also HF generate(cache_implementation='static')")
     k = sub.add_parser("losses",
                        help="peak memory and time of the full-vocab KD losses, naive vs chunked")
     k.add_argument("--vocab", type=int, default=151936,
@@ -494,6 +719,16 @@ def main():
     k.add_argument("--worker", choices=["naive", "chunked"], default=None, help=argparse.SUPPRESS)
     k.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     k.add_argument("--loss", default=None, help=argparse.SUPPRESS)
+    tr = sub.add_parser("train", help="tokens/s and MFU of the PPO update and a DistiLLM-2 step")
+    tr.add_argument("--model", default="tiny", help="student (random-qwen2.5-1.5b on a GPU)")
+    tr.add_argument("--teacher", default=None, help="DistiLLM-2's teacher (default: --model)")
+    tr.add_argument("--rows", type=int, default=4, help="sequences per optimizer step")
+    tr.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (half prompt)")
+    tr.add_argument("--micro-batch-tokens", type=int, default=128,
+                    help="padded tokens per forward/backward (the trainers' 12288 on a GPU)")
+    tr.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    tr.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     gp = sub.add_parser("gpu", help="the three trainers under torchrun in bf16: s/step and peak "
                                     "memory per phase")
     gp.add_argument("--device", default=None, help="cuda or cpu (cpu: the tiny size, for tests)")
@@ -504,7 +739,8 @@ def main():
     gp.add_argument("--predict-only", action="store_true",
                     help="print the memory arithmetic at 1.5B and stop")
     args = p.parse_args()
-    {"sample": bench_sample, "losses": bench_losses, "gpu": bench_gpu}[args.cmd](args)
+    {"sample": bench_sample, "losses": bench_losses, "train": bench_train,
+     "gpu": bench_gpu}[args.cmd](args)
 
 
 if __name__ == "__main__":

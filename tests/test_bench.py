@@ -21,6 +21,14 @@ def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
         assert all(seconds > 0 for seconds in table.values())
     assert set(results["gad_peak"]) == {"AdamW", "8-bit AdamW"}  # bitsandbytes runs on CPU too
     assert "= peak while sampling" in out and "= peak while updating G" in out
+    # sampling: every engine timed at every batch, ours on the static path against HF and plain
+    for prompts in bench.GPU_SIZES["tiny"]["sample_prompts"]:
+        res = results["sampling"][str(prompts)]
+        assert set(res) == {"static", "plain", "hf"}, res
+        assert res["static"]["tokens"] == res["hf"]["tokens"] == prompts * 2 * 8   # no early stop
+        assert 0 < res["static"]["roofline"] and res["static"]["vs_plain"] > 0
+    for step in ("PPO update", "DistiLLM-2 step"):
+        assert 0 < results["train"][step]["mfu"] < 1, results["train"]
 
 
 def test_memory_arithmetic_counts_what_the_tensors_take():
