@@ -181,41 +181,35 @@ def position_ids_from_mask(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def row_uniforms(seed, keys, n, steps):
-    """[len(keys) * n, steps] uniform numbers in [0, 1), one per sample per decode step, each
-    sample's row from a CPU generator of its own, seeded from (seed, prompt key, sample index) by a
-    stable hash. A sample's randomness then does not depend on which batch, rank, device or resumed
-    run its prompt lands in: the same global prompt gets the same draws single-process or under
-    torchrun, on a CPU or a GPU (the samples are equal up to float noise in the logits)."""
-    rows = []
+def row_generators(seed, keys, n, device):
+    """One torch.Generator per sample, seeded from (seed, prompt key, sample index) by a stable
+    hash. A sample's randomness then does not depend on which batch, rank or resumed run its prompt
+    lands in: the same global prompt gets the same draws single-process or under torchrun (up to
+    float noise in the logits)."""
+    gens = []
     for key in keys:
         for i in range(n):
             h = hashlib.sha256(f"{seed}|{key}|{i}".encode()).digest()
-            g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
-            rows.append(torch.rand(steps, generator=g, dtype=torch.float64))
-    return torch.stack(rows) if rows else torch.zeros(0, steps, dtype=torch.float64)
+            gens.append(torch.Generator(device=device).manual_seed(
+                int.from_bytes(h[:8], "little") >> 1))
+    return gens
 
 
-def sample_token(logits, temperature, top_p, u):
-    """logits [N, V] -> tokens [N], given one uniform number per row u [N] (each row's own).
-    temperature 0 is greedy. Inverse CDF: the token whose interval [cdf_{i-1}, cdf_i) of the
-    cumulative probabilities holds u x total is an exact draw from p, and needs one random number a
-    row, not V (the Gumbel-max trick's [N, V] noise is 1.2 GB at 2048 rows x 151936 ids). With top-p
-    the tokens are sorted first and the tail beyond the smallest prefix reaching top_p gets p = 0."""
+def sample_token(logits, temperature, top_p, uniform):
+    """logits [N, V] -> tokens [N], given uniform noise [N, V] (each row's from its own generator).
+    temperature 0 is greedy. Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and
+    lets each row bring its own noise."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)                # [N, V]
-    order = None
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)            # [N, V]
     if top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
+        sorted_logp, sorted_idx = logp.sort(dim=-1, descending=True)
+        sorted_p = sorted_logp.exp()
         # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    cdf = probs.cumsum(-1)                                                       # [N, V]
-    total = cdf[:, -1:]
-    tok = torch.searchsorted(cdf, (u[:, None] * total).to(cdf.dtype), right=True)     # [N, 1]
-    # u x total rounding up to the total would land past the last token with p > 0
-    tok = torch.minimum(tok, (cdf < total).sum(-1, keepdim=True))
-    return (tok if order is None else order.gather(-1, tok)).squeeze(-1)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        logp = logp.scatter(-1, sorted_idx, sorted_logp.masked_fill(drop, float("-inf")))
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
+    return (logp + gumbel).argmax(-1)
 
 
 def response_hidden(model, ro, pack=None):
@@ -427,8 +421,7 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     Memory: the KV cache and one decode step's [N, V] logits."""
     device = next(model.parameters()).device
     keys = range(len(prompts)) if prompt_keys is None else prompt_keys
-    # [N, max_new_tokens]: every draw of the call in one transfer
-    uniform = row_uniforms(seed, keys, n, max_new_tokens).to(device)
+    generators = row_generators(seed, keys, n, device)
     from transformers import DynamicCache
 
     if decode not in DECODE:
@@ -472,8 +465,17 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     response_ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
+    # Noise for `chunk` steps per generator call (fewer calls per step; the chunk does not depend
+    # on N, and on CPU a generator's stream is the same whether drawn in one call or many, so
+    # samples do not depend on it either).
+    V, chunk = logits.shape[-1], max(1, (1 << 18) // logits.shape[-1])
     for t in range(max_new_tokens):
-        tok = sample_token(logits, temperature, top_p, uniform[:, t])             # [N]
+        if t % chunk == 0 and temperature > 0:
+            k = min(chunk, max_new_tokens - t)
+            noise = torch.stack([torch.rand(k, V, generator=g, device=device)
+                                 for g in generators], dim=1)                    # [k, N, V]
+        uniform = noise[t % chunk] if temperature > 0 else None                   # [N, V]
+        tok = sample_token(logits, temperature, top_p, uniform)                   # [N]
         tok = tok.masked_fill(finished, pad_id)
         response_ids[rows, t] = tok
         response_mask[rows, t] = (~finished).long()
@@ -496,7 +498,9 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
             if compile_step:
                 cache.mark_static()
             rows, tok, next_pos, finished = rows[keep], tok[keep], next_pos[keep], finished[keep]
-            uniform = uniform[keep]
+            generators = [generators[i] for i in keep.tolist()]
+            if temperature > 0:
+                noise = noise[:, keep]
         if not compile_step:
             cache.end = P + t + 1
         logits = step(tok, next_pos + t)[:, :vocab_size]
