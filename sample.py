@@ -337,15 +337,19 @@ class StaticKV:
     its attention layers call, update(); columns not yet written are masked by `valid` [rows, S],
     which also holds the prompts' left padding. With `end` set, a step sees only the first `end`
     columns (views: the columns not written yet are not read); a compiled step sees them all, as
-    its shapes must not change a step. select() keeps some rows (finished ones dropped)."""
+    its shapes must not change a step. select() keeps some rows (finished ones dropped).
+    Under autocast the cache is stored in the autocast dtype: with fp32 master weights the keys come
+    out of the rotary embedding in fp32 (and DynamicCache promotes the values to match), but
+    attention casts them to bf16 every step anyway, so a bf16 cache gives the same attention with
+    half the memory and the bytes read a step."""
 
-    def __init__(self, prefill, n, prompt_mask, max_new_tokens):
+    def __init__(self, prefill, n, prompt_mask, max_new_tokens, dtype=None):
         P = prompt_mask.shape[1]
         self.keys, self.values = [], []
         for layer in prefill.layers:
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
                 B, H, _, D = src.shape
-                buf = src.new_zeros(B * n, H, P + max_new_tokens, D)
+                buf = src.new_zeros(B * n, H, P + max_new_tokens, D, dtype=dtype or src.dtype)
                 buf[:, :, :P] = src.repeat_interleave(n, dim=0)
                 dst.append(buf)
         self.valid = torch.zeros(prompt_mask.shape[0] * n, P + max_new_tokens, dtype=torch.bool,
@@ -355,8 +359,8 @@ class StaticKV:
         self.end = None
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        self.keys[layer_idx].index_copy_(2, self.pos, key)
-        self.values[layer_idx].index_copy_(2, self.pos, value)
+        self.keys[layer_idx].index_copy_(2, self.pos, key.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, self.pos, value.to(self.values[layer_idx].dtype))
         return self.keys[layer_idx][:, :, :self.end], self.values[layer_idx][:, :, :self.end]
 
     def get_seq_length(self, layer_idx=0):
@@ -440,7 +444,9 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
                                ).last_hidden_state[:, -1].repeat_interleave(n, dim=0)   # [N, H]
     logits = head(first_hidden)[:, :vocab_size]                                        # [N, V]
     if fast:
-        cache = StaticKV(cache, n, prompt_mask, max_new_tokens)  # the prefill, copied to n rows
+        amp = torch.is_autocast_enabled(device.type)
+        cache = StaticKV(cache, n, prompt_mask, max_new_tokens,  # the prefill, copied to n rows
+                         torch.get_autocast_dtype(device.type) if amp else None)
         step = functools.partial(static_decode_step, model, cache)
         if compile_step:
             cache.mark_static()

@@ -166,6 +166,30 @@ def test_static_decode_gives_the_plain_samples_and_drops_finished_rows(tiny, att
         assert live <= rows and (rows == 12 or rows <= live / sample.COMPACT_AT)
 
 
+def test_static_decode_under_bf16_autocast_keeps_a_bf16_cache_and_the_plain_samples(tiny):
+    """fp32 weights under bf16 autocast (the trainers' rollouts): the plain loop's cache is fp32
+    (rotary output and DynamicCache's promotion), which attention casts to bf16 every step; the
+    static cache holds bf16 and samples the same tokens."""
+    model, _, prompts = tiny
+    kw = dict(n=3, max_new_tokens=16, temperature=1.0, eos_ids=range(0, 40), pad_id=PAD, seed=2)
+    dtypes = []
+    update = sample.StaticKV.update
+
+    def spy(self, key, value, layer_idx, *args):
+        dtypes.append(self.keys[layer_idx].dtype)
+        return update(self, key, value, layer_idx, *args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = sample.generate(model, prompts, decode="plain", **kw)
+        sample.StaticKV.update = spy
+        try:
+            static = sample.generate(model, prompts, **kw)
+        finally:
+            sample.StaticKV.update = update
+    assert set(dtypes) == {torch.bfloat16}
+    assert torch.equal(static.response_ids, plain.response_ids)
+    assert torch.equal(static.response_mask, plain.response_mask)
+
+
 def test_static_decode_drives_a_llama_model_too(tiny):
     """SmolLM2 (the CPU defaults' model) is a Llama: its backbone builds its mask another way than
     Qwen2's, and the static path must give the plain path's samples there as well."""
