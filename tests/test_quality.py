@@ -1,0 +1,132 @@
+"""The distillation benchmark (quality.py, `bench.py quality`): the tiny budget end to end, a rerun
+that trains nothing, and the pieces that decide what it reports (the claims' verdicts, which
+checkpoints the curve scores, the trainers' flags at every budget)."""
+
+import json
+import math
+
+import pytest
+
+import data as data_lib
+import quality
+from scripts import run_script
+
+WALL = {"wall_s", "eval_s", "train_s"}   # the only numbers two runs of one seed may differ in
+
+
+def without_wall(x):
+    if isinstance(x, dict):
+        return {k: without_wall(v) for k, v in x.items() if k not in WALL}
+    if isinstance(x, list):
+        return [without_wall(v) for v in x]
+    return x
+
+
+def test_tiny_budget_has_every_row_metric_and_seed_and_a_rerun_trains_nothing(tmp_path):
+    out = tmp_path / "q"
+    cmd = ["--budget", "tiny", "--out", str(out), "--jobs", "2"]
+    run_script("bench.py", ["quality"] + cmd)
+    report = json.loads((out / "quality.json").read_text())
+    budget = quality.BUDGETS["tiny"]
+    assert list(report["rows"]) == list(quality.METHODS)
+    metrics = ["teacher_nll", "heldout_fkl", "heldout_rkl", "student_nll", "rouge_l", "length",
+               "end_of_turn"]
+    for method, row in report["rows"].items():
+        label, script, _, multi_seed = quality.METHODS[method]
+        seeds = [r.get("seed") for r in row["seeds"]]
+        assert len(seeds) == (budget["seeds"] if multi_seed else 1), method
+        if script:
+            assert seeds == list(range(len(seeds))), method
+        for r in row["seeds"]:
+            assert all(math.isfinite(r["metrics"][k]) for k in metrics), (method, r["metrics"])
+            if script:   # the same budget for every trained row
+                assert r["train"]["student_updates"] == budget["updates"], method
+                assert r["train"]["wall_s"] > 0 and r["train"]["train_tokens"] > 0, method
+        assert row["summary"]["teacher_nll"]["min"] <= row["summary"]["teacher_nll"]["mean"]
+    assert report["rows"]["teacher"]["seeds"][0]["metrics"]["heldout_fkl"] == pytest.approx(0)
+    assert len(report["verdicts"]) == len(quality.CLAIMS)
+    assert {v["verdict"] for v in report["verdicts"]} <= {"holds", "does not hold",
+                                                          "within noise"}
+    md = (out / "quality.md").read_text()
+    for label, *_ in quality.METHODS.values():
+        assert f"| {label} |" in md, label
+    # a rerun (a killed benchmark continued) trains nothing and gives the same numbers
+    again = run_script("quality.py", cmd)
+    assert "quality: " + str(out / "runs") not in again.stdout   # no run was trained or scored
+    assert without_wall(json.loads((out / "quality.json").read_text())) == without_wall(report)
+
+
+def test_verdict_holds_does_not_hold_or_within_noise():
+    # lower is better (a teacher NLL): the claimed-better row must be lower by more than the noise
+    assert quality.verdict([1.0, 1.1], [2.0, 2.1])[0] == "holds"
+    assert quality.verdict([2.0, 2.1], [1.0, 1.1])[0] == "does not hold"
+    v, d, noise = quality.verdict([1.0, 1.4], [1.2, 1.3])   # means 1.2 vs 1.25, range 0.4
+    assert v == "within noise" and d == pytest.approx(0.05) and noise == pytest.approx(0.4)
+    assert quality.verdict([3.0, 3.1], [1.0], lower_is_better=False)[0] == "holds"
+    assert quality.verdict([1.0], [1.0])[0] == "within noise"   # one seed, no difference
+
+
+def trainer_saves(stages, save_every, epoch_len=None):
+    """The steps after which the trainers write ckpt.pt, by their own rule (common.end_step):
+    every --save-every steps of a stage, its last step, and distillm2.py's epoch ends."""
+    saves, offset = set(), 0
+    for _, total in stages:
+        for step in range(total):
+            g = offset + step + 1
+            if ((step + 1) % save_every == 0 or step + 1 == total
+                    or (epoch_len and g % epoch_len == 0)):
+                saves.add(g)
+        offset += total
+    return saves
+
+
+@pytest.mark.parametrize("budget", list(quality.BUDGETS))
+def test_curve_scores_only_checkpoints_the_trainers_write(budget):
+    b = quality.BUDGETS[budget]
+    for method in ("seqkd", "gad", "distillm2", "amm"):
+        stages, epoch_len = quality.stage_plan(method, b)
+        total = sum(steps for _, steps in stages)
+        assert quality.student_updates(method, b, total) == b["updates"], method
+        for k in (0, 1, 3, 4, 5):
+            every, points = quality.curve_steps(stages, k, epoch_len)
+            assert points[-1] == total and points == sorted(set(points)), (method, k)
+            assert len(points) <= max(k, 1)
+            assert set(points) <= trainer_saves(stages, every, epoch_len), (method, k, points)
+
+
+def test_distillm2_sentinel_is_its_only_held_out_record():
+    train = data_lib.tiny_prompts(48, 0)
+    for seed in (0, 1, 7):
+        sentinel, fraction = quality.holdout_sentinel(train, seed)
+        kept, held = data_lib.train_val_split(train + [sentinel], fraction, seed=seed)
+        assert held == [sentinel] and kept == train
+
+
+@pytest.mark.parametrize("budget", list(quality.BUDGETS))
+def test_trainer_flags_parse_and_give_every_row_the_budget(budget):
+    """The cpu and gpu budgets do not run here: their commands are checked against each trainer's
+    own parser and step counts."""
+    import amm
+    import distillm2
+    import gad
+    b = dict(quality.BUDGETS[budget], student_path="student-folder")
+    n = b["updates"] * b["prompts_per_step"] // quality.EPOCHS
+    data = {"path": "train.jsonl", "rows": n, "val_fraction": 0.01}
+    for method, (_, script, _, _) in quality.METHODS.items():
+        if not script:
+            continue
+        cmd = quality.trainer_args(method, b, 3, 1e-4, "run", data, None, 5)
+        assert cmd[0] == script
+        args = {"gad.py": gad, "distillm2.py": distillm2, "amm.py": amm}[script].parse_args(cmd[1:])
+        assert (args.dtype, args.prompts_per_step, args.max_new_tokens, args.seed) == (
+            b["dtype"], b["prompts_per_step"], b["max_new_tokens"], 3), method
+        if script == "gad.py":
+            stages = ["seqkd"] if method == "seqkd" else ["warmup", "gad"]
+            steps = [gad.stage_steps(s, args, n) for s in stages]
+            assert steps == [s for _, s in quality.stage_plan(method, b)[0]], method
+            assert args.val_fraction == 0 and args.eval_prompts == 0
+        else:
+            assert args.epochs * (n // b["prompts_per_step"]) == b["updates"], method
+            assert args.lr == 1e-4 and args.limit >= n
+        if script == "distillm2.py":
+            assert args.lora_r == 0 and args.max_len > args.max_prompt_len, method
