@@ -632,7 +632,6 @@ def bench_train(args):
     token (2 N forward, 4 N backward; activation checkpointing's recomputed forward is not counted,
     as MFU conventions do not), + 2 N_teacher per teacher token."""
     import common
-    import distillm2
     import ppo
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -659,13 +658,18 @@ def bench_train(args):
     teacher.eval().requires_grad_(False)
     student_ro = synthetic_rollout(args.rows, half, args.seq_len - half, V, device, seed=1)
 
-    def distillm2_step():
+    def distillm2_step():   # distillm2.accumulate's passes, without its bookkeeping
         for ro_, fn, kw in ((ro, losses.skl, {"alpha": 0.1}),
                             (student_ro, losses.srkl, {"alpha": 0.1, "stop_grad": True})):
-            for index, part in ro_.micro_batches(args.rows, args.micro_batch_tokens // 2):
-                weights = distillm2.token_weights(part, "sequence", 2 * args.rows, None)
+            for _, part in ro_.micro_batches(args.rows, args.micro_batch_tokens // 2):
+                mask = part.response_mask.float()     # per-sequence means over the 2 x rows
+                weights = mask / mask.sum(-1, keepdim=True) / (2 * args.rows)
                 with amp:
-                    loss, _ = distillm2.divergence(fn, model, teacher, part, weights, 128, **kw)
+                    s_h, s_head = sample.response_hidden(model, part)
+                    with torch.no_grad():
+                        t_h, t_head = sample.response_hidden(teacher, part)
+                    loss, _ = losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weights,
+                                                     chunk_size=128, **kw)
                 loss.backward()
         common.clip_and_step(list(model.parameters()), opt, 1.0, sync=None)
     N_t = models.num_params(teacher)
