@@ -1,7 +1,7 @@
 """The distillation benchmark: every method here on one teacher / student pair, under one stated
 budget, each final student scored by us on the same held-out prompts.
 
-    python bench.py quality --budget tiny --out runs/q-tiny    # tiny random pair: ~2 min, 2 cores
+    python bench.py quality --budget tiny --out runs/q-tiny    # tiny random pair: ~1 min, 2 cores
     python bench.py quality --budget cpu --out runs/q-cpu      # SmolLM2-135M -> its 24-layer cut
     python bench.py quality --budget gpu --out runs/q-gpu      # Qwen2.5-1.5B -> 0.5B, one GPU
     python quality.py --budget tiny --methods seqkd,gad        # standalone, a subset of the rows
@@ -94,7 +94,7 @@ BUDGETS = {
     # every seed of every row starts from the same weights (trainers draw a tiny init per --seed)
     "tiny": dict(
         teacher="tiny-teacher", student="tiny", student_layers=None, data="tiny",
-        dtype="float32", prompts_per_step=8, updates=12, max_new_tokens=16, max_prompt_len=64,
+        dtype="float32", prompts_per_step=8, updates=8, max_new_tokens=16, max_prompt_len=64,
         test_prompts=16, dev_prompts=16, seeds=2, curve_points=0, micro_batch_size=32, threads=1,
         micro_batch_tokens=None, gen_batch_size=32, gradient_checkpointing=False, eval_batch=16,
         gad=dict(samples_per_prompt=4, warmup_steps=4, freeze_g_steps=2, d_lr=1e-3, grad_clip=1.0),
