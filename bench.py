@@ -104,8 +104,11 @@ def sampling_engines(model, prompts, pad, n, max_new_tokens, eos_ids, device, hf
     def hf(**extra):
         @torch.no_grad()
         def run():
+            # top_k=0 and no repetition penalty: HF's defaults (top_k 50) would make it do other
+            # work and sample another distribution than ours
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                                 temperature=0.8, top_p=1.0, max_new_tokens=max_new_tokens,
+                                 temperature=0.8, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                                 max_new_tokens=max_new_tokens,
                                  min_new_tokens=0 if stop else max_new_tokens,
                                  num_return_sequences=n, pad_token_id=pad, eos_token_id=stop,
                                  **extra)[:, ids.shape[1]:]
@@ -121,23 +124,32 @@ def sampling_engines(model, prompts, pad, n, max_new_tokens, eos_ids, device, hf
 
 
 def time_engines(engines, device, repeats):
-    """Median seconds and tokens of each engine, warm-up first, runs interleaved so a noisy
-    neighbour hits all alike. An engine that runs out of memory is reported as such."""
-    times, lengths, failed = {k: [] for k in engines}, {}, {}
+    """Each engine's median seconds, and the tokens of its median run (HF draws from the global
+    RNG, so with end-of-turn stops its runs differ in length: tokens/s is per run), warm-up first,
+    runs interleaved so a noisy neighbour hits all alike. An engine that runs out of memory is
+    reported as such."""
+    runs, failed = {k: [] for k in engines}, {}
     for name, fn in engines.items():
         try:
-            lengths[name] = fn()
+            fn()
         except torch.OutOfMemoryError as e:
             failed[name] = f"out of memory ({str(e).splitlines()[0][:60]})"
             torch.cuda.empty_cache()
     for _ in range(repeats):
         for name, fn in engines.items():
             if name not in failed:
-                times[name].append(time_call(fn, device))
-    return {name: ({"error": failed[name]} if name in failed else
-                   {"seconds": statistics.median(times[name]), "tokens": sum(lengths[name]),
-                    "lengths": lengths[name]})
-            for name in engines}
+                out = []
+                seconds = time_call(lambda: out.append(fn()), device)
+                runs[name].append((sum(out[0]) / seconds, seconds, out[0]))
+    res = {}
+    for name in engines:
+        if name in failed:
+            res[name] = {"error": failed[name]}
+            continue
+        tok_s, seconds, lengths = sorted(runs[name])[len(runs[name]) // 2]
+        res[name] = {"seconds": seconds, "tokens": sum(lengths), "lengths": lengths,
+                     "tok_s": tok_s}
+    return res
 
 
 def sampling_bench(model, prompts, pad, n, max_new_tokens, eos_ids, device, repeats,
@@ -147,9 +159,6 @@ def sampling_bench(model, prompts, pad, n, max_new_tokens, eos_ids, device, repe
     path's fraction of the decode's memory roofline (decode_bytes over the measured bandwidth)."""
     engines = sampling_engines(model, prompts, pad, n, max_new_tokens, eos_ids, device, hf_static)
     res = time_engines(engines, device, repeats)
-    for name, r in res.items():
-        if "error" not in r:
-            r["tok_s"] = r["tokens"] / r["seconds"]
     for name, r in res.items():
         for base in ("hf", "plain"):
             if "tok_s" in r and "tok_s" in res[base]:
@@ -511,7 +520,14 @@ def gpu_sampling(size, device):
         out[str(prompts)] = res
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    # HF's compiled generate keeps the model in a reference cycle, and dynamo its graphs: free both
+    # before the training benchmark builds a 1.5B model with its optimizer
     del model
+    import gc
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 

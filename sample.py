@@ -375,7 +375,7 @@ class StaticKV:
         """CUDA graphs replay fixed addresses: the buffers a decode step writes must be marked as
         such, or torch.compile skips the graphs (mutated inputs)."""
         for t in self.keys + self.values + [self.valid, self.pos]:
-            torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static_address(t, guard=False)   # no recompile per new buffer
 
 
 def static_decode_step(model, kv, tok, position_ids):
