@@ -241,28 +241,6 @@ def write_jsonl(path, records):
     return path
 
 
-def holdout_sentinel(train, seed):
-    """distillm2.py cannot run without held-out prompts: it samples teacher responses for its
-    empty held-out list and sample.rollout fails (IndexError). Until it skips that, as amm.py does,
-    each distillm2.py run gets one extra record that data.train_val_split, at that run's seed, puts
-    alone on the held-out side: the run trains on exactly the benchmark's prompts, and its own
-    before/after table costs one prompt. Returns (the record, the --val-fraction that isolates
-    it)."""
-    def side(rec_id):   # data.train_val_split's hash, in [0, 1)
-        h = hashlib.sha1(f"{seed}:{rec_id}".encode("utf-8")).digest()[:8]
-        return int.from_bytes(h, "big") / 2**64
-
-    lowest = min(side(r["id"]) for r in train)
-    k = 0
-    while side(f"quality-holdout-{k}") >= lowest:
-        k += 1
-    sentinel = dict(train[0], id=f"quality-holdout-{k}")
-    fraction = (side(sentinel["id"]) + lowest) / 2
-    kept, held = data_lib.train_val_split(train + [sentinel], fraction, seed=seed)
-    assert held == [sentinel] and len(kept) == len(train), "the split's hash changed"
-    return sentinel, fraction
-
-
 # --------------------------------------------------------------------------------------------------
 # trainer commands: the same budget in each trainer's flags
 
@@ -321,10 +299,7 @@ def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
         a += ["--teacher", b["teacher"], "--epochs", str(EPOCHS), "--lr", repr(lr),
               "--warmup-ratio", "0", "--lora-r", "0", "--max-len", str(b["max_prompt_len"] + T),
               "--temperature", "0.8", "--top-p", "0.95", "--gen-batch-size",
-              str(b["gen_batch_size"]), "--val-fraction", repr(data["val_fraction"])]
-        # one held-out record (holdout_sentinel), not a training prompt, and its table
-        a[a.index("--limit") + 1] = str(n_rows + 1)
-        a[a.index("--eval-prompts") + 1] = "1"
+              str(b["gen_batch_size"]), "--val-fraction", "0"]
     else:   # amm.py
         m = b["amm"]
         a += ["--teacher", b["teacher"], "--epochs", str(EPOCHS), "--lr", repr(lr),
@@ -716,19 +691,6 @@ def plot(report, path):
 
 # --------------------------------------------------------------------------------------------------
 
-def data_files(out, b, train, seeds):
-    """The trainers' data: OUT/data/train.jsonl (gad.py, amm.py), and per seed the same with
-    distillm2.py's held-out sentinel (holdout_sentinel)."""
-    files = {"plain": {"path": write_jsonl(os.path.join(out, "data", "train.jsonl"), train),
-                       "rows": len(train)}}
-    for seed in seeds:
-        sentinel, fraction = holdout_sentinel(train, seed)
-        path = write_jsonl(os.path.join(out, "data", f"train_distillm2_s{seed}.jsonl"),
-                           train + [sentinel])
-        files[seed] = {"path": path, "rows": len(train), "val_fraction": fraction}
-    return files
-
-
 def main(args):
     t_start = time.time()
     b = dict(BUDGETS[args.budget])
@@ -762,7 +724,9 @@ def main(args):
     tok = models.load_tokenizer(b["student_path"])
     test, dev, train = prepare_data(b, out, tok, args.seed, device)
     seeds = [args.seed + i for i in range(n_seeds)]
-    files = data_files(out, b, train, seeds)
+    # every trainer's data: the train records with their teacher responses, nothing held out
+    data = {"path": write_jsonl(os.path.join(out, "data", "train.jsonl"), train),
+            "rows": len(train)}
     teacher_tokens_train = sum(len(data_lib.encode_response(tok, r["teacher_response"],
                                                             b["max_new_tokens"])[0])
                                for r in train)
@@ -780,7 +744,7 @@ def main(args):
         factors = [float(f) for f in args.sweep_factors.split(",")]
         tasks = [(m, args.seed, b["lr"][m] * f,
                   os.path.join(out, "sweep", f"{m}_lr{b['lr'][m] * f:g}_s{args.seed}"),
-                  files[args.seed] if METHODS[m][1] == "distillm2.py" else files["plain"], 0)
+                  data, 0)
                  for m in trained for f in factors]
         quiet = argparse.Namespace(**{**vars(args), "judge": None})   # no judge on dev
         for t, r in zip(tasks, run_all(tasks, b, dev_scorer, quiet, out, device)):
@@ -793,8 +757,7 @@ def main(args):
 
     rows = {"student": {"seeds": [score_model(os.path.join(out, "runs", "student"), load_student,
                                               scorer, test, args, out)], "lr": None}}
-    tasks = [(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_s{seed}"),
-              files[seed] if METHODS[m][1] == "distillm2.py" else files["plain"],
+    tasks = [(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_s{seed}"), data,
               curve_k if i == 0 else 0)
              for m in trained for i, seed in enumerate(seeds if METHODS[m][3] else seeds[:1])]
     for t, r in zip(tasks, run_all(tasks, b, scorer, args, out, device)):
