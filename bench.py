@@ -15,6 +15,8 @@ absolute times only mean something on a GPU.
 """
 
 import argparse
+import functools
+import gc
 import importlib.util
 import json
 import os
@@ -94,11 +96,13 @@ def sampling_engines(model, prompts, pad, n, max_new_tokens, eos_ids, device, hf
     num_return_sequences=n (and its static-cache generate, which compiles the decode step on a
     GPU), all with the same settings."""
     ids, mask = sample.left_pad(prompts, pad, device)
-    engines = {}
-    for decode in (["static", "plain"] + (["compiled"] if device.type == "cuda" else [])):
-        engines[decode] = (lambda d: lambda: sample.generate(
-            model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=0.8, top_p=1.0,
-            eos_ids=eos_ids, pad_id=pad, seed=0, decode=d).response_mask.sum(1).tolist())(decode)
+
+    def ours(decode):
+        return sample.generate(model, prompts, n=n, max_new_tokens=max_new_tokens,
+                               temperature=0.8, top_p=1.0, eos_ids=eos_ids, pad_id=pad, seed=0,
+                               decode=decode).response_mask.sum(1).tolist()
+    engines = {d: functools.partial(ours, d)
+               for d in ["static", "plain"] + (["compiled"] if device.type == "cuda" else [])}
     stop = list(eos_ids) or None
 
     def hf(**extra):
@@ -523,7 +527,6 @@ def gpu_sampling(size, device):
     # HF's compiled generate keeps the model in a reference cycle, and dynamo its graphs: free both
     # before the training benchmark builds a 1.5B model with its optimizer
     del model
-    import gc
     gc.collect()
     torch._dynamo.reset()
     if device.type == "cuda":
@@ -648,6 +651,7 @@ def bench_train(args):
     token (2 N forward, 4 N backward; activation checkpointing's recomputed forward is not counted,
     as MFU conventions do not), + 2 N_teacher per teacher token."""
     import common
+    import distillm2   # its own step functions: the benchmark measures what the trainer runs
     import ppo
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -678,14 +682,9 @@ def bench_train(args):
         for ro_, fn, kw in ((ro, losses.skl, {"alpha": 0.1}),
                             (student_ro, losses.srkl, {"alpha": 0.1, "stop_grad": True})):
             for _, part in ro_.micro_batches(args.rows, args.micro_batch_tokens // 2):
-                mask = part.response_mask.float()     # per-sequence means over the 2 x rows
-                weights = mask / mask.sum(-1, keepdim=True) / (2 * args.rows)
+                weights = distillm2.token_weights(part, "sequence", 2 * args.rows, None)
                 with amp:
-                    s_h, s_head = sample.response_hidden(model, part)
-                    with torch.no_grad():
-                        t_h, t_head = sample.response_hidden(teacher, part)
-                    loss, _ = losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weights,
-                                                     chunk_size=128, **kw)
+                    loss, _ = distillm2.divergence(fn, model, teacher, part, weights, 128, **kw)
                 loss.backward()
         common.clip_and_step(list(model.parameters()), opt, 1.0, sync=None)
     N_t = models.num_params(teacher)
