@@ -199,7 +199,7 @@ def load_records(args, rank, tok, compute):
         teacher_file = os.path.join(args.out, "teacher.jsonl")
         if rank == 0:
             if args.teacher.startswith("api:"):
-                url, model = args.teacher.split(":", 1)[1].rsplit(":", 1)
+                url, model = judge.parse_spec(args.teacher, "--teacher")
                 source = dict(api_base=url, api_model=model)
             else:
                 source = dict(model=args.teacher, max_prompt_len=args.max_prompt_len)

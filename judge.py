@@ -88,14 +88,15 @@ form: [[A]] if Assistant A is better, [[B]] if Assistant B is better, [[C]] for 
 ORDERS = {"score": ("reference_first",), "pairwise": ("model_first", "reference_first")}
 
 
-def parse_spec(spec):
-    """'api:URL:MODEL' -> (URL, MODEL). The model is after the last colon (URLs have colons)."""
+def parse_spec(spec, flag="--judge"):
+    """'api:URL:MODEL' -> (URL, MODEL), for --judge and gad.py's --teacher. The model is after the
+    last colon (URLs have colons)."""
     if not spec.startswith("api:") or spec.count(":") < 2:
-        raise ValueError(f"--judge {spec!r}: expected api:URL:MODEL, e.g. "
+        raise ValueError(f"{flag} {spec!r}: expected api:URL:MODEL, e.g. "
                          "api:http://localhost:8080/v1:gpt-4o")
     url, model = spec[len("api:"):].rsplit(":", 1)
     if not url or not model:
-        raise ValueError(f"--judge {spec!r}: expected api:URL:MODEL")
+        raise ValueError(f"{flag} {spec!r}: expected api:URL:MODEL")
     return url, model
 
 

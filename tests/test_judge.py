@@ -99,6 +99,8 @@ def test_replies_parse_as_the_protocols_say():
         "http://127.0.0.1:8080/v1", "gpt-4o")
     with pytest.raises(ValueError, match="api:URL:MODEL"):
         judge.parse_spec("http://x:1/v1")
+    with pytest.raises(ValueError, match="--teacher 'api:x'"):   # gad.py's --teacher, same rule
+        judge.parse_spec("api:x", "--teacher")
 
 
 # Three model answers, each with a scripted fate:
