@@ -95,8 +95,9 @@ BUDGETS = {
     "tiny": dict(
         teacher="tiny-teacher", student="tiny", student_layers=None, data="tiny",
         dtype="float32", prompts_per_step=8, updates=8, max_new_tokens=16, max_prompt_len=64,
-        test_prompts=16, dev_prompts=16, seeds=2, curve_points=0, micro_batch_size=32, threads=1,
-        micro_batch_tokens=None, gen_batch_size=32, gradient_checkpointing=False, eval_batch=16,
+        test_prompts=16, dev_prompts=16, seeds=2, other_seeds=1, curve_points=0,
+        micro_batch_size=32, threads=1, micro_batch_tokens=None, gen_batch_size=32,
+        gradient_checkpointing=False, eval_batch=16,
         gad=dict(samples_per_prompt=4, warmup_steps=4, freeze_g_steps=2, d_lr=1e-3, grad_clip=1.0),
         amm=dict(samples_per_prompt=4, adv_lr=1e-1, adv_rank=0),
         lr=dict(seqkd=3e-3, gad=1e-2, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3, onpolicy=3e-3,
@@ -106,7 +107,7 @@ BUDGETS = {
     "cpu": dict(
         teacher="smollm2-135m", student="smollm2-135m", student_layers="0-11,18-29",
         data="sharegpt", dtype="float32", prompts_per_step=4, updates=24, max_new_tokens=32,
-        max_prompt_len=64, test_prompts=24, dev_prompts=16, seeds=3, curve_points=3,
+        max_prompt_len=64, test_prompts=24, dev_prompts=16, seeds=3, other_seeds=2, curve_points=3,
         micro_batch_size=8, micro_batch_tokens=None, gen_batch_size=8, threads=None,
         gradient_checkpointing=False, eval_batch=8,
         gad=dict(samples_per_prompt=4, warmup_steps=8, freeze_g_steps=2, d_lr=1e-4, grad_clip=1.0),
@@ -119,9 +120,9 @@ BUDGETS = {
     "gpu": dict(
         teacher="qwen2.5-1.5b", student="qwen2.5-0.5b", student_layers=None, data="sharegpt",
         dtype="bfloat16", prompts_per_step=16, updates=100, max_new_tokens=256,
-        max_prompt_len=512, test_prompts=128, dev_prompts=64, seeds=3, curve_points=5,
-        micro_batch_size=8, micro_batch_tokens=12288, gen_batch_size=64, threads=None,
-        gradient_checkpointing=True, eval_batch=32,
+        max_prompt_len=512, test_prompts=128, dev_prompts=64, seeds=3, other_seeds=2,
+        curve_points=5, micro_batch_size=8, micro_batch_tokens=12288, gen_batch_size=64,
+        threads=None, gradient_checkpointing=True, eval_batch=32,
         gad=dict(samples_per_prompt=8, warmup_steps=20, freeze_g_steps=10, d_lr=1e-6,
                  grad_clip=0.2),
         amm=dict(samples_per_prompt=4, adv_lr=1e-4, adv_rank=256),
@@ -129,7 +130,7 @@ BUDGETS = {
                 onpolicy=1e-5, amm=1e-5)),
 }
 
-# method -> (label, script, extra trainer flags, runs --seeds seeds)
+# method -> (label, script, extra trainer flags, runs --seeds seeds (else --other-seeds))
 METHODS = {
     "student": ("student (before)", None, [], False),
     "seqkd": ("SeqKD", "gad.py", ["--stage", "seqkd"], True),
@@ -154,6 +155,8 @@ def add_arguments(p):
                    help="first seed (the multi-seed rows use seed, seed + 1, ...)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds of SeqKD, GAD, DistiLLM-2, on-policy (default: tiny 2, else 3)")
+    p.add_argument("--other-seeds", type=int, default=None,
+                   help="seeds of SKL, SRKL, GKD, AMM (default: tiny 1, else 2)")
     p.add_argument("--methods", default=",".join(m for m in METHODS if m not in
                                                   ("student", "teacher")),
                    help="comma list of rows to train, from " + ",".join(METHODS))
@@ -701,6 +704,7 @@ def main(args):
         raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     trained = [m for m in METHODS if m in methods and METHODS[m][1]]
     n_seeds = args.seeds or b["seeds"]
+    n_other = min(n_seeds, args.other_seeds or b["other_seeds"])
     curve_k = b["curve_points"] if args.curve_points is None else args.curve_points
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if b["threads"] and "OMP_NUM_THREADS" not in os.environ:
@@ -759,7 +763,8 @@ def main(args):
                                               scorer, test, args, out)], "lr": None}}
     tasks = [(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_s{seed}"), data,
               curve_k if i == 0 else 0)
-             for m in trained for i, seed in enumerate(seeds if METHODS[m][3] else seeds[:1])]
+             for m in trained
+             for i, seed in enumerate(seeds if METHODS[m][3] else seeds[:n_other])]
     for t, r in zip(tasks, run_all(tasks, b, scorer, args, out, device)):
         rows.setdefault(t[0], {"seeds": [], "lr": lrs[t[0]]})["seeds"].append(r)
     rows["teacher"] = {"seeds": [score_model(os.path.join(out, "runs", "teacher"), lambda: teacher,
