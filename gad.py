@@ -5,8 +5,8 @@ The student G is a generator trained by PPO against a Bradley-Terry discriminato
 tell the teacher's responses from G's. Only the teacher's text is used. One command runs the
 pipeline:
 
-    python gad.py                                 # embedded default: SmolLM2-135M-Instruct student,
-                                                  # ShareGPT's ChatGPT answers as the teacher, CPU
+    python gad.py                                 # embedded CPU default: SmolLM2-135M-Instruct
+                                                  # teaching its 24-layer cut on ShareGPT prompts
     python gad.py --student tiny --out runs/tiny  # tiny random models, < 1 minute
     torchrun --nproc_per_node=8 gad.py --student qwen2.5-1.5b --data teacher.jsonl
 
@@ -24,8 +24,9 @@ Departures from the reference, each a flag:
     baseline): the same defaults here, with --ppo-epochs / --mini-batches for real PPO;
   - the reference's D head initialisation is not specified; ours starts at zero (D indifferent at
     step 0);
-  - the pipeline's reference teacher is GPT-5-Chat; the CPU default uses ShareGPT's ChatGPT answers
-    instead;
+  - the pipeline's reference teacher is GPT-5-Chat; the CPU default's is SmolLM2-135M-Instruct,
+    sampled once for every prompt (--teacher-responses teacher), so that its NLL of the student's
+    samples can score the run (the training still reads only its text);
   - prompts over --max-prompt-len are dropped; the reference's verl loader, where it does not filter
     them out, cuts them to their first max_prompt_length tokens (data.truncation=right), losing the
     conversation's end.
@@ -59,7 +60,8 @@ PAPER = dict(  # GAD reference recipe (LMOps gad/scripts/train): 7B-14B students
     # LMOps gad/scripts/train/*.sh: data.max_prompt_length=2048, data.max_response_length=1536
     # (rollouts and validation alike; teacher responses cut to it)
     max_prompt_len=2048, max_response_len=1536, max_new_tokens=1536, eval_max_new_tokens=1536,
-    micro_batch_size=8, dtype="bfloat16", eval_prompts=256,
+    micro_batch_size=8, dtype="bfloat16", eval_prompts=256, val_fraction=0.1,
+    teacher_responses="data",
     # LMOps gad/scripts/train: gradient checkpointing on, micro-batches of at most 12288 tokens per
     # GPU (ppo_max_token_len_per_gpu, the critic's too)
     gradient_checkpointing=True, micro_batch_tokens=12288,
@@ -74,14 +76,17 @@ PRESETS = {
                  max_prompt_len=64, max_response_len=16, max_new_tokens=16, micro_batch_size=32,
                  dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160,
                  gradient_checkpointing=False, micro_batch_tokens=None),
-    # The embedded CPU default: real weights and data from packages, sized for ~6 minutes on 2
-    # cores.
-    "smollm2-135m": dict(PAPER, samples_per_prompt=4, prompts_per_step=2, lr=2e-5, d_lr=1e-4,
-                         grad_clip=1.0, freeze_g_steps=2, warmup_steps=10, gad_steps=20,
-                         seqkd_epochs=1.0, seqkd_lr=2e-5, max_prompt_len=64, max_response_len=32,
-                         max_new_tokens=32, micro_batch_size=8, dtype="float32", eval_prompts=32,
-                         eval_max_new_tokens=32, limit=1200, gradient_checkpointing=False,
-                         micro_batch_tokens=None),
+    # The embedded CPU default, the pair and settings of `bench.py quality --budget cpu`:
+    # SmolLM2-135M-Instruct teaching itself without its 6 middle layers (distillm2.py, amm.py too),
+    # its responses sampled once; 8 warmup steps (G frozen for the first 2) + 18 GAD steps = 24
+    # student updates of 4 prompts x 4 samples.
+    "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29",
+                         teacher_responses="teacher", samples_per_prompt=4, prompts_per_step=4,
+                         lr=2e-5, d_lr=1e-4, grad_clip=1.0, freeze_g_steps=2, warmup_steps=8,
+                         gad_steps=18, seqkd_epochs=1.0, seqkd_lr=2e-5, max_prompt_len=64,
+                         max_response_len=32, max_new_tokens=32, micro_batch_size=8,
+                         dtype="float32", eval_prompts=32, eval_max_new_tokens=32, limit=300,
+                         val_fraction=0.2, gradient_checkpointing=False, micro_batch_tokens=None),
 }
 DEFAULT_STUDENT = "smollm2-135m"
 
@@ -130,7 +135,11 @@ def parse_args(argv=None):
                    help="keep only these student layers, e.g. '0-5' or 'every2'")
     g.add_argument("--teacher", default=None,
                    help="local model or 'api:URL:MODEL' to sample responses for rows that "
-                        "have none (black-box: only its text is used)")
+                        "have none (black-box: only its text is used; a local one also scores "
+                        "the eval's teacher_nll)")
+    g.add_argument("--teacher-responses", default=None, choices=["data", "teacher"],
+                   help="data: the data's responses, --teacher samples only rows without one; "
+                        "teacher: --teacher samples every row's (CPU default)")
     g.add_argument("--init-from", default=None,
                    help="folder with student/ (and discriminator/) to start from")
     g.add_argument("--dtype", default=None,
@@ -149,7 +158,8 @@ def parse_args(argv=None):
     g.add_argument("--max-prompt-len", type=int, default=None, help="drop longer prompts (tokens)")
     g.add_argument("--max-response-len", type=int, default=None,
                    help="cut longer teacher responses (tokens)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out prompts for eval")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out prompts for eval (default 0.1)")
     g = p.add_argument_group("stages")
     g.add_argument("--stage", default="all", choices=["seqkd", "warmup", "gad", "all"],
                    help="what to run")
@@ -171,6 +181,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     common.fill_preset(args, PRESETS, PAPER)
+    if args.teacher_responses == "teacher" and not args.teacher:
+        p.error("--teacher-responses teacher needs --teacher (a local model or api:URL:MODEL)")
     if args.stage == "gad" and not args.init_from and not args.resume:
         print0("note: --stage gad without --init-from starts GAD from the raw student (no warmup)")
     return args
@@ -180,9 +192,9 @@ def parse_args(argv=None):
 # data
 
 def load_records(args, rank, tok, compute):
-    """Prompts with teacher responses. Rows without one are sampled once from --teacher (rank 0,
-    resumable, into OUT/teacher.jsonl), then everyone reads that file; the sampling is counted in
-    `compute` (count_teacher)."""
+    """Prompts with teacher responses. Rows without one (every row with --teacher-responses
+    teacher) are sampled once from --teacher (rank 0, resumable, into OUT/teacher.jsonl), then
+    everyone reads that file; the sampling is counted in `compute` (count_teacher)."""
     if args.data == "tiny":
         records = data_lib.tiny_prompts(args.limit or 160, args.seed)
     else:
@@ -191,7 +203,16 @@ def load_records(args, rank, tok, compute):
                                              limit=args.limit)
         if bad:
             print0(f"skipped {len(bad)} bad rows (first: {bad[0]})")
+    if args.teacher_responses == "teacher":
+        records = [dict(r, teacher_response=None) for r in records]
     missing = [r for r in records if r["teacher_response"] is None]
+    too_long = {id(r) for r in missing
+                if len(data_lib.encode_prompt(tok, r["messages"])) > args.max_prompt_len}
+    if too_long:   # encode_records would drop them: not worth sampling
+        print0(f"not sampling {len(too_long)} rows whose prompts are over --max-prompt-len "
+               f"{args.max_prompt_len}")
+        records = [r for r in records if id(r) not in too_long]
+        missing = [r for r in missing if id(r) not in too_long]
     if missing:
         if not args.teacher:
             print0(f"dropping {len(missing)} rows without a teacher response (no --teacher given)")

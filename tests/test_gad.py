@@ -157,7 +157,8 @@ def test_each_stage_runs_alone(tmp_path):
 
 def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
     """--teacher fills the rows that have no response through sample.py's library path, into
-    OUT/teacher.jsonl, once: a second run finds every id there and samples nothing."""
+    OUT/teacher.jsonl, once: a second run finds every id there and samples only the row that
+    --teacher-responses teacher adds (the one whose data response it replaces)."""
     rows = [{"id": f"q{i}", "prompt": f"tell me about {i} cats"} for i in range(16)]
     rows[0]["response"] = "cats are small."   # this one has its response: not sampled
     data_file = tmp_path / "prompts.jsonl"
@@ -169,9 +170,13 @@ def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
     sampled = [json.loads(line) for line in open(out / "teacher.jsonl")]
     assert sorted(r["id"] for r in sampled) == sorted(f"q{i}" for i in range(1, 16))
     assert all(r["teacher_response"] for r in sampled) and "15 to do" in first.stdout
-    second = run(args)
-    assert "15 already in" in second.stdout and "0 to do" in second.stdout
-    assert len(open(out / "teacher.jsonl").readlines()) == 15
+    second = run(args + ["--teacher-responses", "teacher"])
+    assert "15 already in" in second.stdout and "1 to do" in second.stdout
+    sampled = [json.loads(line) for line in open(out / "teacher.jsonl")]
+    assert sorted(r["id"] for r in sampled) == sorted(f"q{i}" for i in range(16))
+    assert sampled[-1]["id"] == "q0" and sampled[-1]["teacher_response"] != "cats are small."
+    with pytest.raises(SystemExit):   # no teacher to sample from
+        gad.parse_args(["--student", "tiny", "--teacher-responses", "teacher", "--teacher", ""])
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
