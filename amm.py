@@ -116,13 +116,13 @@ PRESETS = {
                  micro_batch_size=32, lr=1e-2, adv_lr=1e-1, max_prompt_len=64, max_new_tokens=16,
                  dtype="float32", eval_prompts=16, limit=64, gradient_checkpointing=False,
                  micro_batch_tokens=None, adv_rank=0),
-    # The CPU default, the same pair as distillm2.py's: SmolLM2-135M-Instruct and itself without 6
-    # middle layers.
-    "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=1,
+    # The CPU default, the pair, data and settings of distillm2.py's (and `bench.py quality --budget
+    # cpu`): SmolLM2-135M-Instruct and itself without 6 middle layers, 2 epochs of 12 steps.
+    "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29", epochs=2,
                          prompts_per_step=4, samples_per_prompt=2, micro_batch_size=8, lr=2e-5,
                          adv_lr=1e-3, max_prompt_len=64, max_new_tokens=32, dtype="float32",
-                         eval_prompts=16, limit=160, val_fraction=0.2, gradient_checkpointing=False,
-                         micro_batch_tokens=None, adv_rank=0),
+                         eval_prompts=16, limit=111, val_fraction=0.25, gen_batch_size=8,
+                         gradient_checkpointing=False, micro_batch_tokens=None, adv_rank=0),
 }
 
 

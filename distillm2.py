@@ -116,13 +116,15 @@ PRESETS = {
     "tiny": dict(PAPER, **CPU, teacher="tiny-teacher", data="tiny", epochs=2, prompts_per_step=8,
                  micro_batch_size=16, lr=3e-3, max_prompt_len=64, max_new_tokens=16,
                  eval_prompts=16, limit=64, gen_batch_size=32),
-    # The CPU default: SmolLM2-135M-Instruct teacher; the student is the same model without its 6
-    # middle layers (24 of 30: dropping every other layer leaves a student so broken that a few CPU
-    # steps only collapse it).
+    # The CPU default, the pair and settings of `bench.py quality --budget cpu`: the
+    # SmolLM2-135M-Instruct teacher; the student is the same model without its 6 middle layers (24
+    # of 30: dropping every other layer leaves a student so broken that a few CPU steps only
+    # collapse it). The first 111 ShareGPT rows give 48 train prompts of at most 64 tokens (2 epochs
+    # of 12 steps: the benchmark's 24 student updates) and 16 held out.
     "smollm2-135m": dict(PAPER, **CPU, teacher="smollm2-135m", student_layers="0-11,18-29",
                          epochs=2, prompts_per_step=4, micro_batch_size=8, lr=2e-5,
-                         max_prompt_len=64, max_new_tokens=32, eval_prompts=16, limit=160,
-                         gen_batch_size=8, val_fraction=0.2),
+                         max_prompt_len=64, max_new_tokens=32, eval_prompts=16, limit=111,
+                         gen_batch_size=8, val_fraction=0.25),
 }
 LOSSES = ("distillm2", "skl", "srkl", "jsd", "fkl", "rkl")
 

@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+import data
+import models
 import quality
 from scripts import run_script
 
@@ -123,3 +125,38 @@ def test_trainer_flags_parse_and_give_every_row_the_budget(budget):
             assert args.lora_r == 0 and args.max_len > args.max_prompt_len, method
         # nothing held out by the trainers: the benchmark scores every student itself
         assert args.val_fraction == 0 and args.eval_prompts == 0, method
+
+
+def test_trainer_cpu_defaults_are_the_cpu_budgets_rows():
+    """`python gad.py` (no arguments) runs the benchmark's GAD row on its pair, `python
+    distillm2.py` and `python amm.py` theirs: the same student cut, teacher, student updates,
+    lengths and rates (only the data file, what is held out and where it is written differ); a
+    change to one side must be made on the other."""
+    import amm
+    import distillm2
+    import gad
+    b = dict(quality.BUDGETS["cpu"], student_path=quality.BUDGETS["cpu"]["student"])
+    own = {"data", "limit", "val_fraction", "eval_prompts", "out", "save_every", "max_len",
+           "eval_max_new_tokens", "teacher_responses", "gen_batch_size"}
+    tok, split = models.load_tokenizer(b["student"]), {}
+    for method, module in (("gad", gad), ("distillm2", distillm2), ("amm", amm)):
+        default = module.parse_args([])
+        cmd = quality.trainer_args(method, b, 0, b["lr"][method], "run",
+                                   {"path": "train.jsonl", "rows": 48}, None, 5)
+        row = module.parse_args(cmd[1:] + quality.METHODS[method][2]
+                                + ["--teacher", b["teacher"]])
+        differ = {k for k in vars(row) if getattr(row, k) != getattr(default, k)}
+        assert differ <= own, (method, differ - own)
+        if method == "gad":
+            assert default.teacher_responses == "teacher"   # the teacher's samples, not ShareGPT's
+            continue
+        # the white-box defaults' own split: 48 train prompts, 2 epochs of 12 steps
+        key = (default.data, default.limit, default.val_fraction, default.max_prompt_len,
+               default.eval_prompts, default.seed, default.prompts_per_step)
+        if key not in split:
+            split[key] = data.white_box_prompts(
+                tok, default.data, limit=default.limit, val_fraction=default.val_fraction,
+                max_prompt_len=default.max_prompt_len, eval_prompts=default.eval_prompts,
+                seed=default.seed, per_step=default.prompts_per_step)
+        train, val, _, per_epoch = split[key]
+        assert default.epochs * per_epoch == b["updates"] and len(val) == default.eval_prompts
