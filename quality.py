@@ -287,7 +287,7 @@ def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
         g = b["gad"]
         # gad.py: no --val-fraction held out (we score), teacher responses from the file; the
         # step count of SeqKD can only be given in epochs: ceil(epochs * N / P) = updates
-        a += ["--val-fraction", "0", "--max-response-len", str(T),
+        a += ["--teacher-responses", "data", "--val-fraction", "0", "--max-response-len", str(T),
               "--eval-max-new-tokens", str(T), "--samples-per-prompt", str(g["samples_per_prompt"]),
               "--temperature", "0.8", "--top-p", "1.0", "--lr", repr(lr), "--seqkd-lr", repr(lr),
               "--d-lr", repr(g["d_lr"]), "--weight-decay", "0.01", "--grad-clip",
@@ -655,7 +655,11 @@ def markdown(report):
                      f"{t('wall_s'):.1f} | {mean(lambda x: x['metrics']['eval_s']):.1f} | "
                      f"{t('student_tokens'):.0f} | {t('teacher_tokens'):.0f} | "
                      f"{t('train_tokens'):.0f} | {t('flops_total'):.3g} |")
-    lines += ["", f"Total wall time {report['wall_s']:.0f} s."]
+    runs_s = sum(x["metrics"]["eval_s"] + (x["train"]["wall_s"] if "train" in x else 0)
+                 for r in rows.values() for x in r["seeds"])
+    lines += ["", f"Wall time of this invocation {report['wall_s']:.0f} s; every run's train + "
+              f"score time, summed: {runs_s:.0f} s (a rerun reuses the runs an earlier one "
+              "finished)."]
     return "\n".join(lines) + "\n"
 
 

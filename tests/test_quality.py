@@ -103,7 +103,8 @@ def test_trainer_flags_parse_and_give_every_row_the_budget(budget):
     import amm
     import distillm2
     import gad
-    b = dict(quality.BUDGETS[budget], student_path="student-folder")
+    b = quality.BUDGETS[budget]   # the student as main() passes it: a saved folder for tiny
+    b = dict(b, student_path="student-folder" if b["student"] == "tiny" else b["student"])
     n = b["updates"] * b["prompts_per_step"] // quality.EPOCHS
     data = {"path": "train.jsonl", "rows": n}
     for method, (_, script, _, _) in quality.METHODS.items():
@@ -118,6 +119,9 @@ def test_trainer_flags_parse_and_give_every_row_the_budget(budget):
             stages = ["seqkd"] if method == "seqkd" else ["warmup", "gad"]
             steps = [gad.stage_steps(s, args, n) for s in stages]
             assert steps == [s for _, s in quality.stage_plan(method, b)[0]], method
+            # the black-box rows train on the benchmark's teacher samples, never sample their own
+            # (the smollm2-135m preset of gad.py would)
+            assert args.teacher_responses == "data", method
         else:
             assert args.epochs * (n // b["prompts_per_step"]) == b["updates"], method
             assert args.lr == 1e-4 and args.limit >= n
@@ -143,12 +147,11 @@ def test_trainer_cpu_defaults_are_the_cpu_budgets_rows():
         default = module.parse_args([])
         cmd = quality.trainer_args(method, b, 0, b["lr"][method], "run",
                                    {"path": "train.jsonl", "rows": 48}, None, 5)
-        row = module.parse_args(cmd[1:] + quality.METHODS[method][2]
-                                + ["--teacher", b["teacher"]])
+        row = module.parse_args(cmd[1:] + quality.METHODS[method][2])
         differ = {k for k in vars(row) if getattr(row, k) != getattr(default, k)}
         assert differ <= own, (method, differ - own)
-        if method == "gad":
-            assert default.teacher_responses == "teacher"   # the teacher's samples, not ShareGPT's
+        if method == "gad":   # the teacher's samples, not ShareGPT's; the benchmark's, sampled once
+            assert (default.teacher_responses, row.teacher_responses) == ("teacher", "data")
             continue
         # the white-box defaults' own split: 48 train prompts, 2 epochs of 12 steps
         key = (default.data, default.limit, default.val_fraction, default.max_prompt_len,
