@@ -285,27 +285,34 @@ def test_amm_lowers_the_held_out_divergence(tmp_path):
     assert after < before - 0.1, (before, after)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    run(TINY + ["--out", str(tmp_path / "full")])
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """One uninterrupted single-process run of TINY: the reference of both the resume test and
+    the torchrun test (each makes only its own stopped, resumed or two-rank runs). Read only."""
+    out = tmp_path_factory.mktemp("one_process") / "run"
+    run(TINY + ["--out", str(out)])
+    return out
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--stop-after", "2"])
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
-    a = student_weights(tmp_path / "full")
+    a = student_weights(one_process)
     b = student_weights(tmp_path / "cut")
     for k in a:   # tolerance 0: the adversaries, optimizers and sampling keys are all restored
         assert torch.equal(a[k], b[k]), k
-    assert ([m["d_on"] for m in metrics(tmp_path / "full")]
+    assert ([m["d_on"] for m in metrics(one_process)]
             == [m["d_on"] for m in metrics(tmp_path / "cut")])
 
 
-def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path):
-    run(TINY + ["--out", str(tmp_path / "one")])
+def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):
     run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = metrics(one_process), metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         for key in ("d_on", "d_off", "loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (key, a["step"])
-    wa = student_weights(tmp_path / "one")
+    wa = student_weights(one_process)
     wb = student_weights(tmp_path / "two")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)

@@ -163,17 +163,25 @@ def test_each_loss_lowers_the_held_out_divergence(tmp_path, loss):
     assert after < before - 0.1, (loss, before, after)
 
 
-def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """One uninterrupted single-process run of TINY: the reference of both the resume test and
+    the torchrun test (each makes only its own stopped, resumed or two-rank runs). Read only."""
+    out = tmp_path_factory.mktemp("one_process") / "run"
+    run(TINY + ["--out", str(out)])
+    return out
+
+
+def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path, one_process):
     """Two gloo ranks equal one process; two ranks stopped in the middle of epoch 2 and resumed
     equal the uninterrupted two-rank run (fault 7 of issue 9: rank 0's checkpoint held only its own
     epoch rows, and every other rank raised KeyError on resume)."""
-    run(TINY + ["--out", str(tmp_path / "one")])
     run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = metrics(one_process), metrics(tmp_path / "two")
     assert len(one) == len(two) == 8
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
-    wa = student_weights(tmp_path / "one")
+    wa = student_weights(one_process)
     wb = student_weights(tmp_path / "two")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
@@ -187,8 +195,7 @@ def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path):
     assert [m["loss"] for m in metrics(cut)] == [m["loss"] for m in two]
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    run(TINY + ["--out", str(tmp_path / "full")])
+def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
     # an earlier run in the same folder, with more ranks, left its epoch-2 responses: a fresh run
     # must not read them
     (tmp_path / "cut" / "epoch_rows").mkdir(parents=True)
@@ -197,13 +204,13 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1",
                 "--stop-after", "6"])  # mid epoch 2
     run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
-    a = student_weights(tmp_path / "full")
+    a = student_weights(one_process)
     b = student_weights(tmp_path / "cut")
     # tolerance 0: same ops in the same order on CPU, the epoch's responses restored from the
     # checkpoint
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert ([m["loss"] for m in metrics(tmp_path / "full")]
+    assert ([m["loss"] for m in metrics(one_process)]
             == [m["loss"] for m in metrics(tmp_path / "cut")])
 
 

@@ -179,13 +179,25 @@ def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
         gad.parse_args(["--student", "tiny", "--teacher-responses", "teacher", "--teacher", ""])
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    run(SMALL + ["--out", str(full)])
+# 8 prompts a step (the tiny preset's) in micro-batches of 6 rows: split unevenly over two ranks
+ONE = SMALL + ["--prompts-per-step", "8", "--micro-batch-size", "6"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """One uninterrupted single-process run of ONE: the reference of both the resume test and the
+    torchrun test (each makes only its own stopped, resumed or two-rank runs). Read only."""
+    out = tmp_path_factory.mktemp("one_process") / "run"
+    run(ONE + ["--out", str(out)])
+    return out
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
+    full, cut = one_process, tmp_path / "cut"
     # killed after step 5 of 7 (2nd GAD step)
-    r = run(SMALL + ["--out", str(cut), "--stop-after", "5"])
+    r = run(ONE + ["--out", str(cut), "--stop-after", "5"])
     assert "--stop-after 5" in r.stdout and not (cut / "student").exists()
-    run(SMALL + ["--out", str(cut), "--resume"])
+    run(ONE + ["--out", str(cut), "--resume"])
     a, b = student_weights(full), student_weights(cut)
     for k in a:  # tolerance 0: the same ops in the same order on CPU
         assert torch.equal(a[k], b[k]), k
@@ -199,14 +211,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         json.loads((cut / "eval.json").read_text())
 
 
-def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path):
+def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):
     """Two gloo ranks equal one process (sft_loss included: fault 8 of issue 9, each rank's share of
     the global loss was averaged, halving it), and a two-rank run stopped in the GAD stage and
     resumed equals the uninterrupted two-rank run (acceptance 3 of issue 9)."""
-    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
-    common = SMALL + ["--prompts-per-step", "8", "--micro-batch-size", "6"]
-    run(common + ["--out", str(one)])
-    run(common + ["--out", str(two)], torchrun=True)
+    one, two, cut = one_process, tmp_path / "two", tmp_path / "cut"
+    run(ONE + ["--out", str(two)], torchrun=True)
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) == 7
     # same global batch and samples: per-row means agree up to float reordering
@@ -221,8 +231,8 @@ def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path):
         # Adam turns float-reordering noise in near-zero gradients into ~1e-5 weight differences at
         # lr 1e-2
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
-    run(common + ["--out", str(cut), "--stop-after", "5"], torchrun=True)  # after the 2nd GAD step
-    run(common + ["--out", str(cut), "--resume"], torchrun=True)
+    run(ONE + ["--out", str(cut), "--stop-after", "5"], torchrun=True)  # after the 2nd GAD step
+    run(ONE + ["--out", str(cut), "--resume"], torchrun=True)
     c = student_weights(cut)
     # tolerance 0: the same ops in the same order, the reference and both optimizers restored
     for k in b:

@@ -94,14 +94,23 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                                   "fault": fault})
             chat.inflight += 1
             chat.max_inflight = max(chat.max_inflight, chat.inflight)
+        self.open_request = True
         try:
             time.sleep(chat.delay_s)
             self.respond(chat, pid, prompt, body, fault)
         except OSError:
             pass  # the client hung up (after its timeout, or it was killed): nothing to answer
         finally:
-            with chat.lock:
-                chat.inflight -= 1
+            self.close_request()
+
+    def close_request(self):
+        """The request stops counting as in flight once its answer starts: the client may send
+        its next request as soon as the answer arrives, before this handler thread returns (a
+        busy machine once made that count 3 requests in flight at --concurrency 2)."""
+        if getattr(self, "open_request", False):
+            self.open_request = False
+            with self.server.chat.lock:
+                self.server.chat.inflight -= 1
 
     def read_body(self):
         """The request's JSON body, or None if the client went away before sending all of it:
@@ -151,6 +160,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def send_json(self, code, obj, headers=None):
         data = json.dumps(obj).encode()
+        self.close_request()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
