@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEARDOWN_ABORT = "terminate called without an active exception"
 
@@ -39,3 +41,15 @@ def student_weights(folder):
     """The exported student's tensors (OUT/student/model.safetensors)."""
     from safetensors.torch import load_file
     return load_file(os.path.join(folder, "student", "model.safetensors"))
+
+
+def reference_run(script, args):
+    """A module fixture: one uninterrupted single-process run of `script args`, the reference of
+    both a trainer's resume test and its torchrun test (each makes only its own stopped, resumed or
+    two-rank runs). Read only."""
+    @pytest.fixture(scope="module")
+    def one_process(tmp_path_factory):
+        out = tmp_path_factory.mktemp("one_process") / "run"
+        run_script(script, args + ["--out", str(out)])
+        return out
+    return one_process

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import amm
 import common
-from scripts import metrics, run_script, student_weights
+from scripts import metrics, reference_run, run_script, student_weights
 
 # 36 train: 4 steps
 TINY = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--eval-prompts", "4"]
@@ -285,13 +285,7 @@ def test_amm_lowers_the_held_out_divergence(tmp_path):
     assert after < before - 0.1, (before, after)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """One uninterrupted single-process run of TINY: the reference of both the resume test and
-    the torchrun test (each makes only its own stopped, resumed or two-rank runs). Read only."""
-    out = tmp_path_factory.mktemp("one_process") / "run"
-    run(TINY + ["--out", str(out)])
-    return out
+one_process = reference_run("amm.py", TINY)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):

@@ -13,7 +13,7 @@ import torch
 import distillm2
 import models
 import sample
-from scripts import metrics, run_script, student_weights
+from scripts import metrics, reference_run, run_script, student_weights
 
 # 36 train: 4 steps/epoch
 TINY = ["--student", "tiny", "--limit", "40", "--epochs", "2", "--eval-prompts", "4"]
@@ -163,13 +163,7 @@ def test_each_loss_lowers_the_held_out_divergence(tmp_path, loss):
     assert after < before - 0.1, (loss, before, after)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """One uninterrupted single-process run of TINY: the reference of both the resume test and
-    the torchrun test (each makes only its own stopped, resumed or two-rank runs). Read only."""
-    out = tmp_path_factory.mktemp("one_process") / "run"
-    run(TINY + ["--out", str(out)])
-    return out
+one_process = reference_run("distillm2.py", TINY)
 
 
 def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path, one_process):

@@ -16,7 +16,7 @@ import gad
 import losses
 import models
 import sample
-from scripts import ROOT, metrics, run_script, student_weights
+from scripts import ROOT, metrics, reference_run, run_script, student_weights
 
 PAD = 256
 # Small enough for a subprocess to finish in seconds; every stage still takes several optimizer
@@ -183,13 +183,7 @@ def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
 ONE = SMALL + ["--prompts-per-step", "8", "--micro-batch-size", "6"]
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """One uninterrupted single-process run of ONE: the reference of both the resume test and the
-    torchrun test (each makes only its own stopped, resumed or two-rank runs). Read only."""
-    out = tmp_path_factory.mktemp("one_process") / "run"
-    run(ONE + ["--out", str(out)])
-    return out
+one_process = reference_run("gad.py", ONE)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
