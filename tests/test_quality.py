@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-import data
+import data as data_lib
 import models
 import quality
 from scripts import run_script
@@ -142,24 +142,23 @@ def test_trainer_cpu_defaults_are_the_cpu_budgets_rows():
     b = dict(quality.BUDGETS["cpu"], student_path=quality.BUDGETS["cpu"]["student"])
     own = {"data", "limit", "val_fraction", "eval_prompts", "out", "save_every", "max_len",
            "eval_max_new_tokens", "teacher_responses", "gen_batch_size"}
-    tok, split = models.load_tokenizer(b["student"]), {}
+    defaults, rows = {}, {}
     for method, module in (("gad", gad), ("distillm2", distillm2), ("amm", amm)):
-        default = module.parse_args([])
+        default = defaults[method] = module.parse_args([])
         cmd = quality.trainer_args(method, b, 0, b["lr"][method], "run",
                                    {"path": "train.jsonl", "rows": 48}, None, 5)
-        row = module.parse_args(cmd[1:] + quality.METHODS[method][2])
+        row = rows[method] = module.parse_args(cmd[1:] + quality.METHODS[method][2])
         differ = {k for k in vars(row) if getattr(row, k) != getattr(default, k)}
         assert differ <= own, (method, differ - own)
-        if method == "gad":   # the teacher's samples, not ShareGPT's; the benchmark's, sampled once
-            assert (default.teacher_responses, row.teacher_responses) == ("teacher", "data")
-            continue
-        # the white-box defaults' own split: 48 train prompts, 2 epochs of 12 steps
-        key = (default.data, default.limit, default.val_fraction, default.max_prompt_len,
-               default.eval_prompts, default.seed, default.prompts_per_step)
-        if key not in split:
-            split[key] = data.white_box_prompts(
-                tok, default.data, limit=default.limit, val_fraction=default.val_fraction,
-                max_prompt_len=default.max_prompt_len, eval_prompts=default.eval_prompts,
-                seed=default.seed, per_step=default.prompts_per_step)
-        train, val, _, per_epoch = split[key]
-        assert default.epochs * per_epoch == b["updates"] and len(val) == default.eval_prompts
+    # gad.py: the teacher's samples, not ShareGPT's; the benchmark's rows: its own, sampled once
+    assert (defaults["gad"].teacher_responses, rows["gad"].teacher_responses) == ("teacher", "data")
+    # the white-box defaults read the same prompts: 48 to train on, 2 epochs of 12 steps
+    d2, split_keys = defaults["distillm2"], ("data", "limit", "val_fraction", "eval_prompts")
+    assert all(getattr(defaults["amm"], k) == getattr(d2, k) for k in split_keys)
+    _, val, _, per_epoch = data_lib.white_box_prompts(
+        models.load_tokenizer(b["student"]), d2.data, limit=d2.limit,
+        val_fraction=d2.val_fraction, max_prompt_len=d2.max_prompt_len,
+        eval_prompts=d2.eval_prompts, seed=d2.seed, per_step=d2.prompts_per_step)
+    assert len(val) == d2.eval_prompts
+    for method in ("distillm2", "amm"):
+        assert defaults[method].epochs * per_epoch == b["updates"], method
