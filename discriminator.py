@@ -16,6 +16,7 @@ import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from common import all_reduce_sum, clip_and_step
 import losses
@@ -49,7 +50,12 @@ def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
                 use_cache=False).last_hidden_state                      # [N, P+T, H]
     last = prompt_ids.shape[1] + response_mask.sum(-1) - 1              # [N]
     h_last = h[torch.arange(h.shape[0], device=h.device), last]         # [N, H]
-    return d.score(h_last).squeeze(-1).float()
+    # The head in fp32, outside autocast: under bf16 autocast it would round each reward to 8
+    # mantissa bits (spacing 0.016 at |r| ~ 3) before GRPO's within-group normalisation, which
+    # divides by a spread that can be that small. One [N, H] x [H, 1] product: free.
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h_last.float(), d.score.weight.float(),
+                        None if d.score.bias is None else d.score.bias.float()).squeeze(-1)
 
 
 def score_rollout(d, ro, micro_batch_size=None, micro_batch_tokens=None, amp=None):

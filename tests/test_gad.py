@@ -67,6 +67,40 @@ def test_score_reads_the_last_response_token(tiny_d):
     torch.testing.assert_close(base[1], tiny_d.score(h).squeeze(), atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_autocast_rewards_carry_only_the_hidden_states_error(tiny_d):
+    """Fault 5 (issue 22): under bf16 autocast the score head reads the hidden state in fp32. A bf16
+    head rounds each reward to 8 mantissa bits (spacing 0.016 at |r| ~ 3, 1e-2 here) before GRPO
+    normalises within a group; in fp32 the only error left is the backbone's own bf16 error, which
+    reaches the reward through the head: |w . (h_bf16 - h_fp32)| <= ||w|| ||h_bf16 - h_fp32||."""
+    ro = sample.pack([[5, 6, 7], [8, 9], [40, 41, 42, 43]], [[10, 11, 12, 258], [13, 258], [7]],
+                     PAD)
+    w = tiny_d.score.weight.detach().clone()                               # [1, H]
+    scale = 3.0 / discriminator.score_rollout(tiny_d, ro).abs().max()     # rewards up to |r| = 3
+
+    def hidden_at_last(amp):
+        with amp:
+            h = tiny_d.model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                             position_ids=sample.position_ids_from_mask(ro.attention_mask)
+                             ).last_hidden_state
+        last = ro.prompt_ids.shape[1] + ro.response_mask.sum(-1) - 1
+        return h[torch.arange(3), last].float()                            # [N, H]
+
+    with torch.no_grad():
+        tiny_d.score.weight.mul_(scale)
+        try:
+            bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+            r_bf16 = discriminator.score_rollout(tiny_d, ro, amp=bf16)
+            r_fp32 = discriminator.score_rollout(tiny_d, ro)
+            h_bf16, h_fp32 = hidden_at_last(bf16), hidden_at_last(contextlib.nullcontext())
+        finally:
+            tiny_d.score.weight.copy_(w)
+    assert r_fp32.abs().max() == pytest.approx(3.0, rel=1e-5)
+    # the head added no rounding of its own: the fp32 head applied to the bf16 pass's hidden state
+    torch.testing.assert_close(r_bf16, (h_bf16 @ (w * scale).T).squeeze(-1), rtol=1e-6, atol=1e-6)
+    bound = (w * scale).norm() * (h_bf16 - h_fp32).norm(dim=-1)           # [N]
+    assert ((r_bf16 - r_fp32).abs() <= bound + 1e-6).all(), (r_bf16 - r_fp32, bound)
+
+
 def test_discriminator_update_learns_and_accumulates_exactly():
     torch.manual_seed(0)
     student = models.tiny_model(seed=0)
