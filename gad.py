@@ -274,6 +274,7 @@ def load_models(args, device):
     """The tokenizer, G and D, both with fp32 weights (and so fp32 AdamW state): --dtype is the
     compute dtype (autocast). D is a copy of G's backbone with a zero score head, or --init-from's
     discriminator/."""
+    models.prefetch(args.student, args.teacher)
     tok = models.load_tokenizer(args.student)
     init = os.path.join(args.init_from, "student") if args.init_from else args.student
     G = models.load_model(init, dtype="float32", attn=args.attn, device=device, seed=args.seed,

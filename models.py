@@ -18,13 +18,16 @@ are therefore the Q4_1-rounded ones, not the original bf16 ones. `tiny` is a ran
 import contextlib
 import copy
 import importlib.util
+import json
 import os
 import shutil
 import socket
 import tempfile
+import urllib.parse
 
 import torch
 
+import common
 from common import print0
 
 ALIASES = {
@@ -143,16 +146,19 @@ def tiny_model(seed=0, **config_overrides):
 
 def _hub_reachable(timeout=3.0):
     """A cheap check before asking the hub for anything, so an offline machine fails over in
-    seconds."""
-    if (os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-            or os.environ.get("NANOGAD_OFFLINE")):
+    seconds. Offline mode is huggingface_hub's own flag (HF_HUB_OFFLINE as read at its import):
+    with it set, it refuses every request whatever the network."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or os.environ.get("NANOGAD_OFFLINE"):
         return False
+    # HF_ENDPOINT may be a mirror such as http://127.0.0.1:8080
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
     try:
-        from huggingface_hub import constants
-        host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
-        socket.create_connection((host, 443), timeout=timeout).close()
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
         return True
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a port that is not a number
         return False
 
 
@@ -199,19 +205,82 @@ def smollm2_offline_dir():
     return out
 
 
+class ModelNotCached(RuntimeError):
+    """A hub model that is not in the HF cache, on a machine that cannot reach the hub."""
+
+
+# what from_pretrained reads of a hub model: config, generation config, tokenizer files, and the
+# weights of one format (not a repo's GGUF, ONNX or other copies)
+MODEL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+               "tokenizer.model", "chat_template.jinja", "chat_template.json"]
+WEIGHT_FILES = [("model.safetensors", "model.safetensors.index.json", "model*.safetensors*"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model*.bin*")]
+
+
+def _has_model(folder):
+    """Whether a folder holds a whole model: config.json and every weight file. A snapshot in the
+    HF cache can hold the tokenizer files alone (what AutoTokenizer downloads), or some shards."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return False
+    for single, index, _ in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(folder, single)):
+            return True
+        if os.path.isfile(os.path.join(folder, index)):
+            with open(os.path.join(folder, index)) as f:
+                shards = set(json.load(f)["weight_map"].values())
+            return all(os.path.isfile(os.path.join(folder, s)) for s in shards)
+    return False
+
+
 def resolve(name):
-    """Map a name to something from_pretrained can open (a folder or a hub id), or 'tiny'."""
+    """Map a name to something from_pretrained can open: a folder, or a tiny or random-qwen name.
+    A hub model is a complete snapshot folder of the HF cache, downloaded when the hub is
+    reachable; offline, smollm2-135m falls back to its GGUF copy, and any other model is an
+    error."""
     if name in TINY or name in RANDOM_QWEN or os.path.isdir(name):
         return name
+    from huggingface_hub import constants, snapshot_download
+
     hub_id = ALIASES.get(name.lower(), name)
     try:  # already in the local HF cache: no network needed
-        from huggingface_hub import snapshot_download
-        return snapshot_download(hub_id, local_files_only=True)
+        folder = snapshot_download(hub_id, local_files_only=True)
+        if _has_model(folder):
+            return folder
     except Exception:
         pass
-    if name.lower() == "smollm2-135m" and not _hub_reachable():
+    if _hub_reachable():
+        # safetensors first: a repo's pickled .bin copy only when it has no safetensors
+        for _, _, pattern in WEIGHT_FILES:
+            folder = snapshot_download(hub_id, allow_patterns=MODEL_FILES + [pattern])
+            if _has_model(folder):
+                break
+        return folder  # without weights, from_pretrained says which files it looked for
+    if name.lower() == "smollm2-135m":
         return smollm2_offline_dir()
-    return hub_id
+    raise ModelNotCached(
+        f"model {name!r} ({hub_id}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+        "and the hub cannot be reached (or HF_HUB_OFFLINE is set); download it with\n"
+        f"  `hf download {hub_id}`\n"
+        "on a machine with hub access, into this cache (or copy the cache here)")
+
+
+def prefetch(*names):
+    """Every model of a run whole in this node's HF cache before any rank loads one: local rank 0
+    of each node resolves them (downloading what is missing), the node's other ranks wait, then
+    find them cached (eight ranks would otherwise fetch the same weights at once). An error there
+    (offline, no such model) stops every rank, not only the one that hit it. 'api:' teachers and
+    None are skipped."""
+    error = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            for name in names:
+                if name and not name.startswith("api:"):
+                    resolve(name)
+        except Exception as e:   # raised below, after the other ranks hear of it
+            error = e
+    if common.all_reduce_sum(float(error is not None)):
+        raise error or ModelNotCached("fetching a model failed on another rank (see its error)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,6 +374,7 @@ def load_white_box(args, device, student_dtype="float32"):
     """The models of a white-box trainer (distillm2.py, amm.py): the tokenizer, the student (cut to
     --student-layers; fp32 weights unless told, for fp32 AdamW state) and the teacher in --dtype,
     frozen."""
+    prefetch(args.student, args.teacher)
     tok = load_tokenizer(args.student)
     student = load_model(args.student, dtype=student_dtype, device=device, seed=args.seed,
                          layers=args.student_layers)
