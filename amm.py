@@ -318,7 +318,8 @@ def l1_values(s_logits, t_logits):
 @torch.no_grad()
 def hidden_states(model, ro, max_rows, max_tokens):
     """Final hidden states at the positions that predict the response tokens [N, T, H], in
-    micro-batches."""
+    micro-batches, `model` in eval mode (a scoring pass)."""
+    model.eval()
     return ro.map(lambda r: sample.response_hidden(model, r)[0], max_rows, max_tokens,
                   per_position=True)
 
@@ -391,7 +392,6 @@ def make_sides(student, teacher, batch, step, adv_on, adv_off, args, gen, amp, p
     compute.generate(student, on_ro, k)
     compute.generate(teacher, off_ro, teacher=True,
                      calls=math.ceil(len(batch) / (args.gen_batch_size or len(batch))))
-    student.train()
     sides = {}
     for name, ro, adversary, weight, rows in (
             ("on", on_ro, adv_on, 1.0 - args.beta, len(batch) * k),
@@ -445,7 +445,9 @@ def adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phase
 
 def student_backward(student, sides, advantages, s_head, t_head, args, amp, phases, compute):
     """Backward of the student's objective, beta d_off + (1 - beta) (the surrogate of d_on),
-    micro-batch by micro-batch; returns this rank's share of it."""
+    micro-batch by micro-batch; returns this rank's share of it. The student is put in training
+    mode (from_pretrained leaves it in eval mode, where HF layers skip activation checkpointing)."""
+    student.train()
     total = 0.0
     for name, sd in sides.items():
         weights = sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]           # [N, T]

@@ -60,7 +60,8 @@ def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
 
 def score_rollout(d, ro, micro_batch_size=None, micro_batch_tokens=None, amp=None):
     """Scores of a Rollout without grad [N], in micro-batches (sample.Rollout.micro_batches), inside
-    `amp`."""
+    `amp`, with D in eval mode (a scoring pass; update() puts it back in training mode)."""
+    d.eval()
     with torch.no_grad(), amp or contextlib.nullcontext():
         return ro.map(lambda r: score(d, r.prompt_ids, r.prompt_mask, r.response_ids,
                                       r.response_mask),
@@ -101,7 +102,9 @@ def update(d, optimizer, teacher, student, n, max_grad_norm=1.0, micro_batch_siz
     passes run inside `amp` (models.autocast), backward outside it.
     Returns floats over this rank's pairs (d_loss is its own mean, so a mean over ranks is the
     global one); a non-finite gradient norm skips the step on every rank (the norm is computed after
-    the all-reduce, so all ranks see the same value and agree)."""
+    the all-reduce, so all ranks see the same value and agree). D is put in training mode (from
+    from_pretrained it is in eval mode, where HF layers skip activation checkpointing)."""
+    d.train()
     B = teacher.prompt_ids.shape[0]
     amp = amp or contextlib.nullcontext()
     pairs = all_reduce_sum(B * n)

@@ -325,7 +325,8 @@ def pack_rows(batch, responses, args, pad, device):
 @torch.no_grad()
 def mean_logprob(model, ro, args):
     """Per-sequence mean log-probability of the response (temperature 1) [N]: log P or log Q of the
-    curriculum."""
+    curriculum, `model` in eval mode (a scoring pass)."""
+    model.eval()
     return ro.map(lambda r: losses.masked_mean(sample.sequence_logprobs(model, r,
                                                                         chunk_size=args.chunk_size),
                                                r.response_mask.bool(), dim=-1),
@@ -442,7 +443,6 @@ def step_rollouts(student, batch, epoch_rows, step, args, gen, device, phases, c
         with phases("sampling"):
             rows = [[y] for y in respond(student, batch, f"p{step}", gen,
                                          args.on_policy_temperature, 1.0, compute=compute)]
-        student.train()
     else:
         rows = [[epoch_rows[r["id"]]["y_t"]] + ([epoch_rows[r["id"]]["y_s"]]
                                                 if uses_student_responses(args) else [])
@@ -494,7 +494,9 @@ def accumulate(student, teacher, rollouts, terms, n_seqs, n_tokens, args, amp, p
                compute):
     """Backward of the step's loss, micro-batch by micro-batch (a prompt's rollouts stay in one
     micro-batch); returns this rank's share of it. DistiLLM-2 logs each term's per-sequence mean
-    into `m`."""
+    into `m`. The student is put in training mode (from_pretrained leaves it in eval mode, where HF
+    layers skip activation checkpointing)."""
+    student.train()
     total, n_rows = 0.0, rollouts[0].prompt_ids.shape[0]
     for a, b in row_groups(rollouts, args.micro_batch_size, args.micro_batch_tokens):
         j = slice(a, b)
@@ -567,7 +569,6 @@ def main(argv=None):
         if step_in_epoch == 0 or epoch_rows is None:
             epoch_rows = epoch_responses(student, teacher, train, epoch, step_in_epoch == 0,
                                          steps_per_epoch, args, gen, vocab, phases, compute)
-            student.train()
         batch, _ = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed, "d2",
                                           rank, world)
         rollouts, on_policy = step_rollouts(student, batch, epoch_rows, step, args, gen, device,

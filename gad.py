@@ -321,7 +321,9 @@ def student_rollout(G, batch, keys, step, args, amp, eos, pad, compute):
 
 @torch.no_grad()
 def response_logprobs(model, ro, args, amp):
-    """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches."""
+    """[N, T] logprobs of the rollout's responses at the sampling temperature, in micro-batches,
+    with `model` in eval mode (a scoring pass; the updates put G back in training mode)."""
+    model.eval()
     with amp:
         return ro.map(lambda r: sample.sequence_logprobs(model, r, args.temperature,
                                                          chunk_size=args.chunk_size),
@@ -401,10 +403,8 @@ def gad_step(G, D, ref, opt_g, opt_d, batch, keys, step, args, amp, eos, pad, de
     with phases("sampling"):
         ro = student_rollout(G, batch, keys, step, args, amp, eos, pad, compute)
     with phases("scoring"):
-        D.eval()
         rewards = discriminator.score_rollout(D, ro, args.micro_batch_size,
-                                              args.micro_batch_tokens, amp)
-        D.train()                                                           # [B*n]
+                                              args.micro_batch_tokens, amp)  # [B*n]
         advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)  # [B*n], per group of n
         # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones
         # (None)

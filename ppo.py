@@ -69,11 +69,13 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
     response tokens and divided by their count over all ranks, gradients summed over ranks: the
     token-mean over the global mini-batch, the same step as one process on all ranks' rows.
     A step whose gradient norm is not finite is skipped (optimizer untouched) and counted.
+    The model is put in training mode: a model from from_pretrained (a resumed run, --init-from)
+    is in eval mode, where HF layers skip activation checkpointing.
 
     Stats, this rank's token-means per mini-batch averaged over the steps taken (NaN if none):
     pg_loss, kl (k3 to the reference, 0 without one), approx_kl (k2 to the rollout policy),
     clipfrac, entropy, grad_norm (before clipping); and skipped_steps. The model's dropout should
-    be off (the ratio is 1 at the first step only if the forward pass is deterministic).
+    be 0 (the ratio is 1 at the first step only if the forward pass is deterministic).
     """
     response_mask = rollout.response_mask.bool()                            # [N, T]
     N, T = response_mask.shape
@@ -93,6 +95,7 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
     if ref_logprobs is not None:
         ref_logprobs = ref_logprobs.detach().float().masked_fill(~response_mask, 0.0)  # [N, T]
     params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
     perm_device = generator.device if generator is not None else "cpu"
 
     taken, skipped_steps = [], 0

@@ -166,6 +166,64 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     assert d.score.weight.abs().sum() > 0, "the discriminator head was trained"
 
 
+def test_updates_recompute_activations_however_a_stage_starts(tmp_path, monkeypatch):
+    """Fault 2 (issue 22): from_pretrained leaves a model in eval mode, where HF layers skip
+    activation checkpointing, and only the SFT step put G in training mode. So a GAD stage started
+    with --stage gad, resumed from a checkpoint, or started --init-from a run (D from its folder
+    too) held every activation. The student here comes from a saved folder, as a hub model does;
+    every update of G (SFT, PPO) and of D must run its layers through the checkpoint function."""
+    folder = tmp_path / "student"
+    models.tiny_model(seed=0).save_pretrained(folder)
+    models.tiny_tokenizer().save_pretrained(folder)
+    calls, updates = [0], []        # checkpointed layer calls so far; (update, calls in it)
+
+    def spy_checkpointing(model):
+        real_checkpointing(model)
+        for layer in model.model.layers:
+            def counted(*args, _real=layer._gradient_checkpointing_func, **kwargs):
+                calls[0] += 1
+                return _real(*args, **kwargs)
+            layer._gradient_checkpointing_func = counted
+
+    def spy_update(name, real):
+        def update(*args, **kwargs):
+            before = calls[0]
+            out = real(*args, **kwargs)
+            updates.append((name, calls[0] - before))
+            return out
+        return update
+
+    real_checkpointing = models.checkpoint_activations
+    monkeypatch.setattr(models, "checkpoint_activations", spy_checkpointing)
+    monkeypatch.setattr(gad, "sft_step", spy_update("sft", gad.sft_step))
+    monkeypatch.setattr(gad.ppo, "ppo_update", spy_update("ppo", gad.ppo.ppo_update))
+    monkeypatch.setattr(gad.discriminator, "update",
+                        spy_update("d", gad.discriminator.update))
+    base = ["--student", str(folder), "--teacher", "tiny-teacher", "--data", "tiny", "--limit",
+            "24", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--warmup-steps", "1",
+            "--freeze-g-steps", "0", "--gad-steps", "2", "--eval-prompts", "0",
+            "--gradient-checkpointing", "--save-every", "1", "--dtype", "float32",
+            "--max-prompt-len", "64", "--max-new-tokens", "8", "--max-response-len", "8"]
+    starts = {"fresh": ["--out", str(tmp_path / "a")],
+              "--stage gad": ["--stage", "gad", "--out", str(tmp_path / "b")],
+              "--resume mid-stage": ["--stage", "gad", "--out", str(tmp_path / "b"), "--resume"],
+              "--init-from": ["--stage", "gad", "--init-from", str(tmp_path / "a"),
+                              "--out", str(tmp_path / "c")]}
+    seen = {}
+    for label, args in starts.items():
+        stop = ["--stop-after", "1"] if label == "--stage gad" else []   # resumed next
+        updates.clear()
+        with contextlib.redirect_stdout(io.StringIO()):
+            gad.main(base + args + stop)
+        seen[label] = list(updates)
+    kinds = {"fresh": ["d", "sft", "d", "ppo", "d", "ppo"], "--stage gad": ["d", "ppo"],
+             "--resume mid-stage": ["d", "ppo"], "--init-from": ["d", "ppo", "d", "ppo"]}
+    for label, got in seen.items():
+        assert [name for name, _ in got] == kinds[label], (label, got)
+        # two layers, at least one micro-batch each
+        assert all(n >= 2 for _, n in got), (label, got)
+
+
 def test_each_stage_runs_alone(tmp_path):
     seqkd = tmp_path / "seqkd"
     # SeqKD with bitsandbytes' 8-bit AdamW (the --adam8bit memory flag; bitsandbytes is in
