@@ -24,6 +24,7 @@ import contextlib
 import functools
 import hashlib
 import http.client
+import inspect
 import json
 import os
 import random
@@ -378,6 +379,19 @@ class StaticKV:
             torch._dynamo.mark_static_address(t, guard=False)   # no recompile per new buffer
 
 
+@functools.cache
+def cache_kwarg(forward):
+    """The name a model's forward takes its KV cache by: transformers 5.25 renamed past_key_values
+    to cache (the old name warns on every call until its removal in 5.40)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache, **kwargs):
+    """model(**kwargs) reading and filling `cache` (a DynamicCache or a StaticKV, updated in
+    place), whatever the installed transformers calls the argument."""
+    return model(**kwargs, **{cache_kwarg(type(model).forward): cache}, use_cache=True)
+
+
 def static_decode_step(model, kv, tok, position_ids):
     """One decode step on a StaticKV: tok [N] at position_ids [N, 1] -> next-token logits [N, V].
     The attention mask is handed over ready-made (HF's mask builder returns a 4D mask as it is):
@@ -386,8 +400,8 @@ def static_decode_step(model, kv, tok, position_ids):
     mask = kv.valid[:, None, None, :kv.end]                                    # [N, 1, 1, S]
     if model.config._attn_implementation != "sdpa":
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, -1e30)
-    h = model.model(input_ids=tok[:, None], position_ids=position_ids, past_key_values=kv,
-                    attention_mask=mask, use_cache=True).last_hidden_state
+    h = with_cache(model.model, kv, input_ids=tok[:, None], position_ids=position_ids,
+                   attention_mask=mask).last_hidden_state
     kv.pos.add_(1)
     return model.get_output_embeddings()(h[:, -1])                             # [N, V]
 
@@ -438,10 +452,10 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     head = model.get_output_embeddings()
     cache = DynamicCache()
     # the prefill through the backbone, then the head at the last position (it predicts token 0)
-    first_hidden = model.model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                               past_key_values=cache, use_cache=True,
-                               position_ids=position_ids_from_mask(prompt_mask)
-                               ).last_hidden_state[:, -1].repeat_interleave(n, dim=0)   # [N, H]
+    first_hidden = with_cache(model.model, cache, input_ids=prompt_ids,
+                              attention_mask=prompt_mask,
+                              position_ids=position_ids_from_mask(prompt_mask)
+                              ).last_hidden_state[:, -1].repeat_interleave(n, dim=0)    # [N, H]
     logits = head(first_hidden)[:, :vocab_size]                                        # [N, V]
     if fast:
         amp = torch.is_autocast_enabled(device.type)
@@ -490,11 +504,9 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
         if t == max_new_tokens - 1 or live == 0:
             break
         if not fast:
-            out = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1],
-                        position_ids=next_pos + t, past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :vocab_size]
+            logits = with_cache(model, cache, input_ids=tok[:, None],
+                                attention_mask=attn[:, :P + t + 1], position_ids=next_pos + t,
+                                logits_to_keep=1).logits[:, -1, :vocab_size]
             continue
         size = 1 << (live - 1).bit_length() if compile_step else live
         if size <= COMPACT_AT * len(rows):

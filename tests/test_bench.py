@@ -7,6 +7,7 @@ import torch
 
 import bench
 import models
+import sample
 from scripts import run_script
 
 
@@ -44,7 +45,9 @@ def test_memory_arithmetic_counts_what_the_tensors_take():
     ref_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
     assert held["reference (bf16 linear, fp32 embeddings)"] == ref_bytes
     model = models.cast_parameters(model, "bfloat16")
-    cache = model(input_ids=torch.randint(0, 256, (6, 12)), use_cache=True).past_key_values
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    sample.with_cache(model, cache, input_ids=torch.randint(0, 256, (6, 12)))
     kv_bytes = sum(t.numel() * t.element_size()
                    for layer in cache.layers for t in (layer.keys, layer.values))
     assert sampling["KV cache"] == kv_bytes

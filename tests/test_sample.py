@@ -175,9 +175,9 @@ def test_static_decode_under_bf16_autocast_keeps_a_bf16_cache_and_the_plain_samp
     dtypes = []
     update = sample.StaticKV.update
 
-    def spy(self, key, value, layer_idx, *args):
+    def spy(self, key, value, layer_idx, *args, **kwargs):   # as transformers calls Cache.update
         dtypes.append(self.keys[layer_idx].dtype)
-        return update(self, key, value, layer_idx, *args)
+        return update(self, key, value, layer_idx, *args, **kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = sample.generate(model, prompts, decode="plain", **kw)
         sample.StaticKV.update = spy
