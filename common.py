@@ -59,6 +59,11 @@ def compute_init(device=None):
         if cuda:
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
+        # torch.distributed.nn first, while there is no group: its functions take
+        # group=group.WORLD as a default argument, evaluated at import, and transformers imports it
+        # lazily (when a model class loads), so the defaults would hold our group for good and
+        # destroy_process_group could not free it (see compute_cleanup).
+        import torch.distributed.nn as _  # noqa: F401
         # A long timeout: ranks wait at the final barrier while rank 0 alone evaluates (minutes on
         # real models).
         # device_id binds NCCL to this rank's GPU (barriers then know which one to use).
@@ -70,7 +75,13 @@ def compute_init(device=None):
 
 def compute_cleanup():
     """Wait for every rank (rank 0 may still be evaluating or saving), then tear the process group
-    down: a rank that leaves first kills gloo's connections under the others (SIGABRT)."""
+    down: a rank that leaves first kills gloo's connections under the others (SIGABRT).
+
+    destroy_process_group frees the group only if nothing else holds it (compute_init sees to
+    that), and freeing it joins the backend's threads. Left alive, a gloo worker thread can drop
+    the last collective's Work, and with it a tensor's Python object, after the interpreter has
+    begun finalizing: taking the GIL then kills the thread inside a C++ destructor, and the rank
+    dies with SIGABRT ("terminate called without an active exception")."""
     if is_initialized():
         barrier()
         dist.destroy_process_group()

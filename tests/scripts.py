@@ -9,7 +9,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def run_script(script, args, torchrun=False, check=True):
@@ -19,14 +18,6 @@ def run_script(script, args, torchrun=False, check=True):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
                                "--nproc_per_node=2"] if torchrun else []) + [script] + args
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if torchrun and out.returncode and TEARDOWN_ABORT in out.stderr:
-        # Rarely, a gloo rank aborts in C++ at the end of a two-rank CPU run (seen once in CI after
-        # the rank had finished its work; 40 local repeats did not reproduce it). Run the command
-        # once more, loudly: a failure that is ours repeats, and a resumed run then resumes from
-        # the last checkpoint.
-        print(f"retrying after a gloo teardown abort: {' '.join(cmd)}\n--- its stderr's end:\n"
-              f"{out.stderr[-1500:]}\n---", file=sys.stderr)
-        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out

@@ -41,18 +41,29 @@ def test_seed_is_per_rank():
 
 
 def test_torchrun_two_processes_on_gloo(tmp_path):
+    """One code path under torchrun, and (fault 8 of issue 22) a clean teardown: transformers
+    imports torch.distributed.nn when a model class loads, whose functions hold group.WORLD as a
+    default argument; imported after the group started, they kept it alive past
+    destroy_process_group, and a gloo worker thread could release a finished collective during
+    interpreter shutdown and abort the rank (SIGABRT, 'terminate called without an active
+    exception', ~1 two-rank run in 10 here). After compute_cleanup no gloo thread may be left."""
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {ROOT!r})
+        import os, sys; sys.path.insert(0, {ROOT!r})
         import torch, torch.distributed as dist
-        import common
+        import common, models
         ddp, rank, local_rank, world, device = common.compute_init()
+        models.tiny_model()    # a model class loads: transformers' lazy imports, as in a trainer
         x = torch.tensor([float(rank + 1)])
         dist.all_reduce(x)
         common.print0(f"ddp={{ddp}} world={{world}} backend={{dist.get_backend()}} \
 sum={{x.item()}}")
         common.log_metrics({str(tmp_path / 'm.jsonl')!r}, {{"rank_sum": x}})
         common.compute_cleanup()
+        threads = [open(f"/proc/self/task/{{t}}/comm").read().strip()
+                   for t in os.listdir("/proc/self/task")]
+        with open(f"{tmp_path}/threads{{rank}}", "w") as f:   # two ranks' prints can interleave
+            f.write(repr([t for t in threads if "gloo" in t]))
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -61,6 +72,8 @@ sum={{x.item()}}")
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("ddp=")]
     assert lines == ["ddp=True world=2 backend=gloo sum=3.0"]  # print0: one line, from rank 0 only
+    left = [(tmp_path / f"threads{r}").read_text() for r in (0, 1)]
+    assert left == ["[]", "[]"], left    # gloo's loop and worker threads still running
     # metrics written once, not per rank
     assert (tmp_path / "m.jsonl").read_text() == '{"rank_sum": 3.0}\n'
 
