@@ -184,7 +184,7 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="response length when sampling; the horizon T")
     g.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generate() call")
-    sample.add_decode_flag(g)
+    sample.add_generate_flags(g)
     common.add_run_flags(g, out="runs/amm")
     g.add_argument("--eval-prompts", type=int, default=None,
                    help="held-out prompts in the before/after table")
@@ -502,7 +502,8 @@ def main(argv=None):
     pad = tok.pad_token_id
     gen = dict(max_new_tokens=args.max_new_tokens, eos_ids=sample.stop_ids(tok, student, teacher),
                pad_id=pad, seed=args.seed, amp=amp,
-               batch_size=args.gen_batch_size, decode=args.decode)   # sample.rollout's settings
+               batch_size=args.gen_batch_size, max_tokens=args.gen_batch_tokens,
+               decode=args.decode)                                     # sample.rollout's settings
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, "
            f"student {args.student}: {models.num_params(student) / 1e6:.2f}M, "

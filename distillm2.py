@@ -215,7 +215,7 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (reference: 0.8)")
     g.add_argument("--top-p", type=float, default=None, help="sampling top-p (reference: 0.95)")
-    sample.add_decode_flag(g)
+    sample.add_generate_flags(g)
     common.add_run_flags(g, out="runs/distillm2")
     g.add_argument("--eval-prompts", type=int, default=None,
                    help="held-out prompts in the before/after table")
@@ -530,7 +530,8 @@ def main(argv=None):
     pad = tok.pad_token_id
     gen = dict(max_new_tokens=args.max_new_tokens, eos_ids=sample.stop_ids(tok, student, teacher),
                pad_id=pad, seed=args.seed, amp=amp,
-               batch_size=args.gen_batch_size, decode=args.decode)   # sample.rollout's settings
+               batch_size=args.gen_batch_size, max_tokens=args.gen_batch_tokens,
+               decode=args.decode)                                     # sample.rollout's settings
     vocab = student.get_output_embeddings().weight.shape[0]
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, "
            f"student {args.student}: {models.num_params(student) / 1e6:.2f}M params, "

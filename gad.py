@@ -106,7 +106,7 @@ def add_gad_flags(p):
     g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length")
     g.add_argument("--temperature", type=float, default=None, help="rollout temperature (ref: 0.8)")
     g.add_argument("--top-p", type=float, default=None, help="rollout top-p (ref: 1.0)")
-    sample.add_decode_flag(g)
+    sample.add_generate_flags(g)
     g.add_argument("--lr", type=float, default=None, help="G learning rate (ref: 1e-6, constant)")
     g.add_argument("--d-lr", type=float, default=None, help="D learning rate (ref: 1e-6, constant)")
     g.add_argument("--seqkd-lr", type=float, default=None, help="SeqKD learning rate (ref: 5e-6)")
@@ -191,10 +191,11 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------------
 # data
 
-def load_records(args, rank, tok, compute):
+def load_records(args, tok, compute):
     """Prompts with teacher responses. Rows without one (every row with --teacher-responses
-    teacher) are sampled once from --teacher (rank 0, resumable, into OUT/teacher.jsonl), then
-    everyone reads that file; the sampling is counted in `compute` (count_teacher)."""
+    teacher) are sampled once from --teacher (each rank its share, resumable, into
+    OUT/teacher.jsonl), then everyone reads that file; the sampling is counted in `compute`
+    (count_teacher)."""
     if args.data == "tiny":
         records = data_lib.tiny_prompts(args.limit or 160, args.seed)
     else:
@@ -218,24 +219,21 @@ def load_records(args, rank, tok, compute):
             print0(f"dropping {len(missing)} rows without a teacher response (no --teacher given)")
             return [r for r in records if r["teacher_response"] is not None]
         teacher_file = os.path.join(args.out, "teacher.jsonl")
-        if rank == 0:
-            if args.teacher.startswith("api:"):
-                url, model = judge.parse_spec(args.teacher, "--teacher")
-                source = dict(api_base=url, api_model=model)
-            else:
-                source = dict(model=args.teacher, max_prompt_len=args.max_prompt_len)
-            cfg = sample.settings(out=teacher_file, max_new_tokens=args.max_response_len,
-                                  temperature=1.0, top_p=1.0, seed=args.seed, **source)
-            stats = sample.sample_records(missing, cfg)
-            if stats["failed"]:
-                raise RuntimeError(f"sampling the teacher into {teacher_file} failed; "
-                                   "rerun to resume it")
-        common.barrier()
+        if args.teacher.startswith("api:"):
+            url, model = judge.parse_spec(args.teacher, "--teacher")
+            source = dict(api_base=url, api_model=model)
+        else:
+            source = dict(model=args.teacher, max_prompt_len=args.max_prompt_len,
+                          gen_batch_tokens=args.gen_batch_tokens)
+        cfg = sample.settings(out=teacher_file, max_new_tokens=args.max_response_len,
+                              temperature=1.0, top_p=1.0, seed=args.seed, **source)
+        stats = sample.sample_records(missing, cfg)   # every rank its share
+        if common.all_reduce_sum(stats["failed"]):
+            raise RuntimeError(f"sampling the teacher into {teacher_file} failed; "
+                               "rerun to resume it")
         rows = data_lib.read_records(teacher_file)[0]
         sampled = {r["id"]: r["teacher_response"] for r in rows}
-        if rank == 0:   # this process appended the file's last `written` rows (one writer)
-            count_teacher(compute, tok, [r["teacher_response"]
-                                         for r in rows[len(rows) - stats["written"]:]], stats, cfg)
+        count_teacher(compute, tok, [sampled[i] for i in stats["written_ids"]], stats, cfg)
         for r in records:
             r["teacher_response"] = r["teacher_response"] or sampled.get(r["id"])
         records = [r for r in records if r["teacher_response"]]
@@ -243,13 +241,12 @@ def load_records(args, rank, tok, compute):
 
 
 def count_teacher(compute, tok, responses, stats, cfg):
-    """The teacher's cost to this run (rank 0 samples): the tokens of the responses this process
+    """The teacher's cost to this run (each rank its share): the tokens of the responses this rank
     sampled, in the student's tokenizer as the trainer reads them (an endpoint's own count is not
     known), and its generate() batches or requests (retries included). Not its FLOPs: a black-box
     teacher's size is not known."""
     retries = sum(stats[k] for k in ("http_429", "http_5xx", "timeout", "connection"))
-    calls = (math.ceil(stats["written"] / cfg.batch_size) if cfg.model
-             else stats["written"] + retries)
+    calls = stats["calls"] if cfg.model else stats["written"] + retries
     compute.add(teacher_tokens=sum(len(data_lib.encode_response(tok, y)[0]) for y in responses),
                 teacher_calls=calls)
 
@@ -314,7 +311,8 @@ def student_rollout(G, batch, keys, step, args, amp, eos, pad, compute):
     ro = sample.rollout(G, [ex["prompt"] for ex in batch], [f"{k}|{step}" for k in keys],
                         n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, eos_ids=eos, pad_id=pad,
-                        seed=args.seed, amp=amp, decode=args.decode)
+                        seed=args.seed, amp=amp, max_tokens=args.gen_batch_tokens,
+                        decode=args.decode)
     compute.generate(G, ro, args.samples_per_prompt)
     return ro
 
@@ -513,7 +511,7 @@ def main(argv=None):
            f"device {device}, compute {args.dtype}")
 
     compute = common.Compute()   # the counters of every metrics row
-    records = load_records(args, rank, tok, compute)
+    records = load_records(args, tok, compute)
     train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
     train, dropped = encode_records(train_recs, tok, args)
     print0(f"data: {len(train)} train prompts ({dropped} over --max-prompt-len dropped), "

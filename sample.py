@@ -28,6 +28,7 @@ import inspect
 import json
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import common
 from common import OutputLocked, lock_output, print0
 import data as data_lib
 import losses
@@ -368,8 +370,12 @@ class StaticKV:
         return self.keys[0].shape[2]
 
     def select(self, rows):
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
+        """Keep `rows`, one tensor at a time: each old tensor is dropped as its compacted copy is
+        made, so a compaction adds one layer's keys (or values) of the kept rows, not a second
+        cache (at 1.5B, 256 rows x 3584 tokens: a 24 GiB cache and 9 GiB more for a moment)."""
+        for cache in (self.keys, self.values):
+            for i in range(len(cache)):
+                cache[i] = cache[i][rows]
         self.valid = self.valid[rows]
 
     def mark_static(self):
@@ -529,23 +535,28 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
 
 
 def rollout(model, prompts, keys, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, eos_ids=(),
-            pad_id=0, seed=0, amp=None, batch_size=None, vocab_size=None, decode="static"):
+            pad_id=0, seed=0, amp=None, batch_size=None, max_tokens=None, vocab_size=None,
+            decode="static"):
     """n samples of each prompt (token lists) from `model` in eval mode (its mode is restored
-    after), at most `batch_size` prompts per generate() call, the prompts sorted by length across
-    the calls (a call pads its prompts to its longest). Sample i of prompt j is keyed by
-    (keys[j], i): the same whatever the batching, the rank, or an interruption. One Rollout of
-    len(prompts) * n rows, prompt-major, in the order of `prompts`."""
+    after), in generate() calls of at most `batch_size` prompts and at most `max_tokens` KV-cache
+    tokens (rows x (longest prompt + max_new_tokens): what bounds a call's memory), the prompts
+    sorted by length across the calls (a call pads its prompts to its longest). Sample i of prompt
+    j is keyed by (keys[j], i): the same whatever the batching, the rank, or an interruption. One
+    Rollout of len(prompts) * n rows, prompt-major, in the order of `prompts`."""
     was_training = model.training
     model.eval()
-    size = batch_size or len(prompts)
-    order = (sorted(range(len(prompts)), key=lambda j: len(prompts[j])) if size < len(prompts)
-             else list(range(len(prompts))))
+    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))
+    calls = split_by_budget([(n, len(prompts[j]), max_new_tokens) for j in order],
+                            n * (batch_size or len(prompts)), max_tokens)
+    if len(calls) == 1:   # one call: the prompts in their own order
+        order = list(range(len(prompts)))
     with amp or contextlib.nullcontext():
-        parts = [generate(model, [prompts[j] for j in part], n=n, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
-                          seed=seed, prompt_keys=[keys[j] for j in part], vocab_size=vocab_size,
+        parts = [generate(model, [prompts[j] for j in order[a:b]], n=n,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          eos_ids=eos_ids, pad_id=pad_id, seed=seed,
+                          prompt_keys=[keys[j] for j in order[a:b]], vocab_size=vocab_size,
                           decode=decode)
-                 for part in (order[i:i + size] for i in range(0, len(prompts), size))]
+                 for a, b in calls]
     model.train(was_training)
     if len(parts) == 1:
         return parts[0]
@@ -557,11 +568,16 @@ def rollout(model, prompts, keys, *, n=1, max_new_tokens, temperature=1.0, top_p
                 parts[0].prompt_ids.device)
 
 
-def add_decode_flag(group):
+def add_generate_flags(group):
+    """The sampling flags every sampler shares: the decode loop and the KV-cache bound of a
+    generate() call (None: no bound, unless a trainer's preset fills one)."""
     group.add_argument("--decode", choices=DECODE, default="static",
                        help="sampling loop: static (preallocated KV cache, finished rows dropped), "
                             "plain (HF DynamicCache, the reference loop), compiled (static + "
                             "torch.compile / CUDA graphs); all give the same samples")
+    group.add_argument("--gen-batch-tokens", type=int, default=None,
+                       help="KV-cache tokens per generate() call: rows (prompts x samples) x "
+                            "(longest prompt + new tokens); prompts beyond it go in more calls")
 
 
 def stop_ids(tokenizer, *models):
@@ -697,15 +713,17 @@ def scan_output(path):
 
 class RowWriter:
     """Appends one whole json line per row and flushes it (a kill loses at most the row being
-    written)."""
+    written); `ids` lists the rows it wrote."""
 
     def __init__(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.f = open(path, "a", encoding="utf-8")
+        self.ids = []
 
     def write(self, row):
         self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.f.flush()
+        self.ids.append(row["id"])
 
     def close(self):
         self.f.flush()
@@ -750,7 +768,7 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=0.95,
                    help="nucleus sampling mass (DistiLLM-2: 0.95)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    add_decode_flag(g)
+    add_generate_flags(g)
     loc = p.add_argument_group("local model")
     loc.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
     loc.add_argument("--dtype", default="auto",
@@ -798,24 +816,33 @@ def local_runner(args):
 
 
 def run_local(args, model, tokenizer, todo, writer, bar, stats):
+    """Sample `todo` in generate() calls of at most --batch-size prompts and --gen-batch-tokens
+    KV-cache tokens, the prompts sorted by length; under torchrun this rank makes every world-th
+    call (so the calls, and their samples, are the ones one process makes)."""
     encoded = []
     for rec in todo:
         ids = data_lib.encode_prompt(tokenizer, rec["messages"])
         if len(ids) > args.max_prompt_len:
             stats["too_long"] += 1
-            print(f"skipped long prompt: id={rec['id']} "
-                  f"({len(ids)} > --max-prompt-len {args.max_prompt_len})", file=sys.stderr)
+            if common.get_rank() == 0:   # every rank sees the same prompts
+                print(f"skipped long prompt: id={rec['id']} "
+                      f"({len(ids)} > --max-prompt-len {args.max_prompt_len})", file=sys.stderr)
             bar.update(1)
             continue
         encoded.append((rec, ids))
     encoded.sort(key=lambda r: len(r[1]))  # similar lengths together: less padding per batch
     eos = stop_ids(tokenizer, model)
-    for b in range(0, len(encoded), args.batch_size):
-        batch = encoded[b:b + args.batch_size]
+    calls = split_by_budget([(args.n, len(ids), args.max_new_tokens) for _, ids in encoded],
+                            args.n * args.batch_size, args.gen_batch_tokens)
+    calls = calls[common.get_rank()::common.get_world_size()]
+    bar.reset(total=bar.n + sum(b - a for a, b in calls))   # this rank's rows
+    for a, b in calls:
+        batch = encoded[a:b]
         ro = generate(model, [ids for _, ids in batch], n=args.n,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id, seed=args.seed,
                       prompt_keys=[rec["id"] for rec, _ in batch], decode=args.decode)
+        stats["calls"] += 1
         texts = ro.texts(tokenizer)
         for i, (rec, _) in enumerate(batch):
             writer.write(output_row(rec, texts[i * args.n:(i + 1) * args.n]))
@@ -824,6 +851,10 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
 
 
 def run_api(args, todo, writer, bar, stats):
+    """Ask the endpoint for `todo`, --concurrency requests in flight; under torchrun this rank asks
+    for every world-th row."""
+    todo = todo[common.get_rank()::common.get_world_size()]
+    bar.reset(total=len(todo))
     ep = Endpoint(args.api_base, args.api_model, os.environ.get("OPENAI_API_KEY"),
                   timeout=args.timeout, max_retries=args.max_retries, retry_base=args.retry_base)
 
@@ -870,29 +901,76 @@ def settings(**overrides):
     return args
 
 
+def part_files(out):
+    """The part files of `out` that ranks write (OUT.rank<r>), sorted."""
+    folder, name = os.path.split(os.path.abspath(out))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if re.fullmatch(re.escape(name) + r"\.rank\d+", f))
+
+
+def merge_parts(out):
+    """Append the rows of OUT's part files to OUT, an id only if OUT lacks it, then delete the parts
+    (rank 0, while no rank writes). A kill here leaves the parts, and merging again skips what OUT
+    already has: no row is lost or written twice. OUT's own torn last line is cut too."""
+    with lock_output(out):
+        done = scan_output(out)
+        parts = part_files(out)
+        writer = RowWriter(out)
+        try:
+            for part in parts:
+                scan_output(part)   # its writer's torn last line, if it was killed, is cut
+                with open(part, encoding="utf-8") as f:
+                    for row in map(json.loads, f):
+                        if str(row["id"]) not in done:
+                            done.add(str(row["id"]))
+                            writer.write(row)
+        finally:
+            writer.close()          # fsync'd before any part goes
+    for part in parts:
+        for path in (part, part + ".lock"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def sample_records(records, args):
     """Append each record's responses from the teacher of `args` (a local model, or an endpoint) to
     args.out, skipping the ids already there: a rerun resumes. One writer per file: args.out is
-    locked for the whole sampling (OutputLocked if another run holds it). Returns the counts
-    (written, already_done, failed, ...)."""
-    with lock_output(args.out):  # taken before the scan, which may cut the file's torn tail
-        done = scan_output(args.out)
+    locked while written (OutputLocked if another run holds it).
+
+    Under torchrun (gad.py's teacher) every rank calls it and samples its share (every world-th
+    generate() call, or request) into a part file of its own, OUT.rank<r>; rank 0 then merges the
+    parts into OUT. A killed run's parts are merged before anything is sampled, so a rerun, with
+    any number of ranks, samples only what no file holds. Returns this rank's counts (written,
+    already_done, failed, ...) and, as written_ids, the ids it wrote."""
+    rank, world = common.get_rank(), common.get_world_size()
+    if rank == 0:
+        merge_parts(args.out)   # a killed run's parts, and OUT's torn tail: before anyone reads
+    common.barrier()
+    part = args.out if world == 1 else f"{args.out}.rank{rank}"
+    with lock_output(part):  # taken before the scan, which may cut the file's torn tail
+        done = scan_output(args.out)   # nobody writes OUT between the two merges
         todo = [r for r in records if r["id"] not in done]
         stats = Counter(already_done=len(records) - len(todo))
         print0(f"{len(records)} prompts: {stats['already_done']} already in {args.out}, "
-               f"{len(todo)} to do")
+               f"{len(todo)} to do" + (f" by {world} ranks" if world > 1 else ""))
         from tqdm import tqdm
         runner = local_runner(args) if args.model else functools.partial(run_api, args)
-        writer = RowWriter(args.out)
+        writer = RowWriter(part)
         try:
-            with tqdm(total=len(todo), unit="row", desc="sampling", dynamic_ncols=True) as bar:
+            with tqdm(total=len(todo), unit="row", desc="sampling", dynamic_ncols=True,
+                      disable=rank != 0) as bar:
                 runner(todo, writer, bar, stats)
         finally:
             writer.close()
         if stats["too_long"]:
             print(f"{stats['too_long']} prompts over --max-prompt-len were not sampled "
                   "(listed above)", file=sys.stderr)
-        return stats
+    common.barrier()
+    if rank == 0 and world > 1:
+        merge_parts(args.out)
+    common.barrier()
+    stats["written_ids"] = writer.ids
+    return stats
 
 
 def main(argv=None):

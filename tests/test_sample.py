@@ -346,3 +346,49 @@ def test_stop_ids_include_the_models_generation_config(tmp_path):
                          pad_id=PAD)
     # stopped at the second eos
     assert ro.response_ids[0][ro.response_mask[0].bool()].tolist() == greedy[:3]
+
+
+def test_compaction_frees_each_layer_as_it_copies_it():
+    """Fault 3 (issue 22): StaticKV.select built every layer's compacted keys and values before
+    dropping the old ones, a second cache for a moment (at 1.5B, 256 rows x 3584 tokens: 9 GiB on
+    top of 24). Layer by layer, the moment costs one layer's keys (or values) of the kept rows."""
+    from live_bytes import LiveBytes
+    from transformers import DynamicCache
+    model = models.tiny_model(seed=0, num_layers=6).eval()
+    prompts = torch.randint(0, 256, (4, 20))
+    prefill = DynamicCache()
+    with torch.no_grad():
+        sample.with_cache(model.model, prefill, input_ids=prompts)
+    kv = sample.StaticKV(prefill, 4, torch.ones_like(prompts), max_new_tokens=40)   # 16 rows
+    del prefill
+    cache = sum(t.nbytes for t in kv.keys + kv.values)
+    one = kv.keys[0].nbytes * 12 // 16                     # one compacted layer's keys
+    keep = torch.arange(12)                                                          # 75% live
+    with LiveBytes(*kv.keys, *kv.values, kv.valid, kv.pos) as live:
+        before = live.now
+        kv.select(keep)
+        after = live.now
+    valid = kv.valid.nbytes
+    assert before - after == pytest.approx(cache / 4, abs=2 * valid)      # a quarter freed
+    assert live.peak - before <= one + valid, (live.peak - before, one, cache)
+
+
+def test_rollout_calls_stay_within_the_token_budget(tiny, monkeypatch):
+    """--gen-batch-tokens bounds each generate() call's KV cache: rows x (longest prompt + new
+    tokens), with the prompts sorted by length so short ones share calls; the samples are the same
+    as one call's (each sample keyed by its prompt)."""
+    model, _, prompts = tiny
+    prompts = prompts + [prompts[0] + prompts[2], prompts[1][:5], prompts[2][:3]]
+    keys = list("abcdef")
+    kw = dict(n=2, max_new_tokens=10, temperature=1.0, eos_ids=range(0, 30), pad_id=PAD, seed=4)
+    whole = sample.rollout(model, prompts, keys, **kw)
+    calls, generate = [], sample.generate
+    monkeypatch.setattr(sample, "generate",
+                        lambda m, ps, **k: calls.append([len(p) for p in ps]) or generate(m, ps,
+                                                                                           **k))
+    budget = 2 * 2 * (11 + 10)     # two prompts of up to 11 tokens, 2 samples each
+    parts = sample.rollout(model, prompts, keys, max_tokens=budget, **kw)
+    assert len(calls) > 2 and all(2 * len(c) * (max(c) + 10) <= budget or len(c) == 1
+                                  for c in calls), (calls, budget)
+    assert [length for c in calls for length in c] == sorted(map(len, prompts))
+    assert parts.responses() == whole.responses()
