@@ -215,9 +215,14 @@ def atomic_write_text(path, text):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save through a temp file + rename (checkpoints survive a kill during the save)."""
+    """torch.save through a temp file, fsync'd, then renamed (checkpoints survive a kill during the
+    save, and a crash of the machine after it: without the fsync the rename can reach the disk
+    before the data, leaving an empty or torn checkpoint where the previous one was)."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def log_metrics(path, metrics):
@@ -342,16 +347,24 @@ def clip_and_step(params, optimizer, max_grad_norm, sync=all_reduce_grads):
 
 
 def reduce_metrics(metrics):
-    """Mean of every metric over ranks. Ranks hold equal numbers of prompts and samples, so for
-    per-row means (losses per sequence, accuracies, reward means, lengths) this is the global value;
-    for token-means (pg_loss, kl, clipfrac) and standard deviations it is the mean of the per-rank
-    values, close to the global one."""
+    """Mean of every metric over ranks, but the largest of the peaks (mem_*: the rank nearest to
+    running out of memory is the one that matters). Ranks hold equal numbers of prompts and samples,
+    so for per-row means (losses per sequence, accuracies, reward means, lengths) the mean is the
+    global value; for token-means (pg_loss, kl, clipfrac) and standard deviations it is the mean of
+    the per-rank values, close to the global one."""
     if not is_initialized():
         return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t)
-    return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
+    peaks = sorted(k for k in metrics if k.startswith("mem_"))
+    means = sorted(k for k in metrics if not k.startswith("mem_"))
+    out = {}
+    for keys, op, scale in ((means, dist.ReduceOp.SUM, 1 / get_world_size()),
+                            (peaks, dist.ReduceOp.MAX, 1.0)):
+        if keys:   # the same keys on every rank (mem_* on CUDA only, where every rank has them)
+            t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                             device=comm_device())
+            dist.all_reduce(t, op=op)
+            out.update({k: v * scale for k, v in zip(keys, t.tolist())})
+    return out
 
 
 class Phases:

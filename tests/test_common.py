@@ -31,6 +31,22 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     assert (tmp_path / "a.txt").read_text() == "new"
 
 
+def test_a_checkpoint_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
+    """Fault 7 (issue 22): atomic_torch_save renamed its temp file without an fsync, so after a
+    machine crash the rename could be on disk and the data not: an empty checkpoint in place of the
+    previous good one. The temp file must be fsync'd before it is renamed over the checkpoint."""
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(
+        ("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or
+                        replace(a, b))
+    common.atomic_torch_save({"step": 3}, tmp_path / "ckpt.pt")
+    renamed = [path for kind, path in events if kind == "replace"]
+    assert len(renamed) == 1 and events.index(("fsync", renamed[0])) < events.index(
+        ("replace", renamed[0])), events
+    assert torch.load(tmp_path / "ckpt.pt") == {"step": 3}
+
+
 def test_seed_is_per_rank():
     common.seed_everything(5, rank=0)
     a = torch.rand(3)
@@ -59,6 +75,8 @@ def test_torchrun_two_processes_on_gloo(tmp_path):
         common.print0(f"ddp={{ddp}} world={{world}} backend={{dist.get_backend()}} \
 sum={{x.item()}}")
         common.log_metrics({str(tmp_path / 'm.jsonl')!r}, {{"rank_sum": x}})
+        m = common.reduce_metrics({{"d_loss": rank + 1.0, "mem_sampling": 10.0 * (rank + 1)}})
+        common.print0(f"reduced {{m}}")
         common.compute_cleanup()
         threads = [open(f"/proc/self/task/{{t}}/comm").read().strip()
                    for t in os.listdir("/proc/self/task")]
@@ -72,6 +90,8 @@ sum={{x.item()}}")
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("ddp=")]
     assert lines == ["ddp=True world=2 backend=gloo sum=3.0"]  # print0: one line, from rank 0 only
+    # fault 7 of issue 22: a mean hid the rank nearest to running out of memory
+    assert "reduced {'d_loss': 1.5, 'mem_sampling': 20.0}" in out.stdout
     left = [(tmp_path / f"threads{r}").read_text() for r in (0, 1)]
     assert left == ["[]", "[]"], left    # gloo's loop and worker threads still running
     # metrics written once, not per rank
