@@ -11,6 +11,7 @@ CPU tensor would crash the first step on a GPU node.
 
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import random
@@ -63,7 +64,7 @@ def compute_init(device=None):
         # group=group.WORLD as a default argument, evaluated at import, and transformers imports it
         # lazily (when a model class loads), so the defaults would hold our group for good and
         # destroy_process_group could not free it (see compute_cleanup).
-        import torch.distributed.nn as _  # noqa: F401
+        importlib.import_module("torch.distributed.nn")
         # A long timeout: ranks wait at the final barrier while rank 0 alone evaluates (minutes on
         # real models).
         # device_id binds NCCL to this rank's GPU (barriers then know which one to use).
