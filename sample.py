@@ -370,13 +370,18 @@ class StaticKV:
         return self.keys[0].shape[2]
 
     def select(self, rows):
-        """Keep `rows`, one tensor at a time: each old tensor is dropped as its compacted copy is
-        made, so a compaction adds one layer's keys (or values) of the kept rows, not a second
-        cache (at 1.5B, 256 rows x 3584 tokens: a 24 GiB cache and 9 GiB more for a moment)."""
+        """Keep `rows`: each tensor's kept rows move to its first len(rows) rows, in place, one
+        tensor at a time, and the cache becomes views of them. The moment costs one layer's keys
+        (or values) of the kept rows, not a second cache (at 1.5B, 256 rows x 3584 tokens: a 24
+        GiB cache and 9 GiB more); and the buffers keep their addresses, which the compiled
+        step's CUDA graphs are recorded with (a new address re-records them)."""
+        m = len(rows)
         for cache in (self.keys, self.values):
-            for i in range(len(cache)):
-                cache[i] = cache[i][rows]
-        self.valid = self.valid[rows]
+            for i, t in enumerate(cache):
+                t[:m] = t[rows]
+                cache[i] = t[:m]
+        self.valid[:m] = self.valid[rows]
+        self.valid = self.valid[:m]
 
     def mark_static(self):
         """CUDA graphs replay fixed addresses: the buffers a decode step writes must be marked as
@@ -385,17 +390,20 @@ class StaticKV:
             torch._dynamo.mark_static_address(t, guard=False)   # no recompile per new buffer
 
 
-@functools.cache
-def cache_kwarg(forward):
-    """The name a model's forward takes its KV cache by: transformers 5.25 renamed past_key_values
-    to cache (the old name warns on every call until its removal in 5.40)."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+_CACHE_KWARG = {}   # a model class -> the name its forward takes a KV cache by
 
 
 def with_cache(model, cache, **kwargs):
     """model(**kwargs) reading and filling `cache` (a DynamicCache or a StaticKV, updated in
-    place), whatever the installed transformers calls the argument."""
-    return model(**kwargs, **{cache_kwarg(type(model).forward): cache}, use_cache=True)
+    place), whatever the installed transformers calls the argument: 5.25 renamed past_key_values
+    to cache (the old name warns on every call until its removal in 5.40). The name is read from
+    the signature once a class, by the prefill (a plain dict: the compiled step only looks it
+    up)."""
+    cls = type(model)
+    if cls not in _CACHE_KWARG:
+        _CACHE_KWARG[cls] = ("cache" if "cache" in inspect.signature(cls.forward).parameters
+                             else "past_key_values")
+    return model(**kwargs, **{_CACHE_KWARG[cls]: cache}, use_cache=True)
 
 
 def static_decode_step(model, kv, tok, position_ids):
