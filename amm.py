@@ -516,11 +516,9 @@ def main(argv=None):
     total_steps = steps_per_epoch * args.epochs
     print0(f"data: {len(train)} train prompts, {len(val)} held out; {total_steps} steps")
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
-    if val:
-        held = sample.rollout(teacher, [r["prompt"] for r in val], [f"val|{r['id']}" for r in val],
-                              vocab_size=s_head.weight.shape[0], **gen)
-        for r, y in zip(val, held.responses()):
-            r["y_t"] = y
+    held = eval_lib.held_out_responses(teacher, val, gen, vocab_size=s_head.weight.shape[0])
+    for r, y in zip(val, held):
+        r["y_t"] = y
 
     opt = common.make_optimizer(list(student.parameters()), args.lr, args.weight_decay,
                                 args.adam8bit)

@@ -301,6 +301,24 @@ def all_reduce_sum(x):
     return t.item()
 
 
+def shard_map(fn, items, desc=None):
+    """[fn(x) for x in items], the items dealt round-robin over the ranks (rank r computes items
+    r::world) and the results gathered on every rank, in the items' order: work that takes minutes
+    (sampling, evaluation) shared by the ranks, each of which returns what one process would. fn's
+    results are pickled across ranks: plain CPU values (lists, numbers), never CUDA tensors. With
+    `desc`, rank 0 shows a progress bar of its share."""
+    from tqdm import tqdm
+
+    rank, world = get_rank(), get_world_size()
+    mine = [fn(x) for x in tqdm(items[rank::world], desc=desc, unit="item",
+                                disable=desc is None or rank != 0)]
+    if not is_initialized():
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return [parts[i % world][i // world] for i in range(len(items))]
+
+
 def all_reduce_grads(params, bucket_numel=2**24):
     """Sum gradients over ranks, in flat buckets (one collective per ~16M numbers, not one per
     tensor).

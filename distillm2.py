@@ -544,10 +544,11 @@ def main(argv=None):
     print0(f"data: {len(train)} train prompts, {len(val)} held out; "
            f"{steps_per_epoch} steps per epoch")
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence
-    if val:    # --eval-prompts 0 / --val-fraction 0: nothing held out
-        held = respond(teacher, val, "val", gen, args.temperature, args.top_p, vocab)
-        for r, y in zip(val, held):
-            r["y_t"] = y
+    # (--eval-prompts 0 / --val-fraction 0: nothing held out)
+    held = eval_lib.held_out_responses(teacher, val, gen, temperature=args.temperature,
+                                       top_p=args.top_p, vocab_size=vocab)
+    for r, y in zip(val, held):
+        r["y_t"] = y
 
     # all, or the LoRA adapters only
     trainable = [p for p in student.parameters() if p.requires_grad]

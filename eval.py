@@ -50,7 +50,6 @@ import time
 from collections import Counter
 
 import torch
-from tqdm import tqdm
 
 import common
 from common import print0
@@ -116,26 +115,35 @@ def distinct_n(texts, n=2):
 # model metrics
 
 @torch.no_grad()
-def response_nll(model, prompts, responses, batch_size=8, desc=None):
-    """Token-mean NLL (nats/token, temperature 1) of each response given its prompt -> (nll,
-    num_tokens).
-
-    Batched as generate() lays rows out (sample.pack: prompts left-padded, responses right-padded
-    with a mask), the LM head over the response positions only, a chunk at a time
-    (sample.sequence_logprobs); empty responses count nothing; (nan, 0) if all are empty."""
+def nll_sums(model, prompts, responses, batch_size=8):
+    """[(summed NLL in nats, token count)] of each response given its prompt (temperature 1), in
+    forward passes of batch_size rows laid out as generate() lays them out (sample.pack: prompts
+    left-padded, responses right-padded with a mask), the LM head over the response positions
+    only, a chunk at a time (sample.sequence_logprobs); an empty response is (0.0, 0)."""
     device = next(model.parameters()).device
-    # similar lengths together: less padding; the sum does not depend on the order
-    rows = sorted((i for i in range(len(responses)) if responses[i]),
-                  key=lambda i: len(prompts[i]) + len(responses[i]))
-    total, count = 0.0, 0
-    for b in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=desc is None):
+    out = [(0.0, 0)] * len(responses)
+    rows = [i for i in range(len(responses)) if responses[i]]
+    for b in range(0, len(rows), batch_size):
         idx = rows[b:b + batch_size]
         batch = sample.pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id=0,
                             device=device)
-        logprobs = sample.sequence_logprobs(model, batch)                    # [B, T], 0 at padding
-        total -= logprobs.double().sum().item()
-        count += int(batch.response_mask.sum())
-    return (total / count if count else float("nan")), count
+        logprobs = sample.sequence_logprobs(model, batch).double()          # [B, T], 0 at padding
+        for i, s, n in zip(idx, (-logprobs.sum(-1)).tolist(), batch.response_mask.sum(-1).tolist()):
+            out[i] = (s, n)
+    return out
+
+
+def pooled(sums):
+    """The token-mean of (sum, count) pairs: long responses weigh more; nan without tokens."""
+    total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
+    return total / count if count else float("nan")
+
+
+def response_nll(model, prompts, responses, batch_size=8):
+    """Token-mean NLL (nats/token, temperature 1) of the responses given their prompts -> (nll,
+    num_tokens); (nan, 0) if all are empty."""
+    sums = nll_sums(model, prompts, responses, batch_size)
+    return pooled(sums), sum(n for _, n in sums)
 
 
 @torch.no_grad()
@@ -143,20 +151,35 @@ def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8
     """Token-mean forward and reverse KL(p, q) of a white-box pair on fixed responses (rows:
     {"prompt": ids, "y_t": ids}, usually held-out teacher samples): the divergence every white-box
     method should lower. batch_size rows per forward pass, the full-vocabulary logits chunk_size
-    positions at a time."""
+    positions at a time; under torchrun the batches are spread over the ranks (common.shard_map),
+    every rank returning one process's numbers."""
     device = next(student.parameters()).device
     tokens = sum(len(r["y_t"]) for r in rows)
-    sums = {"heldout_fkl": 0.0, "heldout_rkl": 0.0}
-    for b in range(0, len(rows), batch_size):
+    names = {"heldout_fkl": losses.forward_kl, "heldout_rkl": losses.reverse_kl}
+
+    def batch_sums(b):
         batch = rows[b:b + batch_size]
         ro = sample.pack([r["prompt"] for r in batch], [r["y_t"] for r in batch], pad, device)
         weight = ro.response_mask.float() / max(tokens, 1)                   # the global token mean
         (s_h, s_head), (t_h, t_head) = (sample.response_hidden(student, ro),
                                         sample.response_hidden(teacher, ro))
-        for name, fn in (("heldout_fkl", losses.forward_kl), ("heldout_rkl", losses.reverse_kl)):
-            sums[name] += losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight,
-                                                 chunk_size=chunk_size)[0].item()
-    return sums
+        return [losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight,
+                                       chunk_size=chunk_size)[0].item() for fn in names.values()]
+    parts = common.shard_map(batch_sums, range(0, len(rows), batch_size))
+    return {name: sum(part[i] for part in parts) for i, name in enumerate(names)}
+
+
+def held_out_responses(teacher, val, gen, batch_size=8, **sampling):
+    """The teacher's response (token ids) to each held-out prompt row (val: {"id", "prompt"}),
+    keyed by ("val", id): the fixed yardstick of the white-box trainers' before/after divergence.
+    sample.rollout in chunks of batch_size prompts, the chunks spread over the ranks
+    (common.shard_map), so every rank gets what one process samples. gen, sampling: rollout's
+    arguments."""
+    def chunk(i):
+        rows = val[i:i + batch_size]
+        return sample.rollout(teacher, [r["prompt"] for r in rows],
+                              [f"val|{r['id']}" for r in rows], **gen, **sampling).responses()
+    return [y for part in common.shard_map(chunk, range(0, len(val), batch_size)) for y in part]
 
 
 def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_path, *,
@@ -173,10 +196,20 @@ def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_pa
     table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, chunk_size),
                     **evaluate(model, tok, recs, **kw)}
              for when, model in (("before", fresh), ("after", student))}
-    add_judgements(table, recs, judge_args, os.path.join(os.path.dirname(out_path), "judge.jsonl"))
-    print0(format_table(table))
+    return write_table(table, recs, judge_args, out_path)
+
+
+def write_table(table, records, judge_args, out_path):
+    """The end of every trainer's evaluation, on rank 0 (every rank holds the whole table): the
+    judge's numbers where asked (add_judgements, cached beside out_path), the table printed and
+    written to out_path as JSON without the samples; returns what was written."""
+    if common.get_rank() == 0:
+        add_judgements(table, records, judge_args,
+                       os.path.join(os.path.dirname(out_path), "judge.jsonl"))
+        print0(format_table(table))
     summary = {when: {k: v for k, v in d.items() if k != "samples"} for when, d in table.items()}
-    common.atomic_write_text(out_path, json.dumps(summary, indent=1))
+    if common.get_rank() == 0:
+        common.atomic_write_text(out_path, json.dumps(summary, indent=1))
     return summary
 
 
@@ -194,12 +227,10 @@ def add_judgements(table, records, args, cache_path):
 
 
 def white_box_final(student, teacher, tok, val, val_records, pad, args, device):
-    """The end of a white-box trainer, on rank 0 only (the others load nothing for it): the student
-    exported to OUT/student in --dtype, and, with held-out prompts, white_box_report against the
-    initial student (loaded again from --student and --student-layers, as the run started it) into
-    OUT/eval.json, sampling --max-new-tokens."""
-    if common.get_rank() != 0:
-        return
+    """The end of a white-box trainer: the student exported to OUT/student in --dtype (rank 0
+    writes), and, with held-out prompts, white_box_report against the initial student (loaded again
+    from --student and --student-layers, as the run started it) into OUT/eval.json, sampling
+    --max-new-tokens: every rank evaluates its share of the prompts, rank 0 writes the table."""
     models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
     if val:
         fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
@@ -249,13 +280,14 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
     teacher: a causal LM with the student's tokenizer (teacher_nll). score_fn(prompt_ids,
     prompt_mask, response_ids, response_mask) -> [N] scores, the discriminator's interface, called
     on rows laid out as generate() returns them. Prompts over max_prompt_len tokens are skipped (a
-    cut prompt is a different question) and counted. One process: under torchrun, call it on rank 0
-    (the metrics are not all-reduced)."""
+    cut prompt is a different question) and counted. The prompts go in batches of batch_size,
+    each sampled and measured on its own (batch_metrics); under torchrun every rank calls this with
+    the same records, evaluates every world-th batch (common.shard_map), and returns the table of
+    one process: the same batches, so the same numbers."""
     if max_new_tokens < 1 or n < 1 or batch_size < 1:
         raise ValueError("max_new_tokens, n and batch_size must be >= 1")
     pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
               else data_lib.end_of_turn_id(tokenizer))
-    device = next(student.parameters()).device
     prompts, kept = [], []
     for rec in records:
         ids = data_lib.encode_prompt(tokenizer, rec["messages"])
@@ -267,50 +299,37 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
                f"max_prompt_len={max_prompt_len} tokens")
     if not kept:
         raise ValueError("no prompts to evaluate")
-
+    # the teacher's responses, tokenized as for training (None: the record has none)
+    refs = [data_lib.encode_response(tokenizer, rec["teacher_response"], max_response_len)[0]
+            if rec.get("teacher_response") else None for rec in kept]
+    eos = sample.stop_ids(tokenizer, student)
+    gen = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
+               eos_ids=eos, pad_id=pad_id, seed=seed)
+    batch = functools.partial(batch_metrics, student, teacher, score_fn, tokenizer, prompts, refs,
+                              gen, batch_size)
     with eval_mode(*[m for m in (student, teacher) if m is not None]):
-        # 1. the student's responses, n per prompt; prompt_keys = global index, so a sample does not
-        # depend on the batch size (matters when temperature > 0)
-        eos = sample.stop_ids(tokenizer, student)
-        # token lists (end-of-turn token included when generated), decoded texts
-        responses, texts = [], []
-        for b in tqdm(range(0, len(prompts), batch_size), desc="eval: sampling", unit="batch"):
-            chunk = prompts[b:b + batch_size]
-            ro = sample.generate(student, chunk, n=n, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=1.0, eos_ids=eos, pad_id=pad_id,
-                                 seed=seed, prompt_keys=range(b, b + len(chunk)))
-            responses += [ids[m.bool()].tolist()
-                          for ids, m in zip(ro.response_ids, ro.response_mask)]
-            texts += ro.texts(tokenizer)
-        sample_prompts = [p for p in prompts for _ in range(n)]
+        parts = common.shard_map(batch, list(range(0, len(prompts), batch_size)),
+                                 desc="eval: batches")
+    rows = {k: [x for part in parts for x in part.get(k, [])] for k in set().union(*parts)}
+    responses, texts = rows["responses"], rows["texts"]
 
-        # 2. the teacher's responses, tokenized as for training
-        refs = [i for i, rec in enumerate(kept) if rec.get("teacher_response")]
-        ref_prompts = [prompts[i] for i in refs]
-        ref_responses = [data_lib.encode_response(tokenizer, kept[i]["teacher_response"],
-                                                  max_response_len)[0]
-                         for i in refs]
-
-        metrics = {}
-        if refs:
-            metrics["rouge_l"] = _mean(rouge_l(texts[i * n + j], kept[i]["teacher_response"])
-                                       for i in refs for j in range(n))
-            metrics["student_nll"] = response_nll(student, ref_prompts, ref_responses, batch_size,
-                                                  desc="eval: student nll")[0]
-        if teacher is not None:
-            metrics["teacher_nll"] = response_nll(teacher, sample_prompts, responses, batch_size,
-                                                  desc="eval: teacher nll")[0]
-        if score_fn is not None:
-            student_scores = score_pairs(score_fn, sample_prompts, responses, pad_id, batch_size,
-                                         device)  # [N*n]
-            metrics["disc_score"] = student_scores.mean().item()
-            if refs:
-                teacher_scores = score_pairs(score_fn, ref_prompts, ref_responses, pad_id,
-                                             batch_size, device)
-                metrics["disc_score_teacher"] = teacher_scores.mean().item()
-                # each sample against its own prompt's teacher response: the pairs L_D is trained on
-                metrics["disc_acc"] = _mean(float(teacher_scores[k] > student_scores[i * n + j])
-                                            for k, i in enumerate(refs) for j in range(n))
+    with_ref = [i for i, r in enumerate(refs) if r is not None]
+    metrics = {}
+    if with_ref:
+        metrics["rouge_l"] = _mean(rouge_l(texts[i * n + j], kept[i]["teacher_response"])
+                                   for i in with_ref for j in range(n))
+        metrics["student_nll"] = pooled(rows["student_nll"])
+    if teacher is not None:
+        metrics["teacher_nll"] = pooled(rows["teacher_nll"])
+    if score_fn is not None:
+        scores = rows["disc"]                                                    # [N*n]
+        metrics["disc_score"] = _mean(scores)
+        if with_ref:
+            metrics["disc_score_teacher"] = _mean(rows["disc_teacher"])
+            # each sample against its own prompt's teacher response: the pairs L_D is trained on
+            metrics["disc_acc"] = _mean(float(t > scores[i * n + j])
+                                        for t, i in zip(rows["disc_teacher"], with_ref)
+                                        for j in range(n))
     metrics["length"] = _mean(len(r) for r in responses)
     metrics["truncated"] = _mean(float(r[-1] not in eos) for r in responses)
     metrics["distinct_2"] = distinct_n(texts, 2)
@@ -318,6 +337,31 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
     metrics["samples"] = texts
     metrics["prompt_ids"] = [rec["id"] for rec in kept]  # the samples' records (a judge needs them)
     return metrics
+
+
+def batch_metrics(student, teacher, score_fn, tokenizer, prompts, refs, gen, batch_size, start):
+    """The batch of prompts from `start`: its samples (n a prompt; prompt_keys = the prompt's index,
+    so a sample does not depend on the batching when temperature > 0) and their per-row measures,
+    as plain values (shard_map gathers them over ranks): responses (token lists, the end-of-turn
+    token kept when generated), texts, and where they apply teacher_nll / student_nll ((sum,
+    count) per sample / per teacher response) and disc / disc_teacher (scores)."""
+    ps, rs = prompts[start:start + batch_size], refs[start:start + batch_size]
+    ro = sample.generate(student, ps, prompt_keys=range(start, start + len(ps)), **gen)
+    out = {"responses": ro.responses(), "texts": ro.texts(tokenizer)}
+    sample_prompts = [p for p in ps for _ in range(gen["n"])]
+    ref_prompts, ref_ids = [p for p, r in zip(ps, rs) if r], [r for r in rs if r]
+    device = next(student.parameters()).device
+    if teacher is not None:
+        out["teacher_nll"] = nll_sums(teacher, sample_prompts, out["responses"], batch_size)
+    if ref_ids:
+        out["student_nll"] = nll_sums(student, ref_prompts, ref_ids, batch_size)
+    if score_fn is not None:
+        out["disc"] = score_pairs(score_fn, sample_prompts, out["responses"], gen["pad_id"],
+                                  batch_size, device).tolist()
+        if ref_ids:
+            out["disc_teacher"] = score_pairs(score_fn, ref_prompts, ref_ids, gen["pad_id"],
+                                              batch_size, device).tolist()
+    return out
 
 
 def format_table(rows, keys=None):

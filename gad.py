@@ -34,7 +34,6 @@ Departures from the reference, each a flag:
 
 import argparse
 import functools
-import json
 import math
 import os
 import time
@@ -472,18 +471,16 @@ def count_bad(m, in_a_row, limit):
 
 def save_hf(G, D, tok, folder, dtype):
     """The final student and discriminator as Hugging Face folders in `dtype` (from_pretrained loads
-    them)."""
-    if common.get_rank() != 0:
-        return
+    them; every rank casts, rank 0 writes)."""
     for name, m in (("student", G), ("discriminator", D)):
         if m is not None:
             models.save_hf(m, tok, os.path.join(folder, name), dtype)
 
 
 def evaluate(G, D, tok, val_recs, args, device):
-    """The before / after table on held-out prompts (rank 0 alone loads what it needs), into
-    OUT/eval.json. The same limits as eval.py, so eval.json and `python eval.py` on OUT/student
-    agree."""
+    """The before / after table on held-out prompts, into OUT/eval.json: every rank loads what it
+    needs and evaluates its share of the prompts (eval.evaluate), rank 0 writes. The same limits as
+    eval.py, so eval.json and `python eval.py` on OUT/student agree."""
     teacher = None
     if args.teacher and not args.teacher.startswith("api:"):
         teacher = models.load_model(args.teacher, dtype=args.dtype, device=device).eval()
@@ -493,10 +490,7 @@ def evaluate(G, D, tok, val_recs, args, device):
     val = val_recs[:args.eval_prompts]
     table = {"before": eval_lib.evaluate(initial_student(args, device), tok, val, **kw),
              "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
-    eval_lib.add_judgements(table, val, args, os.path.join(args.out, "judge.jsonl"))
-    print0(eval_lib.format_table(table))
-    common.atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(
-        {k: {m: v for m, v in d.items() if m != "samples"} for k, d in table.items()}, indent=1))
+    eval_lib.write_table(table, val, args, os.path.join(args.out, "eval.json"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,7 +564,7 @@ def main(argv=None):
     if args.stage == "seqkd":
         D = None   # SeqKD trains no D: nothing to export or score with
     save_hf(G, D, tok, args.out, args.dtype)
-    if args.stage != "warmup" and args.eval_prompts > 0 and rank == 0:   # only rank 0 evaluates
+    if args.stage != "warmup" and args.eval_prompts > 0:   # every rank its share
         evaluate(G, D, tok, val_recs, args, device)
     common.compute_cleanup()
 

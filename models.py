@@ -55,6 +55,12 @@ RANDOM_QWEN = {
                                 num_attention_heads=14, num_key_value_heads=2),
     "random-qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                 num_attention_heads=12, num_key_value_heads=2),
+    # the white-box teachers' shapes (bench.py's memory arithmetic reads them on the meta device)
+    "random-qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                              num_attention_heads=16, num_key_value_heads=2),
+    "random-qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                              num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                              tie_word_embeddings=False),
 }
 TINY = {"tiny": None, "tiny-teacher": 12345}  # name -> fixed seed (None: the caller's seed)
 # the teacher is peakier: a distribution worth matching
@@ -116,9 +122,10 @@ def random_qwen(name, seed=0, dtype=torch.float32, device="cpu", attn="sdpa"):
     the 151936)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    cfg = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                      rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.02,
-                      pad_token_id=256, bos_token_id=None, eos_token_id=258, **RANDOM_QWEN[name])
+    shape = dict(vocab_size=151936, tie_word_embeddings=True) | RANDOM_QWEN[name]
+    cfg = Qwen2Config(max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                      initializer_range=0.02, pad_token_id=256, bos_token_id=None,
+                      eos_token_id=258, **shape)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
@@ -448,11 +455,13 @@ def cast_parameters(model, dtype):
 
 
 def save_hf(model, tokenizer, folder, dtype):
-    """Export a trained model as a Hugging Face folder in `dtype`. The fp32 master weights are cast
-    in place (call it when training is over): the model in memory is then the one on disk."""
+    """Export a trained model as a Hugging Face folder in `dtype`, written by rank 0. The fp32
+    master weights are cast in place on every rank (call it when training is over, on every rank):
+    the model each rank then evaluates is the one on disk."""
     cast_parameters(model, dtype)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if common.get_rank() == 0:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def num_params(model):

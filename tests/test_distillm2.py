@@ -179,6 +179,10 @@ def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path, one
     wb = student_weights(tmp_path / "two")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+    # the held-out responses and the initial student's column, shared by the ranks: one process's
+    before = [json.loads((out / "eval.json").read_text())["before"]
+              for out in (one_process, tmp_path / "two")]
+    assert before[1] == pytest.approx(before[0], rel=1e-6)
     cut = tmp_path / "cut"
     run(TINY + ["--out", str(cut), "--save-every", "1", "--stop-after", "6"],
         torchrun=True)   # mid epoch 2

@@ -401,15 +401,16 @@ def test_resume_keeps_no_loaded_weights_alive(tmp_path, monkeypatch):
     assert watched and len(alive) == 5 and alive == [0] * 5, alive
 
 
-def test_eval_under_torchrun_runs_on_rank_0_alone_and_agrees_with_eval_py(tmp_path):
-    """Fault 6 (issue 9): under torchrun only rank 0 evaluates, so only rank 0 may load the teacher
-    and the initial student for it (the other ranks' GPUs still hold their training state); and the
-    table in eval.json must be what `python eval.py` prints for the exported student with the same
-    limits (teacher responses longer than --max-response-len are cut for student_nll in training and
-    in eval.py alike)."""
+def test_eval_under_torchrun_is_shared_by_the_ranks_and_agrees_with_eval_py(tmp_path):
+    """Fault 6 (issue 22): the final evaluation ran on rank 0 alone (at 1.5B, 2 x 256 prompts x
+    1536 greedy tokens: 30-45 minutes) while the other ranks waited in a barrier with a timeout.
+    Each rank now evaluates every world-th batch of 8 prompts, and the table in eval.json is what
+    `python eval.py` (one process, the same batches) prints for the exported student with the same
+    limits (teacher responses longer than --max-response-len are cut for student_nll in training
+    and in eval.py alike)."""
     rows = [{"id": f"long{i}", "prompt": f"say something about {i} dogs",
              "response": f"dog number {i} " + "runs and jumps over the fence " * 3}
-            for i in range(40)]
+            for i in range(100)]
     data_file = tmp_path / "long.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
@@ -417,30 +418,27 @@ def test_eval_under_torchrun_runs_on_rank_0_alone_and_agrees_with_eval_py(tmp_pa
     wrapper.write_text(
         "import os, sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import gad, models\n"
-        "real = models.load_model\n"
-        # a fresh trace each run (scripts.run_script reruns a command after a gloo teardown abort)
-        f"open(os.path.join({str(tmp_path)!r}, 'loads.rank' + os.environ['RANK']), 'w').close()\n"
-        "def traced(name, *args, **kwargs):\n"
-        f"    with open(os.path.join({str(tmp_path)!r}, 'loads.rank' + os.environ['RANK']), "
+        "import eval as eval_lib, gad\n"
+        "real = eval_lib.batch_metrics\n"
+        "def traced(*args):\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, 'batches.rank' + os.environ['RANK']), "
         "'a') as f:\n"
-        "        f.write(str(name) + '\\n')\n"
-        "    return real(name, *args, **kwargs)\n"
-        "models.load_model = traced\n"
+        "        f.write(str(args[-1]) + '\\n')\n"
+        "    return real(*args)\n"
+        "eval_lib.batch_metrics = traced\n"
         "gad.main()\n")
-    args = SMALL + ["--data", str(data_file), "--val-fraction", "0.2", "--out", str(out)]
+    args = SMALL + ["--data", str(data_file), "--val-fraction", "0.2", "--eval-prompts", "16",
+                    "--out", str(out)]
     run_script(str(wrapper), args, torchrun=True)
-    loads = {r: (tmp_path / f"loads.rank{r}").read_text().split() for r in (0, 1)}
-    # its student, nothing for the evaluation
-    assert loads[1] == ["tiny"]
-    # + the teacher and the initial student
-    assert sorted(loads[0]) == ["tiny", "tiny", "tiny-teacher"]
+    batches = {r: (tmp_path / f"batches.rank{r}").read_text().split() for r in (0, 1)}
+    # before and after: batch 0 on rank 0, batch 8 on rank 1
+    assert batches == {0: ["0", "0"], 1: ["8", "8"]}, batches
     table = json.loads((out / "eval.json").read_text())["after"]
 
     cli = run_script("eval.py", ["--model", str(out / "student"), "--data", str(data_file),
                                  "--teacher", "tiny-teacher",
                                  "--discriminator", str(out / "discriminator"),
-                                 "--val-fraction", "0.2", "--limit", "4", "--max-prompt-len", "64",
+                                 "--val-fraction", "0.2", "--limit", "16", "--max-prompt-len", "64",
                                  "--max-response-len", "16", "--max-new-tokens", "16",
                                  "--out", str(tmp_path / "cli.json")])
     assert "| student_nll |" in cli.stdout
