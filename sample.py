@@ -843,7 +843,7 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
     calls = split_by_budget([(args.n, len(ids), args.max_new_tokens) for _, ids in encoded],
                             args.n * args.batch_size, args.gen_batch_tokens)
     calls = calls[common.get_rank()::common.get_world_size()]
-    bar.reset(total=bar.n + sum(b - a for a, b in calls))   # this rank's rows
+    bar.reset(total=sum(b - a for a, b in calls))   # this rank's rows
     for a, b in calls:
         batch = encoded[a:b]
         ro = generate(model, [ids for _, ids in batch], n=args.n,
