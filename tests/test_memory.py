@@ -33,18 +33,20 @@ def test_paper_presets_recompute_activations_and_bound_micro_batches_by_tokens(t
 
 @pytest.mark.parametrize("script", ["distillm2.py", "amm.py"])
 def test_gradient_checkpointing_and_a_token_budget_change_no_result(tmp_path, script):
-    base = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--stop-after", "2",
+    base = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--stop-after", "1",
             "--save-every", "1"]
     run_script(script, base + ["--out", str(tmp_path / "plain")])
     run_script(script, base + ["--gradient-checkpointing", "--micro-batch-tokens", "64",
                                "--out", str(tmp_path / "ckpt")])
-    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
-    w_plain = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=False)["student"]
-    w_ckpt = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)["student"]
-    # Adam turns float-reordering noise in near-zero gradients into ~1e-5 at lr 1e-2
-    for k in w_plain:
-        torch.testing.assert_close(w_ckpt[k], w_plain[k], atol=1e-4, rtol=1e-3)
+    # The first step's loss and global gradient norm: the same weights and samples, computed in
+    # other micro-batches, with or without recomputation. Not later steps, nor the weights: AdamW
+    # moves an element by about lr (1e-2) whatever its gradient's size, so float-reordering noise
+    # in a near-zero gradient moved one embedding element 2.4e-4 apart in one run of this test
+    # (AMM), and the second step's samples and gradient norm (7e-5) with it.
+    rows = [metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")]
+    assert len(rows[0]) == len(rows[1]) == 1
+    for key in ("loss", "grad_norm"):
+        assert rows[1][0][key] == pytest.approx(rows[0][0][key], rel=1e-5, abs=1e-7), key
 
 
 # --------------------------------------------------------------------------------------------------
