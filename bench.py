@@ -11,13 +11,15 @@ absolute times only mean something on a GPU.
     python bench.py gpu                    # the trainers under torchrun, bf16: s/step, memory;
                                            # sampling and training speed at 1.5B
     python bench.py gpu --device cpu       # the same on tiny models (a test runs it)
-    python bench.py gpu --predict-only     # the memory arithmetic of a GAD step at 1.5B
+    python bench.py gpu --predict-only     # per-rank memory of every GPU command, phase by phase
 """
 
 import argparse
+import contextlib
 import functools
 import gc
 import importlib.util
+import io
 import json
 import os
 import random
@@ -27,11 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 import data as data_lib
+import discriminator
 import losses
 import models
 import sample
@@ -415,63 +419,6 @@ def print_phases(title, table):
         print(f"  {phase:<12} {seconds:>8.3f} {'-' if peak is None else f'{peak:.1f}':>9}")
 
 
-def gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens, adam8bit, chunk=128):
-    """Predicted bytes of what a GAD step at `name` holds, from its config (arithmetic, nothing
-    allocated): G and D with fp32 weights (4 B/param) and AdamW state (8 B/param; 8-bit: 2; the
-    fused kernel makes no temporaries), the reference (linear weights bf16, embeddings fp32),
-    autocast's bf16 copy of the weights in use, the KV cache of the rollout, the decode step's
-    [rows, V] fp32 temporaries; while G updates, its fp32 gradients (freed after each step), the LM
-    head's backward (a bf16 copy of the head and a bf16 product next to the fp32 gradient), the
-    gradient all-reduce's copy of the largest gradient (the embeddings), the activations of one
-    micro-batch of micro_batch_tokens tokens with checkpointing (each layer's fp32 input kept, one
-    layer's activations recomputed at a time) and a few [chunk, V] fp32 logits. Returns (held
-    throughout, while sampling, while updating G, activations without checkpointing)."""
-    model = (models.random_qwen(name, device="meta") if name in models.RANDOM_QWEN
-             else models.load_model(name))
-    c, P = model.config, models.num_params(model)
-    L, H, I, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
-    E = model.get_input_embeddings().weight.numel()
-    kv_dim = c.num_key_value_heads * (H // c.num_attention_heads)
-    opt = 2 if adam8bit else 8
-    layer = 2 * (4 * H + 2 * kv_dim + 4 * I) + 4 * 3 * H        # bf16 matmul inputs/outputs,
-                                                                 # fp32 residual and norms
-    held = {"G: fp32 weights + optimizer state": (4 + opt) * P,
-            "D: fp32 weights + optimizer state": (4 + opt) * P,
-            "reference (bf16 linear, fp32 embeddings)":
-                sum(p.numel() * p.element_size()
-                    for p in models.frozen_copy(model, "bfloat16").parameters()),
-            "autocast bf16 weight copy": 2 * P}
-    sampling = {"KV cache": rows * (prompt_len + new_tokens) * L * 2 * kv_dim * 2,
-                "decode logits, 4 fp32 [rows, V]": 4 * rows * V * 4}
-    update = {"G gradients (fp32)": 4 * P, "LM head backward (bf16 head + product)": 4 * E,
-              "all-reduce copy of the largest gradient": 4 * E,
-              "activations, checkpointed": micro_batch_tokens * (L * H * 4 + layer),
-              "LM head chunk, fp32 [chunk, V] x 4": 4 * chunk * V * 4}
-    return held, sampling, update, micro_batch_tokens * L * layer
-
-
-def print_memory_model(name, rows, prompt_len, new_tokens, micro_batch_tokens, measured=None):
-    """The arithmetic of gad_step_memory next to the measured peaks
-    {optimizer: (sampling GiB, update GiB)}."""
-    parts = gad_step_memory(name, rows, prompt_len, new_tokens, micro_batch_tokens, False)
-    unit, scale = ("GiB", 2**30) if sum(parts[0].values()) > 2**30 else ("MiB", 2**20)
-    print(f"\nGAD step at {name}: {rows} rollout rows x ({prompt_len} prompt + {new_tokens} new) "
-          f"tokens, micro-batches of {micro_batch_tokens} tokens; predicted {unit} "
-          f"(measured: the largest peak of a phase)")
-    for label, adam8bit in (("AdamW", False), ("8-bit AdamW", True)):
-        held, sampling, update, no_ckpt = gad_step_memory(name, rows, prompt_len, new_tokens,
-                                                          micro_batch_tokens, adam8bit)
-        print(f"  {label}:")
-        for part, value in list(held.items()) + list(sampling.items()) + list(update.items()):
-            print(f"    {part:<42} {value / scale:>9.2f}")
-        got = (measured or {}).get(label)
-        for what, extra, i in (("sampling", sampling, 0), ("updating G", update, 1)):
-            total = (sum(held.values()) + sum(extra.values())) / scale
-            got_s = "-" if got is None or got[i] is None else f"{got[i] * 2**30 / scale:.2f}"
-            print(f"    {'= peak while ' + what:<42} {total:>9.2f}   measured {got_s}")
-        print(f"    {'(activations without checkpointing)':<42} {no_ckpt / scale:>9.2f}")
-
-
 def gpu_runs(size, device, data):
     """[(script, arguments, --stop-after of the first run; the second resumes it)] of bench gpu.
     DistiLLM-2 trains all weights (--lora-r 0: its reference preset's LoRA needs peft, and full
@@ -540,9 +487,7 @@ def bench_gpu(args):
     torchrun; then, in this process, sampling speed against HF generate (gpu_sampling) and the
     training steps' MFU (bench_train) at the 1.5B shape."""
     if args.predict_only:
-        size = GPU_SIZES["qwen"]
-        print_memory_model(size["big"], size["peak_prompts"] * size["peak_n"],
-                           size["peak_prompt_len"], size["peak_new_tokens"], 12288)
+        print_predictions()
         return
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
@@ -572,7 +517,6 @@ def bench_gpu(args):
         print_phases(f"{script}: {len(rows)} steps, stopped after {stop} and resumed "
                      f"({time.time() - t0:.0f} s with model builds and evaluation)", table)
     if not args.skip_peak:
-        rows = size["peak_prompts"] * size["peak_n"]
         peak_data = os.path.join(work, "peak.jsonl")
         synthetic_data(peak_data, 2 * size["peak_prompts"] + 16, size["peak_prompt_len"],
                        size["peak_new_tokens"])
@@ -583,24 +527,27 @@ def bench_gpu(args):
             print("\n8-bit AdamW: not measured (bitsandbytes is not installed)")
         for label, extra in variants:
             out = os.path.join(work, "gad_peak" + ("_8bit" if extra else ""))
-            torchrun("gad.py", ["--student", size["big"], "--stage", "gad", "--gad-steps", "2",
-                                "--dtype", "bfloat16", "--device", device, "--data", peak_data,
-                                "--prompts-per-step", str(size["peak_prompts"]),
-                                "--samples-per-prompt", str(size["peak_n"]),
-                                "--max-new-tokens", str(size["peak_new_tokens"]),
-                                "--max-response-len", str(size["peak_new_tokens"]),
-                                "--max-prompt-len", "2048", "--eval-prompts", "0",
-                                "--save-every", "100", "--out", out] + extra, log)
+            run_args = ["--student", size["big"], "--stage", "gad", "--gad-steps", "2",
+                        "--dtype", "bfloat16", "--device", device, "--data", peak_data,
+                        "--prompts-per-step", str(size["peak_prompts"]),
+                        "--samples-per-prompt", str(size["peak_n"]),
+                        "--max-new-tokens", str(size["peak_new_tokens"]),
+                        "--max-response-len", str(size["peak_new_tokens"]),
+                        "--max-prompt-len", "2048", "--eval-prompts", "0",
+                        "--save-every", "100"] + extra
+            torchrun("gad.py", run_args + ["--out", out], log)
             step_rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
             table = phase_table(step_rows, PHASES["gad.py"], cuda)
             print_phases(f"GAD steps at {size['big']}, {label}: {size['peak_prompts']} prompts x "
                          f"{size['peak_n']} samples x {size['peak_new_tokens']} new tokens", table)
             last = step_rows[-1]  # the second step: both optimizers' state exists through all of it
-            results["gad_peak"][label] = (last.get("mem_sampling"),
-                                          max(last.get(f"mem_{p}", 0.0)
-                                              for p in ("scoring", "d_update", "g_update")))
-        print_memory_model(size["big"], rows, size["peak_prompt_len"], size["peak_new_tokens"],
-                           12288 if cuda else 256, results["gad_peak"])
+            measured = {p: last.get(f"mem_{p}") for p in PHASES["gad.py"]}
+            results["gad_peak"][label] = measured
+            # the byte tokenizer's prompts: a token a character, and the chat template's few more
+            lengths = (size["peak_prompt_len"] + 32, size["peak_new_tokens"])
+            print_memory(f"the same steps, {label}: the memory arithmetic (prompts of at most "
+                         f"{lengths[0]} tokens) and the measured peaks, GiB",
+                         command_phases("gad.py", run_args, 1, lengths)[1], measured)
     results["sampling"] = gpu_sampling(size, torch.device(device))
     print()
     results["train"] = bench_train(argparse.Namespace(
@@ -703,6 +650,688 @@ def bench_train(args):
     return results
 
 
+# --------------------------------------------------------------------------------------------------
+# memory arithmetic: the per-rank peak of every GPU command, phase by phase, from the model configs
+# (nothing is allocated: the models are built on the meta device). Each phase lists the tensors
+# alive at its largest moment: the model states held throughout, and what the phase adds (a KV
+# cache, a micro-batch's activations, [chunk, V] logits, gradients...). tests/test_memory_model.py
+# runs each phase's own code at a small shape and checks that these sums bound its live tensors,
+# closely. GiB = 2^30 bytes throughout.
+
+GiB = 2**30
+# An 80 GB A100 / H100 offers 79.2 GiB (torch.cuda.mem_get_info). The arithmetic counts tensors;
+# the headroom is for what it does not see: the CUDA context, cuBLAS and attention workspaces
+# (~1 GiB), NCCL's buffers at 8 ranks (~1-2 GiB) and the caching allocator's fragmentation (~5% of
+# a 70 GiB peak).
+GPU_GIB, HEADROOM_GIB = 79.2, 8.0
+# the presets' model names -> their shapes (models.RANDOM_QWEN: the hub configs, random weights)
+SHAPES = {f"qwen2.5-{s}": f"random-qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b")}
+# every GPU command of the README: (label, script, arguments, ranks)
+GPU_COMMANDS = [
+    ("gad.py, 8 GPUs", "gad.py", ["--student", "qwen2.5-1.5b"], 8),
+    ("gad.py, 1 GPU", "gad.py", ["--student", "qwen2.5-1.5b", "--prompts-per-step", "64"], 1),
+    ("distillm2.py, 8 GPUs", "distillm2.py",
+     ["--teacher", "qwen2.5-7b", "--student", "qwen2.5-1.5b"], 8),
+    ("amm.py, 8 GPUs", "amm.py", ["--teacher", "qwen2.5-7b", "--student", "qwen2.5-1.5b"], 8),
+]
+# peft's LoRA dropout keeps a mask for backward: CUDA's fused dropout a 1-byte one, the CPU's an
+# fp32 noise tensor (the CPU test sets 4)
+LORA_MASK_BYTES = 1
+# Bytes per [chunk, V] number alive at once in a chunk of full-vocabulary work, counted op by op
+# (tests/test_memory_model.py): sample._ChunkedTokenLogprobs' forward (bf16 logits, their fp32 copy
+# over the temperature, log-sum-exp; with the entropy, its exp, product, mask and where) and
+# backward (probabilities, the bf16 logits and gradient); losses._FusedKDLoss's forward (both
+# models' bf16 logits, log q, log p, the mixture, the KL's products and their gradients: SKL / SRKL,
+# AMM's moments); amm.adversary_backward (p, q, f(s) and the objective's graph).
+CHUNK_BYTES = {"logprobs": 8, "logprobs+entropy": 21, "logprobs backward": 8, "kd": 44,
+               "amm": 28, "moments": 24, "adversary": 25}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the arithmetic reads of a model: its config's sizes and its parameters' numbers."""
+    layers: int
+    hidden: int
+    inter: int
+    vocab: int
+    head_dim: int
+    q_dim: int          # attention heads x head_dim
+    kv_dim: int         # KV heads x head_dim: a token's keys (or values) in one layer
+    params: int
+    embed: int          # the input embedding (and the LM head when tied)
+    head: int           # an untied LM head (0 when tied)
+    layer_linear: int   # the decoder layers' matmul weights and biases: what autocast casts
+    tensors: int        # parameter tensors (AdamW keeps a step count for each)
+    buckets: tuple      # the numbers of each gradient all-reduce bucket (common.all_reduce_grads)
+
+    @classmethod
+    def of(cls, model):
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        embed, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        sizes = [p.numel() for p in model.parameters()]
+        linear = sum(p.numel() for m in model.model.layers.modules()
+                     if isinstance(m, torch.nn.Linear) for p in m.parameters())
+        return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, out.shape[0],
+                   head_dim, c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim,
+                   sum(sizes), embed.numel(), 0 if out is embed else out.numel(), linear,
+                   len(sizes), all_reduce_buckets(sizes))
+
+
+def all_reduce_buckets(sizes, bucket_numel=2**24):
+    """common.all_reduce_grads' buckets: gradients in order until a bucket reaches bucket_numel
+    numbers (torch.cat copies each bucket flat while it is summed)."""
+    buckets, size = [], 0
+    for n in sizes:
+        size += n
+        if size >= bucket_numel:
+            buckets, size = buckets + [size], 0
+    return tuple(buckets + ([size] if size else []))
+
+
+def arch(name):
+    """The Arch of a preset's model name, built on the meta device (no weights, no download); any
+    other name is loaded (the tiny models of the CPU flow)."""
+    name = SHAPES.get(name, name)
+    if name in models.RANDOM_QWEN:
+        return Arch.of(models.random_qwen(name, device="meta"))
+    return Arch.of(models.load_model(name))
+
+
+@dataclass(frozen=True)
+class Net:
+    """A model as a phase runs it: its shape and the bytes of an element of its matmul weights as
+    stored (wb), of its residual stream (rb: its embedding's; 4 for fp32 master weights and for
+    models.frozen_copy's reference, 2 for a bf16 teacher) and of its matmuls (cb: 2 under bf16
+    autocast, else wb); lora: the rank of peft's adapters on every projection (0: none)."""
+    arch: Arch
+    wb: int
+    rb: int
+    cb: int
+    lora: int = 0
+
+    @property
+    def rope(self):
+        """Keys and queries out of the rotary embedding: cos and sin come in the residual's dtype,
+        so a bf16 key times an fp32 cos is fp32."""
+        return max(self.rb, self.cb)
+
+    @property
+    def head_cast(self):
+        """The chunked LM-head paths cast the head once to the compute dtype: a [V, H] copy when it
+        is stored in another (a tied head is stored as the embedding)."""
+        a = self.arch
+        stored = self.rb if a.head == 0 else self.wb
+        return 0 if stored == self.cb else self.cb * a.vocab * a.hidden
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass: rows x seq padded tokens, `resp` positions of each row read through the
+    LM head (the response's)."""
+    rows: int
+    seq: int
+    resp: int
+
+    @property
+    def tokens(self):
+        return self.rows * self.seq
+
+
+def largest(moments):
+    """The moment whose tensors add up to the most ({term: bytes})."""
+    return max(moments, key=lambda m: sum(m.values()))
+
+
+def cb_of(args):
+    """The bytes of a matmul's element under --dtype (bf16 autocast, else fp32)."""
+    return 2 if args.dtype in ("bfloat16", "bf16") else 4
+
+
+# --- model states ---------------------------------------------------------------------------------
+
+def trained(a, who, adam8bit=False):
+    """fp32 master weights and fused AdamW's state: two fp32 moments (8 B/param; bitsandbytes'
+    8-bit AdamW: 2) and a step count per tensor; the fused kernel makes no temporaries."""
+    return {f"{who}: fp32 weights": 4 * a.params,
+            f"{who}: AdamW state": (2 if adam8bit else 8) * a.params + 4 * a.tensors}
+
+
+def reference_bytes(a):
+    """models.frozen_copy: the matmul weights in bf16, the embedding (a tied head with it) and the
+    norms as they were (fp32)."""
+    matmul = a.layer_linear + a.head
+    return 2 * matmul + 4 * (a.params - matmul)
+
+
+def discriminator_arch(a):
+    """GAD's D: the student's backbone with a scalar head instead of the LM head."""
+    return replace(a, params=a.params - a.head + a.hidden, head=0,
+                   tensors=a.tensors + (0 if a.head else 1))
+
+
+def lora_params(a, r):
+    """peft's LoRA adapters on the 7 projections of every layer: r x (in + out) numbers each."""
+    h, i, q, kv = a.hidden, a.inter, a.q_dim, a.kv_dim
+    return r * a.layers * ((h + q) * 2 + (h + kv) * 2 + (h + i) * 3)
+
+
+def adversary_params(a, vocab, rank):
+    """amm.Adversary's numbers: W = U A of rank r (U [V, r], A [r, H]) or a full [V, H], and b."""
+    return (rank * (a.hidden + vocab) if 0 < rank < a.hidden else a.hidden * vocab) + vocab
+
+
+def autocast_copy(a, with_head):
+    """torch.autocast caches the bf16 cast of every fp32 weight that requires grad until the
+    outermost autocast context ends: a rollout holds a bf16 copy of the layers' weights and of the
+    head (sampling calls it as a Linear; the training passes cast it themselves)."""
+    return 2 * (a.layer_linear + ((a.head or a.embed) if with_head else 0))
+
+
+def gradients(a, who):
+    """fp32 gradients (set to None after each optimizer step)."""
+    return {f"{who}: fp32 gradients": 4 * a.params}
+
+
+def all_reduce(a):
+    """The end of common.clip_and_step: all_reduce_grads' flat copy of a bucket (torch.cat), then
+    clip_grad_norm_'s norm of each gradient."""
+    return {"gradient all-reduce bucket": 4 * max(a.buckets) + 8 * a.tensors}
+
+
+# --- forward and backward passes ------------------------------------------------------------------
+
+def small_per_token(net):
+    """Per token of a pass: its ids, mask and positions (int64) and the rotary cos and sin."""
+    return 32 + 2 * net.rb * net.arch.head_dim
+
+
+def residual_stream(net, b):
+    """A pass's embeddings (the model keeps them to its end), the current layer's input, the small
+    tensors every layer reads, and the 4D boolean mask (padding rules out sdpa's causal path)."""
+    a = net.arch
+    return b.tokens * (2 * net.rb * a.hidden + small_per_token(net)) + b.rows * b.seq * b.seq
+
+
+def layer_forward(net, b):
+    """The most a decoder layer's forward makes at once beyond its input, without a graph (no grad,
+    or a checkpointed forward): the attention's normed input, q, k, v (rotary in net.rope; k and v
+    repeated to every head, as a padding mask rules out sdpa's GQA path) and sdpa's bf16 casts;
+    or the MLP's residual sum, normed input and three [T, I] (act(gate), up, their product); with
+    LoRA, down_proj's adapter casts its input to fp32 and drops it out (in training) first."""
+    a, rb, cb, rope = net.arch, net.rb, net.cb, net.rope
+    attention = rb * a.hidden + a.q_dim * (2 * rope + 4 * cb) + a.kv_dim * (rope + cb)
+    mlp = 2 * rb * a.hidden + (cb + 10 + LORA_MASK_BYTES if net.lora else 3 * cb) * a.inter
+    return b.tokens * max(attention, mlp)
+
+
+def layer_recompute(net, b):
+    """What a checkpointed layer's recompute keeps for its backward: the projections' bf16 inputs
+    (autocast casts the normed input once per projection), q, k, v, sdpa's inputs and output, the
+    MLP's four [T, I], the norms' fp32 products, the layer's bf16 weights; then its backward's
+    first gradients (the MLP's [T, I] input, a weight's bf16 gradient and its fp32 cast). LoRA's
+    adapters each keep a dropout mask and the bf16 cast of their dropped input (down_proj's fp32
+    input and output in flight), and no weight gradient but theirs."""
+    a, cb = net.arch, net.cb
+    saved = b.tokens * (cb * (4 * a.inter + 11 * a.hidden + 2 * a.kv_dim) + 8 * a.hidden)
+    if net.lora:
+        adapters = (LORA_MASK_BYTES + 2) * (5 * a.hidden + a.q_dim + a.inter) + 8 * a.inter
+        return saved + b.tokens * adapters
+    weights = cb * a.layer_linear // a.layers if net.cb < net.wb else 0
+    return saved + weights + b.tokens * cb * a.inter + 6 * a.hidden * a.inter
+
+
+def checkpoints(net, b):
+    """Activation checkpointing keeps each layer's input (the residual stream: the embeddings and
+    every layer's output), the final norm's fp32 products, and what every layer reads."""
+    return residual_stream(net, b) + b.tokens * net.arch.hidden * (net.rb * net.arch.layers + 8)
+
+
+def chunk_work(net, b, chunk, kind):
+    """A chunk of full-vocabulary work over a pass's response positions: CHUNK_BYTES[kind] a
+    number of [chunk, V] (fewer rows when the pass has fewer positions)."""
+    return CHUNK_BYTES[kind] * min(chunk, b.rows * b.resp) * net.arch.vocab
+
+
+def scoring_pass(net, b, chunk, head=True):
+    """The largest moment of a pass without grad: a layer's forward, the final norm (its fp32
+    product and output), and (head) sample.sequence_logprobs' LM head at the response positions,
+    `chunk` at a time (old and reference logprobs, the curriculum, the evaluation's NLL)."""
+    a = net.arch
+    stream = {"pass: residual stream": residual_stream(net, b)}
+    hidden = {"pass: final norm, hidden states": 8 * b.tokens * a.hidden}
+    moments = [stream | {"pass: a layer's forward": layer_forward(net, b)}, stream | hidden]
+    if head:
+        moments.append(hidden | {"pass: response hidden states [M, H]":
+                                 4 * b.rows * b.resp * a.hidden,
+                                 "pass: LM head cast": net.head_cast,
+                                 "pass: [chunk, V] work": chunk_work(net, b, chunk, "logprobs")})
+    return largest(moments)
+
+
+def training_pass(net, b, chunk, head=True, passes=1):
+    """The largest moment of a micro-batch's forward and backward with activation checkpointing
+    (the phase counts the gradients: after the first micro-batch they all exist): the forward's
+    last layer or LM head (autocast's copy of the layers' weights held until the forward's
+    autocast context ends), the LM head's backward (_ChunkedTokenLogprobs: its bf16 cast, an fp32
+    [V, H] sum and a bf16 product a chunk), a layer's recompute and backward, the embedding's
+    backward. A trained head tied to the embedding hands its [V, H] gradient to autograd, which
+    keeps it until the embedding's dense gradient joins it, then sums them; `passes` forward
+    passes in one micro-batch (GAD's D: the teacher's rows and the student's) each make their own
+    dense gradient."""
+    a, M = net.arch, b.rows * b.resp
+    ckpt = {"pass: checkpointed layer inputs": passes * checkpoints(net, b)}
+    cache = {"pass: autocast bf16 copy": autocast_copy(a, False)} if net.cb < net.wb else {}
+    waiting = {"pass: LM head's fp32 gradient, waiting": 4 * a.vocab * a.hidden} if head else {}
+    summed = passes + len(waiting) > 1      # autograd adds the embedding's gradients up first
+    moments = [ckpt | cache | {"pass: a layer's forward": layer_forward(net, b)},
+               ckpt | waiting | {"pass: a layer's recompute and backward":
+                                 layer_recompute(net, b)},
+               waiting | {"pass: the embedding's dense gradients and their sum":
+                          4 * a.embed * (passes + summed)}]
+    if head:
+        resp = {"pass: response hidden states [M, H]": 4 * M * a.hidden,
+                "pass: LM head cast": net.head_cast}
+        moments += [ckpt | cache | resp | {"pass: [chunk, V] work":
+                                           chunk_work(net, b, chunk, "logprobs+entropy")},
+                    ckpt | resp | {"pass: d hidden states [M, H]": 4 * M * a.hidden,
+                                   "pass: LM head gradient (fp32 sum, bf16 product)":
+                                   (4 + net.cb) * a.vocab * a.hidden,
+                                   "pass: [chunk, V] work":
+                                   chunk_work(net, b, chunk, "logprobs backward")}]
+    return largest(moments)
+
+
+def kd_pass(s, t, b, chunk, kind="kd", teacher_forward=True):
+    """The largest moment of a white-box micro-batch: the student's checkpointed forward (its
+    autocast copy held until losses.kd_loss_chunked ends), the teacher's forward without grad
+    (teacher_forward: distillm2.divergence; AMM reads stored hidden states), kd_loss_chunked's
+    forward (both hidden states copied flat, d hidden, a trained head's fp32 [V, H] gradient sum,
+    the chunk's work: CHUNK_BYTES[kind]) and the student's backward (a trained tied
+    head's gradient waits for the embedding's, as in training_pass). s, t: the student's and the
+    teacher's Net."""
+    a, M = s.arch, b.rows * b.resp
+    ckpt = {"pass: checkpointed layer inputs": checkpoints(s, b)}
+    cache = {"pass: autocast bf16 copy": (2 * lora_params(a, s.lora) if s.lora      # adapters
+                                          else autocast_copy(a, False) if s.cb < s.wb else 0)}
+    waiting = ({} if s.lora else
+               {"pass: LM head's fp32 gradient, waiting": 4 * a.vocab * a.hidden})
+    teacher = ({"KD: teacher's final hidden states": t.rb * b.tokens * t.arch.hidden}
+               if teacher_forward else {})
+    kd = {"KD: hidden states, flat copies": (s.rb * a.hidden + t.rb * t.arch.hidden) * M,
+          "KD: d hidden states": s.rb * M * a.hidden, "KD: head casts": s.head_cast + t.head_cast,
+          "KD: [chunk, V] work": chunk_work(s, b, chunk, kind)}
+    if waiting:   # (each chunk's bf16 product comes once the chunk's work is freed)
+        kd["KD: LM head's fp32 gradient sum"] = 4 * a.vocab * a.hidden
+    moments = [ckpt | cache | {"pass: a layer's forward": layer_forward(s, b)},
+               ckpt | cache | teacher | kd,
+               ckpt | waiting | {"KD: d hidden states": s.rb * M * a.hidden,
+                                 "pass: a layer's recompute and backward":
+                                 layer_recompute(s, b)}]
+    if teacher_forward:
+        moments.append(ckpt | cache | scoring_pass(t, b, chunk, head=False))
+    if waiting:
+        moments.append(waiting | {"pass: the embedding's dense gradient and the sum":
+                                  8 * a.embed})
+    return largest(moments)
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+def generate_call(prompts, n, prompt_len, new_tokens, batch_size=None, max_tokens=None):
+    """The prompts of sample.rollout's largest generate() call, all prompts at prompt_len tokens
+    (the worst case): its own split by --gen-batch-size and --gen-batch-tokens."""
+    calls = sample.split_by_budget([(n, prompt_len, new_tokens)] * prompts,
+                                   n * (batch_size or prompts), max_tokens)
+    return max(b - a for a, b in calls)
+
+
+def noise_chunk(vocab, new_tokens):
+    """sample.generate draws each row's Gumbel noise this many steps at a time."""
+    return min(max(1, (1 << 18) // vocab), new_tokens)
+
+
+def decode_step(rows, vocab, new_tokens, temperature, top_p):
+    """sample.generate's per-step [rows, V] work beyond the logits: the noise (each generator's
+    [chunk, V], their stack and the previous chunk's while a chunk is drawn), or sample_token's
+    fp32 log-softmax, Gumbel transform and sum (12 B a number; top-p adds the sorted copy, its
+    int64 indices, probabilities, mask and the scatter: 29 B). Greedy decoding draws nothing."""
+    if temperature == 0:
+        return {}
+    chunk = noise_chunk(vocab, new_tokens)
+    noise = 4 * chunk * rows * vocab
+    return largest([{"decode: Gumbel noise": noise,
+                     "decode: sample_token's fp32 [rows, V]": (29 if top_p < 1 else 12)
+                     * rows * vocab},
+                    {"decode: Gumbel noise, stacked": (3 if new_tokens > chunk else 2) * noise}])
+
+
+def compaction(net, rows, new_tokens, temperature, cache):
+    """sample.StaticKV.select: one layer's keys (or values) of the kept rows (at most COMPACT_AT of
+    them) copied at a time, and the noise's kept rows."""
+    kept = {"compaction: a layer's kept rows": int(cache * sample.COMPACT_AT)
+            // (2 * net.arch.layers)}
+    if temperature > 0:
+        noise = 4 * noise_chunk(net.arch.vocab, new_tokens) * rows * net.arch.vocab
+        kept["compaction: the noise and its kept rows"] = int(noise * (1 + sample.COMPACT_AT))
+    return kept
+
+
+def kv_bytes(net, rows, tokens):
+    """A KV cache of rows x tokens in the compute dtype: every layer's keys and values."""
+    return rows * tokens * net.arch.layers * 2 * net.arch.kv_dim * net.cb
+
+
+def generate_peak(net, prompts, n, prompt_len, new_tokens, temperature=1.0, top_p=1.0):
+    """The largest moment of one sample.generate call on the static path: the prefill (a layer's
+    forward; its DynamicCache: keys in net.rope out of the rotary embedding, values in the compute
+    dtype), the StaticKV built from it (each layer's prompt keys repeated to n rows on the way), a
+    decode step, a compaction. Besides the output rows' ids and masks."""
+    a, rows = net.arch, prompts * n
+    kv = kv_bytes(net, rows, prompt_len + new_tokens)
+    static = {"KV cache (StaticKV)": kv}
+    prefill = {"prefill: DynamicCache": prompts * prompt_len * a.layers * a.kv_dim
+               * (net.rope + net.cb)}
+    logits = {"decode: [rows, V] logits, [V] end-of-turn table": (rows * net.cb + 1) * a.vocab}
+    build = {"StaticKV build: a layer's keys x n": rows * prompt_len * a.kv_dim * net.rope}
+    return largest([
+        prefill | scoring_pass(net, Batch(prompts, prompt_len, 1), 0, head=False),
+        static | prefill | logits | build,
+        static | logits | decode_step(rows, a.vocab, new_tokens, temperature, top_p),
+        static | logits | compaction(net, rows, new_tokens, temperature, kv)])
+
+
+def rollout_ids(rows, seq):
+    """A rollout's int64 ids and masks, and sample.rollout's earlier calls' while it samples."""
+    return {"rollout: ids and masks": 2 * 16 * rows * seq}
+
+
+# --- the trainers ---------------------------------------------------------------------------------
+
+def micro_batch(items, max_rows, max_tokens):
+    """The largest micro-batch of sample.split_by_budget over items (rows, prompt_len,
+    response_len), all alike: a Batch of a pass over one item's rows."""
+    groups = sample.split_by_budget(items, max_rows, max_tokens)
+    rows, p, r = items[0]
+    return Batch(max(b - a for a, b in groups), p + r, r)
+
+
+def gad_states(g, args):
+    """What a GAD step holds throughout: G and D (fp32, AdamW) and the reference policy."""
+    return (trained(g, "G", args.adam8bit) | trained(discriminator_arch(g), "D", args.adam8bit)
+            | {"reference policy": reference_bytes(g)})
+
+
+def gad_phases(args, world, g, prompt_len, response_len):
+    """[(phase, {term: bytes})] of a GAD step (gad.gad_step) on one of `world` ranks and of the
+    final evaluation; g: the student's Arch. Prompts at prompt_len tokens, samples at
+    --max-new-tokens, teacher responses at response_len (the worst case)."""
+    d = discriminator_arch(g)
+    prompts, n, cb, new = (args.prompts_per_step // world, args.samples_per_prompt, cb_of(args),
+                           args.max_new_tokens)
+    G, D, ref = Net(g, 4, 4, cb), Net(d, 4, 4, cb), Net(g, cb, 4, cb)
+    held = gad_states(g, args) | rollout_ids(prompts * (n + 1), prompt_len + response_len)
+    call = generate_call(prompts, n, prompt_len, new, None, args.gen_batch_tokens)
+    mb = micro_batch([(1, prompt_len, response_len)] * (prompts * n), args.micro_batch_size,
+                     args.micro_batch_tokens)
+    # G's own logprobs before the update, unless PPO is on-policy (GAD's one epoch, one batch)
+    old_logprobs = ([] if (args.ppo_epochs, args.mini_batches) == (1, 1) else
+                    [{"G: autocast bf16 copy": autocast_copy(g, False)}
+                     | scoring_pass(G, mb, args.chunk_size)])
+    return [
+        ("sampling", held | {"G: autocast bf16 copy": autocast_copy(g, True)}
+         | generate_peak(G, call, n, prompt_len, new, args.temperature, args.top_p)),
+        ("scoring", held | largest([
+            {"D: autocast bf16 copy": autocast_copy(d, False)}
+            | scoring_pass(D, mb, args.chunk_size, head=False),
+            scoring_pass(ref, mb, args.chunk_size)] + old_logprobs)),
+        ("d_update", held | gradients(d, "D") | largest([
+            training_pass(D, pair_batch(prompts, n, prompt_len, response_len, args),
+                          args.chunk_size, head=False, passes=2), all_reduce(d)])),
+        ("g_update", held | gradients(g, "G")
+         | largest([training_pass(G, mb, args.chunk_size), all_reduce(g)])),
+        ("eval", gad_eval(args, g, prompt_len)),
+    ]
+
+
+def pair_batch(prompts, n, prompt_len, response_len, args):
+    """The largest pass of D's step: discriminator.pair_batches' micro-batch of student rows and
+    their prompts' teacher rows (scored in two passes; the student's rows are the larger)."""
+    batches = discriminator.pair_batches([prompt_len] * prompts, [response_len] * prompts,
+                                         [response_len] * (prompts * n), n,
+                                         args.micro_batch_size or prompts * (n + 1),
+                                         args.micro_batch_tokens)
+    return Batch(max(len(rows) for rows in batches), prompt_len + response_len, 1)
+
+
+def gad_eval(args, g, prompt_len):
+    """gad.evaluate after training (the optimizers and the reference freed), on every rank: the
+    trained G and D (cast to --dtype on every rank as rank 0 exports them), a local teacher in
+    --dtype; the initial student in --dtype ("before", freed before "after"); greedy decoding and
+    scoring 8 prompts at a time without autocast."""
+    wb, new = cb_of(args), args.eval_max_new_tokens
+    held = {"G: weights in --dtype": wb * g.params,
+            "D: weights in --dtype": wb * discriminator_arch(g).params}
+    if args.teacher and not args.teacher.startswith("api:"):
+        held["teacher: weights"] = wb * arch(args.teacher).params
+    b = Batch(8, prompt_len + new, new)
+    net = Net(g, wb, wb, wb)
+    return held | largest([{"initial student": wb * g.params} | eval_passes(net, b, args.chunk_size),
+                           eval_passes(net, b, args.chunk_size)])
+
+
+def eval_passes(net, b, chunk):
+    """eval.evaluate's largest moment with one model: its greedy decoding of b.rows prompts, or a
+    pass over their rows (NLL, D's scores)."""
+    return largest([generate_peak(net, b.rows, 1, b.seq - b.resp, b.resp, temperature=0),
+                    scoring_pass(net, b, chunk)])
+
+
+def distillm2_states(st, te, args):
+    """What a DistiLLM-2 step holds throughout: the teacher in --dtype; the student in fp32 with
+    AdamW, or with --lora-r its base frozen in --dtype and fp32 adapters with AdamW."""
+    cb = cb_of(args)
+    if not args.lora_r:
+        return {"teacher: weights": cb * te.params} | trained(st, "student")
+    return {"teacher: weights": cb * te.params, "student: frozen base": cb * st.params,
+            "student: LoRA adapters and AdamW state": 12 * lora_params(st, args.lora_r)
+            + 4 * 14 * st.layers}   # A and B of 7 projections a layer: a step count each
+
+
+def distillm2_phases(args, world, st, te, prompt_len, response_len):
+    """[(phase, {term: bytes})] of a DistiLLM-2 step (distillm2.py's loop) on one of `world` ranks:
+    its epoch's sampling (the teacher's and the student's responses, --gen-batch-size prompts a
+    call), the curriculum, the loss micro-batches, the update; and the final evaluation. st, te:
+    the student's and the teacher's Arch. Responses are cut to fit --max-len
+    (distillm2.fit_length)."""
+    cb, r = cb_of(args), args.lora_r
+    student, teacher = Net(st, cb if r else 4, cb if r else 4, cb, r), Net(te, cb, cb, cb)
+    trains = (replace(st, params=lora_params(st, r), buckets=(lora_params(st, r),),
+                      tensors=14 * st.layers) if r else st)
+    call = generate_call(args.gen_batch_size, 1, prompt_len, args.max_new_tokens,
+                         args.gen_batch_size, args.gen_batch_tokens)
+    if args.max_len and prompt_len + response_len > args.max_len:
+        response_len = args.max_len - args.max_prompt_len
+    prompts = args.prompts_per_step // world
+    mb = micro_batch([(2, prompt_len, response_len)] * prompts, args.micro_batch_size,
+                     args.micro_batch_tokens)
+    held = distillm2_states(st, te, args) | rollout_ids(prompts, prompt_len + response_len)
+    cache = {"student: autocast bf16 copy": 2 * lora_params(st, r) if r
+             else autocast_copy(st, False)}
+    return [
+        ("sampling", distillm2_states(st, te, args)
+         | rollout_ids(2 * call, prompt_len + args.max_new_tokens)
+         | largest([generate_peak(teacher, call, 1, prompt_len, args.max_new_tokens,
+                                  args.temperature, args.top_p),
+                    cache | generate_peak(student, call, 1, prompt_len, args.max_new_tokens,
+                                          args.temperature, args.top_p)])),
+        ("curriculum", held | cache | largest([scoring_pass(net, mb, args.chunk_size)
+                                               for net in (teacher, student)])),
+        ("losses", held | gradients(trains, "student")
+         | kd_pass(student, teacher, mb, args.chunk_size)),
+        ("update", held | gradients(trains, "student") | all_reduce(trains)),
+        ("eval", white_box_eval(args, st, te, prompt_len)),
+    ]
+
+
+def amm_states(st, te, args):
+    """What an AMM step holds throughout: the student (fp32, AdamW), the teacher in --dtype, the
+    two adversaries (fp32 weights and AdamW state)."""
+    adv = adversary_params(te if args.adv_input == "teacher" else st, st.vocab, args.adv_rank)
+    return trained(st, "student") | {"teacher: weights": cb_of(args) * te.params,
+                                     "adversaries: fp32 weights and AdamW state": 24 * adv + 24}
+
+
+def amm_phases(args, world, st, te, prompt_len, response_len):
+    """[(phase, {term: bytes})] of an AMM step (amm.py's loop) on one of `world` ranks and of the
+    final evaluation; st, te: the student's and the teacher's Arch. Each side (on: the student's
+    k samples a prompt, off: the teacher's response) keeps its models' hidden states at the
+    response positions through the step (amm.make_sides), and amm.py's loop keeps the previous
+    step's until make_sides returns."""
+    cb, k, new = cb_of(args), args.samples_per_prompt, args.max_new_tokens
+    student, teacher = Net(st, 4, 4, cb), Net(te, cb, cb, cb)
+    prompts = args.prompts_per_step // world
+    adv = adversary_params(te if args.adv_input == "teacher" else st, st.vocab, args.adv_rank)
+    held = amm_states(st, te, args) | rollout_ids(prompts * (k + 1), prompt_len + new)
+    sides = prompts * (k + 1) * new * (cb * te.hidden + 4 * st.hidden + 8)
+    previous = {"the previous step's sides": sides}
+    current = {"sides: the samples' hidden states": sides}
+    calls = [(student, generate_call(prompts, k, prompt_len, new, args.gen_batch_size,
+                                     args.gen_batch_tokens), k),
+             (teacher, generate_call(prompts, 1, prompt_len, new, args.gen_batch_size,
+                                     args.gen_batch_tokens), 1)]
+    mb = micro_batch([(1, prompt_len, new)] * (prompts * k), args.micro_batch_size,
+                     args.micro_batch_tokens)
+    adv_grads = {"adversaries: fp32 gradients": 8 * adv}
+    adv_step = [{"adversaries: foreach AdamW's sqrt(v)": 8 * adv},
+                {"gradient all-reduce bucket": 4 * max(all_reduce_buckets(
+                    [adv - st.vocab, st.vocab] * 2))}]
+    return [
+        ("sampling", held | previous | {"student: autocast bf16 copy": autocast_copy(st, True)}
+         | largest([generate_peak(net, c, n, prompt_len, new) for net, c, n in calls])),
+        ("scoring", held | previous | current | amm_scoring(student, teacher, mb, adv, args)),
+        ("adversary", held | current | adv_grads
+         | largest([adversary_chunk(student, teacher, prompts * k * new, adv, args)]
+                   + adv_step)),
+        ("student", held | current | gradients(st, "student") | largest([
+            kd_pass(student, teacher, mb, args.chunk_size, "amm", teacher_forward=False),
+            all_reduce(st)])),
+        ("eval", white_box_eval(args, st, te, prompt_len)),
+    ]
+
+
+def amm_scoring(student, teacher, mb, adv, args):
+    """AMM's passes without grad: each side's hidden states from both models, then its moments and
+    L1 distances a chunk at a time (kd_loss_chunked without grad: the student's head cast, the
+    adversary's autocast copy); the student's autocast copy is held throughout (amm.student_moves
+    computes the hidden states and the moments in one autocast context)."""
+    a = student.arch
+    cache = {"student: autocast bf16 copy": autocast_copy(a, False)}
+    moments = {"moments: student head cast": student.head_cast,
+               "moments: adversary's autocast copy": 2 * adv,
+               "moments: [chunk, V] work": chunk_work(student, mb, args.chunk_size, "moments")}
+    return cache | largest([scoring_pass(net, mb, args.chunk_size, head=False)
+                            for net in (student, teacher)] + [moments])
+
+
+def adversary_chunk(student, teacher, positions, adv, args):
+    """amm.adversary_backward on the on-policy side (the larger): its hidden states at the response
+    positions copied out (the student's, the teacher's, the adversary's input: the teacher's
+    again), and a chunk: the student's head cast by autocast (cached for the chunk), the
+    adversary's autocast copy, p, q, f(s) and the objective's graph."""
+    a, t = student.arch, teacher.arch
+    return {"adversary: hidden states at response positions":
+            positions * (4 * a.hidden + 2 * teacher.rb * t.hidden + 4),
+            "adversary: student head's autocast copy": 2 * a.vocab * a.hidden,
+            "adversary: adversary's autocast copy": 2 * adv,
+            "adversary: [chunk, V] work": CHUNK_BYTES["adversary"] * min(args.chunk_size, positions)
+            * a.vocab}
+
+
+def white_box_eval(args, st, te, prompt_len):
+    """eval.white_box_final after training (the optimizers freed): the trained student (LoRA merged
+    into its base; cast to --dtype on every rank as rank 0 exports it), the initial student and
+    the teacher in --dtype; greedy decoding of 8 prompts without autocast, the held-out KLs
+    (kd_loss_chunked without grad) and NLLs on 8 rows."""
+    cb, new = cb_of(args), args.max_new_tokens
+    held = {"trained student": cb * st.params, "initial student": cb * st.params,
+            "teacher: weights": cb * te.params}
+    student, teacher = Net(st, cb, cb, cb), Net(te, cb, cb, cb)
+    b = Batch(8, prompt_len + new, new)
+    kd = {"eval: both models' final hidden states": b.tokens * cb * (st.hidden + te.hidden),
+          "eval: [chunk, V] work": chunk_work(student, b, args.chunk_size, "kd")}
+    return held | largest([eval_passes(student, b, args.chunk_size),
+                           scoring_pass(teacher, b, args.chunk_size), kd])
+
+
+# --- the commands ---------------------------------------------------------------------------------
+
+def command_phases(script, argv, world, lengths=None):
+    """(parsed arguments, phases) of `torchrun --nproc_per_node=world script argv`: the trainer's
+    own parser fills the preset; lengths = (longest prompt, longest response), by default every
+    prompt at --max-prompt-len and every response at --max-new-tokens (the worst case)."""
+    import amm
+    import distillm2
+    import gad
+    trainer = {"gad.py": gad, "distillm2.py": distillm2, "amm.py": amm}[script]
+    with contextlib.redirect_stdout(io.StringIO()):     # the preset it prints
+        args = trainer.parse_args(argv)
+    prompt_len, response_len = lengths or (args.max_prompt_len, args.max_new_tokens)
+    if script == "gad.py":
+        return args, gad_phases(args, world, arch(args.student), prompt_len, response_len)
+    phases = distillm2_phases if script == "distillm2.py" else amm_phases
+    return args, phases(args, world, arch(args.student), arch(args.teacher), prompt_len,
+                        response_len)
+
+
+def peak(phases):
+    """(phase, GiB) of the largest phase."""
+    name, terms = max(phases, key=lambda p: sum(p[1].values()))
+    return name, sum(terms.values()) / GiB
+
+
+def print_memory(title, phases, measured=None):
+    """A command's phases as one table, GiB: each term (rows) in each phase (columns), the totals
+    with the peak marked *, and the measured peaks ({phase: GiB}) when given."""
+    names = [p for p, _ in phases]
+    terms = list(dict.fromkeys(t for _, d in phases for t in d))
+    totals = [sum(d.values()) / GiB for _, d in phases]
+    top = names.index(peak(phases)[0])
+    print(f"\n{title}")
+    print(f"  {'GiB':<52}" + "".join(f"{p:>11}" for p in names))
+    for t in terms:
+        cells = [f"{d[t] / GiB:.2f}" if t in d else "" for _, d in phases]
+        print(f"  {t[:52]:<52}" + "".join(f"{c:>11}" for c in cells))
+    print(f"  {'predicted (* the peak)':<52}"
+          + "".join(f"{f'{v:.2f}' + ('*' if i == top else ' '):>11}"
+                    for i, v in enumerate(totals)))
+    if measured is not None:
+        print(f"  {'measured (max_memory_allocated)':<52}"
+              + "".join(f"{'-' if measured.get(p) is None else f'{measured[p]:.2f}':>11}"
+                        for p in names))
+
+
+def print_predictions():
+    """bench.py gpu --predict-only: each README GPU command's phases, then their peaks against an
+    80 GB card less the headroom."""
+    rows = []
+    for label, script, argv, world in GPU_COMMANDS:
+        args, phases = command_phases(script, argv, world)
+        n = getattr(args, "samples_per_prompt", None)
+        print_memory(f"torchrun --nproc_per_node={world} {script} {' '.join(argv)}\n"
+                     f"  {args.prompts_per_step // world} prompts a rank"
+                     f"{f' x {n} samples' if n else ''}, {args.max_prompt_len} prompt + "
+                     f"{args.max_new_tokens} new tokens (the worst case), --gen-batch-tokens "
+                     f"{args.gen_batch_tokens}, --micro-batch-tokens {args.micro_batch_tokens}",
+                     phases)
+        rows.append((label,) + peak(phases))
+    limit = GPU_GIB - HEADROOM_GIB
+    print(f"\nper-rank peaks, GiB (2^30 B), against an 80 GB card's {GPU_GIB} GiB less "
+          f"{HEADROOM_GIB:.0f} of headroom: {limit:.1f}")
+    for label, phase, total in rows:
+        print(f"  {label:<22} {total:>6.1f}  {phase:<10} {'fits' if total <= limit else 'OVER'}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -763,7 +1392,7 @@ def main():
     gp.add_argument("--out", default=None, help="working folder (default: a new temporary one)")
     gp.add_argument("--skip-peak", action="store_true", help="leave out the GAD peak-memory runs")
     gp.add_argument("--predict-only", action="store_true",
-                    help="print the memory arithmetic at 1.5B and stop")
+                    help="print the memory arithmetic of every GPU command and stop")
     args = p.parse_args()
     if args.cmd == "quality":
         import quality

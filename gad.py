@@ -64,6 +64,11 @@ PAPER = dict(  # GAD reference recipe (LMOps gad/scripts/train): 7B-14B students
     # LMOps gad/scripts/train: gradient checkpointing on, micro-batches of at most 12288 tokens per
     # GPU (ppo_max_token_len_per_gpu, the critic's too)
     gradient_checkpointing=True, micro_batch_tokens=12288,
+    # ours: at most 1M KV-cache tokens per generate() call (26.7 GiB at 1.5B), the largest round
+    # budget under which every GPU command's rollout fits an 80 GB card with 8 GiB to spare
+    # (`python bench.py gpu --predict-only`, BENCHMARKS.md); the reference's vLLM sizes its cache
+    # by gpu_memory_utilization instead
+    gen_batch_tokens=1_000_000,
 )
 PRESETS = {
     # lr / d_lr: with a D much faster than G (d_lr 3e-3) the tiny student's reward never climbs;

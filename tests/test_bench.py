@@ -21,7 +21,9 @@ def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
         assert set(table) == set(phases) | {"step"}, (script, table)
         assert all(seconds > 0 for seconds in table.values())
     assert set(results["gad_peak"]) == {"AdamW", "8-bit AdamW"}  # bitsandbytes runs on CPU too
-    assert "= peak while sampling" in out and "= peak while updating G" in out
+    # the memory arithmetic of the GAD peak runs, phase by phase, next to the measured peaks
+    assert "the memory arithmetic" in out and "predicted (* the peak)" in out
+    assert set(results["gad_peak"]["AdamW"]) == set(bench.PHASES["gad.py"])
     # sampling: every engine timed at every batch, ours on the static path against HF and plain
     for prompts in bench.GPU_SIZES["tiny"]["sample_prompts"]:
         res = results["sampling"][str(prompts)]
@@ -33,24 +35,26 @@ def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
 
 
 def test_memory_arithmetic_counts_what_the_tensors_take():
-    """Parameters and the KV cache, the two terms that scale with the model and the rollout, against
-    the tiny model's own tensors."""
+    """The model states and the KV caches, the terms that scale with the model and the rollout,
+    against the tiny model's own tensors (tests/test_memory_model.py checks whole phases)."""
     model = models.load_model("tiny")
+    a = bench.Arch.of(model)
     P = models.num_params(model)
-    held, sampling, update, _ = bench.gad_step_memory("tiny", rows=6, prompt_len=5, new_tokens=7,
-                                                      micro_batch_tokens=64, adam8bit=False)
-    assert (held["G: fp32 weights + optimizer state"] == 12 * P
-            and update["G gradients (fp32)"] == 4 * P)
+    assert bench.trained(a, "G") == {"G: fp32 weights": 4 * P,
+                                     "G: AdamW state": 8 * P + 4 * len(list(model.parameters()))}
     ref = models.frozen_copy(model, "bfloat16")
-    ref_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
-    assert held["reference (bf16 linear, fp32 embeddings)"] == ref_bytes
+    assert bench.reference_bytes(a) == sum(p.numel() * p.element_size() for p in ref.parameters())
     model = models.cast_parameters(model, "bfloat16")
     from transformers import DynamicCache
     cache = DynamicCache()
     sample.with_cache(model, cache, input_ids=torch.randint(0, 256, (6, 12)))
     kv_bytes = sum(t.numel() * t.element_size()
                    for layer in cache.layers for t in (layer.keys, layer.values))
-    assert sampling["KV cache"] == kv_bytes
+    peak = bench.generate_peak(bench.Net(a, 2, 2, 2), 6, 1, 12, 0)
+    assert peak["prefill: DynamicCache"] == kv_bytes
+    kv = sample.StaticKV(cache, 2, torch.ones(6, 12, dtype=torch.long), 5)
+    assert bench.kv_bytes(bench.Net(a, 2, 2, 2), 12, 12 + 5) == sum(
+        t.numel() * t.element_size() for t in kv.keys + kv.values)
 
 
 def test_bench_gpu_arguments_parse_at_every_size():
