@@ -521,7 +521,9 @@ def bench_gpu(args):
         synthetic_data(peak_data, 2 * size["peak_prompts"] + 16, size["peak_prompt_len"],
                        size["peak_new_tokens"])
         variants = [("AdamW", [])]
-        if importlib.util.find_spec("bitsandbytes") is not None:
+        if not cuda:   # nothing is measured on a CPU: one run shows the path works
+            print("\n8-bit AdamW: measured on CUDA only")
+        elif importlib.util.find_spec("bitsandbytes") is not None:
             variants.append(("8-bit AdamW", ["--adam8bit"]))
         else:
             print("\n8-bit AdamW: not measured (bitsandbytes is not installed)")

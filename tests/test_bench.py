@@ -20,7 +20,7 @@ def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
         # every phase ran and was timed
         assert set(table) == set(phases) | {"step"}, (script, table)
         assert all(seconds > 0 for seconds in table.values())
-    assert set(results["gad_peak"]) == {"AdamW", "8-bit AdamW"}  # bitsandbytes runs on CPU too
+    assert set(results["gad_peak"]) == {"AdamW"}   # the 8-bit variant on CUDA only
     # the memory arithmetic of the GAD peak runs, phase by phase, next to the measured peaks
     assert "the memory arithmetic" in out and "predicted (* the peak)" in out
     assert set(results["gad_peak"]["AdamW"]) == set(bench.PHASES["gad.py"])

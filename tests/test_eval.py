@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import common
 import data as data_lib
 import discriminator
 import eval as ev
@@ -340,47 +341,51 @@ def test_same_vocabulary_allows_appended_tokens_only():
 # --------------------------------------------------------------------------------------------------
 # under torchrun: the white-box trainers' held-out work shared by the ranks
 
-WHITE_BOX_PROBE = """
-import json, os, sys
-sys.path.insert(0, {root!r})
-import common, data, eval as ev, models, sample
-common.compute_init()
-rank = common.get_rank()
-tok = models.tiny_tokenizer()
-teacher, student = models.load_model("tiny-teacher").eval(), models.load_model("tiny").eval()
-val = [{{"id": r["id"], "prompt": data.encode_prompt(tok, r["messages"])}}
-       for r in data.tiny_prompts(20, seed=3)]
-gen = dict(max_new_tokens=8, eos_ids=sample.stop_ids(tok, teacher), pad_id=256, seed=0)
-calls, rollout = [], sample.rollout
-sample.rollout = lambda model, prompts, *a, **k: calls.append(len(prompts)) or rollout(
-    model, prompts, *a, **k)
-held = ev.held_out_responses(teacher, val, gen)
-for r, y in zip(val, held):
-    r["y_t"] = y
-kl = ev.heldout_divergence(student, teacher, val, 256)
-with open({out!r} + f".rank{{rank}}", "w") as f:
-    json.dump({{"held": held, "kl": kl, "calls": calls}}, f)
-common.compute_cleanup()
-"""
+def held_out_work(out):
+    """The white-box trainers' held-out work on the tiny pair: the teacher's responses to 20
+    prompts (eval.held_out_responses) and the held-out KLs on them, written to OUT.rank<r> with the
+    sizes of this rank's sample.rollout calls."""
+    tok = models.tiny_tokenizer()
+    teacher, student = models.load_model("tiny-teacher").eval(), models.load_model("tiny").eval()
+    val = [{"id": r["id"], "prompt": data_lib.encode_prompt(tok, r["messages"])}
+           for r in data_lib.tiny_prompts(20, seed=3)]
+    gen = dict(max_new_tokens=8, eos_ids=sample.stop_ids(tok, teacher), pad_id=PAD, seed=0)
+    calls, rollout = [], sample.rollout
+
+    def counted(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return rollout(model, prompts, *args, **kwargs)
+    sample.rollout = counted
+    try:
+        held = ev.held_out_responses(teacher, val, gen)
+    finally:
+        sample.rollout = rollout
+    for r, y in zip(val, held):
+        r["y_t"] = y
+    kl = ev.heldout_divergence(student, teacher, val, PAD)
+    with open(f"{out}.rank{common.get_rank()}", "w") as f:
+        json.dump({"held": held, "kl": kl, "calls": calls}, f)
 
 
 def test_held_out_responses_and_divergence_are_shared_by_the_ranks(tmp_path):
     """Fault 6 (issue 22): distillm2.py and amm.py had every rank sample all the held-out teacher
     responses (256 on the GPU preset) that only rank 0 used, then rank 0 alone measured them while
     the others waited. Chunks of 8 prompts are now spread over the ranks: two gloo ranks sample 8
-    and 12 of 20, and every rank gets the responses and held-out KLs of one process."""
-    def probe(name, torchrun):
-        script = tmp_path / f"{name}.py"
-        script.write_text(WHITE_BOX_PROBE.format(root=ROOT, out=str(tmp_path / name)))
-        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
-                                   "--nproc_per_node=2"] if torchrun else []) + [str(script)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        return [json.loads((tmp_path / f"{name}.rank{r}").read_text())
-                for r in range(2 if torchrun else 1)]
-    (one,), two = probe("one", False), probe("two", True)
-    assert [r["calls"] for r in two] == [[8, 4], [8]] and one["calls"] == [8, 8, 4]
+    and 12 of 20, and every rank gets the responses and held-out KLs of one process (this one, on
+    one thread as the ranks are)."""
+    script = tmp_path / "probe.py"
+    script.write_text(f"import sys\nsys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
+                      "import common, test_eval\ncommon.compute_init()\n"
+                      f"test_eval.held_out_work({str(tmp_path / 'two')!r})\n"
+                      "common.compute_cleanup()\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    held_out_work(tmp_path / "one")
+    one, two = ([json.loads((tmp_path / f"{name}.rank{r}").read_text()) for r in ranks]
+                for name, ranks in (("one", [0]), ("two", [0, 1])))
+    assert [r["calls"] for r in two] == [[8, 4], [8]] and one[0]["calls"] == [8, 8, 4]
     for r in two:
-        assert r["held"] == one["held"]
-        assert r["kl"] == pytest.approx(one["kl"], rel=1e-6)
+        assert r["held"] == one[0]["held"]
+        assert r["kl"] == pytest.approx(one[0]["kl"], rel=1e-6)
