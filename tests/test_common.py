@@ -153,3 +153,14 @@ def test_every_collective_hands_over_tensors_on_the_collective_device(monkeypatc
             text = open(os.path.join(ROOT, name)).read()
             assert not re.search(r"\b(torch\.distributed|dist)\.\w+\(", text), (
                 f"{name} calls torch.distributed")
+
+
+def test_prompts_per_step_that_do_not_split_over_the_ranks_are_refused(tmp_path, monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(common, "compute_init", lambda device: (None, 0, 0, 2, "cpu"))
+    args = argparse.Namespace(device=None, seed=0, out=str(tmp_path / "run"), prompts_per_step=3)
+    with pytest.raises(ValueError, match="--prompts-per-step 3 must divide by the world size 2"):
+        common.setup(args)
+    args.prompts_per_step = 4
+    assert common.setup(args) == (0, 2, "cpu")

@@ -410,6 +410,30 @@ def test_train_val_split_is_stable():
             and data.train_val_split(records, 1.0)[0] == [])
 
 
+def test_batch_at_step_walks_a_fresh_permutation_each_epoch_split_over_the_ranks():
+    """Steps of 4 over 10 rows (batches straddle epochs): taken in step order, every epoch's 10
+    rows are each row once, in another order each epoch; keys name the epoch the row came from;
+    rank r of 3 gets rows r::3 of the global batch; the order depends on the seed and the tag."""
+    rows = [{"id": f"r{i}"} for i in range(10)]
+    seen, keys = [], []
+    for step in range(10):                                    # 40 rows: 4 epochs
+        batch, k = data.batch_at_step(rows, step, 4, 0, "g", 0, 1)
+        assert len(batch) == len(k) == 4
+        parts = [data.batch_at_step(rows, step, 4, 0, "g", r, 3) for r in range(3)]
+        for r, (part, part_keys) in enumerate(parts):
+            assert part == batch[r::3] and part_keys == k[r::3]
+        seen += [x["id"] for x in batch]
+        keys += k
+    epochs = [seen[i:i + 10] for i in range(0, 40, 10)]
+    assert all(sorted(e) == sorted(x["id"] for x in rows) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4
+    assert keys == [f"g|{i // 10}|{x}" for i, x in enumerate(seen)]
+    first = [x["id"] for x in data.batch_at_step(rows, 0, 10, 0, "g", 0, 1)[0]]
+    assert first == epochs[0]
+    assert first != [x["id"] for x in data.batch_at_step(rows, 0, 10, 1, "g", 0, 1)[0]]
+    assert first != [x["id"] for x in data.batch_at_step(rows, 0, 10, 0, "d", 0, 1)[0]]
+
+
 # --------------------------------------------------------------------------------------------------
 # real data and a real tokenizer
 

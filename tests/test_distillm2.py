@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import common
 import distillm2
 import models
 import sample
@@ -342,3 +343,113 @@ def test_both_responses_is_the_distillm2_repositorys_gkd(tmp_path):
         total += ((per_token * mask).sum(-1) / mask.sum(-1)).mean().item()
     assert all(rows[r["id"]]["y_s"] for r in batch)  # the student's responses were drawn
     assert logged == pytest.approx(total, rel=1e-5)
+
+
+def reference_step_loss(student, teacher, t_ro, s_ro, alpha0, beta, scale, curriculum):
+    """DistiLLM-2's loss from full float64 logits, written from the paper (arXiv 2503.07067, eqs. for
+    SKL, SRKL and the curriculum) and the reference repository's skewed divergences: per token
+    SKL = sum_v p log(p / (a p + (1 - a) q)) on the teacher's responses and
+    SRKL = sum_v q log(q / ((1 - a) p + a sg(q))) on the student's, each a token mean per
+    sequence, then mean_i[(1 - beta) SKL_i + beta SRKL_i] (x scale). With the curriculum, alpha_i =
+    clip(1 - (1 - a0) m / (gap_i + 1e-5), 0.01, a0), gap = P - Q on y_t and Q - P on y_s, with
+    P = exp(mean_t log p(y_t)) and m the batch mean of the gaps. Returns (loss, alpha_t, alpha_s)."""
+    def log_dists(model, ro):
+        h, head = sample.response_hidden(model, ro)
+        return head(h).log_softmax(-1)                                   # [N, T, V]
+
+    def seq_mean(x, ro):
+        mask = ro.response_mask.double()
+        return (x * mask).sum(-1) / mask.sum(-1)
+
+    lt_p, lt_q = log_dists(teacher, t_ro).detach(), log_dists(student, t_ro)
+    ls_p, ls_q = log_dists(teacher, s_ro).detach(), log_dists(student, s_ro)
+    alphas = []
+    for ro, lp, lq, sign in ((t_ro, lt_p, lt_q, 1), (s_ro, ls_p, ls_q, -1)):
+        if not curriculum:
+            alphas.append(torch.full((ro.response_ids.shape[0],), alpha0, dtype=lp.dtype))
+            continue
+        ids = ro.response_ids[..., None]
+        P = seq_mean(lp.gather(-1, ids)[..., 0], ro).exp()
+        Q = seq_mean(lq.detach().gather(-1, ids)[..., 0], ro).exp()
+        gap = sign * (P - Q)
+        alphas.append(torch.tensor([min(max(1 - (1 - alpha0) * gap.mean().item() / (g + 1e-5),
+                                            0.01), alpha0) for g in gap.tolist()],
+                                   dtype=lp.dtype))
+    a_t, a_s = (a[:, None, None] for a in alphas)
+    p, q = lt_p.exp(), lt_q.exp()
+    skl = (p * (lt_p - (a_t * p + (1 - a_t) * q).log())).sum(-1)
+    p, q = ls_p.exp(), ls_q.exp()
+    srkl = (q * (ls_q - ((1 - a_s) * p + a_s * q.detach()).log())).sum(-1)
+    loss = scale * ((1 - beta) * seq_mean(skl, t_ro) + beta * seq_mean(srkl, s_ro)).mean()
+    return loss, alphas[0], alphas[1]
+
+
+@pytest.mark.parametrize("flags", [[], ["--released"]])
+def test_distillm2_step_loss_and_gradients_equal_the_papers_formula_in_float64(flags):
+    """The default --loss distillm2 step as a whole (curriculum_alphas, loss_terms, accumulate in
+    micro-batches of 2 prompts, chunks of 3 positions) in its second epoch, where the curriculum
+    acts: alphas, the loss and every gradient against reference_step_loss; --released: no
+    curriculum, beta 0.5, twice the loss."""
+    args = distillm2.parse_args(["--student", "tiny", "--micro-batch-size", "2",
+                                 "--chunk-size", "3"] + flags)
+    student, teacher = models.tiny_model(seed=0), models.tiny_model(seed=3)
+    g = torch.Generator().manual_seed(0)
+    ints = lambda *ns: [torch.randint(3, 250, (n,), generator=g).tolist() for n in ns]
+    prompts = ints(5, 9, 3, 6, 4)
+    # each model's own samples (as an epoch draws them), of unequal lengths (many end-of-turn
+    # ids): a per-sequence mean differs from a token mean
+    t_ro, s_ro = (sample.generate(model.eval(), prompts, n=1, max_new_tokens=12, temperature=1.0,
+                                  eos_ids=list(range(40)), pad_id=256, seed=i)
+                  for i, model in enumerate((teacher, student)))
+    assert len(set(t_ro.response_mask.sum(1).tolist())) > 2
+    beta = 0.5 if args.released else 0.7
+    m = {}
+    alpha_t, alpha_s = distillm2.curriculum_alphas(student, teacher, [t_ro, s_ro], 1, 5, args,
+                                                   contextlib.nullcontext(),
+                                                   common.Phases("cpu"), m, common.Compute())
+    terms = distillm2.loss_terms(args, beta, alpha_t, alpha_s, 2)
+    n_tokens = [ro.response_mask.sum().item() for ro in (t_ro, s_ro)]
+    total = distillm2.accumulate(student, teacher, [t_ro, s_ro], terms, 5, n_tokens, args,
+                                 contextlib.nullcontext(), common.Phases("cpu"), m,
+                                 common.Compute())
+    got = {k: p.grad.clone() for k, p in student.named_parameters()}
+
+    def reference(dtype):
+        s = copy.deepcopy(student).to(dtype)
+        s.zero_grad()
+        loss, a_t, a_s = reference_step_loss(s, copy.deepcopy(teacher).to(dtype), t_ro, s_ro, 0.1,
+                                             beta, 2.0 if args.released else 1.0,
+                                             curriculum=not args.released)
+        loss.backward()
+        return loss, a_t, a_s, {k: p.grad for k, p in s.named_parameters()}
+    want, want_t, want_s, want_grad = reference(torch.float64)
+    grad32 = reference(torch.float32)[3]
+    torch.testing.assert_close(alpha_t.double(), want_t, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(alpha_s.double(), want_s, rtol=1e-5, atol=1e-7)
+    if not args.released:   # the curriculum acted: some alphas below alpha0
+        assert (want_t < 0.1).any() and (want_s < 0.1).any()
+    assert total == pytest.approx(want.item(), rel=1e-5)
+    # the bound: float32's own error on this gradient (the reference in float32), times 4, and
+    # 1e-6 of the tensor's largest element where float32 happened to be exact
+    for k, w in want_grad.items():
+        bound = 4 * (grad32[k].double() - w).abs().max() + 1e-6 * w.abs().max()
+        assert (got[k].double() - w).abs().max() <= bound, k
+
+
+def test_bad_flags_and_missing_epoch_rows_are_clear_errors(tmp_path):
+    for flags, message in ((["--both-responses"], "--both-responses is a baseline's option"),
+                           (["--loss", "jsd", "--both-responses", "--on-policy-fraction", "0.5"],
+                            "without --on-policy-fraction"),
+                           (["--max-len", "64", "--max-prompt-len", "64"],
+                            "--max-len 64 must exceed --max-prompt-len 64")):
+        with pytest.raises(ValueError, match=message):
+            distillm2.parse_args(["--student", "tiny"] + flags)
+    # a resumed run mid-epoch whose epoch rows lack a prompt (lost, or another run's folder)
+    (tmp_path / "epoch_rows").mkdir()
+    torch.save({"a": {"y_t": [5], "y_s": [6]}}, tmp_path / "epoch_rows" / "epoch1.rank0.pt")
+    torch.save({"b": {"y_t": [7], "y_s": [8]}}, tmp_path / "epoch_rows" / "epoch1.rank1.pt")
+    assert distillm2.load_epoch_rows(str(tmp_path), 1, ["b", "a"]) == \
+        {"b": {"y_t": [7], "y_s": [8]}, "a": {"y_t": [5], "y_s": [6]}}
+    with pytest.raises(RuntimeError, match=r"epoch_rows: no epoch-1 responses for 2 prompts "
+                                           r"\(first: c\)"):
+        distillm2.load_epoch_rows(str(tmp_path), 1, ["a", "c", "d"])

@@ -321,12 +321,27 @@ def test_cli_end_to_end(tmp_path):
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in r.stdout.splitlines() if line.startswith("| ")}
     assert table["metric"] == [str(tmp_path / "student"), str(tmp_path / "before")]
-    for key in ["rouge_l", "student_nll", "teacher_nll", "disc_score", "disc_score_teacher",
-                "disc_acc", "length"]:
-        assert len(table[key]) == 2 and all(c != "-" for c in table[key]), key
     assert table["num_prompts"] == ["6", "6"]
     saved = json.load(open(tmp_path / "metrics.json"))
-    assert len(saved[str(tmp_path / "student")]["samples"]) == 6
+    # each column is evaluate() on its own folder, with the teacher and discriminator given, on
+    # every row (--split all): the CLI wires the right model to the right column
+    tok = models.load_tokenizer(str(tmp_path / "student"))
+    records = data_lib.read_records(str(tmp_path / "data.jsonl"))[0]
+    teacher = models.load_model(str(tmp_path / "student")).eval()
+    d = ev.load_discriminator(str(tmp_path / "disc"), torch.float32, "cpu")
+    for name, column in (("student", 0), ("before", 1)):
+        want = ev.evaluate(models.load_model(str(tmp_path / name)).eval(), tok, records,
+                           teacher=teacher, score_fn=lambda *t: discriminator.score(d, *t),
+                           max_new_tokens=6, batch_size=4)
+        got = saved[str(tmp_path / name)]
+        assert got["samples"] == want["samples"] and len(got["samples"]) == 6
+        for key in ["rouge_l", "student_nll", "teacher_nll", "disc_score", "disc_score_teacher",
+                    "disc_acc", "length"]:
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (name, key)
+            assert table[key][column] != "-"
+    # the teacher is the student's own folder: its greedy samples are what it finds likeliest
+    assert saved[str(tmp_path / "student")]["teacher_nll"] < \
+        saved[str(tmp_path / "before")]["teacher_nll"]
 
 
 def test_same_vocabulary_allows_appended_tokens_only():
@@ -389,3 +404,60 @@ def test_held_out_responses_and_divergence_are_shared_by_the_ranks(tmp_path):
     for r in two:
         assert r["held"] == one[0]["held"]
         assert r["kl"] == pytest.approx(one[0]["kl"], rel=1e-6)
+
+
+def test_heldout_divergence_is_the_token_mean_kl_of_full_logits():
+    """heldout_fkl = sum over every response token of KL(p || q), divided by the number of tokens
+    (one mean over all rows, not a mean of row means), heldout_rkl the same with KL(q || p):
+    brute force in float64 from full logits, rows of unequal lengths across batches of 2 and
+    chunks of 3 positions."""
+    student, teacher = models.tiny_model(seed=0).eval(), models.tiny_model(seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": torch.randint(3, 250, (n,), generator=g).tolist(),
+             "y_t": torch.randint(3, 250, (k,), generator=g).tolist()}
+            for n, k in ((5, 7), (9, 2), (3, 11), (4, 1), (6, 5))]
+    got = ev.heldout_divergence(student, teacher, rows, PAD, chunk_size=3, batch_size=2)
+    fkl = rkl = 0.0
+    for r in rows:
+        ro = sample.pack([r["prompt"]], [r["y_t"]], PAD)
+        log_q, log_p = (head(h)[0].double().log_softmax(-1) for h, head in
+                        (sample.response_hidden(m.double(), ro) for m in (student, teacher)))
+        fkl += (log_p.exp() * (log_p - log_q)).sum().item()
+        rkl += (log_q.exp() * (log_q - log_p)).sum().item()
+    n = sum(len(r["y_t"]) for r in rows)
+    assert got["heldout_fkl"] == pytest.approx(fkl / n, rel=1e-5)
+    assert got["heldout_rkl"] == pytest.approx(rkl / n, rel=1e-5)
+
+
+def test_cli_errors_name_the_flag_the_file_or_the_models(tmp_path, capsys):
+    """--val-fraction out of [0, 1] is a usage error; a discriminator folder with two labels is
+    refused by name; a teacher whose tokenizer maps tokens to other ids exits 2 and says so."""
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+    from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(["--model", "tiny", "--data", "x.jsonl", "--val-fraction", "1.5"])
+    assert e.value.code == 2 and "--val-fraction must be in [0, 1]" in capsys.readouterr().err
+    cfg = models.tiny_config()
+    cfg.num_labels, cfg.pad_token_id = 2, PAD
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "two_labels")
+    with pytest.raises(ValueError, match="two_labels: expected a sequence-classification model "
+                                         "with num_labels=1"):
+        ev.load_discriminator(str(tmp_path / "two_labels"), torch.float32, "cpu")
+    # the tiny tokenizer with its special tokens in another order: <|pad|> gets another id
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    other = Tokenizer(tmodels.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    other.add_special_tokens(["<|im_start|>", "<|pad|>", "<|im_end|>"])
+    other = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<|pad|>",
+                                    eos_token="<|im_end|>")
+    for name, tok in (("student", models.tiny_tokenizer()), ("teacher", other)):
+        models.tiny_model(seed=0).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "data.jsonl").write_text(json.dumps(
+        {"id": "0", "messages": [{"role": "user", "content": "hi"}],
+         "teacher_response": "hello"}) + "\n")
+    code = ev.main(["--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                    "--data", str(tmp_path / "data.jsonl"), "--split", "all"])
+    assert code == 2
+    assert (f"{tmp_path / 'student'} and the teacher {tmp_path / 'teacher'} have different "
+            "tokenizers" in capsys.readouterr().err)

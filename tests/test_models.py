@@ -119,3 +119,8 @@ def test_smollm2_in_4bit_still_answers():
     ro = sample.generate(model, [prompt], n=1, max_new_tokens=12, temperature=0,
                          eos_ids=sample.stop_ids(tok), pad_id=tok.pad_token_id)
     assert "Paris" in ro.texts(tok)[0]
+
+
+def test_float16_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="--dtype float16 would need loss scaling"):
+        models.autocast("cpu", "float16")

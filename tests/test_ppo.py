@@ -244,3 +244,80 @@ def test_loss_is_token_mean_over_the_minibatch_across_micro_batches(rollout, mon
     # count, half the step
     monkeypatch.setattr(common, "all_reduce_sum", lambda n: 2 * n)
     assert_close(weight_change(), want, scale=0.5)
+
+
+def plain_ppo_loop(model, ro, adv, old, ref, *, lr, epochs, mini_batches, seed, kl_coef=0.1,
+                   clip=0.2, dual=3.0, max_norm=1.0, temperature=0.7):
+    """PPO written out from the formulas (Schulman et al. 2017; dual clip, Ye et al. 2020; k3 KL
+    to the reference) on the model's full logits, in the model's dtype: each epoch a permutation
+    of the rows (torch.randperm on a generator seeded `seed`, as ppo_update draws it) cut into
+    equal mini-batches; each mini-batch one SGD step on the token mean of
+    max(-A r, -A clip(r)), capped at -c A where A < 0, plus kl_coef * k3, its gradient clipped to
+    max_norm in global norm. Returns the weights' change and each step's token-mean stats."""
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    mask, P, dt = ro.response_mask.bool(), ro.prompt_ids.shape[1], params[0].dtype
+    gen, steps = torch.Generator().manual_seed(seed), []
+    for _ in range(epochs):
+        for rows in torch.randperm(len(mask), generator=gen).split(len(mask) // mini_batches):
+            r_ = ro.rows(rows)
+            logits = model(input_ids=r_.input_ids, attention_mask=r_.attention_mask,
+                           position_ids=sample.position_ids_from_mask(r_.attention_mask)
+                           ).logits[:, P - 1:-1] / temperature
+            log_all = logits.log_softmax(-1)                                        # [n, T, V]
+            lp = log_all.gather(-1, r_.response_ids[..., None])[..., 0]
+            m = mask[rows]
+            lp = torch.where(m, lp, 0.0)
+            A = adv[rows].to(dt)[:, None].expand_as(lp)
+            ratio = (lp - old[rows].to(dt)).exp()
+            unclipped, clipped = -A * ratio, -A * ratio.clamp(1 - clip, 1 + clip)
+            surrogate = torch.maximum(unclipped, clipped)
+            capped = (A < 0) & (surrogate > -dual * A)
+            surrogate = torch.where(capped, -dual * A, surrogate)
+            d = ref[rows].to(dt) - lp
+            k3 = d.exp() - d - 1
+            n = m.sum()
+            loss = torch.where(m, surrogate + kl_coef * k3, 0.0).sum() / n
+            grads = torch.autograd.grad(loss, params)
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p -= lr * min(1.0, max_norm / (norm + 1e-6)) * g
+            mean = lambda x: torch.where(m, x.detach(), 0.0).sum().item() / n.item()
+            steps.append({"pg_loss": mean(surrogate), "kl": mean(k3),
+                          "approx_kl": mean(0.5 * (lp - old[rows].to(dt)) ** 2),
+                          "clipfrac": mean(((clipped > unclipped) | capped).to(dt)),
+                          "entropy": mean(-(log_all.exp() * log_all).sum(-1)), "grad_norm": norm})
+    change = [p.detach() - b for p, b in zip(params, before)]
+    return change, {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+
+
+def test_ppo_epochs_and_mini_batches_equal_a_plain_loop(rollout):
+    """2 epochs x 2 shuffled mini-batches (4 SGD steps; the later ones off-policy, some tokens
+    clipped), micro-batches of 5 rows, a KL term and the grad-norm clip: the weights' change and
+    every reported stat (averaged over the 4 steps) against plain_ppo_loop in float64. The bound is
+    float32's own error on the same loop (plain_ppo_loop in float32) times 4, plus 1e-6 x the
+    value (or the tensor's largest element) where float32 happened to be exact."""
+    # the rollout's policy another model: ratios far from 1 from the first step on, so the clip
+    # and the dual clip's cap are both active
+    old = logprobs_of(models.tiny_model(seed=2), rollout)
+    ref = logprobs_of(models.tiny_model(seed=1), rollout)
+    adv = seq_advantages(12)
+    model = models.tiny_model(seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.5), rollout, adv, old,
+                           ref, kl_coef=0.1, ppo_epochs=2, mini_batches=2, micro_batch_size=5,
+                           max_grad_norm=1.0, temperature=0.7,
+                           generator=torch.Generator().manual_seed(0))
+    got = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    loop = dict(lr=0.5, epochs=2, mini_batches=2, seed=0)
+    want, want_stats = plain_ppo_loop(models.tiny_model(seed=0).double(), rollout, adv, old, ref,
+                                      **loop)
+    f32, f32_stats = plain_ppo_loop(models.tiny_model(seed=0), rollout, adv, old, ref, **loop)
+    for g, w, e in zip(got, want, f32):
+        bound = 4 * (e.double() - w).abs().max() + 1e-6 * w.abs().max()
+        assert (g.double() - w).abs().max() <= bound
+    assert want_stats["clipfrac"] > 0 and want_stats["approx_kl"] > 0
+    assert stats["skipped_steps"] == 0
+    for key, value in want_stats.items():   # the same bound (k3 is exp of a logprob difference)
+        assert abs(stats[key] - value) <= 4 * abs(f32_stats[key] - value) + 1e-6 * abs(value), key
