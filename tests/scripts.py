@@ -44,3 +44,24 @@ def reference_run(script, args):
         run_script(script, args + ["--out", str(out)])
         return out
     return one_process
+
+
+KILL_AT = """import os, signal, sys
+sys.path.insert(0, {root!r})
+import sample
+write, left = sample.RowWriter.write, [{rows}]
+def write_or_die(self, row):
+    if not left[0]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    left[0] -= 1
+    write(self, row)
+sample.RowWriter.write = write_or_die
+sys.exit(sample.main(sys.argv[1:]))
+"""
+
+
+def sample_killed_after(rows, args):
+    """The command `python sample.py args`, SIGKILLed when it is about to write its row rows + 1: a
+    kill mid-run at a known point, however fast or loaded the machine, where a kill after a clock
+    can miss the run's end."""
+    return [sys.executable, "-c", KILL_AT.format(root=ROOT, rows=rows)] + [str(a) for a in args]

@@ -170,16 +170,20 @@ one_process = reference_run("distillm2.py", TINY)
 def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path, one_process):
     """Two gloo ranks equal one process; two ranks stopped in the middle of epoch 2 and resumed
     equal the uninterrupted two-rank run (fault 7 of issue 9: rank 0's checkpoint held only its own
-    epoch rows, and every other rank raised KeyError on resume)."""
+    epoch rows, and every other rank raised KeyError on resume).
+    Across rank counts: the first step (the same weights and epoch-1 samples: float32 reordering
+    only, far inside 1e-5) and epoch 1's samples. Not later losses nor the weights: AdamW turns
+    reordering noise in a near-zero gradient into a step of about lr, and epoch 2 samples those
+    weights."""
     run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
     one, two = metrics(one_process), metrics(tmp_path / "two")
     assert len(one) == len(two) == 8
-    for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
-    wa = student_weights(one_process)
-    wb = student_weights(tmp_path / "two")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+    for key in ("loss", "skl", "srkl", "grad_norm"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5), key
+    rows = [torch.load(out / "epoch_rows" / "epoch0.rank0.pt") for out in (one_process,
+                                                                          tmp_path / "two")]
+    rows[1] |= torch.load(tmp_path / "two" / "epoch_rows" / "epoch0.rank1.pt")
+    assert rows[1] == {i: rows[0][i] for i in rows[1]} and len(rows[1]) == 32
     # the held-out responses and the initial student's column, shared by the ranks: one process's
     before = [json.loads((out / "eval.json").read_text())["before"]
               for out in (one_process, tmp_path / "two")]
@@ -188,7 +192,7 @@ def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path, one
     run(TINY + ["--out", str(cut), "--save-every", "1", "--stop-after", "6"],
         torchrun=True)   # mid epoch 2
     run(TINY + ["--out", str(cut), "--save-every", "1", "--resume"], torchrun=True)
-    wc = student_weights(cut)
+    wb, wc = student_weights(tmp_path / "two"), student_weights(cut)
     for k in wb:   # tolerance 0: the same ops in the same order, every rank's epoch rows read back
         assert torch.equal(wb[k], wc[k]), k
     assert [m["loss"] for m in metrics(cut)] == [m["loss"] for m in two]

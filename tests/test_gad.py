@@ -10,7 +10,6 @@ import torch
 
 import common as common_lib
 import discriminator
-import eval as eval_lib
 import data
 import gad
 import losses
@@ -330,26 +329,26 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
 def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):
     """Two gloo ranks equal one process (sft_loss included: fault 8 of issue 9, each rank's share of
     the global loss was averaged, halving it), and a two-rank run stopped in the GAD stage and
-    resumed equals the uninterrupted two-rank run (acceptance 3 of issue 9)."""
+    resumed equals the uninterrupted two-rank run (acceptance 3 of issue 9).
+    Across rank counts only the steps whose inputs are the same are compared: steps 1 and 2 sample
+    the initial G (step 2 is also G's first SFT update, on the teacher's fixed text). From step 3
+    the samples come from updated weights, and AdamW moves an element by about lr (1e-2) whatever
+    its gradient's size, so float-reordering noise in a near-zero gradient is a real weight
+    difference there, and a token drawn at a near tie can flip: a different future, not a bug."""
     one, two, cut = one_process, tmp_path / "two", tmp_path / "cut"
     run(ONE + ["--out", str(two)], torchrun=True)
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) == 7
-    # same global batch and samples: per-row means agree up to float reordering
-    for x, y in zip(m1, m2):
-        for key in ("d_loss", "d_acc", "reward_mean", "response_len", "sft_loss"):
+    # the same rows and weights summed in another order: float32 reordering (~1e-7), far inside
+    # 1e-5; a wrong reduction over the ranks is off by a factor
+    for x, y in zip(m1[:2], m2[:2]):
+        for key in ("d_loss", "d_acc", "reward_mean", "response_len", "sft_loss", "g_grad_norm"):
             if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), \
-                    (x["stage"], x["step"], key)
-    assert sum("sft_loss" in x for x in m1) == 2
-    a, b = student_weights(one), student_weights(two)
-    for k in a:
-        # Adam turns float-reordering noise in near-zero gradients into ~1e-5 weight differences at
-        # lr 1e-2
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    assert "sft_loss" in m1[1] and sum("sft_loss" in x for x in m1) == 2
     run(ONE + ["--out", str(cut), "--stop-after", "5"], torchrun=True)  # after the 2nd GAD step
     run(ONE + ["--out", str(cut), "--resume"], torchrun=True)
-    c = student_weights(cut)
+    b, c = student_weights(two), student_weights(cut)
     # tolerance 0: the same ops in the same order, the reference and both optimizers restored
     for k in b:
         assert torch.equal(b[k], c[k]), k
@@ -371,34 +370,32 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
 def test_gad_raises_a_held_out_discriminators_score(tmp_path):
     """Learning: 80 GAD steps (8 prompts x 8 samples) on the tiny pair make the student's samples
     look more like the teacher's to a discriminator trained separately (teacher vs the initial
-    student, G frozen) and never used as a reward. Seeds 0, 1, 2, 3 gave +0.34, +1.33, +1.08, +1.45
-    on this score; the teacher NLL of the samples does not move reliably at this scale, so it is not
-    asserted. 80 RL steps at lr 1e-2 amplify float rounding, so the run is pinned to one thread: the
-    same numbers on every machine (with 2 threads seed 2 gave +0.35)."""
+    student, G frozen) and never used as a reward: the mean score of 160 samples on unseen prompts
+    rises by more than twice its standard error (the difference of two independent means). Seeds
+    0-5 (the run's default is 0) gave 2.9, 21.9, 12.9, 17.0, 9.4, 18.4 standard errors, the same at
+    one and two threads. The teacher NLL of the samples does not move reliably at this scale, so it
+    is not asserted."""
     held, trained = tmp_path / "held", tmp_path / "gad"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            gad.main(["--student", "tiny", "--stage", "warmup", "--warmup-steps", "30",
-                      "--freeze-g-steps", "100", "--d-lr", "3e-3", "--seed", "2",
-                      "--out", str(held)])
-            gad.main(["--student", "tiny", "--stage", "gad", "--gad-steps", "80",
-                      "--samples-per-prompt", "8", "--eval-prompts", "0",
-                      "--seed", "2", "--out", str(trained)])
-        from transformers import AutoModelForSequenceClassification
-        d_held = AutoModelForSequenceClassification.from_pretrained(held / "discriminator").eval()
-        score_fn = lambda *t: discriminator.score_rollout(d_held, sample.Rollout(*t))
-        tok = models.load_tokenizer("tiny")
-        prompts = data.tiny_prompts(40, seed=99)  # prompts neither run saw
-        result = {}
-        for name, student in (("before", models.load_model("tiny", seed=2)),
-                              ("after", models.load_model(str(trained / "student")))):
-            result[name] = eval_lib.evaluate(student.eval(), tok, prompts, score_fn=score_fn,
-                                             temperature=1.0, n=4, max_new_tokens=16, seed=1)
-    finally:
-        torch.set_num_threads(threads)
-    assert result["after"]["disc_score"] > result["before"]["disc_score"] + 0.5
+    with contextlib.redirect_stdout(io.StringIO()):
+        gad.main(["--student", "tiny", "--stage", "warmup", "--warmup-steps", "30",
+                  "--freeze-g-steps", "100", "--d-lr", "3e-3", "--out", str(held)])
+        gad.main(["--student", "tiny", "--stage", "gad", "--gad-steps", "80",
+                  "--samples-per-prompt", "8", "--eval-prompts", "0", "--out", str(trained)])
+    from transformers import AutoModelForSequenceClassification
+    d_held = AutoModelForSequenceClassification.from_pretrained(held / "discriminator").eval()
+    tok = models.load_tokenizer("tiny")
+    prompts = [data.encode_prompt(tok, r["messages"])
+               for r in data.tiny_prompts(40, seed=99)]   # prompts neither run saw
+    scores = {}
+    for name, student in (("before", models.load_model("tiny")),
+                          ("after", models.load_model(str(trained / "student")))):
+        ro = sample.generate(student.eval(), prompts, n=4, max_new_tokens=16, temperature=1.0,
+                             eos_ids=sample.stop_ids(tok), pad_id=tok.pad_token_id, seed=1)
+        scores[name] = discriminator.score_rollout(d_held, ro).double()
+    before, after = scores["before"], scores["after"]
+    standard_error = (before.var() / len(before) + after.var() / len(after)).sqrt()
+    assert after.mean() - before.mean() > 2 * standard_error, (after.mean() - before.mean(),
+                                                               standard_error)
 
 
 def test_resume_keeps_no_loaded_weights_alive(tmp_path, monkeypatch):

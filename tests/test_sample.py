@@ -1,4 +1,11 @@
-"""sample.generate against independent computations on a tiny random model."""
+"""sample.generate against independent computations on a tiny random model.
+
+Samples are compared token for token across paths and batch layouts (plain / static / compiled
+decode, one row / a batch, one call / several): the same weights and seeds, so the logits differ
+at most in their last bits (other kernels for other shapes) and a token can differ only where
+its draw lands within ~1e-7 of a boundary of the cumulative distribution: about 1e-5 over the few
+hundred tokens of a test here, on any CPU. Exact equality is what the fast paths promise.
+"""
 
 import pytest
 import torch
@@ -70,6 +77,7 @@ def test_greedy_equals_unbatched_hf_generate(tiny):
     for b, p in enumerate(prompts):
         hf = model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12,
                             do_sample=False, pad_token_id=PAD)
+        # exact: the same weights and seeds (the module's note)
         assert ro.response_ids[2 * b].tolist() == hf[0, len(p):].tolist()
         assert ro.response_ids[2 * b + 1].tolist() == hf[0, len(p):].tolist()
 
@@ -122,6 +130,7 @@ def test_samples_do_not_depend_on_the_batch(tiny):
     kw = dict(n=2, max_new_tokens=10, temperature=1.0, eos_ids=[], pad_id=PAD, seed=5)
     batch = sample.generate(model, prompts, prompt_keys=["a", "b", "c"], **kw)
     alone = sample.generate(model, prompts[1:2], prompt_keys=["b"], **kw)
+    # exact: the same weights and seeds (the module's note)
     assert torch.equal(batch.response_ids[2:4], alone.response_ids)
 
 
@@ -153,6 +162,7 @@ def test_static_decode_gives_the_plain_samples_and_drops_finished_rows(tiny, att
         handle.remove()
     finally:
         model.config._attn_implementation = "sdpa"
+    # exact: the same weights and seeds (the module's note)
     assert torch.equal(static.response_ids, plain.response_ids)
     assert torch.equal(static.response_mask, plain.response_mask)
     lengths = plain.response_mask.sum(1)
@@ -186,6 +196,7 @@ def test_static_decode_under_bf16_autocast_keeps_a_bf16_cache_and_the_plain_samp
         finally:
             sample.StaticKV.update = update
     assert set(dtypes) == {torch.bfloat16}
+    # exact: the same weights and seeds (the module's note)
     assert torch.equal(static.response_ids, plain.response_ids)
     assert torch.equal(static.response_mask, plain.response_mask)
 
@@ -202,6 +213,7 @@ def test_static_decode_drives_a_llama_model_too(tiny):
     kw = dict(n=3, max_new_tokens=16, temperature=1.0, eos_ids=range(0, 40), pad_id=PAD, seed=2)
     plain = sample.generate(model, prompts, decode="plain", **kw)
     static = sample.generate(model, prompts, **kw)
+    # exact: the same weights and seeds (the module's note)
     assert torch.equal(static.response_ids, plain.response_ids)
     assert torch.equal(static.response_mask, plain.response_mask)
     assert len(set(plain.response_mask.sum(1).tolist())) > 1
@@ -220,6 +232,7 @@ def test_compiled_decode_gives_the_plain_samples_on_power_of_two_batches(tiny, m
     sizes, handle = decode_batch_sizes(model)
     compiled = sample.generate(model, prompts, decode="compiled", **kw)
     handle.remove()
+    # exact: the same weights and seeds (the module's note)
     assert torch.equal(compiled.response_ids, plain.response_ids)
     assert torch.equal(compiled.response_mask, plain.response_mask)
     assert set(sizes[1:]) <= {12, 8, 4, 2, 1} and len(set(sizes[1:])) > 1
@@ -258,6 +271,7 @@ def test_rollout_sorts_prompts_by_length_across_calls_and_keeps_their_order(tiny
     parts = sample.rollout(model, prompts, keys, batch_size=2, **kw)
     lengths = [length for call in calls for length in call]
     assert lengths == sorted(len(p) for p in prompts) and len(calls) == 3
+    # exact: the same weights and seeds (the module's note)
     assert parts.responses() == whole.responses()
     assert torch.equal(parts.input_ids, whole.input_ids)
 
@@ -412,4 +426,5 @@ def test_rollout_calls_stay_within_the_token_budget(tiny, monkeypatch):
     assert len(calls) > 2 and all(2 * len(c) * (max(c) + 10) <= budget or len(c) == 1
                                   for c in calls), (calls, budget)
     assert [length for c in calls for length in c] == sorted(map(len, prompts))
+    # exact: the same weights and seeds (the module's note)
     assert parts.responses() == whole.responses()

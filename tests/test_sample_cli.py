@@ -18,10 +18,13 @@ import time
 
 import pytest
 
+from scripts import sample_killed_after
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "sample.py")
 
-# client --timeout: generous for a loopback answer on a busy 2-core CI box, short for the test
+# client --timeout: generous for a loopback answer on a busy 2-core CI box (a few ms; kept under
+# a second with a second suite beside it), short for the test; the slow answer is 3x past it
 TIMEOUT_S = 1.0
 SLOW_S = 3 * TIMEOUT_S  # a "slow" answer arrives well after the client gave up on it
 SUMMARY_RE = re.compile(
@@ -57,7 +60,7 @@ class FakeChat:
         self.always = {}  # prompt id -> fault returned on every request (a persistent error)
         # prompt id -> at most this many choices per answer (the client must ask again)
         self.max_choices = {}
-        self.delay_s = 0.0  # before every answer: keeps a run going long enough to kill it
+        self.delay_s = 0.0  # before every answer
         self.requests = []  # one dict per request, in arrival order
         self.served = {}  # prompt id -> choices delivered so far (numbers the answers)
         self.inflight = 0
@@ -299,28 +302,6 @@ def assert_each_once(rows, ids):
                                         f"extra/duplicated {sorted(got)}")
 
 
-def wait_for_lines(path, n, proc, deadline_s=60):
-    """Poll until the output has at least n newline-terminated lines (the run is then mid-way)."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline_s:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"sample.py ended (exit {proc.returncode}) before writing {n} rows\n"
-                        f"{out}\n{err}")
-        time.sleep(0.005)
-    proc.kill()
-    pytest.fail(f"no {n} rows within {deadline_s}s")
-
-
-def kill(proc):
-    assert proc.poll() is None, ("sample.py finished before the kill: the run is too short to "
-                                 "test resume")
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-
-
 # --------------------------------------------------------------------------------------------------
 # the fake endpoint itself: a killed client's torn request is a hang-up, a bug of the fake is
 # still an error
@@ -414,7 +395,8 @@ def test_api_faults_are_retried_and_counted(tmp_path, chat_server):
         assert r["body"]["top_p"] == pytest.approx(0.9)
         assert r["body"]["n"] == 1
 
-    # Retry-After: 1 is honoured even though --retry-base asks for 0.01 s.
+    # Retry-After: 1 is honoured even though --retry-base asks for 0.01 s. A lower bound on a
+    # wait: load only lengthens it.
     first, second = chat_server.for_pid("p8")
     assert second["time"] - first["time"] >= 0.9
 
@@ -505,20 +487,18 @@ def test_api_non_retryable_errors_fail_only_their_row(tmp_path, chat_server):
 
 def test_local_kill_and_resume(tmp_path):
     ids = [f"k{i:02d}" for i in range(36)]
-    # sample.py batches prompts by length; growing prompts (to ~700 tokens) make each later batch
-    # slower, so the kill after the first batch lands mid-run (~0.5 s of work left) rather than
-    # racing the end.
-    prompts = write_prompts(tmp_path / "in.jsonl", ids, grow=4)
+    prompts = write_prompts(tmp_path / "in.jsonl", ids)
     out = tmp_path / "out.jsonl"
     args = ["--model", "tiny", "--batch-size", 4, "--max-new-tokens", 8, "--seed", 0]
     # One torch thread: on a busy 2-core box more threads made this run 3x slower, not faster.
     env = dict(env_with_key(None), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(sample_cmd(tmp_path / "in.jsonl", out, *args), cwd=ROOT, text=True,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_lines(out, 4, proc)
-    kill(proc)
+    # killed (SIGKILL) as it writes the 6th row: mid-batch, whatever the machine's speed
+    killed = subprocess.run(sample_killed_after(5, ["--data", tmp_path / "in.jsonl", "--out", out]
+                                                + args),
+                            cwd=ROOT, text=True, env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, describe(killed)
     survived = complete_rows(out)
-    assert 4 <= len(survived) < len(ids)
+    assert len(survived) == 5
     done = set(ids_of(survived))
     # A crash in the middle of a write: half a row of the next id, no newline.
     torn_id = next(i for i in ids if i not in done)
@@ -541,15 +521,16 @@ def test_local_kill_and_resume(tmp_path):
 def test_api_kill_and_resume(tmp_path, chat_server):
     ids = [f"a{i:02d}" for i in range(20)]
     prompts = write_prompts(tmp_path / "in.jsonl", ids)
-    chat_server.delay_s = 0.15  # 20 rows over 2 workers: ~1.5 s, long enough to kill mid-way
     out = tmp_path / "out.jsonl"
     args = api_args(chat_server, concurrency=2)
-    proc = subprocess.Popen(sample_cmd(tmp_path / "in.jsonl", out, *args), cwd=ROOT, text=True,
-                            env=env_with_key(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_lines(out, 3, proc)
-    kill(proc)
+    # killed as it writes the 4th row, 2 requests possibly in flight
+    killed = subprocess.run(sample_killed_after(3, ["--data", tmp_path / "in.jsonl", "--out", out]
+                                                + args),
+                            cwd=ROOT, text=True, env=env_with_key(), capture_output=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, describe(killed)
     survived = complete_rows(out)
-    assert 3 <= len(survived) < len(ids)
+    assert len(survived) == 3
     done = set(ids_of(survived))
     # The worst torn tail: a whole, valid row without its newline. Its write did not finish, so it
     # is not done.

@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import data
+from scripts import sample_killed_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,23 +18,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_smollm2_sharegpt_kill_and_resume(tmp_path):
     out = tmp_path / "teacher.jsonl"
-    cmd = [sys.executable, "sample.py", "--model", "smollm2-135m", "--data", "sharegpt",
-           "--out", str(out), "--limit", "16", "--max-new-tokens", "24", "--batch-size", "4",
-           "--max-prompt-len", "4096"]
+    args = ["--model", "smollm2-135m", "--data", "sharegpt", "--out", str(out), "--limit", "16",
+            "--max-new-tokens", "24", "--batch-size", "4", "--max-prompt-len", "4096"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill once the first batch is on disk
-        if out.exists() and out.read_bytes().count(b"\n") >= 4:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, ("finished before it could be killed: "
-                                 + proc.stderr.read().decode()[-2000:])
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # SIGKILLed as it writes the 6th row: mid-way through the second batch of 4
+    killed = subprocess.run(sample_killed_after(5, args), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     survived = out.read_bytes().count(b"\n")
-    assert 4 <= survived < 16
+    assert survived == 5
 
+    cmd = [sys.executable, "sample.py"] + args
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
