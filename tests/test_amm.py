@@ -261,7 +261,9 @@ def test_adversary_chunked_moments_and_ascent_equal_autograd_and_an_update_raise
 def test_adversary_raises_and_student_lowers_the_distances(tmp_path):
     """Logged every step: the adversary's change of each estimate (same samples) and the student's
     (same adversaries; on-policy through importance weights). Adversary steps must raise both,
-    student steps lower."""
+    student steps lower. These are the trainer's own before/after estimates on the same samples:
+    the one place both directions of the min-max show, step by step. The independent checks are
+    the adversary's ascent against autograd (above) and the held-out divergence (below)."""
     run(TINY + ["--out", str(tmp_path / "a")])
     log = metrics(tmp_path / "a")
     assert len(log) == 4

@@ -3,6 +3,7 @@ its memory arithmetic against what the tensors it counts really take."""
 
 import json
 
+import pytest
 import torch
 
 import bench
@@ -12,6 +13,10 @@ from scripts import run_script
 
 
 def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
+    """Why it exists: `bench.py gpu` is the one command a GPU session runs, in minutes it cannot
+    spend on a crash; its times mean nothing on a CPU. What it can get wrong here is checked:
+    every phase of every trainer timed, every sampling engine at every batch with its full token
+    count, and MFU and tok/s by their formulas from the model's parameter count."""
     out = run_script("bench.py", ["gpu", "--device", "cpu", "--out", str(tmp_path)]).stdout
     results = json.loads((tmp_path / "bench_gpu.json").read_text())
     for script, phases in bench.PHASES.items():
@@ -30,8 +35,17 @@ def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
         assert set(res) == {"static", "plain", "hf"}, res
         assert res["static"]["tokens"] == res["hf"]["tokens"] == prompts * 2 * 8   # no early stop
         assert 0 < res["static"]["roofline"] and res["static"]["vs_plain"] > 0
-    for step in ("PPO update", "DistiLLM-2 step"):
-        assert 0 < results["train"][step]["mfu"] < 1, results["train"]
+    size, train = bench.GPU_SIZES["tiny"], results["train"]
+    N = models.num_params(models.load_model(size["big"]))
+    tokens = size["train_rows"] * size["train_seq_len"]
+    # 6 N a trained token; DistiLLM-2 trains on two responses a row and runs the teacher (the same
+    # tiny model) forward on both: 2 (6 N + 2 N) a token
+    for step, flops, n_tokens in (("PPO update", 6 * N * tokens, tokens),
+                                  ("DistiLLM-2 step", 2 * 8 * N * tokens, 2 * tokens)):
+        seconds = train[step]["seconds"]
+        assert train[step]["mfu"] == pytest.approx(flops / seconds / train["peak_flops"])
+        assert train[step]["tok_s"] == pytest.approx(n_tokens / seconds)
+        assert 0 < train[step]["mfu"] < 1, train
 
 
 def test_memory_arithmetic_counts_what_the_tensors_take():
