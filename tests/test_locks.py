@@ -22,9 +22,24 @@ import common
 from scripts import ROOT
 from test_sample_cli import (ChatHandler, FakeChat, QuietServer, assert_each_once, describe,
                              env_with_key, read_rows, run_sample, sample_cmd, serve_chat,
-                             summary, wait_for_lines, write_prompts)
+                             summary, write_prompts)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def wait_for_lines(path, n, proc, deadline_s=60):
+    """Poll until the output has at least n newline-terminated lines (the run is then mid-way)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"sample.py ended (exit {proc.returncode}) before writing {n} rows\n"
+                        f"{out}\n{err}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail(f"no {n} rows within {deadline_s}s")
 
 
 def holder_of(proc):
