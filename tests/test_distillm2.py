@@ -350,13 +350,13 @@ def test_both_responses_is_the_distillm2_repositorys_gkd(tmp_path):
 
 
 def reference_step_loss(student, teacher, t_ro, s_ro, alpha0, beta, scale, curriculum):
-    """DistiLLM-2's loss from full float64 logits, written from the paper (arXiv 2503.07067, eqs. for
-    SKL, SRKL and the curriculum) and the reference repository's skewed divergences: per token
-    SKL = sum_v p log(p / (a p + (1 - a) q)) on the teacher's responses and
+    """DistiLLM-2's loss from full logits in the models' dtype, written from the paper (arXiv
+    2503.07067: SKL, SRKL, the curriculum) and the reference repository's skewed divergences: per
+    token SKL = sum_v p log(p / (a p + (1 - a) q)) on the teacher's responses and
     SRKL = sum_v q log(q / ((1 - a) p + a sg(q))) on the student's, each a token mean per
-    sequence, then mean_i[(1 - beta) SKL_i + beta SRKL_i] (x scale). With the curriculum, alpha_i =
-    clip(1 - (1 - a0) m / (gap_i + 1e-5), 0.01, a0), gap = P - Q on y_t and Q - P on y_s, with
-    P = exp(mean_t log p(y_t)) and m the batch mean of the gaps. Returns (loss, alpha_t, alpha_s)."""
+    sequence, then mean_i[(1 - beta) SKL_i + beta SRKL_i] (x scale). With the curriculum,
+    alpha_i = clip(1 - (1 - a0) m / (gap_i + 1e-5), 0.01, a0), gap = P - Q on y_t and Q - P on
+    y_s, P = exp(mean_t log p(y_t)), m the batch mean of the gaps. Returns (loss, alphas)."""
     def log_dists(model, ro):
         h, head = sample.response_hidden(model, ro)
         return head(h).log_softmax(-1)                                   # [N, T, V]
