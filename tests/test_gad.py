@@ -273,30 +273,21 @@ def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
 def test_a_teacher_that_fails_stops_the_run_and_says_rerun(tmp_path):
     """An OpenAI-compatible teacher that refuses every request (HTTP 400: no retry): the run stops
     before training, naming OUT/teacher.jsonl, instead of training on the rows that came back."""
-    import http.server
-    import threading
+    from test_sample_cli import prompt_for, serve_chat
 
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.send_response(400)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ids = [f"q{i}" for i in range(4)]
     data_file = tmp_path / "prompts.jsonl"
-    data_file.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"about {i} cats"}) + "\n"
-                                 for i in range(4)))
+    data_file.write_text("".join(json.dumps({"id": i, "prompt": prompt_for(i)}) + "\n"
+                                 for i in ids))
     out = tmp_path / "run"
-    try:
+    with serve_chat() as chat:
+        chat.always = {i: "400" for i in ids}
         with contextlib.redirect_stdout(io.StringIO()), pytest.raises(
                 RuntimeError, match=f"sampling the teacher into {out / 'teacher.jsonl'} failed; "
                                     "rerun to resume it"):
             gad.main(["--student", "tiny", "--data", str(data_file), "--out", str(out),
-                      "--teacher", f"api:http://127.0.0.1:{server.server_port}/v1:m"])
-    finally:
-        server.shutdown()
+                      "--teacher", f"api:{chat.base}:m"])
+        assert sorted(r["pid"] for r in chat.requests) == ids   # each asked once: no retry
     assert not (out / "student").exists() and not (out / "metrics.jsonl").exists()
 
 
