@@ -60,8 +60,8 @@ sys.exit(sample.main(sys.argv[1:]))
 """
 
 
-def sample_killed_after(rows, args):
-    """The command `python sample.py args`, SIGKILLed when it is about to write its row rows + 1: a
-    kill mid-run at a known point, however fast or loaded the machine, where a kill after a clock
-    can miss the run's end."""
-    return [sys.executable, "-c", KILL_AT.format(root=ROOT, rows=rows)] + [str(a) for a in args]
+def sample_killed_after(rows, cmd):
+    """`cmd` (python sample.py ...) made to SIGKILL itself when it is about to write its row
+    rows + 1: a kill mid-run at a known point, however fast or loaded the machine, where a kill
+    after a clock can miss the run's end."""
+    return [cmd[0], "-c", KILL_AT.format(root=ROOT, rows=rows)] + [str(a) for a in cmd[2:]]

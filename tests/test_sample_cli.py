@@ -212,12 +212,12 @@ def chat_server():
 # --------------------------------------------------------------------------------------------------
 # helpers
 
-def write_prompts(path, ids, grow=0):
+def write_prompts(path, ids):
     """One messages-style row per id (a system turn on every third, so the client must send the
-    whole list). grow > 0 makes the i-th prompt grow*i words longer."""
+    whole list)."""
     rows = []
     for i, pid in enumerate(ids):
-        messages = [{"role": "user", "content": prompt_for(pid) + " more" * (grow * i)}]
+        messages = [{"role": "user", "content": prompt_for(pid)}]
         if i % 3 == 0:
             messages.insert(0, {"role": "system", "content": "You are terse."})
         rows.append({"id": pid, "messages": messages})
@@ -493,8 +493,7 @@ def test_local_kill_and_resume(tmp_path):
     # One torch thread: on a busy 2-core box more threads made this run 3x slower, not faster.
     env = dict(env_with_key(None), OMP_NUM_THREADS="1")
     # killed (SIGKILL) as it writes the 6th row: mid-batch, whatever the machine's speed
-    killed = subprocess.run(sample_killed_after(5, ["--data", tmp_path / "in.jsonl", "--out", out]
-                                                + args),
+    killed = subprocess.run(sample_killed_after(5, sample_cmd(tmp_path / "in.jsonl", out, *args)),
                             cwd=ROOT, text=True, env=env, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, describe(killed)
     survived = complete_rows(out)
@@ -524,8 +523,7 @@ def test_api_kill_and_resume(tmp_path, chat_server):
     out = tmp_path / "out.jsonl"
     args = api_args(chat_server, concurrency=2)
     # killed as it writes the 4th row, 2 requests possibly in flight
-    killed = subprocess.run(sample_killed_after(3, ["--data", tmp_path / "in.jsonl", "--out", out]
-                                                + args),
+    killed = subprocess.run(sample_killed_after(3, sample_cmd(tmp_path / "in.jsonl", out, *args)),
                             cwd=ROOT, text=True, env=env_with_key(), capture_output=True,
                             timeout=300)
     assert killed.returncode == -signal.SIGKILL, describe(killed)

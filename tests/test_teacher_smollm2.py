@@ -18,17 +18,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_smollm2_sharegpt_kill_and_resume(tmp_path):
     out = tmp_path / "teacher.jsonl"
-    args = ["--model", "smollm2-135m", "--data", "sharegpt", "--out", str(out), "--limit", "16",
-            "--max-new-tokens", "24", "--batch-size", "4", "--max-prompt-len", "4096"]
+    cmd = [sys.executable, "sample.py", "--model", "smollm2-135m", "--data", "sharegpt",
+           "--out", str(out), "--limit", "16", "--max-new-tokens", "24", "--batch-size", "4",
+           "--max-prompt-len", "4096"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # SIGKILLed as it writes the 6th row: mid-way through the second batch of 4
-    killed = subprocess.run(sample_killed_after(5, args), cwd=ROOT, env=env, capture_output=True,
+    killed = subprocess.run(sample_killed_after(5, cmd), cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     survived = out.read_bytes().count(b"\n")
     assert survived == 5
 
-    cmd = [sys.executable, "sample.py"] + args
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
