@@ -1,17 +1,16 @@
 """Performance benchmarks. Compare as ratios measured in one run (shared machines are noisy);
-absolute times only mean something on a GPU.
+absolute times only mean something on a GPU. Notes: docs/implementation-notes.md (dev/bench.py).
 
-    python bench.py sample                 # sample.generate vs HF generate(num_return_sequences=n)
-    python bench.py sample --models smollm2-135m --stop eos --max-new-tokens 128
-    python bench.py losses                 # full-vocab KD losses: naive vs losses.kd_loss_chunked
-    python bench.py losses --vocab 151936 --seq 1024 --batch 1 --hidden 896 --chunk 128 \
-        --losses skl,srkl
-    python bench.py train                  # tokens/s and MFU of a PPO update, a DistiLLM-2 step
-    python bench.py quality --budget tiny  # every distillation method, one table (quality.py)
-    python bench.py gpu                    # the trainers under torchrun, bf16: s/step, memory;
-                                           # sampling and training speed at 1.5B
-    python bench.py gpu --device cpu       # the same on tiny models (a test runs it)
-    python bench.py gpu --predict-only     # per-rank memory of every GPU command, phase by phase
+    python dev/bench.py sample                 # sample.generate vs HF generate, n samples a prompt
+    python dev/bench.py sample --models smollm2-135m --stop eos --max-new-tokens 128
+    python dev/bench.py losses                 # full-vocab KD losses: naive vs chunked
+    python dev/bench.py losses --vocab 151936 --seq 1024 --hidden 896 --chunk 128 --losses skl,srkl
+    python dev/bench.py train                  # tokens/s and MFU of a PPO update, a DistiLLM-2 step
+    python dev/bench.py quality --budget tiny  # every distillation method, one table (quality.py)
+    python dev/bench.py gpu                    # the trainers under torchrun, bf16: s/step, memory;
+                                               # sampling and training speed at 1.5B
+    python dev/bench.py gpu --device cpu       # the same on tiny models (a test runs it)
+    python dev/bench.py gpu --predict-only     # per-rank memory of every GPU command, by phase
 """
 
 import argparse
@@ -34,45 +33,75 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)   # the project's modules, run as `python dev/bench.py` from anywhere
+
+import amm
+import common
 import data as data_lib
 import discriminator
+import distillm2
+import fast_decode
+import fast_losses
+import gad
 import losses
 import models
+import ppo
 import sample
+from dev import quality
+
+TRAINERS = {"gad.py": gad, "distillm2.py": distillm2, "amm.py": amm}
+
+
+def default_device(name=None):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def time_call(fn, device):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------
+# sample: our generate on each decode path against HF generate, tokens/s and memory roofline
+
+@dataclass
+class Sampling:
+    """What every engine of one sampling benchmark is asked to do, and how often it is timed."""
+    n: int
+    max_new_tokens: int
+    pad: int
+    eos_ids: list
+    repeats: int = 3
+    hf_static: bool = False
+    bandwidth: float = None   # bytes/s of a copy: the roofline's denominator (None: no roofline)
 
 
 def bench_prompts(tokenizer, num_prompts, prompt_len):
-    """Real ShareGPT prompts when the package is installed (else fixed text), cut to exactly
-    prompt_len tokens so both engines see the same work."""
+    """ShareGPT prompts when installed (else fixed text), cut to exactly prompt_len tokens."""
     try:
         recs, _ = data_lib.read_records(data_lib.resolve_data_path("sharegpt"), skip_bad=True,
                                         limit=4 * num_prompts)
         texts = [r["messages"][-1]["content"] for r in recs]
     except Exception:
         texts = [(f"Question {i}: explain the history of distillation in machine learning, "
-                  f"in detail. ") * 40
-                 for i in range(num_prompts)]
+                  f"in detail. ") * 40 for i in range(num_prompts)]
     texts = sorted(texts, key=len, reverse=True)[:num_prompts]
-    prompts = []
-    for t in texts:
-        ids = data_lib.encode_prompt(tokenizer, [{"role": "user", "content": t * 8}])
-        prompts.append(ids[-prompt_len:])
-    return prompts
-
-
-def time_call(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return [data_lib.encode_prompt(tokenizer, [{"role": "user", "content": t * 8}])[-prompt_len:]
+            for t in texts]
 
 
 def memory_bandwidth(device, gib=1.0):
-    """Bytes/s of a device-to-device copy (read + write), the decode roofline's denominator,
-    measured in the same run as what it divides."""
+    """Bytes/s of a device-to-device copy (read + write), measured in the same run."""
     x = torch.empty(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
@@ -81,9 +110,7 @@ def memory_bandwidth(device, gib=1.0):
 
 
 def decode_bytes(model, prompt_len, lengths):
-    """Bytes a decode must read at least: every step reads the weights once and the KV cache of the
-    rows still going, up to the step's position (ideal: no padding, no finished rows). lengths:
-    each sample's response length in tokens."""
+    """Bytes a decode reads at least: the weights a step, the KV cache of the rows still going."""
     c = model.config
     kv_dim = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -95,47 +122,44 @@ def decode_bytes(model, prompt_len, lengths):
     return total
 
 
-def sampling_engines(model, prompts, pad, n, max_new_tokens, eos_ids, device, hf_static=False):
-    """{engine: function returning [lengths]}: ours on each decode path, and HF generate with
-    num_return_sequences=n (and its static-cache generate, which compiles the decode step on a
-    GPU), all with the same settings."""
-    ids, mask = sample.left_pad(prompts, pad, device)
+def our_generate(model, prompts, s, decode):
+    return sample.generate(model, prompts, n=s.n, max_new_tokens=s.max_new_tokens,
+                           temperature=0.8, top_p=1.0, eos_ids=s.eos_ids, pad_id=s.pad, seed=0,
+                           decode=decode).response_mask.sum(1).tolist()
 
-    def ours(decode):
-        return sample.generate(model, prompts, n=n, max_new_tokens=max_new_tokens,
-                               temperature=0.8, top_p=1.0, eos_ids=eos_ids, pad_id=pad, seed=0,
-                               decode=decode).response_mask.sum(1).tolist()
-    engines = {d: functools.partial(ours, d)
+
+@torch.no_grad()
+def hf_generate(model, ids, mask, s, **extra):
+    """HF generate with our settings -> each sample's length up to its first stop token."""
+    stop = list(s.eos_ids) or None
+    # top_k=0, no repetition penalty: HF's defaults (top_k 50) would do other work and sample
+    # another distribution than ours
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8,
+                         top_p=1.0, top_k=0, repetition_penalty=1.0,
+                         max_new_tokens=s.max_new_tokens,
+                         min_new_tokens=0 if stop else s.max_new_tokens,
+                         num_return_sequences=s.n, pad_token_id=s.pad, eos_token_id=stop,
+                         **extra)[:, ids.shape[1]:]
+    ended = torch.isin(out, torch.tensor(stop or [-1], device=out.device))
+    # up to and including the first stop token, as ours counts
+    first = torch.where(ended.any(1), ended.float().argmax(1) + 1, out.shape[1])
+    return first.tolist()
+
+
+def sampling_engines(model, prompts, s, device):
+    """{engine: function returning the samples' lengths}: ours on each decode path, HF's."""
+    ids, mask = sample.left_pad(prompts, s.pad, device)
+    engines = {d: functools.partial(our_generate, model, prompts, s, d)
                for d in ["static", "plain"] + (["compiled"] if device.type == "cuda" else [])}
-    stop = list(eos_ids) or None
-
-    def hf(**extra):
-        @torch.no_grad()
-        def run():
-            # top_k=0 and no repetition penalty: HF's defaults (top_k 50) would make it do other
-            # work and sample another distribution than ours
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                                 temperature=0.8, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                                 max_new_tokens=max_new_tokens,
-                                 min_new_tokens=0 if stop else max_new_tokens,
-                                 num_return_sequences=n, pad_token_id=pad, eos_token_id=stop,
-                                 **extra)[:, ids.shape[1]:]
-            ended = torch.isin(out, torch.tensor(stop or [-1], device=out.device))
-            # up to and including the first stop token, as ours counts
-            first = torch.where(ended.any(1), ended.float().argmax(1) + 1, out.shape[1])
-            return first.tolist()
-        return run
-    engines["hf"] = hf()
-    if hf_static:
-        engines["hf-static"] = hf(cache_implementation="static")
+    engines["hf"] = functools.partial(hf_generate, model, ids, mask, s)
+    if s.hf_static:
+        engines["hf-static"] = functools.partial(hf_generate, model, ids, mask, s,
+                                                 cache_implementation="static")
     return engines
 
 
 def time_engines(engines, device, repeats):
-    """Each engine's median seconds, and the tokens of its median run (HF draws from the global
-    RNG, so with end-of-turn stops its runs differ in length: tokens/s is per run), warm-up first,
-    runs interleaved so a noisy neighbour hits all alike. An engine that runs out of memory is
-    reported as such."""
+    """Each engine's median run after a warm-up, runs interleaved (a noisy neighbour hits all)."""
     runs, failed = {k: [] for k in engines}, {}
     for name, fn in engines.items():
         try:
@@ -154,28 +178,24 @@ def time_engines(engines, device, repeats):
         if name in failed:
             res[name] = {"error": failed[name]}
             continue
+        # the median by tokens/s: HF draws from the global RNG, so with stops its runs differ
         tok_s, seconds, lengths = sorted(runs[name])[len(runs[name]) // 2]
         res[name] = {"seconds": seconds, "tokens": sum(lengths), "lengths": lengths,
                      "tok_s": tok_s}
     return res
 
 
-def sampling_bench(model, prompts, pad, n, max_new_tokens, eos_ids, device, repeats,
-                   hf_static=False, bandwidth=None):
-    """Tokens/s of every engine (generated tokens, end-of-turn tokens included, over the median
-    time), each engine's speed against HF generate and ours on the plain path, and the static
-    path's fraction of the decode's memory roofline (decode_bytes over the measured bandwidth)."""
-    engines = sampling_engines(model, prompts, pad, n, max_new_tokens, eos_ids, device, hf_static)
-    res = time_engines(engines, device, repeats)
-    for name, r in res.items():
+def sampling_bench(model, prompts, s, device):
+    """Every engine's tokens/s, against HF's and our plain path's, and its memory roofline."""
+    res = time_engines(sampling_engines(model, prompts, s, device), device, s.repeats)
+    for r in res.values():
         for base in ("hf", "plain"):
             if "tok_s" in r and "tok_s" in res[base]:
                 r[f"vs_{base}"] = r["tok_s"] / res[base]["tok_s"]
-    if bandwidth:
-        for name in ("static", "compiled"):
-            if "seconds" in res.get(name, {}):
-                ideal = decode_bytes(model, len(prompts[0]), res[name]["lengths"]) / bandwidth
-                res[name]["roofline"] = ideal / res[name]["seconds"]
+    for name in ("static", "compiled") if s.bandwidth else ():
+        if "seconds" in res.get(name, {}):
+            ideal = decode_bytes(model, len(prompts[0]), res[name]["lengths"]) / s.bandwidth
+            res[name]["roofline"] = ideal / res[name]["seconds"]
     for r in res.values():
         r.pop("lengths", None)
     return res
@@ -195,7 +215,7 @@ def print_sampling(title, res):
 
 
 def bench_sample(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     bandwidth = memory_bandwidth(device)
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} n={args.n} "
@@ -206,13 +226,16 @@ def bench_sample(args):
         model, tok = models.load(name, dtype=dtype, device=device)
         model.eval()
         prompts = bench_prompts(tok, args.prompts, args.prompt_len)
-        # --stop none: every sample makes max_new_tokens (same work for every engine); eos: rows
-        # end at their end-of-turn token, as in training (where finished rows cost the plain loop)
+        # --stop none: every sample makes max_new_tokens (the same work for every engine); eos:
+        # rows end at their end-of-turn token, as in training
         eos = sample.stop_ids(tok, model) if args.stop == "eos" else []
-        res = sampling_bench(model, prompts, tok.pad_token_id, args.n, args.max_new_tokens, eos,
-                             device, args.repeats, hf_static=args.hf_static, bandwidth=bandwidth)
-        print_sampling(name, res)
+        s = Sampling(args.n, args.max_new_tokens, tok.pad_token_id, eos, args.repeats,
+                     args.hf_static, bandwidth)
+        print_sampling(name, sampling_bench(model, prompts, s, device))
 
+
+# --------------------------------------------------------------------------------------------------
+# losses: forward + backward of a full-vocabulary KD loss, naive [B, T, V] logits vs chunked
 
 KD_LOSSES = {   # name -> (loss_fn, kwargs): DistiLLM's alpha 0.1 (arXiv 2402.03898),
                 # GKD's beta 0.5 (arXiv 2306.13649)
@@ -220,61 +243,56 @@ KD_LOSSES = {   # name -> (loss_fn, kwargs): DistiLLM's alpha 0.1 (arXiv 2402.03
     "jsd": (losses.jsd, {"beta": 0.5}),
     "forward_kl": (losses.forward_kl, {}), "reverse_kl": (losses.reverse_kl, {}),
 }
+LOSS_FLAGS = ("vocab", "seq", "batch", "hidden", "teacher_hidden", "chunk", "repeats", "device")
 
 
 def peak_memory_mb(device):
-    """Peak since the process started: the resident set on CPU (ru_maxrss is in KiB on Linux),
-    allocated on GPU."""
+    """Peak since the process started: resident set on CPU (ru_maxrss: KiB), allocated on GPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
+def kd_step(variant, loss, student_hidden, student_weight, teacher_hidden, teacher_weight, chunk):
+    """One forward + backward of `loss` (a KD_LOSSES name) -> its per-position values."""
+    loss_fn, kwargs = KD_LOSSES[loss]
+    if variant == "naive":
+        student_logits = F.linear(student_hidden, student_weight)                    # [B, T, V]
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden, teacher_weight)                # [B, T, V]
+        values = loss_fn(student_logits, teacher_logits, **kwargs)                  # [B, T]
+        values.mean().backward()
+        return values.detach()
+    shape = student_hidden.shape[:2]
+    weights = torch.full(shape, 1.0 / shape.numel(), device=student_hidden.device)  # the same mean
+    total, values = fast_losses.kd_loss_chunked(loss_fn, student_hidden, student_weight,
+                                                teacher_hidden, teacher_weight, weights,
+                                                chunk_size=chunk, **kwargs)
+    total.backward()
+    return values.detach()
+
+
 def losses_worker(args):
-    """One variant of one loss in this (fresh) process: a process's peak memory cannot be reset, so
-    each variant gets its own. Writes its figures and outputs to args.worker_out for the parent to
-    compare."""
+    """One variant of one loss in a fresh process (a process's peak memory cannot be reset)."""
     device = torch.device(args.device)
     g = torch.Generator(device=device).manual_seed(0)   # the same inputs in every variant's process
     V, H, Ht = args.vocab, args.hidden, args.teacher_hidden or args.hidden
-    # Scaled so logits have std ~ 2, like a trained LM head's (unit-variance weights would give
-    # std ~ 30).
+    # scaled so that logits have std ~ 2, like a trained LM head's (unit weights: std ~ 30)
     student_weight = (torch.randn(V, H, generator=g, device=device)
                       * 2 / H**0.5).requires_grad_(True)
     teacher_weight = torch.randn(V, Ht, generator=g, device=device) * 2 / Ht**0.5
     student_hidden = torch.randn(args.batch, args.seq, H, generator=g,
                                  device=device).requires_grad_(True)
     teacher_hidden = torch.randn(args.batch, args.seq, Ht, generator=g, device=device)
-    loss_fn, kwargs = KD_LOSSES[args.loss]
-    values_shape = torch.Size((args.batch, args.seq))
     inputs_mb = peak_memory_mb(device)
-
-    def step():
-        if args.worker == "naive":
-            student_logits = F.linear(student_hidden, student_weight)                    # [B, T, V]
-            with torch.no_grad():
-                teacher_logits = F.linear(teacher_hidden, teacher_weight)                # [B, T, V]
-            values = loss_fn(student_logits, teacher_logits, **kwargs)                  # [B, T]
-            values.mean().backward()
-        else:
-            weights = torch.full(values_shape, 1.0 / values_shape.numel(),
-                                 device=device)  # the same mean
-            loss, values = losses.kd_loss_chunked(loss_fn, student_hidden, student_weight,
-                                                  teacher_hidden, teacher_weight, weights,
-                                                  chunk_size=args.chunk, **kwargs)
-            loss.backward()
-        return values.detach()
-
-    times = []
+    times, out = [], []
     for _ in range(args.repeats):
         student_weight.grad = student_hidden.grad = None
-        t0 = time.perf_counter()
-        values = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    # A fixed subset of the weight gradient's rows: the whole [V, H] is too big to pass between
-    # processes.
+        times.append(time_call(lambda: out.append(kd_step(
+            args.worker, args.loss, student_hidden, student_weight, teacher_hidden, teacher_weight,
+            args.chunk)), device))
+    values = out[-1]
+    # a fixed subset of the weight gradient's rows: the whole [V, H] is too big to pass around
     rows = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:4096].to(device)
     torch.save({"values": values.cpu(), "grad_hidden": student_hidden.grad.cpu(),
                 "grad_weight_rows": student_weight.grad[rows].cpu()}, args.worker_out + ".pt")
@@ -283,12 +301,26 @@ def losses_worker(args):
                    "seconds": statistics.median(times)}, f)
 
 
+def losses_variant(args, name, variant, tmp):
+    """losses_worker in a subprocess -> its figures and tensors."""
+    out = os.path.join(tmp, f"{name}_{variant}")
+    cmd = ([sys.executable, os.path.abspath(__file__), "losses", "--worker", variant,
+            "--worker-out", out, "--loss", name]
+           + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in LOSS_FLAGS])
+    # blocks above 1 MB straight from mmap, so that a freed block leaves the resident set at once
+    # (why: docs/implementation-notes.md)
+    subprocess.run(cmd, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)})
+    with open(out) as f:
+        res = json.load(f)
+    res["tensors"] = torch.load(out + ".pt")
+    return res
+
+
 def bench_losses(args):
-    """Peak memory and time of forward + backward of each loss, naive (full [B, T, V] logits) vs
-    chunked, each variant in a fresh subprocess (see losses_worker)."""
+    """Peak memory and time of each loss's forward + backward, naive vs chunked."""
     if args.worker:
         return losses_worker(args)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = str(default_device(args.device))
     unit = "allocated" if args.device == "cuda" else "RSS"
     print(f"device={args.device} threads={torch.get_num_threads()} vocab={args.vocab} "
           f"seq={args.seq} batch={args.batch} hidden={args.hidden} "
@@ -301,24 +333,7 @@ def bench_losses(args):
           f"{'max|d grad h|':>14} {'max|d grad W|':>14}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.losses.split(","):
-            res = {}
-            for variant in ("naive", "chunked"):
-                out = os.path.join(tmp, f"{name}_{variant}")
-                cmd = [sys.executable, os.path.abspath(__file__), "losses", "--worker", variant,
-                       "--worker-out", out, "--loss", name, "--vocab", str(args.vocab),
-                       "--seq", str(args.seq), "--batch", str(args.batch),
-                       "--hidden", str(args.hidden), "--teacher-hidden", str(args.teacher_hidden),
-                       "--chunk", str(args.chunk), "--repeats", str(args.repeats),
-                       "--device", args.device]
-                # Blocks above 1 MB straight from mmap, so a freed block leaves the resident set at
-                # once. By default glibc raises that threshold after the first big free (up to
-                # 32 MB) and serves chunk-sized blocks from its heap, whose freed pages stay
-                # resident: ru_maxrss would then count memory already freed.
-                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-                subprocess.run(cmd, check=True, env=env)
-                with open(out) as f:
-                    res[variant] = json.load(f)
-                res[variant]["tensors"] = torch.load(out + ".pt")
+            res = {v: losses_variant(args, name, v, tmp) for v in ("naive", "chunked")}
             n, c = res["naive"], res["chunked"]
             diffs = [(n["tensors"][k] - c["tensors"][k]).abs().max().item()
                      for k in ("values", "grad_hidden", "grad_weight_rows")]
@@ -358,50 +373,43 @@ WORDS = ("the of and to in is that for it as with was on be by this are from at 
          "which have").split()
 
 
-def synthetic_data(path, rows, prompt_len, response_len, seed=0):
-    """Prompts and teacher responses of about the given lengths in tokens of the byte tokenizer (one
-    per byte): random words, so that rows differ; what they say does not matter to a speed or memory
-    benchmark."""
-    rng = random.Random(seed)
+def random_text(rng, n):
+    words = []
+    while sum(len(w) + 1 for w in words) < n:
+        words.append(rng.choice(WORDS))
+    return " ".join(words)[:n]
 
-    def text(n):
-        words = []
-        while sum(len(w) + 1 for w in words) < n:
-            words.append(rng.choice(WORDS))
-        return " ".join(words)[:n]
+
+def synthetic_data(path, rows, prompt_len, response_len, seed=0):
+    """Random-word prompts and responses of about the given lengths in byte-tokenizer tokens."""
+    rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"id": f"bench{i}", "prompt": text(prompt_len),
-                                "response": text(response_len)}) + "\n")
+            f.write(json.dumps({"id": f"bench{i}", "prompt": random_text(rng, prompt_len),
+                                "response": random_text(rng, response_len)}) + "\n")
 
 
 def torchrun(script, args, log_path):
-    """`torchrun --standalone --nproc_per_node=1 script args` (so NCCL and every collective run, as
-    on a node), in a process of its own (its peak memory is its own), with any torchrun variables of
-    ours removed."""
+    """`torchrun --standalone --nproc_per_node=1 script args`: the collectives run as on a node."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                         "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("TORCHELASTIC")}
-    # the KV cache grows by a torch.cat a decode step: without expandable segments the freed
-    # blocks fragment
+    # the KV cache grows by a torch.cat a decode step: without expandable segments it fragments
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           script] + args
+           os.path.join(ROOT, script)] + args
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed (exit {done.returncode}); its output is in {log_path}")
 
 
 def phase_table(rows, phases, cuda):
-    """Per phase: the median seconds over the steps that ran it (the first step is left out when
-    there are more: it pays for allocator warm-up) and the largest peak memory; and the step as a
-    whole."""
-    later = rows[1:] if len(rows) > 1 else rows
+    """[(phase, median seconds, largest peak GiB)], the step as a whole last."""
+    later = rows[1:] if len(rows) > 1 else rows   # the first step warms the allocator up
     out = []
     for phase in phases + ["step"]:
         key = "s_per_step" if phase == "step" else f"t_{phase}"
@@ -420,59 +428,100 @@ def print_phases(title, table):
 
 
 def gpu_runs(size, device, data):
-    """[(script, arguments, --stop-after of the first run; the second resumes it)] of bench gpu.
-    DistiLLM-2 trains all weights (--lora-r 0: its reference preset's LoRA needs peft, and full
-    fine-tuning is the heavier step)."""
-    common = ["--dtype", "bfloat16", "--device", device, "--data", data, "--max-prompt-len", "1024",
-              "--eval-prompts", str(size["eval_prompts"]), "--save-every", "1"]
+    """[(script, arguments, --stop-after of the first run; the second resumes it)]."""
+    shared = ["--dtype", "bfloat16", "--device", device, "--data", data, "--max-prompt-len", "1024",
+              "--eval-prompts", str(size["eval_prompts"]), "--save-every", "1",
+              "--student", size["student"], "--max-new-tokens", str(size["new_tokens"])]
+    white_box = ["--teacher", size["teacher"], "--val-fraction", "0.2",
+                 "--gen-batch-size", str(size["prompts"])]
     return [
-        ("gad.py", common + ["--student", size["student"], "--stage", "all", "--warmup-steps", "2",
-                             "--gad-steps", "3",
+        ("gad.py", shared + ["--stage", "all", "--warmup-steps", "2", "--gad-steps", "3",
                              "--freeze-g-steps", "0", "--prompts-per-step", str(size["prompts"]),
                              "--samples-per-prompt", str(size["n"]),
-                             "--max-new-tokens", str(size["new_tokens"]),
                              "--max-response-len", str(size["new_tokens"]),
                              "--eval-max-new-tokens", "32"], 3),
-        ("distillm2.py", common + ["--teacher", size["teacher"], "--student", size["student"],
-                                   "--epochs", "2", "--limit", str(2 * size["prompts"] + 16),
-                                   "--val-fraction", "0.2",
-                                   "--prompts-per-step", str(size["prompts"]), "--lora-r", "0",
-                                   "--max-new-tokens", str(size["new_tokens"]),
-                                   "--max-len", str(1024 + size["new_tokens"]),
-                                   "--gen-batch-size", str(size["prompts"])], 3),
-        ("amm.py", common + ["--teacher", size["teacher"], "--student", size["student"],
-                             "--epochs", "1", "--limit", str(3 * size["prompts"] // 2 + 16),
-                             "--val-fraction", "0.2",
-                             "--prompts-per-step", str(size["prompts"] // 2),
-                             "--samples-per-prompt", "4",
-                             "--max-new-tokens", str(size["new_tokens"]),
-                             "--gen-batch-size", str(size["prompts"])], 2),
+        ("distillm2.py", shared + white_box + [
+            "--epochs", "2", "--limit", str(2 * size["prompts"] + 16),
+            "--prompts-per-step", str(size["prompts"]), "--lora-r", "0",   # the heavier step
+            "--max-len", str(1024 + size["new_tokens"])], 3),
+        ("amm.py", shared + white_box + [
+            "--epochs", "1", "--limit", str(3 * size["prompts"] // 2 + 16),
+            "--prompts-per-step", str(size["prompts"] // 2), "--samples-per-prompt", "4"], 2),
     ]
 
 
+def trainer_run(script, run_args, stop, work, log, cuda):
+    """One trainer stopped after `stop` steps and resumed -> its phase table, steps, wall time."""
+    out, t0 = os.path.join(work, script.replace(".py", "")), time.time()
+    torchrun(script, run_args + ["--out", out, "--stop-after", str(stop)], log)
+    torchrun(script, run_args + ["--out", out, "--resume"], log)
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    steps = [(r.get("stage"), r["step"]) for r in rows]
+    assert len(set(steps)) == len(steps) and len(rows) > stop, f"{script}: resumed log {steps}"
+    table, wall = phase_table(rows, PHASES[script], cuda), time.time() - t0
+    print_phases(f"{script}: {len(rows)} steps, stopped after {stop} and resumed "
+                 f"({wall:.0f} s with model builds and evaluation)", table)
+    return {"phases": table, "steps": len(rows), "wall_s": wall}
+
+
+def gad_peak_runs(size, device, work, log):
+    """GAD steps at the big shape -> {optimizer: measured peak GiB a phase}, and the arithmetic."""
+    cuda, data = device == "cuda", os.path.join(work, "peak.jsonl")
+    synthetic_data(data, 2 * size["peak_prompts"] + 16, size["peak_prompt_len"],
+                   size["peak_new_tokens"])
+    variants = [("AdamW", [])]
+    if not cuda:   # nothing is measured on a CPU: one run shows the path works
+        print("\n8-bit AdamW: measured on CUDA only")
+    elif importlib.util.find_spec("bitsandbytes") is not None:
+        variants.append(("8-bit AdamW", ["--adam8bit"]))
+    else:
+        print("\n8-bit AdamW: not measured (bitsandbytes is not installed)")
+    results = {}
+    for label, extra in variants:
+        out = os.path.join(work, "gad_peak" + ("_8bit" if extra else ""))
+        run_args = ["--student", size["big"], "--stage", "gad", "--gad-steps", "2",
+                    "--dtype", "bfloat16", "--device", device, "--data", data,
+                    "--prompts-per-step", str(size["peak_prompts"]),
+                    "--samples-per-prompt", str(size["peak_n"]),
+                    "--max-new-tokens", str(size["peak_new_tokens"]),
+                    "--max-response-len", str(size["peak_new_tokens"]),
+                    "--max-prompt-len", "2048", "--eval-prompts", "0",
+                    "--save-every", "100"] + extra
+        torchrun("gad.py", run_args + ["--out", out], log)
+        rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+        print_phases(f"GAD steps at {size['big']}, {label}: {size['peak_prompts']} prompts x "
+                     f"{size['peak_n']} samples x {size['peak_new_tokens']} new tokens",
+                     phase_table(rows, PHASES["gad.py"], cuda))
+        # the second step: both optimizers' state exists through all of it
+        measured = results[label] = {p: rows[-1].get(f"mem_{p}") for p in PHASES["gad.py"]}
+        # the byte tokenizer's prompts: a token a character, and the chat template's few more
+        lengths = (size["peak_prompt_len"] + 32, size["peak_new_tokens"])
+        print_memory(f"the same steps, {label}: the memory arithmetic (prompts of at most "
+                     f"{lengths[0]} tokens) and the measured peaks, GiB",
+                     command_phases("gad.py", run_args, 1, lengths)[1], measured)
+    return results
+
+
 def gpu_sampling(size, device):
-    """Sampling at the 1.5B shape (random weights: no row ends early, so every engine makes the
-    same tokens): ours on each decode path against HF generate(num_return_sequences=n) and its
-    static-cache generate, at each batch of size["sample_prompts"] prompts."""
+    """Every engine at the big shape (random weights: no row ends early), at each batch size."""
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     model = models.load_model(size["big"], dtype=dtype, device=device).eval()
     bandwidth = memory_bandwidth(device)
     out = {"bandwidth": bandwidth}
+    s = Sampling(size["sample_n"], size["sample_new_tokens"], model.config.pad_token_id, [],
+                 repeats=2, hf_static=device.type == "cuda", bandwidth=bandwidth)
     g = torch.Generator().manual_seed(0)
     for prompts in size["sample_prompts"]:
         ids = torch.randint(0, 256, (prompts, size["sample_prompt_len"]), generator=g).tolist()
-        res = sampling_bench(model, ids, model.config.pad_token_id, size["sample_n"],
-                             size["sample_new_tokens"], [], device, repeats=2,
-                             hf_static=device.type == "cuda", bandwidth=bandwidth)
+        res = out[str(prompts)] = sampling_bench(model, ids, s, device)
         print_sampling(f"\nsampling {size['big']}: {prompts} prompts x {size['sample_n']} "
                        f"samples, {size['sample_prompt_len']} prompt + "
                        f"{size['sample_new_tokens']} new tokens (copy bandwidth "
                        f"{bandwidth / 1e9:.0f} GB/s)", res)
-        out[str(prompts)] = res
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    # HF's compiled generate keeps the model in a reference cycle, and dynamo its graphs: free both
-    # before the training benchmark builds a 1.5B model with its optimizer
+    # HF's compiled generate keeps the model in a reference cycle, dynamo its graphs: free both
+    # before the training benchmark builds a model with its optimizer
     del model
     gc.collect()
     torch._dynamo.reset()
@@ -482,88 +531,43 @@ def gpu_sampling(size, device):
 
 
 def bench_gpu(args):
-    """A few steps of gad.py (warmup + GAD), distillm2.py and amm.py, each stopped once and resumed,
-    then the peak memory of GAD steps at the 1.5B shape, all in bf16 with fp32 master weights under
-    torchrun; then, in this process, sampling speed against HF generate (gpu_sampling) and the
-    training steps' MFU (bench_train) at the 1.5B shape."""
+    """The trainers under torchrun, stopped once and resumed; GAD's peak memory; sampling, MFU."""
     if args.predict_only:
         print_predictions()
         return
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(default_device(args.device))
     cuda = device == "cuda"
-    size = GPU_SIZES[args.size or ("qwen" if cuda else "tiny")]
-    work = args.out or tempfile.mkdtemp(prefix="bench-gpu-")
+    name = args.size or ("qwen" if cuda else "tiny")
+    size = GPU_SIZES[name]
+    work = os.path.abspath(args.out or tempfile.mkdtemp(prefix="bench-gpu-"))
     os.makedirs(work, exist_ok=True)
-    log = os.path.join(work, "runs.log")
-    data = os.path.join(work, "data.jsonl")
+    log, data = os.path.join(work, "runs.log"), os.path.join(work, "data.jsonl")
     synthetic_data(data, 256, size["prompt_len"], size["new_tokens"])
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"bench gpu: device {gpu}, torch {torch.__version__}, "
-          f"size {args.size or ('qwen' if cuda else 'tiny')}, "
+    print(f"bench gpu: device {gpu}, torch {torch.__version__}, size {name}, "
           f"runs under torchrun --nproc_per_node=1 (logs: {log})", flush=True)
-    runs = gpu_runs(size, device, data)
     results = {"device": gpu, "torch": torch.__version__, "trainers": {}, "gad_peak": {}}
-    for script, run_args, stop in runs:
-        out = os.path.join(work, script.replace(".py", ""))
-        t0 = time.time()
-        torchrun(script, run_args + ["--out", out, "--stop-after", str(stop)], log)
-        torchrun(script, run_args + ["--out", out, "--resume"], log)
-        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        steps = [(r.get("stage"), r["step"]) for r in rows]
-        assert len(set(steps)) == len(steps) and len(rows) > stop, f"{script}: resumed log {steps}"
-        table = phase_table(rows, PHASES[script], cuda)
-        results["trainers"][script] = {"phases": table, "steps": len(rows),
-                                       "wall_s": time.time() - t0}
-        print_phases(f"{script}: {len(rows)} steps, stopped after {stop} and resumed "
-                     f"({time.time() - t0:.0f} s with model builds and evaluation)", table)
+    for script, run_args, stop in gpu_runs(size, device, data):
+        results["trainers"][script] = trainer_run(script, run_args, stop, work, log, cuda)
     if not args.skip_peak:
-        peak_data = os.path.join(work, "peak.jsonl")
-        synthetic_data(peak_data, 2 * size["peak_prompts"] + 16, size["peak_prompt_len"],
-                       size["peak_new_tokens"])
-        variants = [("AdamW", [])]
-        if not cuda:   # nothing is measured on a CPU: one run shows the path works
-            print("\n8-bit AdamW: measured on CUDA only")
-        elif importlib.util.find_spec("bitsandbytes") is not None:
-            variants.append(("8-bit AdamW", ["--adam8bit"]))
-        else:
-            print("\n8-bit AdamW: not measured (bitsandbytes is not installed)")
-        for label, extra in variants:
-            out = os.path.join(work, "gad_peak" + ("_8bit" if extra else ""))
-            run_args = ["--student", size["big"], "--stage", "gad", "--gad-steps", "2",
-                        "--dtype", "bfloat16", "--device", device, "--data", peak_data,
-                        "--prompts-per-step", str(size["peak_prompts"]),
-                        "--samples-per-prompt", str(size["peak_n"]),
-                        "--max-new-tokens", str(size["peak_new_tokens"]),
-                        "--max-response-len", str(size["peak_new_tokens"]),
-                        "--max-prompt-len", "2048", "--eval-prompts", "0",
-                        "--save-every", "100"] + extra
-            torchrun("gad.py", run_args + ["--out", out], log)
-            step_rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-            table = phase_table(step_rows, PHASES["gad.py"], cuda)
-            print_phases(f"GAD steps at {size['big']}, {label}: {size['peak_prompts']} prompts x "
-                         f"{size['peak_n']} samples x {size['peak_new_tokens']} new tokens", table)
-            last = step_rows[-1]  # the second step: both optimizers' state exists through all of it
-            measured = {p: last.get(f"mem_{p}") for p in PHASES["gad.py"]}
-            results["gad_peak"][label] = measured
-            # the byte tokenizer's prompts: a token a character, and the chat template's few more
-            lengths = (size["peak_prompt_len"] + 32, size["peak_new_tokens"])
-            print_memory(f"the same steps, {label}: the memory arithmetic (prompts of at most "
-                         f"{lengths[0]} tokens) and the measured peaks, GiB",
-                         command_phases("gad.py", run_args, 1, lengths)[1], measured)
+        results["gad_peak"] = gad_peak_runs(size, device, work, log)
     results["sampling"] = gpu_sampling(size, torch.device(device))
     print()
     results["train"] = bench_train(argparse.Namespace(
         model=size["big"], teacher=size["big"], rows=size["train_rows"],
         seq_len=size["train_seq_len"], micro_batch_tokens=size["train_micro_batch_tokens"],
         dtype=None, repeats=3, device=device))
-    with open(os.path.join(work, "bench_gpu.json"), "w") as f:
+    path = os.path.join(work, "bench_gpu.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nresults: {os.path.join(work, 'bench_gpu.json')}")
+    print(f"\nresults: {path}")
 
+
+# --------------------------------------------------------------------------------------------------
+# train: tokens/s and MFU of GAD's PPO update and of a DistiLLM-2 step
 
 def matmul_peak(device, dtype):
-    """FLOP/s of a large matmul in `dtype`: the MFU denominator, measured in the same run (the
-    spec sheet's number is not what a given GPU sustains)."""
+    """FLOP/s of a large matmul in `dtype`, the MFU denominator, measured in the same run."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -573,8 +577,7 @@ def matmul_peak(device, dtype):
 
 
 def synthetic_rollout(rows, prompt_len, response_len, vocab, device, seed=0):
-    """rows x (prompt_len + response_len) random token ids, every position real (no padding):
-    the tokens a training benchmark counts are all computed on."""
+    """rows x (prompt_len + response_len) random token ids, every position real (no padding)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (rows, prompt_len + response_len), generator=g)
     ones = torch.ones_like(ids)
@@ -583,9 +586,7 @@ def synthetic_rollout(rows, prompt_len, response_len, vocab, device, seed=0):
 
 
 def train_models(name, device, dtype):
-    """A trainable model as the trainers build it: fp32 weights and (fused, on CUDA) AdamW,
-    activation checkpointing, forward passes under `dtype` autocast."""
-    import common
+    """A model as the trainers train it: fp32, AdamW, activation checkpointing, autocast."""
     model = models.load_model(name, device=device, seed=0)
     models.checkpoint_activations(model)
     model.train()
@@ -593,16 +594,22 @@ def train_models(name, device, dtype):
     return model, opt, models.autocast(device, dtype)
 
 
+def distillm2_step(model, teacher, opt, rollouts, rows, micro_batch_tokens, amp):
+    """distillm2.accumulate's passes and the optimizer step, without its bookkeeping."""
+    for ro, fn, kw in ((rollouts[0], losses.skl, {"alpha": 0.1}),
+                       (rollouts[1], losses.srkl, {"alpha": 0.1, "stop_grad": True})):
+        for _, part in ro.micro_batches(rows, micro_batch_tokens // 2):
+            weights = distillm2.token_weights(part, "sequence", 2 * rows, None)
+            with amp:
+                loss, _ = distillm2.divergence(fn, model, teacher, part, weights, chunk_size=128,
+                                               **kw)
+            loss.backward()
+    common.clip_and_step(list(model.parameters()), opt, 1.0, sync=None)
+
+
 def bench_train(args):
-    """Tokens/s and MFU of the two training steps that dominate: GAD's PPO update (one optimizer
-    step over rows of prompt + response tokens) and a DistiLLM-2 step (SKL on the teacher's
-    responses + SRKL on the student's, the teacher frozen in bf16). Model FLOPs: 6 N per trained
-    token (2 N forward, 4 N backward; activation checkpointing's recomputed forward is not counted,
-    as MFU conventions do not), + 2 N_teacher per teacher token."""
-    import common
-    import distillm2   # its own step functions: the benchmark measures what the trainer runs
-    import ppo
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Tokens/s and MFU of a PPO update and a DistiLLM-2 step: 6 N FLOPs a trained token."""
+    device = default_device(args.device)
     cuda = device.type == "cuda"
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     peak = matmul_peak(device, models.to_dtype(dtype))
@@ -616,33 +623,21 @@ def bench_train(args):
     N, V = models.num_params(model), model.config.vocab_size
     ro = synthetic_rollout(args.rows, half, args.seq_len - half, V, device)
     adv = torch.randn(args.rows, device=device)
-
-    def ppo_step():
-        ppo.ppo_update(model, opt, ro, adv, None, micro_batch_tokens=args.micro_batch_tokens,
-                       amp=amp)
+    cfg = ppo.PPOConfig(micro_batch_tokens=args.micro_batch_tokens, dtype=dtype)
     tokens = args.rows * args.seq_len
-    rows = [("PPO update", ppo_step, 6 * N * tokens, tokens)]
-
     teacher = models.load_model(args.teacher or args.model, dtype=dtype, device=device, seed=1)
     teacher.eval().requires_grad_(False)
     student_ro = synthetic_rollout(args.rows, half, args.seq_len - half, V, device, seed=1)
-
-    def distillm2_step():   # distillm2.accumulate's passes, without its bookkeeping
-        for ro_, fn, kw in ((ro, losses.skl, {"alpha": 0.1}),
-                            (student_ro, losses.srkl, {"alpha": 0.1, "stop_grad": True})):
-            for _, part in ro_.micro_batches(args.rows, args.micro_batch_tokens // 2):
-                weights = distillm2.token_weights(part, "sequence", 2 * args.rows, None)
-                with amp:
-                    loss, _ = distillm2.divergence(fn, model, teacher, part, weights, 128, **kw)
-                loss.backward()
-        common.clip_and_step(list(model.parameters()), opt, 1.0, sync=None)
     N_t = models.num_params(teacher)
-    rows.append(("DistiLLM-2 step", distillm2_step, 2 * (6 * N + 2 * N_t) * tokens, 2 * tokens))
-    # MFU against the matmul peak measured above, not the spec sheet's (not comparable to
-    # published MFU); 6 N counts the LM head at prompt positions too, where it does not run
-    # (~8% over at 1.5B), and leaves attention's own FLOPs out (~6% at 2K tokens)
+    steps = [("PPO update", functools.partial(ppo.ppo_update, model, opt, ro, adv, None, cfg=cfg),
+              6 * N * tokens, tokens),
+             ("DistiLLM-2 step", functools.partial(distillm2_step, model, teacher, opt,
+                                                   (ro, student_ro), args.rows,
+                                                   args.micro_batch_tokens, amp),
+              2 * (6 * N + 2 * N_t) * tokens, 2 * tokens)]
+    # MFU* against the matmul peak measured above, not the spec sheet's (see the notes)
     print(f"  {'step':<16} {'s/step':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU*':>6}")
-    for label, fn, flops, n_tokens in rows:
+    for label, fn, flops, n_tokens in steps:
         fn()                                                    # warm-up: allocator, kernels
         seconds = statistics.median(time_call(fn, device) for _ in range(args.repeats))
         results[label] = {"seconds": seconds, "tok_s": n_tokens / seconds,
@@ -654,17 +649,13 @@ def bench_train(args):
 
 # --------------------------------------------------------------------------------------------------
 # memory arithmetic: the per-rank peak of every GPU command, phase by phase, from the model configs
-# (nothing is allocated: the models are built on the meta device). Each phase lists the tensors
-# alive at its largest moment: the model states held throughout, and what the phase adds (a KV
-# cache, a micro-batch's activations, [chunk, V] logits, gradients...). tests/test_memory_model.py
-# runs each phase's own code at a small shape and checks that these sums bound its live tensors,
-# closely. GiB = 2^30 bytes throughout.
+# (built on the meta device). Each phase lists the tensors alive at its largest moment ({term:
+# bytes}); tests/test_memory_model.py checks them against each phase's own code at a small shape.
+# How each term is counted: docs/implementation-notes.md. GiB = 2^30 bytes throughout.
 
 GiB = 2**30
-# An 80 GB A100 / H100 offers 79.2 GiB (torch.cuda.mem_get_info). The arithmetic counts tensors;
-# the headroom is for what it does not see: the CUDA context, cuBLAS and attention workspaces
-# (~1 GiB), NCCL's buffers at 8 ranks (~1-2 GiB) and the caching allocator's fragmentation (~5% of
-# a 70 GiB peak).
+# An 80 GB A100 / H100 offers 79.2 GiB (torch.cuda.mem_get_info); the headroom is for what the
+# arithmetic does not see (CUDA context, workspaces, NCCL buffers, fragmentation)
 GPU_GIB, HEADROOM_GIB = 79.2, 8.0
 # the presets' model names -> their shapes (models.RANDOM_QWEN: the hub configs, random weights)
 SHAPES = {f"qwen2.5-{s}": f"random-qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b")}
@@ -676,15 +667,11 @@ GPU_COMMANDS = [
      ["--teacher", "qwen2.5-7b", "--student", "qwen2.5-1.5b"], 8),
     ("amm.py, 8 GPUs", "amm.py", ["--teacher", "qwen2.5-7b", "--student", "qwen2.5-1.5b"], 8),
 ]
-# peft's LoRA dropout keeps a mask for backward: CUDA's fused dropout a 1-byte one, the CPU's an
-# fp32 noise tensor (the CPU test sets 4)
+# peft's LoRA dropout keeps a mask for backward: CUDA's a 1-byte one, the CPU's fp32 (the CPU
+# test sets 4)
 LORA_MASK_BYTES = 1
-# Bytes per [chunk, V] number alive at once in a chunk of full-vocabulary work, counted op by op
-# (tests/test_memory_model.py): sample._ChunkedTokenLogprobs' forward (bf16 logits, their fp32 copy
-# over the temperature, log-sum-exp; with the entropy, its exp, product, mask and where) and
-# backward (probabilities, the bf16 logits and gradient); losses._FusedKDLoss's forward (both
-# models' bf16 logits, log q, log p, the mixture, the KL's products and their gradients: SKL / SRKL,
-# AMM's moments); amm.adversary_backward (p, q, f(s) and the objective's graph).
+# bytes per [chunk, V] number alive at once in a chunk of full-vocabulary work, counted op by op
+# (tests/test_memory_model.py; the ops: docs/implementation-notes.md)
 CHUNK_BYTES = {"logprobs": 8, "logprobs+entropy": 21, "logprobs backward": 8, "kd": 44,
                "amm": 28, "moments": 24, "adversary": 25}
 
@@ -721,8 +708,7 @@ class Arch:
 
 
 def all_reduce_buckets(sizes, bucket_numel=2**24):
-    """common.all_reduce_grads' buckets: gradients in order until a bucket reaches bucket_numel
-    numbers (torch.cat copies each bucket flat while it is summed)."""
+    """common.all_reduce_grads' buckets: gradients in order until one reaches bucket_numel."""
     buckets, size = [], 0
     for n in sizes:
         size += n
@@ -732,8 +718,7 @@ def all_reduce_buckets(sizes, bucket_numel=2**24):
 
 
 def arch(name):
-    """The Arch of a preset's model name, built on the meta device (no weights, no download); any
-    other name is loaded (the tiny models of the CPU flow)."""
+    """The Arch of a preset's model name, built on the meta device; any other name is loaded."""
     name = SHAPES.get(name, name)
     if name in models.RANDOM_QWEN:
         return Arch.of(models.random_qwen(name, device="meta"))
@@ -742,26 +727,21 @@ def arch(name):
 
 @dataclass(frozen=True)
 class Net:
-    """A model as a phase runs it: its shape and the bytes of an element of its matmul weights as
-    stored (wb), of its residual stream (rb: its embedding's; 4 for fp32 master weights and for
-    models.frozen_copy's reference, 2 for a bf16 teacher) and of its matmuls (cb: 2 under bf16
-    autocast, else wb); lora: the rank of peft's adapters on every projection (0: none)."""
+    """A model as a phase runs it: bytes a weight (wb), a residual (rb), a matmul number (cb)."""
     arch: Arch
     wb: int
     rb: int
     cb: int
-    lora: int = 0
+    lora: int = 0       # peft's adapter rank (0: none)
 
     @property
     def rope(self):
-        """Keys and queries out of the rotary embedding: cos and sin come in the residual's dtype,
-        so a bf16 key times an fp32 cos is fp32."""
+        """Keys and queries out of the rotary embedding (a bf16 key times an fp32 cos is fp32)."""
         return max(self.rb, self.cb)
 
     @property
     def head_cast(self):
-        """The chunked LM-head paths cast the head once to the compute dtype: a [V, H] copy when it
-        is stored in another (a tied head is stored as the embedding)."""
+        """The chunked paths' cast of the LM head to the compute dtype, when stored in another."""
         a = self.arch
         stored = self.rb if a.head == 0 else self.wb
         return 0 if stored == self.cb else self.cb * a.vocab * a.hidden
@@ -769,8 +749,7 @@ class Net:
 
 @dataclass(frozen=True)
 class Batch:
-    """One forward pass: rows x seq padded tokens, `resp` positions of each row read through the
-    LM head (the response's)."""
+    """One forward pass: rows x seq padded tokens, `resp` positions a row through the LM head."""
     rows: int
     seq: int
     resp: int
@@ -793,15 +772,13 @@ def cb_of(args):
 # --- model states ---------------------------------------------------------------------------------
 
 def trained(a, who, adam8bit=False):
-    """fp32 master weights and fused AdamW's state: two fp32 moments (8 B/param; bitsandbytes'
-    8-bit AdamW: 2) and a step count per tensor; the fused kernel makes no temporaries."""
+    """fp32 master weights and fused AdamW's two moments (8-bit: 1 B each) and step counts."""
     return {f"{who}: fp32 weights": 4 * a.params,
             f"{who}: AdamW state": (2 if adam8bit else 8) * a.params + 4 * a.tensors}
 
 
 def reference_bytes(a):
-    """models.frozen_copy: the matmul weights in bf16, the embedding (a tied head with it) and the
-    norms as they were (fp32)."""
+    """models.frozen_copy: the matmul weights in bf16, the embedding and the norms in fp32."""
     matmul = a.layer_linear + a.head
     return 2 * matmul + 4 * (a.params - matmul)
 
@@ -818,49 +795,39 @@ def lora_params(a, r):
     return r * a.layers * ((h + q) * 2 + (h + kv) * 2 + (h + i) * 3)
 
 
-def adversary_params(a, vocab, rank):
+def adversary_params(st, te, args):
     """amm.Adversary's numbers: W = U A of rank r (U [V, r], A [r, H]) or a full [V, H], and b."""
+    a, vocab, rank = te if args.adv_input == "teacher" else st, st.vocab, args.adv_rank
     return (rank * (a.hidden + vocab) if 0 < rank < a.hidden else a.hidden * vocab) + vocab
 
 
 def autocast_copy(a, with_head):
-    """torch.autocast caches the bf16 cast of every fp32 weight that requires grad until the
-    outermost autocast context ends: a rollout holds a bf16 copy of the layers' weights and of the
-    head (sampling calls it as a Linear; the training passes cast it themselves)."""
+    """autocast's cached bf16 casts of the trained weights, held until its context ends (sampling
+    casts the head too)."""
     return 2 * (a.layer_linear + ((a.head or a.embed) if with_head else 0))
 
 
 def gradients(a, who):
-    """fp32 gradients (set to None after each optimizer step)."""
     return {f"{who}: fp32 gradients": 4 * a.params}
 
 
 def all_reduce(a):
-    """The end of common.clip_and_step: all_reduce_grads' flat copy of a bucket (torch.cat), then
-    clip_grad_norm_'s norm of each gradient."""
+    """common.clip_and_step: a bucket's flat copy (torch.cat), then each gradient's norm."""
     return {"gradient all-reduce bucket": 4 * max(a.buckets) + 8 * a.tensors}
 
 
 # --- forward and backward passes ------------------------------------------------------------------
 
-def small_per_token(net):
-    """Per token of a pass: its ids, mask and positions (int64) and the rotary cos and sin."""
-    return 32 + 2 * net.rb * net.arch.head_dim
-
-
 def residual_stream(net, b):
-    """A pass's embeddings (the model keeps them to its end), the current layer's input, the small
-    tensors every layer reads, and the 4D boolean mask (padding rules out sdpa's causal path)."""
+    """A pass's embeddings and current layer input, the small tensors every layer reads (ids,
+    mask, positions, rotary cos and sin) and the 4D boolean mask."""
     a = net.arch
-    return b.tokens * (2 * net.rb * a.hidden + small_per_token(net)) + b.rows * b.seq * b.seq
+    small = 32 + 2 * net.rb * a.head_dim
+    return b.tokens * (2 * net.rb * a.hidden + small) + b.rows * b.seq * b.seq
 
 
 def layer_forward(net, b):
-    """The most a decoder layer's forward makes at once beyond its input, without a graph (no grad,
-    or a checkpointed forward): the attention's normed input, q, k, v (rotary in net.rope; k and v
-    repeated to every head, as a padding mask rules out sdpa's GQA path) and sdpa's bf16 casts;
-    or the MLP's residual sum, normed input and three [T, I] (act(gate), up, their product); with
-    LoRA, down_proj's adapter casts its input to fp32 and drops it out (in training) first."""
+    """The most a decoder layer's forward without a graph makes at once beyond its input."""
     a, rb, cb, rope = net.arch, net.rb, net.cb, net.rope
     attention = rb * a.hidden + a.q_dim * (2 * rope + 4 * cb) + a.kv_dim * (rope + cb)
     mlp = 2 * rb * a.hidden + (cb + 10 + LORA_MASK_BYTES if net.lora else 3 * cb) * a.inter
@@ -868,12 +835,7 @@ def layer_forward(net, b):
 
 
 def layer_recompute(net, b):
-    """What a checkpointed layer's recompute keeps for its backward: the projections' bf16 inputs
-    (autocast casts the normed input once per projection), q, k, v, sdpa's inputs and output, the
-    MLP's four [T, I], the norms' fp32 products, the layer's bf16 weights; then its backward's
-    first gradients (the MLP's [T, I] input, a weight's bf16 gradient and its fp32 cast). LoRA's
-    adapters each keep a dropout mask and the bf16 cast of their dropped input (down_proj's fp32
-    input and output in flight), and no weight gradient but theirs."""
+    """What a checkpointed layer's recompute keeps, and its backward's first gradients."""
     a, cb = net.arch, net.cb
     saved = b.tokens * (cb * (4 * a.inter + 11 * a.hidden + 2 * a.kv_dim) + 8 * a.hidden)
     if net.lora:
@@ -884,21 +846,17 @@ def layer_recompute(net, b):
 
 
 def checkpoints(net, b):
-    """Activation checkpointing keeps each layer's input (the residual stream: the embeddings and
-    every layer's output), the final norm's fp32 products, and what every layer reads."""
+    """Activation checkpointing: each layer's input, the final norm's products, the small ones."""
     return residual_stream(net, b) + b.tokens * net.arch.hidden * (net.rb * net.arch.layers + 8)
 
 
 def chunk_work(net, b, chunk, kind):
-    """A chunk of full-vocabulary work over a pass's response positions: CHUNK_BYTES[kind] a
-    number of [chunk, V] (fewer rows when the pass has fewer positions)."""
+    """CHUNK_BYTES[kind] a number of [chunk, V] (fewer rows when the pass has fewer positions)."""
     return CHUNK_BYTES[kind] * min(chunk, b.rows * b.resp) * net.arch.vocab
 
 
 def scoring_pass(net, b, chunk, head=True):
-    """The largest moment of a pass without grad: a layer's forward, the final norm (its fp32
-    product and output), and (head) sample.sequence_logprobs' LM head at the response positions,
-    `chunk` at a time (old and reference logprobs, the curriculum, the evaluation's NLL)."""
+    """The largest moment of a pass without grad (head: logprobs at the response positions)."""
     a = net.arch
     stream = {"pass: residual stream": residual_stream(net, b)}
     hidden = {"pass: final norm, hidden states": 8 * b.tokens * a.hidden}
@@ -912,15 +870,7 @@ def scoring_pass(net, b, chunk, head=True):
 
 
 def training_pass(net, b, chunk, head=True, passes=1):
-    """The largest moment of a micro-batch's forward and backward with activation checkpointing
-    (the phase counts the gradients: after the first micro-batch they all exist): the forward's
-    last layer or LM head (autocast's copy of the layers' weights held until the forward's
-    autocast context ends), the LM head's backward (_ChunkedTokenLogprobs: its bf16 cast, an fp32
-    [V, H] sum and a bf16 product a chunk), a layer's recompute and backward, the embedding's
-    backward. A trained head tied to the embedding hands its [V, H] gradient to autograd, which
-    keeps it until the embedding's dense gradient joins it, then sums them; `passes` forward
-    passes in one micro-batch (GAD's D: the teacher's rows and the student's) each make their own
-    dense gradient."""
+    """The largest moment of a micro-batch's checkpointed forward and backward, of `passes`."""
     a, M = net.arch, b.rows * b.resp
     ckpt = {"pass: checkpointed layer inputs": passes * checkpoints(net, b)}
     cache = {"pass: autocast bf16 copy": autocast_copy(a, False)} if net.cb < net.wb else {}
@@ -945,13 +895,8 @@ def training_pass(net, b, chunk, head=True, passes=1):
 
 
 def kd_pass(s, t, b, chunk, kind="kd", teacher_forward=True):
-    """The largest moment of a white-box micro-batch: the student's checkpointed forward (its
-    autocast copy held until losses.kd_loss_chunked ends), the teacher's forward without grad
-    (teacher_forward: distillm2.divergence; AMM reads stored hidden states), kd_loss_chunked's
-    forward (both hidden states copied flat, d hidden, a trained head's fp32 [V, H] gradient sum,
-    the chunk's work: CHUNK_BYTES[kind]) and the student's backward (a trained tied
-    head's gradient waits for the embedding's, as in training_pass). s, t: the student's and the
-    teacher's Net."""
+    """The largest moment of a white-box micro-batch (fast_losses.kd_loss_chunked); s, t: the
+    student's and the teacher's Net (teacher_forward False: its hidden states were stored)."""
     a, M = s.arch, b.rows * b.resp
     ckpt = {"pass: checkpointed layer inputs": checkpoints(s, b)}
     cache = {"pass: autocast bf16 copy": (2 * lora_params(a, s.lora) if s.lora      # adapters
@@ -981,8 +926,7 @@ def kd_pass(s, t, b, chunk, kind="kd", teacher_forward=True):
 # --- sampling -------------------------------------------------------------------------------------
 
 def generate_call(prompts, n, prompt_len, new_tokens, batch_size=None, max_tokens=None):
-    """The prompts of sample.rollout's largest generate() call, all prompts at prompt_len tokens
-    (the worst case): its own split by --gen-batch-size and --gen-batch-tokens."""
+    """The prompts of sample.rollout's largest generate() call, all at prompt_len tokens."""
     calls = sample.split_by_budget([(n, prompt_len, new_tokens)] * prompts,
                                    n * (batch_size or prompts), max_tokens)
     return max(b - a for a, b in calls)
@@ -994,10 +938,7 @@ def noise_chunk(vocab, new_tokens):
 
 
 def decode_step(rows, vocab, new_tokens, temperature, top_p):
-    """sample.generate's per-step [rows, V] work beyond the logits: the noise (each generator's
-    [chunk, V], their stack and the previous chunk's while a chunk is drawn), or sample_token's
-    fp32 log-softmax, Gumbel transform and sum (12 B a number; top-p adds the sorted copy, its
-    int64 indices, probabilities, mask and the scatter: 29 B). Greedy decoding draws nothing."""
+    """sample.generate's per-step [rows, V] work beyond the logits (greedy: none)."""
     if temperature == 0:
         return {}
     chunk = noise_chunk(vocab, new_tokens)
@@ -1009,13 +950,12 @@ def decode_step(rows, vocab, new_tokens, temperature, top_p):
 
 
 def compaction(net, rows, new_tokens, temperature, cache):
-    """sample.StaticKV.select: one layer's keys (or values) of the kept rows (at most COMPACT_AT of
-    them) copied at a time, and the noise's kept rows."""
-    kept = {"compaction: a layer's kept rows": int(cache * sample.COMPACT_AT)
+    """fast_decode.StaticKV.select: a layer's keys (or values) of the kept rows, the noise's."""
+    kept = {"compaction: a layer's kept rows": int(cache * fast_decode.COMPACT_AT)
             // (2 * net.arch.layers)}
     if temperature > 0:
         noise = 4 * noise_chunk(net.arch.vocab, new_tokens) * rows * net.arch.vocab
-        kept["compaction: the noise and its kept rows"] = int(noise * (1 + sample.COMPACT_AT))
+        kept["compaction: the noise and its kept rows"] = int(noise * (1 + fast_decode.COMPACT_AT))
     return kept
 
 
@@ -1025,10 +965,7 @@ def kv_bytes(net, rows, tokens):
 
 
 def generate_peak(net, prompts, n, prompt_len, new_tokens, temperature=1.0, top_p=1.0):
-    """The largest moment of one sample.generate call on the static path: the prefill (a layer's
-    forward; its DynamicCache: keys in net.rope out of the rotary embedding, values in the compute
-    dtype), the StaticKV built from it (each layer's prompt keys repeated to n rows on the way), a
-    decode step, a compaction. Besides the output rows' ids and masks."""
+    """The largest moment of one sample.generate call on the static path."""
     a, rows = net.arch, prompts * n
     kv = kv_bytes(net, rows, prompt_len + new_tokens)
     static = {"KV cache (StaticKV)": kv}
@@ -1051,8 +988,7 @@ def rollout_ids(rows, seq):
 # --- the trainers ---------------------------------------------------------------------------------
 
 def micro_batch(items, max_rows, max_tokens):
-    """The largest micro-batch of sample.split_by_budget over items (rows, prompt_len,
-    response_len), all alike: a Batch of a pass over one item's rows."""
+    """The largest micro-batch of sample.split_by_budget over items alike."""
     groups = sample.split_by_budget(items, max_rows, max_tokens)
     rows, p, r = items[0]
     return Batch(max(b - a for a, b in groups), p + r, r)
@@ -1065,9 +1001,7 @@ def gad_states(g, args):
 
 
 def gad_phases(args, world, g, prompt_len, response_len):
-    """[(phase, {term: bytes})] of a GAD step (gad.gad_step) on one of `world` ranks and of the
-    final evaluation; g: the student's Arch. Prompts at prompt_len tokens, samples at
-    --max-new-tokens, teacher responses at response_len (the worst case)."""
+    """[(phase, {term: bytes})] of a GAD step and evaluation on one of `world` ranks."""
     d = discriminator_arch(g)
     prompts, n, cb, new = (args.prompts_per_step // world, args.samples_per_prompt, cb_of(args),
                            args.max_new_tokens)
@@ -1097,8 +1031,7 @@ def gad_phases(args, world, g, prompt_len, response_len):
 
 
 def pair_batch(prompts, n, prompt_len, response_len, args):
-    """The largest pass of D's step: discriminator.pair_batches' micro-batch of student rows and
-    their prompts' teacher rows (scored in two passes; the student's rows are the larger)."""
+    """The largest pass of D's step (discriminator.pair_batches; the student's rows the larger)."""
     batches = discriminator.pair_batches([prompt_len] * prompts, [response_len] * prompts,
                                          [response_len] * (prompts * n), n,
                                          args.micro_batch_size or prompts * (n + 1),
@@ -1107,10 +1040,7 @@ def pair_batch(prompts, n, prompt_len, response_len, args):
 
 
 def gad_eval(args, g, prompt_len):
-    """gad.evaluate after training (the optimizers and the reference freed), on every rank: the
-    trained G and D (cast to --dtype on every rank as rank 0 exports them), a local teacher in
-    --dtype; the initial student in --dtype ("before", freed before "after"); greedy decoding and
-    scoring 8 prompts at a time without autocast."""
+    """gad.evaluate after training: G, D, a local teacher and the initial student in --dtype."""
     wb, new = cb_of(args), args.eval_max_new_tokens
     held = {"G: weights in --dtype": wb * g.params,
             "D: weights in --dtype": wb * discriminator_arch(g).params}
@@ -1123,15 +1053,13 @@ def gad_eval(args, g, prompt_len):
 
 
 def eval_passes(net, b, chunk):
-    """eval.evaluate's largest moment with one model: its greedy decoding of b.rows prompts, or a
-    pass over their rows (NLL, D's scores)."""
+    """eval.evaluate's largest moment with one model: greedy decoding, or a pass over the rows."""
     return largest([generate_peak(net, b.rows, 1, b.seq - b.resp, b.resp, temperature=0),
                     scoring_pass(net, b, chunk)])
 
 
 def distillm2_states(st, te, args):
-    """What a DistiLLM-2 step holds throughout: the teacher in --dtype; the student in fp32 with
-    AdamW, or with --lora-r its base frozen in --dtype and fp32 adapters with AdamW."""
+    """What a DistiLLM-2 step holds throughout: the teacher, the student (or its LoRA)."""
     cb = cb_of(args)
     if not args.lora_r:
         return {"teacher: weights": cb * te.params} | trained(st, "student")
@@ -1141,67 +1069,59 @@ def distillm2_states(st, te, args):
 
 
 def distillm2_phases(args, world, st, te, prompt_len, response_len):
-    """[(phase, {term: bytes})] of a DistiLLM-2 step (distillm2.py's loop) on one of `world` ranks:
-    its epoch's sampling (the teacher's and the student's responses, --gen-batch-size prompts a
-    call), the curriculum, the loss micro-batches, the update; and the final evaluation. st, te:
-    the student's and the teacher's Arch. Responses are cut to fit --max-len
-    (distillm2.fit_length)."""
-    cb, r = cb_of(args), args.lora_r
+    """[(phase, {term: bytes})] of a DistiLLM-2 step and evaluation on one of `world` ranks."""
+    cb, r, new = cb_of(args), args.lora_r, args.max_new_tokens
     student, teacher = Net(st, cb if r else 4, cb if r else 4, cb, r), Net(te, cb, cb, cb)
     trains = (replace(st, params=lora_params(st, r), buckets=(lora_params(st, r),),
                       tensors=14 * st.layers) if r else st)
-    call = generate_call(args.gen_batch_size, 1, prompt_len, args.max_new_tokens,
-                         args.gen_batch_size, args.gen_batch_tokens)
-    if args.max_len and prompt_len + response_len > args.max_len:
+    call = generate_call(args.gen_batch_size, 1, prompt_len, new, args.gen_batch_size,
+                         args.gen_batch_tokens)
+    if args.max_len and prompt_len + response_len > args.max_len:   # distillm2.fit_length
         response_len = args.max_len - args.max_prompt_len
     prompts = args.prompts_per_step // world
     mb = micro_batch([(2, prompt_len, response_len)] * prompts, args.micro_batch_size,
                      args.micro_batch_tokens)
-    held = distillm2_states(st, te, args) | rollout_ids(prompts, prompt_len + response_len)
+    states = distillm2_states(st, te, args)
+    held = states | rollout_ids(prompts, prompt_len + response_len)
     cache = {"student: autocast bf16 copy": 2 * lora_params(st, r) if r
              else autocast_copy(st, False)}
+    grads = gradients(trains, "student")
     return [
-        ("sampling", distillm2_states(st, te, args)
-         | rollout_ids(2 * call, prompt_len + args.max_new_tokens)
-         | largest([generate_peak(teacher, call, 1, prompt_len, args.max_new_tokens,
-                                  args.temperature, args.top_p),
-                    cache | generate_peak(student, call, 1, prompt_len, args.max_new_tokens,
-                                          args.temperature, args.top_p)])),
+        ("sampling", states | rollout_ids(2 * call, prompt_len + new)
+         | largest([generate_peak(teacher, call, 1, prompt_len, new, args.temperature,
+                                  args.top_p),
+                    cache | generate_peak(student, call, 1, prompt_len, new, args.temperature,
+                                          args.top_p)])),
         ("curriculum", held | cache | largest([scoring_pass(net, mb, args.chunk_size)
                                                for net in (teacher, student)])),
-        ("losses", held | gradients(trains, "student")
-         | kd_pass(student, teacher, mb, args.chunk_size)),
-        ("update", held | gradients(trains, "student") | all_reduce(trains)),
+        ("losses", held | grads | kd_pass(student, teacher, mb, args.chunk_size)),
+        ("update", held | grads | all_reduce(trains)),
         ("eval", white_box_eval(args, st, te, prompt_len)),
     ]
 
 
 def amm_states(st, te, args):
-    """What an AMM step holds throughout: the student (fp32, AdamW), the teacher in --dtype, the
-    two adversaries (fp32 weights and AdamW state)."""
-    adv = adversary_params(te if args.adv_input == "teacher" else st, st.vocab, args.adv_rank)
+    """What an AMM step holds throughout: the student, the teacher, the two adversaries."""
     return trained(st, "student") | {"teacher: weights": cb_of(args) * te.params,
-                                     "adversaries: fp32 weights and AdamW state": 24 * adv + 24}
+                                     "adversaries: fp32 weights and AdamW state":
+                                     24 * adversary_params(st, te, args) + 24}
 
 
 def amm_phases(args, world, st, te, prompt_len, response_len):
-    """[(phase, {term: bytes})] of an AMM step (amm.py's loop) on one of `world` ranks and of the
-    final evaluation; st, te: the student's and the teacher's Arch. Each side (on: the student's
-    k samples a prompt, off: the teacher's response) keeps its models' hidden states at the
-    response positions through the step (amm.make_sides), and amm.py's loop keeps the previous
-    step's until make_sides returns."""
+    """[(phase, {term: bytes})] of an AMM step and evaluation on one of `world` ranks."""
     cb, k, new = cb_of(args), args.samples_per_prompt, args.max_new_tokens
     student, teacher = Net(st, 4, 4, cb), Net(te, cb, cb, cb)
     prompts = args.prompts_per_step // world
-    adv = adversary_params(te if args.adv_input == "teacher" else st, st.vocab, args.adv_rank)
+    adv = adversary_params(st, te, args)
     held = amm_states(st, te, args) | rollout_ids(prompts * (k + 1), prompt_len + new)
+    # each side keeps its models' hidden states at the response positions (amm.make_sides), and
+    # the loop keeps the previous step's until make_sides returns
     sides = prompts * (k + 1) * new * (cb * te.hidden + 4 * st.hidden + 8)
     previous = {"the previous step's sides": sides}
     current = {"sides: the samples' hidden states": sides}
-    calls = [(student, generate_call(prompts, k, prompt_len, new, args.gen_batch_size,
-                                     args.gen_batch_tokens), k),
-             (teacher, generate_call(prompts, 1, prompt_len, new, args.gen_batch_size,
-                                     args.gen_batch_tokens), 1)]
+    calls = [(net, generate_call(prompts, n, prompt_len, new, args.gen_batch_size,
+                                 args.gen_batch_tokens), n)
+             for net, n in ((student, k), (teacher, 1))]
     mb = micro_batch([(1, prompt_len, new)] * (prompts * k), args.micro_batch_size,
                      args.micro_batch_tokens)
     adv_grads = {"adversaries: fp32 gradients": 8 * adv}
@@ -1223,10 +1143,7 @@ def amm_phases(args, world, st, te, prompt_len, response_len):
 
 
 def amm_scoring(student, teacher, mb, adv, args):
-    """AMM's passes without grad: each side's hidden states from both models, then its moments and
-    L1 distances a chunk at a time (kd_loss_chunked without grad: the student's head cast, the
-    adversary's autocast copy); the student's autocast copy is held throughout (amm.student_moves
-    computes the hidden states and the moments in one autocast context)."""
+    """AMM's passes without grad: both models' hidden states, then the moments by chunks."""
     a = student.arch
     cache = {"student: autocast bf16 copy": autocast_copy(a, False)}
     moments = {"moments: student head cast": student.head_cast,
@@ -1237,10 +1154,7 @@ def amm_scoring(student, teacher, mb, adv, args):
 
 
 def adversary_chunk(student, teacher, positions, adv, args):
-    """amm.adversary_backward on the on-policy side (the larger): its hidden states at the response
-    positions copied out (the student's, the teacher's, the adversary's input: the teacher's
-    again), and a chunk: the student's head cast by autocast (cached for the chunk), the
-    adversary's autocast copy, p, q, f(s) and the objective's graph."""
+    """amm.adversary_backward on the on-policy side (the larger)."""
     a, t = student.arch, teacher.arch
     return {"adversary: hidden states at response positions":
             positions * (4 * a.hidden + 2 * teacher.rb * t.hidden + 4),
@@ -1251,10 +1165,7 @@ def adversary_chunk(student, teacher, positions, adv, args):
 
 
 def white_box_eval(args, st, te, prompt_len):
-    """eval.white_box_final after training (the optimizers freed): the trained student (LoRA merged
-    into its base; cast to --dtype on every rank as rank 0 exports it), the initial student and
-    the teacher in --dtype; greedy decoding of 8 prompts without autocast, the held-out KLs
-    (kd_loss_chunked without grad) and NLLs on 8 rows."""
+    """eval.white_box_final after training: both students and the teacher in --dtype."""
     cb, new = cb_of(args), args.max_new_tokens
     held = {"trained student": cb * st.params, "initial student": cb * st.params,
             "teacher: weights": cb * te.params}
@@ -1269,15 +1180,10 @@ def white_box_eval(args, st, te, prompt_len):
 # --- the commands ---------------------------------------------------------------------------------
 
 def command_phases(script, argv, world, lengths=None):
-    """(parsed arguments, phases) of `torchrun --nproc_per_node=world script argv`: the trainer's
-    own parser fills the preset; lengths = (longest prompt, longest response), by default every
-    prompt at --max-prompt-len and every response at --max-new-tokens (the worst case)."""
-    import amm
-    import distillm2
-    import gad
-    trainer = {"gad.py": gad, "distillm2.py": distillm2, "amm.py": amm}[script]
+    """(parsed arguments, phases) of `torchrun --nproc_per_node=world script argv`; lengths:
+    (longest prompt, longest response), by default the worst case."""
     with contextlib.redirect_stdout(io.StringIO()):     # the preset it prints
-        args = trainer.parse_args(argv)
+        args = TRAINERS[script].parse_args(argv)
     prompt_len, response_len = lengths or (args.max_prompt_len, args.max_new_tokens)
     if script == "gad.py":
         return args, gad_phases(args, world, arch(args.student), prompt_len, response_len)
@@ -1293,8 +1199,8 @@ def peak(phases):
 
 
 def print_memory(title, phases, measured=None):
-    """A command's phases as one table, GiB: each term (rows) in each phase (columns), the totals
-    with the peak marked *, and the measured peaks ({phase: GiB}) when given."""
+    """A command's phases as one table, GiB: a row a term, a column a phase; measured: {phase:
+    GiB}."""
     names = [p for p, _ in phases]
     terms = list(dict.fromkeys(t for _, d in phases for t in d))
     totals = [sum(d.values()) / GiB for _, d in phases]
@@ -1314,8 +1220,7 @@ def print_memory(title, phases, measured=None):
 
 
 def print_predictions():
-    """bench.py gpu --predict-only: each README GPU command's phases, then their peaks against an
-    80 GB card less the headroom."""
+    """gpu --predict-only: each README GPU command's phases, then their peaks."""
     rows = []
     for label, script, argv, world in GPU_COMMANDS:
         args, phases = command_phases(script, argv, world)
@@ -1334,11 +1239,15 @@ def print_predictions():
         print(f"  {label:<22} {total:>6.1f}  {phase:<10} {'fits' if total <= limit else 'OVER'}")
 
 
-def main():
+# --------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sample",
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s = sub.add_parser("sample", parents=[device],
                        help="tokens/s of sample.generate vs HF generate(num_return_sequences=n)")
     s.add_argument("--models", default="tiny,smollm2-135m", help="comma-separated model names")
     s.add_argument("--n", type=int, default=8, help="samples per prompt")
@@ -1347,13 +1256,12 @@ def main():
                    help="prompt tokens (ShareGPT prompts cut to this)")
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample")
     s.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--stop", choices=["none", "eos"], default="none",
                    help="none: every sample makes --max-new-tokens; eos: samples end at their "
                         "end-of-turn token")
     s.add_argument("--hf-static", action="store_true",
                    help="also HF generate(cache_implementation='static')")
-    k = sub.add_parser("losses",
+    k = sub.add_parser("losses", parents=[device],
                        help="peak memory and time of the full-vocab KD losses, naive vs chunked")
     k.add_argument("--vocab", type=int, default=151936,
                    help="vocabulary size (Qwen2.5 student: 151936)")
@@ -1369,11 +1277,11 @@ def main():
                    help=f"comma-separated, from {','.join(KD_LOSSES)}")
     k.add_argument("--repeats", type=int, default=1,
                    help="timed forward+backward per variant (median reported)")
-    k.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     k.add_argument("--worker", choices=["naive", "chunked"], default=None, help=argparse.SUPPRESS)
     k.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     k.add_argument("--loss", default=None, help=argparse.SUPPRESS)
-    tr = sub.add_parser("train", help="tokens/s and MFU of the PPO update and a DistiLLM-2 step")
+    tr = sub.add_parser("train", parents=[device],
+                        help="tokens/s and MFU of the PPO update and a DistiLLM-2 step")
     tr.add_argument("--model", default="tiny", help="student (random-qwen2.5-1.5b on a GPU)")
     tr.add_argument("--teacher", default=None, help="DistiLLM-2's teacher (default: --model)")
     tr.add_argument("--rows", type=int, default=4, help="sequences per optimizer step")
@@ -1382,8 +1290,6 @@ def main():
                     help="padded tokens per forward/backward (the trainers' 12288 on a GPU)")
     tr.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     tr.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
-    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    import quality
     quality.add_arguments(sub.add_parser(
         "quality", help="every distillation method on one teacher / student pair, one table"))
     gp = sub.add_parser("gpu", help="the three trainers under torchrun in bf16: s/step and peak "
@@ -1395,13 +1301,12 @@ def main():
     gp.add_argument("--skip-peak", action="store_true", help="leave out the GAD peak-memory runs")
     gp.add_argument("--predict-only", action="store_true",
                     help="print the memory arithmetic of every GPU command and stop")
-    args = p.parse_args()
-    if args.cmd == "quality":
-        import quality
-        sys.exit(quality.main(args))
-    {"sample": bench_sample, "losses": bench_losses, "train": bench_train,
-     "gpu": bench_gpu}[args.cmd](args)
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main()
+    args = parse_args()
+    if args.cmd == "quality":
+        sys.exit(quality.main(args))
+    {"sample": bench_sample, "losses": bench_losses, "train": bench_train,
+     "gpu": bench_gpu}[args.cmd](args)

@@ -1,11 +1,6 @@
-"""Training curves: `python plot.py RUN_DIR_OR_METRICS_JSONL [-o out.png]` draws the metrics.jsonl
-of a gad.py, distillm2.py or amm.py run as one PNG, a small panel per metric.
-
-The trainer is recognised from the keys of the rows. x is the step across stages: the row's index
-in metrics.jsonl, which holds one row per step (a resumed run drops the rows after its checkpoint
-before logging them again), whereas gad.py's `step` restarts at each stage; --wandb logs under the
-same step. Dashed lines mark where gad.py's stage or distillm2.py's epoch changes. matplotlib is
-optional: pip install matplotlib.
+"""Training curves: `python dev/plot.py RUN_DIR_OR_METRICS_JSONL [-o out.png]` draws the
+metrics.jsonl of a gad.py, distillm2.py or amm.py run as one PNG, a small panel per metric (x: the
+step across stages; dashed lines: a stage or an epoch changes). Needs matplotlib.
 """
 
 import argparse
@@ -38,8 +33,8 @@ def trainer_of(rows):
 
 
 def series(rows, key):
-    """(x, y) of the rows that hold `key` as a number: a metric that some stages do not log (kl in
-    GAD's warmup, sft_loss in its GAD stage) is drawn where it is logged."""
+    """(x, y) of the rows that hold `key` as a number. x: the row's index in metrics.jsonl (one a
+    step; gad.py's `step` restarts at each stage); a metric only some stages log is drawn there."""
     xs = [i for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
     return xs, [rows[i][key] for i in xs]
 

@@ -1,65 +1,21 @@
 """The distillation benchmark: every method here on one teacher / student pair, under one stated
-budget, each final student scored by us on the same held-out prompts.
+budget, each final student scored by us on the same held-out prompts. What it measures and how:
+docs/implementation-notes.md (dev/quality.py).
 
-    python bench.py quality --budget tiny --out runs/q-tiny    # tiny random pair: ~1 min, 2 cores
-    python bench.py quality --budget cpu --out runs/q-cpu      # SmolLM2-135M -> its 24-layer cut
-    python bench.py quality --budget gpu --out runs/q-gpu      # Qwen2.5-1.5B -> 0.5B, one GPU
-    python quality.py --budget tiny --methods seqkd,gad        # standalone, a subset of the rows
+    python dev/bench.py quality --budget tiny --out runs/q-tiny  # tiny random pair: ~1 min, 2 cores
+    python dev/bench.py quality --budget cpu --out runs/q-cpu    # SmolLM2-135M -> its 24-layer cut
+    python dev/bench.py quality --budget gpu --out runs/q-gpu    # Qwen2.5-1.5B -> 0.5B, one GPU
+    python dev/quality.py --budget tiny --methods seqkd,gad      # standalone, a subset of the rows
 
-Rows (the student before and the teacher are always there: every delta is against the first):
-  - student (before): the undistilled student;
-  - SeqKD (Kim & Rush 2016, arXiv 1606.07947; the GAD paper's baseline): SFT on teacher samples,
-    `gad.py --stage seqkd` (not distillm2.py's forward KL, which is word-level KD on the full
-    teacher distribution, a white-box method);
-  - GAD (arXiv 2511.10643): `gad.py --stage all`, warmup then GAD;
-  - DistiLLM-2 (arXiv 2503.07067): `distillm2.py --loss distillm2`;
-  - DistiLLM's SKL and SRKL (arXiv 2402.03898): `distillm2.py --loss skl|srkl`;
-  - GKD (arXiv 2306.13649): `distillm2.py --loss jsd --on-policy-fraction 0.5` (TRL's GKD,
-    beta 0.5);
-  - on-policy distillation: `distillm2.py --loss rkl --on-policy-fraction 1`, the full-vocabulary
-    reverse KL on the student's own samples (GKD with lambda 1, beta 1);
-  - AMM (arXiv 2406.02959, our reconstruction): `amm.py`;
-  - the teacher itself.
-Each trainer runs as a subprocess into OUT/runs/<method>_s<seed> with its own evaluation off;
-its exported OUT/.../student is then scored here. The black-box rows (SeqKD, GAD) train on teacher
-responses sampled once by sample.py's machinery into OUT/teacher.jsonl (resumable, reused by every
-row and rerun); the white-box rows sample their teacher themselves, as their methods do.
-
-The budget is the same for every row: the student's optimizer steps, the prompts per step, the
-response length and the training prompts; each row records its wall time and the tokens it
-sampled (the trainers' compute counters). GAD's first --freeze-g-steps warmup steps train only the
-discriminator, so it runs that many more steps for the same number of student updates.
-
-Metrics, on the held-out prompts, with their teacher responses (eval.py's functions):
-  - teacher_nll, the PRIMARY metric: nats/token of the student's own samples under the teacher
-    (greedy by default, as eval.py), the fairest offline quality metric for all these methods. A
-    student that repeats what the teacher finds likely also scores well on it: read it beside
-    distinct_2 and length (the learning-rate sweep picks by it alone);
-  - heldout_fkl, heldout_rkl: token-mean forward and reverse KL on the teacher's responses;
-  - student_nll: nats/token of the teacher's responses under the student;
-  - rouge_l against the teacher's samples, length (tokens, end-of-turn included), end_of_turn (the
-    share of samples that stop on a stop id: sample.stop_ids, the chat's end of turn first),
-    distinct_2; with --judge, the LLM judge's numbers (judge.py).
-SeqKD, GAD, DistiLLM-2 and on-policy run --seeds seeds; the others one. The ordering claims of the
-papers (GAD better than SeqKD; DistiLLM-2 better than GKD, SKL and SRKL) are judged on the primary
-metric: "within noise" when the difference of the means is at most the larger seed range
-(max - min) of the two rows, else "holds" or "does not hold".
-
-OUT gets quality.json (every number, per seed), quality.md (the tables; the metrics tables are
-reproducible, the cost table holds wall times), quality.png (primary metric against student updates,
-with matplotlib). The curve is the first seed's: the trainers keep one ckpt.pt, so a run with
---curve-points k stops at k - 1 checkpoints (--stop-after), is scored there and goes on (--resume);
-without, the plot has the student before and the end. A killed benchmark continues: a run with a
-result.json is not run again, a run cut mid-way resumes from its last checkpoint (the trainers'
---resume is bit-exact on CPU). Two runs of one command give the same metrics to the last bit on
-CPU with the same thread count (OMP_NUM_THREADS; the tiny budget sets 1 unless it is set).
-
-The tiny budget checks the pipeline, not the methods: its teacher samples random bytes, which do
-not all decode to text, so its responses re-tokenized (SeqKD's targets, the KL yardstick) are not
-exactly the sampled ones.
+Rows (every delta is against the first): the student before; SeqKD (Kim & Rush 2016, arXiv
+1606.07947) and GAD (arXiv 2511.10643) by gad.py; DistiLLM-2 (arXiv 2503.07067), DistiLLM's SKL and
+SRKL (arXiv 2402.03898), GKD (arXiv 2306.13649) and on-policy reverse KL by distillm2.py; AMM (arXiv
+2406.02959, our reconstruction) by amm.py; the teacher. Primary metric: teacher_nll, nats/token of
+the student's own samples under the teacher. OUT gets quality.json, quality.md and quality.png.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -68,17 +24,22 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)   # the project's modules, run as `python dev/quality.py` from anywhere
 
 import common
 import data as data_lib
 import eval as eval_lib
+import files
 import judge
 import models
-import sample
+import teacher as teacher_lib
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 SPLIT_SEED = 0        # the held-out prompts do not depend on --seed: every run is scored alike
 PRIMARY = "teacher_nll"
 EPOCHS = 2            # white-box rows: their training prompts twice (DistiLLM-2 regenerates per
@@ -184,15 +145,14 @@ def add_arguments(p):
 # data: prompts split once by a hash of their id, teacher responses sampled once
 
 def split_order(records):
-    """Records in the order of a hash of (SPLIT_SEED, id): the same prompts land in the same split
-    whatever --seed is or how many prompts the budget asks for."""
-    key = lambda r: hashlib.sha1(f"{SPLIT_SEED}:{r['id']}".encode("utf-8")).hexdigest()
-    return sorted(records, key=key)
+    """Records in the order of a hash of (SPLIT_SEED, id): a prompt's split is the same whatever
+    --seed is or how many prompts the budget asks for."""
+    return sorted(records,
+                  key=lambda r: hashlib.sha1(f"{SPLIT_SEED}:{r['id']}".encode("utf-8")).hexdigest())
 
 
 def candidate_prompts(b, tok, need):
-    """At least `need` prompts of at most max_prompt_len tokens (the student's tokenizer, which the
-    teacher shares), in split order."""
+    """At least `need` prompts of at most max_prompt_len tokens, in split order."""
     if b["data"] == "tiny":
         records = data_lib.tiny_prompts(2 * need, SPLIT_SEED)
     else:
@@ -208,20 +168,18 @@ def candidate_prompts(b, tok, need):
 
 def prepare_data(b, out, tok, seed, device):
     """The test, dev and train records, each with a teacher response sampled once at temperature 1
-    (the teacher's own distribution: the held-out KLs then estimate KL on its states) into
-    OUT/teacher.jsonl by sample.sample_records, resumable. Prompts whose response came back empty
-    are dropped (it would only teach stopping at once, and data.py reads it as no response)."""
+    into OUT/teacher.jsonl (resumable); prompts whose response came back empty are dropped."""
     n_train = b["updates"] * b["prompts_per_step"] // EPOCHS
     need = b["test_prompts"] + b["dev_prompts"] + n_train
     pool = candidate_prompts(b, tok, need)
     path = os.path.join(out, "teacher.jsonl")
     take = need + need // 4 + 4
     while True:
-        cfg = sample.settings(model=b["teacher"], out=path, max_new_tokens=b["max_new_tokens"],
-                              temperature=1.0, top_p=1.0, seed=seed,
-                              max_prompt_len=b["max_prompt_len"], batch_size=b["gen_batch_size"],
-                              dtype=b["dtype"], device=device)
-        stats = sample.sample_records(pool[:take], cfg)
+        cfg = teacher_lib.settings(model=b["teacher"], out=path,
+                                   max_new_tokens=b["max_new_tokens"], temperature=1.0, top_p=1.0,
+                                   seed=seed, max_prompt_len=b["max_prompt_len"],
+                                   batch_size=b["gen_batch_size"], dtype=b["dtype"], device=device)
+        stats = teacher_lib.sample_records(pool[:take], cfg)
         if stats["failed"] or stats["too_long"]:
             raise RuntimeError(f"sampling the teacher into {path}: {dict(stats)}")
         done = {r["id"]: r["teacher_response"] for r in data_lib.read_records(path)[0]}
@@ -240,17 +198,23 @@ def write_jsonl(path, records):
     text = "".join(json.dumps({"id": r["id"], "messages": r["messages"],
                                "teacher_response": r["teacher_response"]}, ensure_ascii=False)
                    + "\n" for r in records)
-    common.atomic_write_text(path, text)
+    files.atomic_write_text(path, text)
     return path
 
 
+def read_json(path):
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
-# trainer commands: the same budget in each trainer's flags
+# the trainers' commands: every row makes the budget's student updates
 
 def stage_plan(method, b):
-    """(stages [(name, steps)], steps per epoch or None): the trainer steps of a run. Every row
-    makes b["updates"] student updates; GAD's warmup freezes the student for its first
-    --freeze-g-steps, so GAD runs that many steps more."""
+    """(stages [(name, steps)], steps per epoch or None): a run's trainer steps. GAD's warmup
+    freezes the student for its first --freeze-g-steps, so GAD runs that many steps more."""
     u, g = b["updates"], b["gad"]
     if method == "gad":
         warmup = g["warmup_steps"]
@@ -261,8 +225,7 @@ def stage_plan(method, b):
 
 
 def student_updates(method, b, step):
-    """Student optimizer steps after `step` trainer steps (GAD: its frozen warmup steps make
-    none)."""
+    """Student optimizer steps after `step` trainer steps (GAD's frozen warmup steps make none)."""
     if method != "gad":
         return step
     warmup, frozen = b["gad"]["warmup_steps"], b["gad"]["freeze_g_steps"]
@@ -270,7 +233,7 @@ def student_updates(method, b, step):
 
 
 def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
-    """The trainer's command-line flags for one run of `method` under budget `b`."""
+    """[script, flags...] of one run of `method` under budget `b`."""
     P, T, n_rows = b["prompts_per_step"], b["max_new_tokens"], data["rows"]
     a = ["--student", b["student_path"], "--dtype", b["dtype"], "--data", data["path"],
          "--limit", str(n_rows), "--max-prompt-len", str(b["max_prompt_len"]),
@@ -316,9 +279,8 @@ def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
 # checkpoints along a run (the curve of quality.png)
 
 def save_points(stages, save_every, epoch_len=None):
-    """Trainer steps (counted across stages) after which a trainer writes OUT/ckpt.pt: every
-    --save-every steps of a stage, at each stage's end (common.end_step) and, distillm2.py, each
-    epoch's end."""
+    """Trainer steps (across stages) after which a trainer writes OUT/ckpt.pt: every --save-every
+    steps of a stage, each stage's end (common.end_step), distillm2.py's epoch ends."""
     points, offset = set(), 0
     for _, steps in stages:
         points |= set(range(offset + save_every, offset + steps + 1, save_every))
@@ -330,8 +292,8 @@ def save_points(stages, save_every, epoch_len=None):
 
 
 def curve_steps(stages, k, epoch_len=None):
-    """(--save-every, the steps to score): k checkpoints about evenly spaced, each one the trainer
-    writes anyway, the last the end of the run. k <= 1: the end only."""
+    """(--save-every, the steps to score): k checkpoints about evenly spaced that the trainer
+    writes anyway, the last the run's end (k <= 1: the end only)."""
     total = sum(steps for _, steps in stages)
     if k <= 1:
         return total, [total]
@@ -369,9 +331,8 @@ def checkpoint_student(b, run_dir, script, device):
 # scoring
 
 class Scorer:
-    """Scores a model on fixed records with teacher responses: eval.evaluate (samples, teacher and
-    student NLLs, ROUGE-L, length, stops) and eval.heldout_divergence (the KLs on the teacher's
-    responses). The teacher is loaded once and kept."""
+    """Scores a model on fixed records with teacher responses (eval.evaluate and
+    eval.heldout_divergence); the teacher is loaded once and kept."""
 
     def __init__(self, b, tok, teacher, records, args, device):
         self.b, self.tok, self.teacher, self.records, self.args = b, tok, teacher, records, args
@@ -402,39 +363,41 @@ def numbers(m):
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def judged(result, key, records, args, out):
-    """With --judge, the result's samples judged (eval.add_judgements, cached in OUT/judge.jsonl):
-    the judge_* numbers join its metrics. A cached result scored before --judge was given is
-    judged now."""
+def scored(m):
+    """A scorer's metrics as a result's: the numbers, the samples, their prompts."""
+    return {"metrics": numbers(m), "samples": m["samples"], "prompt_ids": m["prompt_ids"]}
+
+
+# what every run of one benchmark shares: the budget b (with the student_path every row starts
+# from), the trainers' data {"path", "rows"}, the parsed arguments, OUT and the device
+Setup = namedtuple("Setup", "b data args out device")
+# one training run: a method at one seed and learning rate; curve_k: checkpoints scored on the way
+Run = namedtuple("Run", "method seed lr run_dir curve_k", defaults=[0])
+
+
+def save_result(setup, run_dir, result, scorer):
+    """The result, with --judge its samples judged (cached in OUT/judge.jsonl; a result scored
+    before --judge was given is judged now), into run_dir/result.json."""
+    args = setup.args
     if args.judge and "judge_failed" not in result["metrics"]:
+        key = os.path.basename(run_dir)
         table = {key: dict(result["metrics"], samples=result["samples"],
                            prompt_ids=result["prompt_ids"])}
-        eval_lib.add_judgements(table, records, args, os.path.join(out, "judge.jsonl"))
+        eval_lib.add_judgements(table, scorer.records, args,
+                                os.path.join(setup.out, "judge.jsonl"))
         result["metrics"] = numbers(table[key])
+    files.atomic_write_text(os.path.join(run_dir, "result.json"),
+                            json.dumps(result, indent=1, ensure_ascii=False))
     return result
 
 
-def write_result(path, result):
-    common.atomic_write_text(path, json.dumps(result, indent=1, ensure_ascii=False))
-    return result
-
-
-def read_result(path):
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return None
-
-
-def score_model(run_dir, load, scorer, records, args, out):
+def score_model(setup, run_dir, load, scorer):
     """A fixed row (the student before, the teacher): scored once into run_dir/result.json."""
-    path = os.path.join(run_dir, "result.json")
-    result = read_result(path)
+    result = read_json(os.path.join(run_dir, "result.json"))
     if result is None:
         os.makedirs(run_dir, exist_ok=True)
-        m = scorer(load())
-        result = {"metrics": numbers(m), "samples": m["samples"], "prompt_ids": m["prompt_ids"]}
-    return write_result(path, judged(result, os.path.basename(run_dir), records, args, out))
+        result = scored(scorer(load()))
+    return save_result(setup, run_dir, result, scorer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +405,7 @@ def score_model(run_dir, load, scorer, records, args, out):
 # then its final student scored
 
 def run_trainer(cmd, run_dir, progress):
-    """One trainer process; its output goes to run_dir/train.log, its wall time into progress."""
+    """One trainer process from the repository root; its output to run_dir/train.log."""
     t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
@@ -450,7 +413,7 @@ def run_trainer(cmd, run_dir, progress):
         rc = subprocess.run([sys.executable] + cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
     progress["train_s"] = progress.get("train_s", 0.0) + time.time() - t0
-    common.atomic_write_text(os.path.join(run_dir, "progress.json"), json.dumps(progress))
+    files.atomic_write_text(os.path.join(run_dir, "progress.json"), json.dumps(progress))
     if rc:
         with open(os.path.join(run_dir, "train.log"), encoding="utf-8") as f:
             tail = f.read()[-3000:]
@@ -458,10 +421,8 @@ def run_trainer(cmd, run_dir, progress):
 
 
 def compute_counts(method, run_dir):
-    """What the run spent, from the last row of its metrics.jsonl (common.Compute's cumulative
-    counters) and its rows: trainer steps, student updates (GAD's warmup rows before the student
-    trains have no sft_loss), tokens sampled from the student and the teacher, tokens trained on,
-    FLOPs."""
+    """What the run spent, from its metrics.jsonl: steps, student updates (GAD's rows with a
+    student loss), the last row's cumulative common.Compute counters."""
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     updates = (sum(1 for r in rows if "sft_loss" in r or "pg_loss" in r)
@@ -472,62 +433,61 @@ def compute_counts(method, run_dir):
                                             "train_tokens", "flops_total")}}
 
 
-def train(method, b, seed, lr, run_dir, data, curve_k, device, scorer=None):
-    """Train one run of `method` into run_dir (or resume it, or nothing when its student is
-    exported) -> its progress {"train_s", "curve"}. With curve_k > 1 the trainer also stops at
-    checkpoints on the way, each scored by `scorer` right away (--stop-after, then --resume:
-    bit-exact on CPU): the next segment overwrites OUT/ckpt.pt."""
-    stages, epoch_len = stage_plan(method, b)
-    every, points = curve_steps(stages, curve_k, epoch_len)
-    cmd = trainer_args(method, b, seed, lr, run_dir, data, device, every)
+def train(setup, run, scorer=None):
+    """Train `run` (or resume it; nothing once its student is exported) -> its progress. With
+    curve_k > 1 the trainer stops at checkpoints on the way (--stop-after, then --resume), each
+    scored by `scorer` at once."""
+    b, run_dir = setup.b, run.run_dir
+    stages, epoch_len = stage_plan(run.method, b)
+    every, points = curve_steps(stages, run.curve_k, epoch_len)
+    cmd = trainer_args(run.method, b, run.seed, run.lr, run_dir, setup.data, setup.device, every)
     progress_path = os.path.join(run_dir, "progress.json")
-    progress = read_result(progress_path)
+    progress = read_json(progress_path)
     position = checkpoint_step(run_dir, stages) if progress is not None else 0
     if progress is None or position == 0:   # nothing to resume: a fresh run
         shutil.rmtree(run_dir, ignore_errors=True)
         os.makedirs(run_dir)
         progress = {"train_s": 0.0, "curve": []}
     progress["command"] = ["python"] + cmd
-    scored = {p["step"] for p in progress["curve"]}
+    scored_steps = {p["step"] for p in progress["curve"]}
     for p in points[:-1]:
-        if p in scored or position > p:
+        if p in scored_steps or position > p:
             continue
         if position < p:
             run_trainer(cmd + (["--resume"] if position else []) +
                         ["--stop-after", str(p - position)], run_dir, progress)
             position = checkpoint_step(run_dir, stages)
         assert position == p, f"{run_dir}: checkpoint after step {position}, expected {p}"
-        m = scorer(checkpoint_student(b, run_dir, METHODS[method][1], device))
-        progress["curve"].append({"step": p, "student_updates": student_updates(method, b, p),
+        m = scorer(checkpoint_student(b, run_dir, METHODS[run.method][1], setup.device))
+        progress["curve"].append({"step": p, "student_updates": student_updates(run.method, b, p),
                                   **numbers(m)})
-        common.atomic_write_text(progress_path, json.dumps(progress))
+        files.atomic_write_text(progress_path, json.dumps(progress))
     if not os.path.exists(os.path.join(run_dir, "student", "config.json")):
         run_trainer(cmd + (["--resume"] if position else []), run_dir, progress)
     return progress
 
 
-def train_and_score(method, b, seed, lr, run_dir, data, scorer, curve_k, args, out, device):
-    """One run of `method`, trained (train) and its final student scored, into
-    run_dir/result.json; a run that has one is not run again."""
-    path = os.path.join(run_dir, "result.json")
-    result = read_result(path)
+def train_and_score(setup, run, scorer):
+    """One run trained and its final student scored into run_dir/result.json; a run that has one
+    is not run again."""
+    b, run_dir = setup.b, run.run_dir
+    result = read_json(os.path.join(run_dir, "result.json"))
     if result is not None:
-        return write_result(path, judged(result, os.path.basename(run_dir), scorer.records, args,
-                                         out))
-    progress = train(method, b, seed, lr, run_dir, data, curve_k, device, scorer)
-    model = models.load_model(os.path.join(run_dir, "student"), dtype=b["dtype"], device=device)
+        return save_result(setup, run_dir, result, scorer)
+    progress = train(setup, run, scorer)
+    model = models.load_model(os.path.join(run_dir, "student"), dtype=b["dtype"],
+                              device=setup.device)
     m = scorer(model)
     del model
-    counts = compute_counts(method, run_dir)
-    total = sum(steps for _, steps in stage_plan(method, b)[0])
+    counts = compute_counts(run.method, run_dir)
+    total = sum(steps for _, steps in stage_plan(run.method, b)[0])
     curve = progress["curve"] + [{"step": total, "student_updates": counts["student_updates"],
                                   **numbers(m)}]
-    result = {"method": method, "seed": seed, "lr": lr, "command": progress["command"],
-              "train": {"wall_s": progress["train_s"], **counts}, "curve": curve,
-              "metrics": numbers(m), "samples": m["samples"], "prompt_ids": m["prompt_ids"]}
-    result = write_result(path, judged(result, os.path.basename(run_dir), scorer.records, args,
-                                       out))
-    if not args.keep_checkpoints:   # GBs on the cpu budget; the exported student stays
+    result = {"method": run.method, "seed": run.seed, "lr": run.lr,
+              "command": progress["command"], "train": {"wall_s": progress["train_s"], **counts},
+              "curve": curve, **scored(m)}
+    result = save_result(setup, run_dir, result, scorer)
+    if not setup.args.keep_checkpoints:   # GBs on the cpu budget; the exported student stays
         for junk in ("ckpt.pt", "epoch_rows", "discriminator"):
             target = os.path.join(run_dir, junk)
             if os.path.isdir(target):
@@ -539,18 +499,15 @@ def train_and_score(method, b, seed, lr, run_dir, data, scorer, curve_k, args, o
     return result
 
 
-def run_all(tasks, b, scorer, args, out, device):
-    """Every task (method, seed, lr, run_dir, data, curve_k) trained and scored -> results, in
-    order. With --jobs > 1 the runs without a curve train first, that many trainer processes at a
-    time (their scoring needs the teacher this process holds, so it stays sequential)."""
-    if args.jobs > 1:
-        from concurrent.futures import ThreadPoolExecutor
-        todo = [t for t in tasks if t[5] <= 1
-                and not os.path.exists(os.path.join(t[3], "result.json"))]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda t: train(t[0], b, *t[1:], device), todo))
-    return [train_and_score(m, b, seed, lr, run_dir, data, scorer, curve_k, args, out, device)
-            for m, seed, lr, run_dir, data, curve_k in tasks]
+def run_all(setup, runs, scorer):
+    """Every run trained and scored -> results, in order. With --jobs > 1 the runs without a curve
+    train first, that many at a time (scoring needs the teacher this process holds)."""
+    if setup.args.jobs > 1:
+        todo = [r for r in runs if r.curve_k <= 1
+                and not os.path.exists(os.path.join(r.run_dir, "result.json"))]
+        with ThreadPoolExecutor(setup.args.jobs) as pool:
+            list(pool.map(functools.partial(train, setup), todo))
+    return [train_and_score(setup, run, scorer) for run in runs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,10 +526,8 @@ def summarize(results):
 
 
 def verdict(better, other, lower_is_better=True):
-    """Whether the row claimed better is better, from each row's per-seed values of one metric ->
-    (verdict, difference of the means in the claim's favour, noise). Noise is the larger seed range
-    (max - min) of the two rows: a difference no larger than what reseeding one method moves it by
-    is "within noise". With one seed each there is no noise estimate (0): the sign decides."""
+    """(verdict, difference of the means in the claim's favour, noise) from each row's per-seed
+    values; noise, the larger seed range of the two rows (one seed each: 0, the sign decides)."""
     d = statistics.fmean(other) - statistics.fmean(better)
     d = d if lower_is_better else -d
     noise = max(max(better) - min(better), max(other) - min(other))
@@ -581,15 +536,27 @@ def verdict(better, other, lower_is_better=True):
     return ("holds" if d > 0 else "does not hold"), d, noise
 
 
+def claim_verdicts(rows):
+    out = []
+    for better, other in CLAIMS:
+        if better in rows and other in rows:
+            values = [rows[x]["summary"][PRIMARY]["values"] for x in (better, other)]
+            v, d, noise = verdict(*values)
+            out.append({"claim": f"{METHODS[better][0]} better than {METHODS[other][0]}",
+                        "better_mean": statistics.fmean(values[0]),
+                        "other_mean": statistics.fmean(values[1]), "difference": d,
+                        "noise": noise, "verdict": v})
+    return out
+
+
 COLUMNS = [("heldout_fkl", "fwd KL"), ("heldout_rkl", "rev KL"), ("student_nll", "student NLL"),
            ("rouge_l", "ROUGE-L"), ("length", "length"), ("end_of_turn", "ends turn"),
            ("distinct_2", "distinct-2"), ("judge_score", "judge score"),
            ("judge_winrate", "judge win %")]
 
 
-def markdown(report):
-    """quality.md: the main table (one row per method), the claims, the curve and the sweep
-    (metrics only: the same for two runs of one seed), then the cost table (wall times)."""
+def results_table(report):
+    """quality.md's title and main table: one row per method."""
     rows, b = report["rows"], report["budget"]
     base = rows["student"]["summary"][PRIMARY]["mean"] if "student" in rows else None
     cols = [(k, name) for k, name in COLUMNS
@@ -614,6 +581,12 @@ def markdown(report):
         lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
         lines.append(f"| {METHODS[method][0]} | {len(r['seeds'])} | {lr} | "
                      f"{p['mean']:.4f}{spread} | {delta} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def claims_curve_sweep(report):
+    """quality.md's claims, curve and learning-rate sweep (metrics only)."""
+    lines, rows = [], report["rows"]
     if report["verdicts"]:
         lines += ["", f"Claims, on {PRIMARY} (noise: the larger seed range of the two rows):", "",
                   "| claim | better | other | difference | noise | verdict |",
@@ -636,14 +609,19 @@ def markdown(report):
                 star = "" if float(lr) != runs["best"] else (
                     " * (grid's edge)" if runs.get("at_edge") else " *")
                 lines.append(f"| {METHODS[m][0]} | {float(lr):g}{star} | {value:.4f} |")
-    lines += ["", "Cost per run (mean over seeds; the trainers' counters, common.Compute: student "
-              "tokens sampled, teacher tokens passed through or sampled by a white-box teacher; "
-              "SeqKD and GAD also share the teacher responses sampled once, "
-              f"{report['data']['teacher_tokens_train']} tokens):", "",
-              "| method | trainer steps | student updates | train s | score s | student tokens "
-              "| teacher tokens | train tokens | FLOPs |", "|---|---:|---:|---:|---:|---:|---:|"
-              "---:|---:|"]
-    for method, r in rows.items():
+    return lines
+
+
+def cost_table(report):
+    """quality.md's cost table: each row's trainer counters and wall times, means over seeds."""
+    lines = ["", "Cost per run (mean over seeds; the trainers' counters, common.Compute: student "
+             "tokens sampled, teacher tokens passed through or sampled by a white-box teacher; "
+             "SeqKD and GAD also share the teacher responses sampled once, "
+             f"{report['data']['teacher_tokens_train']} tokens):", "",
+             "| method | trainer steps | student updates | train s | score s | student tokens "
+             "| teacher tokens | train tokens | FLOPs |", "|---|---:|---:|---:|---:|---:|---:|"
+             "---:|---:|"]
+    for method, r in report["rows"].items():
         seeds = r["seeds"]
         mean = lambda f: statistics.fmean(f(x) for x in seeds)
         if "train" not in seeds[0]:
@@ -656,17 +634,20 @@ def markdown(report):
                      f"{t('student_tokens'):.0f} | {t('teacher_tokens'):.0f} | "
                      f"{t('train_tokens'):.0f} | {t('flops_total'):.3g} |")
     runs_s = sum(x["metrics"]["eval_s"] + (x["train"]["wall_s"] if "train" in x else 0)
-                 for r in rows.values() for x in r["seeds"])
-    lines += ["", f"Wall time of this invocation {report['wall_s']:.0f} s; every run's train + "
-              f"score time, summed: {runs_s:.0f} s (a rerun reuses the runs an earlier one "
-              "finished)."]
-    return "\n".join(lines) + "\n"
+                 for r in report["rows"].values() for x in r["seeds"])
+    return lines + ["", f"Wall time of this invocation {report['wall_s']:.0f} s; every run's "
+                    f"train + score time, summed: {runs_s:.0f} s (a rerun reuses the runs an "
+                    "earlier one finished)."]
+
+
+def markdown(report):
+    """quality.md: the metrics tables (the same for two runs of one seed), then the cost table."""
+    return "\n".join(results_table(report) + claims_curve_sweep(report) + cost_table(report)) + "\n"
 
 
 def plot(report, path):
-    """quality.png: the primary metric against student updates, one line per method (its first
-    seed's checkpoints, from the student before), the teacher as a dashed line. Needs
-    matplotlib."""
+    """quality.png: the primary metric against student updates, a line per method (its first
+    seed's checkpoints), the teacher dashed. Needs matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -697,6 +678,75 @@ def plot(report, path):
 
 
 # --------------------------------------------------------------------------------------------------
+# main: the budget, the data, the learning rates, the rows, the report
+
+def initial_student(b, out, seed):
+    """The student every row starts from: a tiny one is drawn once and saved into OUT/init."""
+    if b["student"] != "tiny":
+        return b["student"]
+    path = os.path.join(out, "init", "student")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        models.save_hf(models.load_model("tiny", seed=seed), models.load_tokenizer("tiny"), path,
+                       "float32")
+    return path
+
+
+def lr_sweep(setup, methods, dev_scorer):
+    """Each method at --sweep-factors times its budget's rate (one seed), scored on dev prompts of
+    the train side -> {method: {"values": {lr: metric}, "best", "at_edge"}}."""
+    b, args = setup.b, setup.args
+    factors = [float(f) for f in args.sweep_factors.split(",")]
+    runs = [Run(m, args.seed, b["lr"][m] * f,
+                os.path.join(setup.out, "sweep", f"{m}_lr{b['lr'][m] * f:g}_s{args.seed}"))
+            for m in methods for f in factors]
+    quiet = setup._replace(args=argparse.Namespace(**{**vars(args), "judge": None}))   # no judge
+    sweep = {}
+    for run, r in zip(runs, run_all(quiet, runs, dev_scorer)):
+        sweep.setdefault(run.method, {"values": {}})["values"][repr(run.lr)] = r["metrics"][PRIMARY]
+    for runs_of in sweep.values():
+        values = list(map(float, runs_of["values"]))
+        runs_of["best"] = float(min(runs_of["values"], key=runs_of["values"].get))
+        # a best rate at the grid's end may not be the best one: widen --sweep-factors
+        runs_of["at_edge"] = runs_of["best"] in (min(values), max(values))
+    return sweep
+
+
+def score_rows(setup, methods, seeds, lrs, scorer, teacher):
+    """{row: {"seeds": [result], "lr", "summary"}}: the student before, every seed of every
+    trained method, the teacher."""
+    b, args, out = setup.b, setup.args, setup.out
+    n_other = min(len(seeds), args.other_seeds or b["other_seeds"])
+    curve_k = b["curve_points"] if args.curve_points is None else args.curve_points
+    load_student = functools.partial(models.load_model, b["student_path"], dtype=b["dtype"],
+                                     device=setup.device, layers=b["student_layers"],
+                                     seed=args.seed)
+    rows = {"student": {"seeds": [score_model(setup, os.path.join(out, "runs", "student"),
+                                              load_student, scorer)], "lr": None}}
+    runs = [Run(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_s{seed}"),
+                curve_k if i == 0 else 0)
+            for m in methods
+            for i, seed in enumerate(seeds if METHODS[m][3] else seeds[:n_other])]
+    for run, r in zip(runs, run_all(setup, runs, scorer)):
+        rows.setdefault(run.method, {"seeds": [], "lr": run.lr})["seeds"].append(r)
+    rows["teacher"] = {"seeds": [score_model(setup, os.path.join(out, "runs", "teacher"),
+                                             lambda: teacher, scorer)], "lr": None}
+    for r in rows.values():
+        r["summary"] = summarize(r["seeds"])
+    return rows
+
+
+def write_report(report, out):
+    """quality.json, quality.md and quality.png into OUT; the samples stay in each result.json."""
+    for r in report["rows"].values():
+        for s in r["seeds"]:
+            s.pop("samples", None)
+            s.pop("prompt_ids", None)
+    text = markdown(report)
+    files.atomic_write_text(os.path.join(out, "quality.json"), json.dumps(report, indent=1))
+    files.atomic_write_text(os.path.join(out, "quality.md"), text)
+    plot(report, os.path.join(out, "quality.png"))
+    print(text, flush=True)
+
 
 def main(args):
     t_start = time.time()
@@ -707,105 +757,50 @@ def main(args):
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     trained = [m for m in METHODS if m in methods and METHODS[m][1]]
-    n_seeds = args.seeds or b["seeds"]
-    n_other = min(n_seeds, args.other_seeds or b["other_seeds"])
-    curve_k = b["curve_points"] if args.curve_points is None else args.curve_points
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if b["threads"] and "OMP_NUM_THREADS" not in os.environ:
         # tiny matrices gain nothing from a second thread and lose much to a busy core (a tiny
-        # run took 8.6 min with torch's default 2 threads on a loaded 2-core machine, 1.5 with 1);
-        # the trainers inherit it
+        # run: 8.6 min with 2 threads on a loaded 2-core machine, 1.5 with 1); trainers inherit it
         os.environ["OMP_NUM_THREADS"] = str(b["threads"])
         torch.set_num_threads(b["threads"])
     os.makedirs(out, exist_ok=True)
-    lock = common.lock_output(out)   # one benchmark per folder
+    lock = files.lock_output(out)   # one benchmark per folder
     common.seed_everything(args.seed)
-
-    # the student every row starts from; a tiny one is drawn once and saved
-    if b["student"] == "tiny":
-        b["student_path"] = os.path.join(out, "init", "student")
-        if not os.path.exists(os.path.join(b["student_path"], "config.json")):
-            models.save_hf(models.load_model("tiny", seed=args.seed), models.load_tokenizer("tiny"),
-                           b["student_path"], "float32")
-    else:
-        b["student_path"] = b["student"]
+    b["student_path"] = initial_student(b, out, args.seed)
     tok = models.load_tokenizer(b["student_path"])
-    test, dev, train = prepare_data(b, out, tok, args.seed, device)
-    seeds = [args.seed + i for i in range(n_seeds)]
+    test, dev, train_records = prepare_data(b, out, tok, args.seed, device)
     # every trainer's data: the train records with their teacher responses, nothing held out
-    data = {"path": write_jsonl(os.path.join(out, "data", "train.jsonl"), train),
-            "rows": len(train)}
-    teacher_tokens_train = sum(len(data_lib.encode_response(tok, r["teacher_response"],
-                                                            b["max_new_tokens"])[0])
-                               for r in train)
-    print(f"quality: budget {args.budget}: {len(train)} train, {len(dev)} dev, {len(test)} test "
-          f"prompts; rows {', '.join(trained)}; seeds {seeds}; device {device}", flush=True)
+    data = {"path": write_jsonl(os.path.join(out, "data", "train.jsonl"), train_records),
+            "rows": len(train_records)}
+    setup = Setup(b, data, args, out, device)
+    seeds = [args.seed + i for i in range(args.seeds or b["seeds"])]
+    print(f"quality: budget {args.budget}: {len(train_records)} train, {len(dev)} dev, "
+          f"{len(test)} test prompts; rows {', '.join(trained)}; seeds {seeds}; device {device}",
+          flush=True)
     teacher = models.load_model(b["teacher"], dtype=b["dtype"], device=device).eval()
-    scorer = Scorer(b, tok, teacher, test, args, device)
-    load_student = lambda: models.load_model(b["student_path"], dtype=b["dtype"], device=device,
-                                             layers=b["student_layers"], seed=args.seed)
-
-    # the learning rates: the budget's, or each method's best on dev prompts of the train side
     lrs, sweep = dict(b["lr"]), {}
-    if args.lr_sweep:
-        dev_scorer = Scorer(b, tok, teacher, dev, args, device)
-        factors = [float(f) for f in args.sweep_factors.split(",")]
-        tasks = [(m, args.seed, b["lr"][m] * f,
-                  os.path.join(out, "sweep", f"{m}_lr{b['lr'][m] * f:g}_s{args.seed}"),
-                  data, 0)
-                 for m in trained for f in factors]
-        quiet = argparse.Namespace(**{**vars(args), "judge": None})   # no judge on dev
-        for t, r in zip(tasks, run_all(tasks, b, dev_scorer, quiet, out, device)):
-            sweep.setdefault(t[0], {"values": {}})["values"][repr(t[2])] = r["metrics"][PRIMARY]
-        for m, runs in sweep.items():
-            runs["best"] = lrs[m] = float(min(runs["values"], key=runs["values"].get))
-            # a best rate at the grid's end may not be the best one: widen --sweep-factors
-            runs["at_edge"] = runs["best"] in (min(map(float, runs["values"])),
-                                               max(map(float, runs["values"])))
-
-    rows = {"student": {"seeds": [score_model(os.path.join(out, "runs", "student"), load_student,
-                                              scorer, test, args, out)], "lr": None}}
-    tasks = [(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_s{seed}"), data,
-              curve_k if i == 0 else 0)
-             for m in trained
-             for i, seed in enumerate(seeds if METHODS[m][3] else seeds[:n_other])]
-    for t, r in zip(tasks, run_all(tasks, b, scorer, args, out, device)):
-        rows.setdefault(t[0], {"seeds": [], "lr": lrs[t[0]]})["seeds"].append(r)
-    rows["teacher"] = {"seeds": [score_model(os.path.join(out, "runs", "teacher"), lambda: teacher,
-                                             scorer, test, args, out)], "lr": None}
-    for r in rows.values():
-        r["summary"] = summarize(r["seeds"])
-
-    verdicts = []
-    for better, other in CLAIMS:
-        if better in rows and other in rows:
-            values = [rows[x]["summary"][PRIMARY]["values"] for x in (better, other)]
-            v, d, noise = verdict(*values)
-            verdicts.append({"claim": f"{METHODS[better][0]} better than {METHODS[other][0]}",
-                             "better_mean": statistics.fmean(values[0]),
-                             "other_mean": statistics.fmean(values[1]), "difference": d,
-                             "noise": noise, "verdict": v})
-    budget = {k: v for k, v in b.items() if k != "student_path"}
-    report = {"budget_name": args.budget, "budget": budget, "seed": args.seed, "seeds": seeds,
-              "primary": PRIMARY, "eval_temperature": args.eval_temperature,
-              "data": {"train": len(train), "dev": len(dev), "test": len(test),
-                       "teacher_tokens_train": teacher_tokens_train},
-              "lr": lrs, "sweep": sweep, "verdicts": verdicts, "rows": rows,
+    if args.lr_sweep:   # each method's best rate on dev prompts of the train side
+        sweep = lr_sweep(setup, trained, Scorer(b, tok, teacher, dev, args, device))
+        lrs.update({m: runs["best"] for m, runs in sweep.items()})
+    scorer = Scorer(b, tok, teacher, test, args, device)
+    rows = score_rows(setup, trained, seeds, lrs, scorer, teacher)
+    teacher_tokens = sum(len(data_lib.encode_response(tok, r["teacher_response"],
+                                                      b["max_new_tokens"])[0])
+                         for r in train_records)
+    report = {"budget_name": args.budget, "budget": {k: v for k, v in b.items()
+                                                     if k != "student_path"},
+              "seed": args.seed, "seeds": seeds, "primary": PRIMARY,
+              "eval_temperature": args.eval_temperature,
+              "data": {"train": len(train_records), "dev": len(dev), "test": len(test),
+                       "teacher_tokens_train": teacher_tokens},
+              "lr": lrs, "sweep": sweep, "verdicts": claim_verdicts(rows), "rows": rows,
               "wall_s": time.time() - t_start}
-    for r in rows.values():   # the samples stay in each run's result.json
-        for s in r["seeds"]:
-            s.pop("samples", None)
-            s.pop("prompt_ids", None)
-    text = markdown(report)
-    common.atomic_write_text(os.path.join(out, "quality.json"), json.dumps(report, indent=1))
-    common.atomic_write_text(os.path.join(out, "quality.md"), text)
-    plot(report, os.path.join(out, "quality.png"))
-    print(text, flush=True)
+    write_report(report, out)
     lock.close()
     return 1 if any(r["metrics"].get("judge_failed") for row in rows.values()
                     for r in row["seeds"]) else 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="distillation benchmark (bench.py quality)")
+    parser = argparse.ArgumentParser(description="distillation benchmark (dev/bench.py quality)")
     sys.exit(main(add_arguments(parser).parse_args()))

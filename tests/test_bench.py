@@ -1,23 +1,23 @@
-"""bench.py gpu on the CPU (tiny models, gloo): the command a GPU session runs, kept from rotting;
-its memory arithmetic against what the tensors it counts really take."""
+"""dev/bench.py gpu on the CPU (tiny models, gloo): the command a GPU session runs, kept from
+rotting; its memory arithmetic against what the tensors it counts really take."""
 
 import json
 
 import pytest
 import torch
 
-import bench
+import fast_decode
 import models
-import sample
+from dev import bench
 from scripts import run_script
 
 
 def test_bench_gpu_runs_every_trainer_under_torchrun_and_resumes(tmp_path):
-    """Why it exists: `bench.py gpu` is the one command a GPU session runs, in minutes it cannot
+    """Why it exists: `dev/bench.py gpu` is the one command a GPU session runs, in minutes it cannot
     spend on a crash; its times mean nothing on a CPU. What it can get wrong here is checked:
     every phase of every trainer timed, every sampling engine at every batch with its full token
     count, and MFU and tok/s by their formulas from the model's parameter count."""
-    out = run_script("bench.py", ["gpu", "--device", "cpu", "--out", str(tmp_path)]).stdout
+    out = run_script("dev/bench.py", ["gpu", "--device", "cpu", "--out", str(tmp_path)]).stdout
     results = json.loads((tmp_path / "bench_gpu.json").read_text())
     for script, phases in bench.PHASES.items():
         assert f"{script}: " in out and "stopped after" in out
@@ -61,12 +61,12 @@ def test_memory_arithmetic_counts_what_the_tensors_take():
     model = models.cast_parameters(model, "bfloat16")
     from transformers import DynamicCache
     cache = DynamicCache()
-    sample.with_cache(model, cache, input_ids=torch.randint(0, 256, (6, 12)))
+    models.with_cache(model, cache, input_ids=torch.randint(0, 256, (6, 12)))
     kv_bytes = sum(t.numel() * t.element_size()
                    for layer in cache.layers for t in (layer.keys, layer.values))
     peak = bench.generate_peak(bench.Net(a, 2, 2, 2), 6, 1, 12, 0)
     assert peak["prefill: DynamicCache"] == kv_bytes
-    kv = sample.StaticKV(cache, 2, torch.ones(6, 12, dtype=torch.long), 5)
+    kv = fast_decode.StaticKV(cache, 2, torch.ones(6, 12, dtype=torch.long), 5)
     assert bench.kv_bytes(bench.Net(a, 2, 2, 2), 12, 12 + 5) == sum(
         t.numel() * t.element_size() for t in kv.keys + kv.values)
 

@@ -1,6 +1,6 @@
-"""The distillation benchmark (quality.py, `bench.py quality`): the tiny budget end to end, a rerun
-that trains nothing, and the pieces that decide what it reports (the claims' verdicts, which
-checkpoints the curve scores, the trainers' flags at every budget)."""
+"""The distillation benchmark (dev/quality.py, `dev/bench.py quality`): the tiny budget end to end,
+a rerun that trains nothing, and the pieces that decide what it reports (the claims' verdicts,
+which checkpoints the curve scores, the trainers' flags at every budget)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import pytest
 
 import data as data_lib
 import models
-import quality
+from dev import quality
 from scripts import run_script
 
 WALL = {"wall_s", "eval_s", "train_s"}   # the only numbers two runs of one seed may differ in
@@ -31,7 +31,7 @@ def test_tiny_budget_has_every_row_metric_and_seed_and_a_rerun_trains_nothing(tm
     out = tmp_path / "q"
     # one seed a row here (the suite's time): the seed bookkeeping is the same for 1 or 3
     cmd = ["--budget", "tiny", "--out", str(out), "--jobs", "2", "--seeds", "1"]
-    run_script("bench.py", ["quality"] + cmd)
+    run_script("dev/bench.py", ["quality"] + cmd)
     report = json.loads((out / "quality.json").read_text())
     budget = quality.BUDGETS["tiny"]
     assert list(report["rows"]) == list(quality.METHODS)
@@ -59,7 +59,7 @@ def test_tiny_budget_has_every_row_metric_and_seed_and_a_rerun_trains_nothing(tm
     for label, *_ in quality.METHODS.values():
         assert f"| {label} |" in md, label
     # a rerun (a killed benchmark continued) trains nothing and gives the same numbers
-    again = run_script("quality.py", cmd)
+    again = run_script("dev/quality.py", cmd)
     assert "quality: " + str(out / "runs") not in again.stdout   # no run was trained or scored
     assert without_wall(json.loads((out / "quality.json").read_text())) == without_wall(report)
 

@@ -1,6 +1,6 @@
-"""--wandb (common.wandb_log: the rows of metrics.jsonl, logged to wandb too) and plot.py (a run's
-metrics.jsonl as a PNG of training curves). wandb and matplotlib are optional: the tests that need
-them are skipped where they are not installed."""
+"""--wandb (files.wandb_log: the rows of metrics.jsonl, logged to wandb too) and dev/plot.py (a
+run's metrics.jsonl as a PNG of training curves). wandb and matplotlib are optional: the tests that
+need them are skipped where they are not installed."""
 
 import glob
 import importlib.util
@@ -14,10 +14,10 @@ import types
 import pytest
 
 import amm
-import common
+import files
 import distillm2
 import gad
-import plot as plot_lib
+from dev import plot as plot_lib
 from scripts import ROOT, metrics, run_script
 
 # ------------------------------------------------------------------------------------ wandb
@@ -108,7 +108,7 @@ def test_wandb_run_ids_fresh_resumed_and_rerun(tmp_path, monkeypatch):
             self.finished = True
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=Run))
-    monkeypatch.setattr(common, "_wandb", {})
+    monkeypatch.setattr(files, "_wandb", {})
     out = tmp_path / "run"
     out.mkdir()
     log = str(out / "metrics.jsonl")
@@ -116,8 +116,8 @@ def test_wandb_run_ids_fresh_resumed_and_rerun(tmp_path, monkeypatch):
     def train(steps, resume=False, project="p"):
         args = types.SimpleNamespace(wandb=project, out=str(out), resume=resume, seed=0)
         for step in steps:
-            common.log_metrics(log, {"step": step, "loss": 1.0 / (step + 1)})
-            common.wandb_log(args, {"step": step, "loss": 1.0 / (step + 1)})
+            files.log_metrics(log, {"step": step, "loss": 1.0 / (step + 1)})
+            files.wandb_log(args, {"step": step, "loss": 1.0 / (step + 1)})
         return args
 
     args = train([0, 1])
@@ -148,7 +148,7 @@ def test_wandb_flag_is_shared_and_fails_at_startup_without_wandb(trainer, monkey
     assert e.value.code == 2 and "pip install wandb" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------ plot.py
+# -------------------------------------------------------------------------------- dev/plot.py
 
 def gad_rows(warmup=True):
     """Rows as gad.py logs them: the warmup has sft_loss (after G's frozen step) and no rewards,
@@ -216,13 +216,13 @@ def test_plot_x_is_the_step_across_stages():
 
 def test_plot_cli_errors(tmp_path):
     missing = tmp_path / "nope"
-    r = subprocess.run([sys.executable, "plot.py", str(missing)], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, "dev/plot.py", str(missing)], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 2 and f"error: {missing}: no such file" in r.stderr
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"step": 0, "accuracy": 1.0}) + "\n")
-    r = subprocess.run([sys.executable, "plot.py", str(other)], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, "dev/plot.py", str(other)], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 2 and "neither gad.py, distillm2.py nor amm.py" in r.stderr
 
 
