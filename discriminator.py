@@ -1,18 +1,9 @@
-"""The GAD discriminator: a causal-LM backbone initialised from the student plus a linear head to
-one scalar.
-
-D(x, y) is the head applied to the backbone's last hidden state at the LAST RESPONSE TOKEN, the
-end-of-turn token that closes the response (GAD, arXiv 2511.10643; LMOps `gad/`: a reward model read
-at the final token). It is found from the response mask, never from pad ids (several tokenizers pad
-with their end-of-turn id).
-
-Stored as a Hugging Face `AutoModelForSequenceClassification` with num_labels=1 (backbone `.model`,
-head `.score`), so `from_pretrained` loads it and eval.py scores it with `score` below. The head
-starts at zero: D begins indifferent (every pair at loss log 2) rather than with a random
-preference.
+"""The GAD discriminator D: the student's backbone with a linear head to one scalar, read at the
+last response token (GAD; LMOps `gad/`: a reward model read at the final token), found from the
+response mask, never from pad ids. An HF AutoModelForSequenceClassification (num_labels=1):
+from_pretrained loads it. The head starts at zero: D begins indifferent (every pair at loss log 2).
 """
 
-import contextlib
 import copy
 
 import torch
@@ -20,12 +11,12 @@ import torch.nn.functional as F
 
 from common import all_reduce_sum, clip_and_step
 import losses
+import models
 from sample import position_ids_from_mask
 
 
 def from_student(student):
-    """A new discriminator whose backbone is a copy of the student's (same size as G: the paper's
-    best)."""
+    """A new D whose backbone is a copy of the student's (same size as G: the paper's best)."""
     from transformers import AutoModelForSequenceClassification
 
     cfg = copy.deepcopy(student.config)
@@ -41,9 +32,8 @@ def from_student(student):
 
 
 def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
-    """D(x, y) per row, [N] float32: the head at the last response token (prompt-only rows: the last
-    prompt token). Rows are laid out as generate() returns them: prompts left-padded to P, responses
-    after them."""
+    """D(x, y) per row [N] float32: the head at the last response token, rows laid out as
+    generate() returns them (prompt-only rows: the last prompt token)."""
     ids = torch.cat([prompt_ids, response_ids], dim=1)                  # [N, P+T]
     mask = torch.cat([prompt_mask, response_mask], dim=1)               # [N, P+T]
     h = d.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
@@ -58,22 +48,21 @@ def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
                         None if d.score.bias is None else d.score.bias.float()).squeeze(-1)
 
 
-def score_rollout(d, ro, micro_batch_size=None, micro_batch_tokens=None, amp=None):
-    """Scores of a Rollout without grad [N], in micro-batches (sample.Rollout.micro_batches), inside
-    `amp`, with D in eval mode (a scoring pass; update() puts it back in training mode)."""
+def score_rollout(d, ro, args=None):
+    """Rewards of a Rollout [N], no grad, in eval mode, in args' micro-batches and --dtype."""
     d.eval()
-    with torch.no_grad(), amp or contextlib.nullcontext():
+    with torch.no_grad(), models.autocast(ro.prompt_ids.device, getattr(args, "dtype", "float32")):
         return ro.map(lambda r: score(d, r.prompt_ids, r.prompt_mask, r.response_ids,
                                       r.response_mask),
-                      micro_batch_size or ro.prompt_ids.shape[0], micro_batch_tokens)
+                      getattr(args, "micro_batch_size", None) or ro.prompt_ids.shape[0],
+                      getattr(args, "micro_batch_tokens", None))
 
 
 def pair_batches(t_prompt, t_resp, s_resp, n, max_rows, max_tokens=None):
-    """Micro-batches of D's pairs: lists of consecutive student rows, each batch also holding the
-    teacher row of every prompt it touches, together at most max_rows rows and max_tokens tokens
-    once padded to the batch's longest prompt and response (a single pair over a bound goes alone).
-    A prompt's n samples may be split over two batches: its teacher row is then scored in both, and
-    its gradient summed, as one big batch would."""
+    """Micro-batches of D's pairs: runs of student rows, each with the teacher rows of its prompts,
+    at most max_rows rows and max_tokens padded tokens (a single pair over a bound goes alone)."""
+    # a prompt's samples split over two batches: its teacher row is scored (and its gradient
+    # summed) in both, as one big batch would
     batches, rows, prompts, p_max, r_max = [], [], set(), 0, 0
     for j, r in enumerate(s_resp):
         b = j // n
@@ -88,37 +77,28 @@ def pair_batches(t_prompt, t_resp, s_resp, n, max_rows, max_tokens=None):
     return batches + ([rows] if rows else [])
 
 
-def update(d, optimizer, teacher, student, n, max_grad_norm=1.0, micro_batch_size=None,
-           micro_batch_tokens=None, amp=None):
-    """One Bradley-Terry step: each of the n student samples of a prompt paired with that prompt's
-    teacher response, L_D = mean_i -log sigmoid(D(x, y_t) - D(x, y_s^i)) (no regulariser, as in the
-    reference).
-
-    teacher: Rollout of B rows; student: Rollout of B*n rows (prompt-major). Micro-batches
-    (pair_batches) hold at most micro_batch_size rows and micro_batch_tokens padded tokens; the loss
-    is a sum over pairs divided by the pair count of the whole batch, so accumulation gives the same
-    gradient as one big batch. Under DDP the count is summed over ranks and so are the gradients
-    (common.all_reduce_grads): the step equals a single-process step on all ranks' pairs. Forward
-    passes run inside `amp` (models.autocast), backward outside it.
-    Returns floats over this rank's pairs (d_loss is its own mean, so a mean over ranks is the
-    global one); a non-finite gradient norm skips the step on every rank (the norm is computed after
-    the all-reduce, so all ranks see the same value and agree). D is put in training mode (from
-    from_pretrained it is in eval mode, where HF layers skip activation checkpointing)."""
-    d.train()
-    B = teacher.prompt_ids.shape[0]
-    amp = amp or contextlib.nullcontext()
+def update(d, optimizer, teacher, student, args):
+    """One Bradley-Terry step, L_D = mean_i -log sigmoid(D(x, y_t) - D(x, y_s^i)) (no regulariser,
+    as the reference): teacher [B rows], student [B*n rows, prompt-major], n =
+    args.samples_per_prompt. Returns this rank's floats, and d_tokens (the tokens it ran)."""
+    d.train()   # from_pretrained gives eval mode, where HF skips activation checkpointing
+    B, n = teacher.prompt_ids.shape[0], args.samples_per_prompt
+    amp = models.autocast(teacher.prompt_ids.device, args.dtype)   # forward only
+    # the loss is a sum over pairs over the global pair count: micro-batches and ranks add up to
+    # one big batch's gradient
     pairs = all_reduce_sum(B * n)
     batches = pair_batches(teacher.prompt_mask.sum(1).tolist(),
                            teacher.response_mask.sum(1).tolist(),
                            student.response_mask.sum(1).tolist(), n,
-                           micro_batch_size or B * (n + 1), micro_batch_tokens)
+                           args.micro_batch_size or B * (n + 1), args.micro_batch_tokens)
     optimizer.zero_grad(set_to_none=True)
-    total, t_sum, s_sum, t_all, s_all = 0.0, 0.0, 0.0, [], []
+    total, t_sum, s_sum, t_all, s_all, tokens = 0.0, 0.0, 0.0, [], [], 0
     for rows in batches:
         prompts = sorted({j // n for j in rows})
         t_ro = teacher.rows(torch.tensor(prompts)).trim()
         s_ro = student.rows(torch.tensor(rows)).trim()
         pair_of = torch.tensor([prompts.index(j // n) for j in rows])    # each sample's teacher row
+        tokens += sum(int(x.prompt_mask.sum() + x.response_mask.sum()) for x in (t_ro, s_ro))
         with amp:
             t = score(d, t_ro.prompt_ids, t_ro.prompt_mask, t_ro.response_ids,
                       t_ro.response_mask)                                # [p]
@@ -132,7 +112,8 @@ def update(d, optimizer, teacher, student, n, max_grad_norm=1.0, micro_batch_siz
         s_all.append(s.detach())
         t_sum += t.detach().sum().item() / n
         s_sum += s.detach().sum().item()
-    grad_norm, skipped = clip_and_step(d.parameters(), optimizer, max_grad_norm)
+    grad_norm, skipped = clip_and_step(d.parameters(), optimizer, args.grad_clip)
     d_acc = losses.bt_accuracy(torch.cat(t_all), torch.cat(s_all)).item()
     return {"d_loss": total * pairs / (B * n), "d_acc": d_acc, "d_score_teacher": t_sum / B,
-            "d_score_student": s_sum / (B * n), "d_grad_norm": grad_norm, "d_skipped": int(skipped)}
+            "d_score_student": s_sum / (B * n), "d_grad_norm": grad_norm, "d_skipped": int(skipped),
+            "d_tokens": tokens}

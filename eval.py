@@ -1,42 +1,8 @@
-"""Held-out metrics for a distilled student (the offline metrics of the GAD, DistiLLM-2 and MiniLLM
-papers), and a CLI that prints them as a table.
+"""Held-out metrics of a distilled student (the papers' offline metrics), and a CLI printing them as
+a table, one column per model:
 
-    python eval.py --model out/gad/final --compare smollm2-135m out/seqkd/final \
-        --data teacher.jsonl --teacher qwen2.5-7b --discriminator out/gad/discriminator
-
-samples the student greedily on each prompt and reports, per model (one table column each):
-  - rouge_l: ROUGE-L F1 of the sample against the teacher's response, as Google's `rouge-score`
-    (RougeL, default tokenizer, no stemming). The papers' diagnostic, not the quality metric (GAD
-    can be below SeqKD on it).
-  - student_nll: nats/token of the teacher's responses under the student (how well it imitates the
-    teacher).
-  - teacher_nll: nats/token of the student's samples under a white-box teacher: how teacher-like the
-    student's own outputs are, the fairest offline quality metric for every method here.
-  - disc_score / disc_score_teacher / disc_acc: a GAD discriminator's mean score of the student's
-    samples and of the teacher's responses, and how often the teacher response outscores the sample
-    (near 1: D still tells them apart; near 0.5: the student fools it).
-  - length (mean response tokens, the end-of-turn token counted), truncated (fraction cut at
-    max_new_tokens: length is capped there, so a length-hacking student shows up here), distinct_2
-    (unique word bigrams / bigrams over all samples: a collapsed student repeats itself),
-    num_prompts.
-
-Choices beyond the papers, each for a reason:
-  - Greedy decoding (temperature 0) by default: metrics are deterministic, so two checkpoints differ
-    only by their weights. With n > 1 samples per prompt, means run over all samples and disc_acc
-    over the (prompt, sample) pairs, the pairs the discriminator is trained on.
-  - NLLs are token means pooled over all responses (long responses weigh more), as the SFT loss is.
-    The teacher responses are tokenized as for training (data.encode_response): the end-of-turn
-    token is included, so stopping is part of the score; responses over max_response_len are cut
-    (and then carry no end-of-turn token).
-  - teacher_nll feeds the student's token ids to the teacher: they must share a tokenizer (the CLI
-    checks the vocabularies match); Qwen2.5 7B and 1.5B do, although their embedding matrices differ
-    in size.
-  - ROUGE-L's tokenizer keeps only [a-z0-9] runs after lower-casing, exactly as rouge-score does:
-    text in other scripts has no tokens and scores 0. The LCS is the bit-parallel one (same numbers
-    as the textbook DP, tested against it), since teacher responses of a thousand words make the O(m
-    n) Python DP the slowest part of eval.
-  - A metric that cannot be computed (no teacher, no discriminator, no record with a teacher
-    response) is left out of the dict rather than set to nan; the table shows it as "-".
+    python eval.py --model out/gad/final --compare smollm2-135m --data teacher.jsonl \
+        --teacher qwen2.5-7b --discriminator out/gad/discriminator
 """
 
 import argparse
@@ -48,13 +14,16 @@ import re
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 import common
+import files
 from common import print0
 import data as data_lib
 import discriminator
+import fast_losses
 import judge
 import losses
 import models
@@ -67,19 +36,14 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
 def words(text):
-    """rouge-score's default tokenizer: lower-case, every run of characters other than [a-z0-9] is a
-    separator."""
+    """rouge-score's default tokenizer: lower-case, split at every run of non-[a-z0-9]."""
     return _NON_ALNUM.sub(" ", text.lower()).split()
 
 
 def lcs_length(a, b):
     """Length of the longest common subsequence of two token lists, bit-parallel (Allison & Dix
-    1986; Hyyro 2004).
-
-    Bit i of V is 1 while row i of the classic DP table has not yet gained its increment; each token
-    of b updates all of a's positions at once with integer arithmetic. The LCS length is the number
-    of bits that turned 0. O(len(b)) big-int operations instead of O(len(a) * len(b)) Python
-    steps."""
+    1986; Hyyro 2004): O(len(b)) big-int operations instead of the DP's O(len(a) * len(b))."""
+    # bit i of v stays 1 while row i of the DP table has not gained its increment
     if not a or not b:
         return 0
     match = {}  # token -> bitmask of the positions where a has it
@@ -94,8 +58,7 @@ def lcs_length(a, b):
 
 
 def rouge_l(prediction, reference):
-    """ROUGE-L F1 in [0, 1] (rouge-score's RougeL fmeasure): LCS over word tokens; 0 if either side
-    has none."""
+    """ROUGE-L F1 in [0, 1] (rouge-score's RougeL fmeasure, no stemming) over word tokens."""
     pred, ref = words(prediction), words(reference)
     lcs = lcs_length(ref, pred)
     if lcs == 0:
@@ -105,8 +68,7 @@ def rouge_l(prediction, reference):
 
 
 def distinct_n(texts, n=2):
-    """Unique word n-grams / all word n-grams over the texts (n-grams never cross two texts); 0 if
-    there are none."""
+    """Unique word n-grams / all word n-grams over the texts (none crossing two texts)."""
     grams = [tuple(w[i:i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
@@ -116,10 +78,8 @@ def distinct_n(texts, n=2):
 
 @torch.no_grad()
 def nll_sums(model, prompts, responses, batch_size=8):
-    """[(summed NLL in nats, token count)] of each response given its prompt (temperature 1), in
-    forward passes of batch_size rows laid out as generate() lays them out (sample.pack: prompts
-    left-padded, responses right-padded with a mask), the LM head over the response positions
-    only, a chunk at a time (sample.sequence_logprobs); an empty response is (0.0, 0)."""
+    """[(summed NLL in nats, token count)] of each response given its prompt, batch_size rows a
+    forward pass laid out as generate() lays them out; an empty response is (0.0, 0)."""
     device = next(model.parameters()).device
     out = [(0.0, 0)] * len(responses)
     rows = [i for i in range(len(responses)) if responses[i]]
@@ -134,25 +94,21 @@ def nll_sums(model, prompts, responses, batch_size=8):
 
 
 def pooled(sums):
-    """The token-mean of (sum, count) pairs: long responses weigh more; nan without tokens."""
+    """The token-mean of (sum, count) pairs (long responses weigh more, as in the SFT loss)."""
     total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
     return total / count if count else float("nan")
 
 
 def response_nll(model, prompts, responses, batch_size=8):
-    """Token-mean NLL (nats/token, temperature 1) of the responses given their prompts -> (nll,
-    num_tokens); (nan, 0) if all are empty."""
+    """(Token-mean NLL in nats, tokens) of the responses given their prompts; (nan, 0) if none."""
     sums = nll_sums(model, prompts, responses, batch_size)
     return pooled(sums), sum(n for _, n in sums)
 
 
 @torch.no_grad()
 def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8):
-    """Token-mean forward and reverse KL(p, q) of a white-box pair on fixed responses (rows:
-    {"prompt": ids, "y_t": ids}, usually held-out teacher samples): the divergence every white-box
-    method should lower. batch_size rows per forward pass, the full-vocabulary logits chunk_size
-    positions at a time; under torchrun the batches are spread over the ranks (common.shard_map),
-    every rank returning one process's numbers."""
+    """Token-mean forward and reverse KL of a white-box pair on fixed responses (rows {"prompt",
+    "y_t"}); the batches spread over the ranks, every rank returning one process's numbers."""
     device = next(student.parameters()).device
     tokens = sum(len(r["y_t"]) for r in rows)
     names = {"heldout_fkl": losses.forward_kl, "heldout_rkl": losses.reverse_kl}
@@ -163,18 +119,16 @@ def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8
         weight = ro.response_mask.float() / max(tokens, 1)                   # the global token mean
         (s_h, s_head), (t_h, t_head) = (sample.response_hidden(student, ro),
                                         sample.response_hidden(teacher, ro))
-        return [losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight,
-                                       chunk_size=chunk_size)[0].item() for fn in names.values()]
+        return [fast_losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight,
+                                            chunk_size=chunk_size)[0].item()
+                for fn in names.values()]
     parts = common.shard_map(batch_sums, range(0, len(rows), batch_size))
     return {name: sum(part[i] for part in parts) for i, name in enumerate(names)}
 
 
 def held_out_responses(teacher, val, gen, batch_size=8, **sampling):
-    """The teacher's response (token ids) to each held-out prompt row (val: {"id", "prompt"}),
-    keyed by ("val", id): the fixed yardstick of the white-box trainers' before/after divergence.
-    sample.rollout in chunks of batch_size prompts, the chunks spread over the ranks
-    (common.shard_map), so every rank gets what one process samples. gen, sampling: rollout's
-    arguments."""
+    """The teacher's response ids to each held-out prompt (val rows {"id", "prompt"}, keyed by
+    "val|id"), sampled in chunks spread over the ranks: the white-box trainers' fixed yardstick."""
     def chunk(i):
         rows = val[i:i + batch_size]
         return sample.rollout(teacher, [r["prompt"] for r in rows],
@@ -182,41 +136,22 @@ def held_out_responses(teacher, val, gen, batch_size=8, **sampling):
     return [y for part in common.shard_map(chunk, range(0, len(val), batch_size)) for y in part]
 
 
-def white_box_report(student, fresh, teacher, tok, val, val_records, pad, out_path, *,
-                     max_new_tokens, max_prompt_len, chunk_size=128, judge_args=None):
-    """The before/after table of the white-box trainers, on held-out prompts with fixed teacher
-    responses (val rows {"id", "prompt", "y_t"}): held-out KLs and the evaluate() metrics of the
-    initial student (`fresh`, loaded as the trained one was exported, so both columns are computed
-    alike) and the trained one; with judge_args.judge, the LLM judge's numbers too (cached in
-    judge.jsonl beside out_path). Printed, written to out_path as JSON, and returned."""
-    by_id = {r["id"]: r for r in val_records}
-    recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
-            for r in val]
-    kw = dict(teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len)
-    table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, chunk_size),
-                    **evaluate(model, tok, recs, **kw)}
-             for when, model in (("before", fresh), ("after", student))}
-    return write_table(table, recs, judge_args, out_path)
-
-
 def write_table(table, records, judge_args, out_path):
-    """The end of every trainer's evaluation, on rank 0 (every rank holds the whole table): the
-    judge's numbers where asked (add_judgements, cached beside out_path), the table printed and
-    written to out_path as JSON without the samples; returns what was written."""
+    """The end of every trainer's evaluation: on rank 0 the judge's numbers where asked, the table
+    printed and written to out_path without the samples; returns what was written."""
     if common.get_rank() == 0:
         add_judgements(table, records, judge_args,
                        os.path.join(os.path.dirname(out_path), "judge.jsonl"))
         print0(format_table(table))
     summary = {when: {k: v for k, v in d.items() if k != "samples"} for when, d in table.items()}
     if common.get_rank() == 0:
-        common.atomic_write_text(out_path, json.dumps(summary, indent=1))
+        files.atomic_write_text(out_path, json.dumps(summary, indent=1))
     return summary
 
 
 def add_judgements(table, records, args, cache_path):
-    """With --judge (judge.py), each column's samples judged against the records' teacher responses:
-    the judge_* numbers join the column (cached in --judge-cache, else cache_path). Without it,
-    nothing."""
+    """With --judge, each column's samples judged against the records' teacher responses: the
+    judge_* numbers join the column (cached in --judge-cache, else cache_path)."""
     if not getattr(args, "judge", None):
         return
     cache_path = args.judge_cache or cache_path
@@ -227,22 +162,27 @@ def add_judgements(table, records, args, cache_path):
 
 
 def white_box_final(student, teacher, tok, val, val_records, pad, args, device):
-    """The end of a white-box trainer: the student exported to OUT/student in --dtype (rank 0
-    writes), and, with held-out prompts, white_box_report against the initial student (loaded again
-    from --student and --student-layers, as the run started it) into OUT/eval.json, sampling
-    --max-new-tokens: every rank evaluates its share of the prompts, rank 0 writes the table."""
+    """The end of a white-box trainer: the student exported to OUT/student, then the before/after
+    table on held-out prompts with fixed teacher responses (val rows {"id", "prompt", "y_t"})."""
     models.save_hf(student, tok, os.path.join(args.out, "student"), args.dtype)
-    if val:
-        fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
-                                  layers=args.student_layers).eval()
-        white_box_report(student, fresh, teacher, tok, val, val_records, pad,
-                         os.path.join(args.out, "eval.json"),
-                         max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                         chunk_size=args.chunk_size, judge_args=args)
+    if not val:
+        return
+    # the initial student loaded as the run started it, so both columns are computed alike
+    fresh = models.load_model(args.student, dtype=args.dtype, device=device, seed=args.seed,
+                              layers=args.student_layers).eval()
+    by_id = {r["id"]: r for r in val_records}
+    recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
+            for r in val]
+    kw = dict(teacher=teacher, max_new_tokens=args.max_new_tokens,
+              max_prompt_len=args.max_prompt_len)
+    table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, args.chunk_size),
+                    **evaluate(model, tok, recs, **kw)}
+             for when, model in (("before", fresh), ("after", student))}
+    write_table(table, recs, args, os.path.join(args.out, "eval.json"))
 
 
 def score_pairs(score_fn, prompts, responses, pad_id, batch_size, device):
-    """score_fn over (prompt, response) token lists in batches -> [N] float tensor on the CPU."""
+    """score_fn over (prompt, response) token lists in batches -> [N] floats on the CPU."""
     out = []
     for b in range(0, len(prompts), batch_size):
         batch = sample.pack(prompts[b:b + batch_size], responses[b:b + batch_size], pad_id, device)
@@ -253,8 +193,7 @@ def score_pairs(score_fn, prompts, responses, pad_id, batch_size, device):
 
 @contextlib.contextmanager
 def eval_mode(*modules):
-    """eval() for the duration (no dropout), then each module back to the mode it was in: trainers
-    call evaluate."""
+    """eval() for the duration (no dropout), then each module back to the mode it was in."""
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -270,43 +209,50 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-@torch.no_grad()
-def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_new_tokens=64,
-             temperature=0.0, n=1, batch_size=8, seed=0, max_prompt_len=None,
-             max_response_len=None):
-    """Sample the student on each record's prompt and measure (see the header) -> dict of floats,
-    plus "samples": the decoded responses, prompt-major (sample j of kept record i at i * n + j).
+@dataclass
+class Settings:
+    """evaluate()'s sampling and length limits (eval.py's flags of the same names)."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0   # greedy: deterministic metrics
+    n: int = 1                 # samples per prompt
+    batch_size: int = 8
+    seed: int = 0
+    max_prompt_len: int | None = None    # longer prompts skipped: a cut prompt is another question
+    max_response_len: int | None = None  # teacher responses cut for student_nll, as in training
 
-    teacher: a causal LM with the student's tokenizer (teacher_nll). score_fn(prompt_ids,
-    prompt_mask, response_ids, response_mask) -> [N] scores, the discriminator's interface, called
-    on rows laid out as generate() returns them. Prompts over max_prompt_len tokens are skipped (a
-    cut prompt is a different question) and counted. The prompts go in batches of batch_size,
-    each sampled and measured on its own (batch_metrics); under torchrun every rank calls this with
-    the same records, evaluates every world-th batch (common.shard_map), and returns the table of
-    one process: the same batches, so the same numbers."""
-    if max_new_tokens < 1 or n < 1 or batch_size < 1:
+
+@torch.no_grad()
+def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, **settings):
+    """The student sampled on each record's prompt and measured -> {metric: value}, with the
+    "samples" prompt-major. teacher: for teacher_nll; score_fn(prompt_ids, prompt_mask,
+    response_ids, response_mask) -> [N] (a discriminator); settings: Settings' fields."""
+    s = Settings(**settings)
+    n, batch_size = s.n, s.batch_size
+    if s.max_new_tokens < 1 or n < 1 or batch_size < 1:
         raise ValueError("max_new_tokens, n and batch_size must be >= 1")
     pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
               else data_lib.end_of_turn_id(tokenizer))
     prompts, kept = [], []
     for rec in records:
         ids = data_lib.encode_prompt(tokenizer, rec["messages"])
-        if max_prompt_len is None or len(ids) <= max_prompt_len:
+        if s.max_prompt_len is None or len(ids) <= s.max_prompt_len:
             prompts.append(ids)
             kept.append(rec)
     if len(kept) < len(records):
         print0(f"eval: skipped {len(records) - len(kept)} prompts over "
-               f"max_prompt_len={max_prompt_len} tokens")
+               f"max_prompt_len={s.max_prompt_len} tokens")
     if not kept:
         raise ValueError("no prompts to evaluate")
     # the teacher's responses, tokenized as for training (None: the record has none)
-    refs = [data_lib.encode_response(tokenizer, rec["teacher_response"], max_response_len)[0]
-            if rec.get("teacher_response") else None for rec in kept]
+    refs = [data_lib.encode_response(tokenizer, r["teacher_response"], s.max_response_len)[0]
+            if r.get("teacher_response") else None for r in kept]
     eos = sample.stop_ids(tokenizer, student)
-    gen = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
-               eos_ids=eos, pad_id=pad_id, seed=seed)
-    batch = functools.partial(batch_metrics, student, teacher, score_fn, tokenizer, prompts, refs,
-                              gen, batch_size)
+    gen = dict(n=n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0,
+               eos_ids=eos, pad_id=pad_id, seed=s.seed)
+    # every rank evaluates every world-th batch and gets the whole table: the same batches as one
+    # process, so the same numbers
+    batch = functools.partial(batch_metrics, student, teacher, score_fn, tokenizer,
+                              list(zip(prompts, refs)), gen, batch_size)
     with eval_mode(*[m for m in (student, teacher) if m is not None]):
         parts = common.shard_map(batch, list(range(0, len(prompts), batch_size)),
                                  desc="eval: batches")
@@ -339,13 +285,12 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, max_ne
     return metrics
 
 
-def batch_metrics(student, teacher, score_fn, tokenizer, prompts, refs, gen, batch_size, start):
-    """The batch of prompts from `start`: its samples (n a prompt; prompt_keys = the prompt's index,
-    so a sample does not depend on the batching when temperature > 0) and their per-row measures,
-    as plain values (shard_map gathers them over ranks): responses (token lists, the end-of-turn
-    token kept when generated), texts, and where they apply teacher_nll / student_nll ((sum,
-    count) per sample / per teacher response) and disc / disc_teacher (scores)."""
-    ps, rs = prompts[start:start + batch_size], refs[start:start + batch_size]
+def batch_metrics(student, teacher, score_fn, tokenizer, items, gen, batch_size, start):
+    """The samples of the batch of (prompt, teacher response or None) items from `start` and their
+    per-row measures, as plain values (shard_map gathers them over ranks)."""
+    ps = [p for p, _ in items[start:start + batch_size]]
+    rs = [r for _, r in items[start:start + batch_size]]
+    # keyed by the prompt's index: a sample does not depend on the batching
     ro = sample.generate(student, ps, prompt_keys=range(start, start + len(ps)), **gen)
     out = {"responses": ro.responses(), "texts": ro.texts(tokenizer)}
     sample_prompts = [p for p in ps for _ in range(gen["n"])]
@@ -365,8 +310,7 @@ def batch_metrics(student, teacher, score_fn, tokenizer, prompts, refs, gen, bat
 
 
 def format_table(rows, keys=None):
-    """{column name: metrics} -> a GitHub markdown table, one metric per line. Numbers only (the
-    "samples" list is skipped); floats with 4 decimals, a metric missing from a column as "-"."""
+    """{column name: metrics} -> a markdown table, one metric a line; a missing metric is "-"."""
     def is_number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -470,9 +414,8 @@ def load_split(args):
 
 
 def same_vocabulary(a, b):
-    """Whether two token -> id maps tokenize alike: every token both have has one id, and a token
-    only one has is appended past the other's ids (a saved tokenizer reloaded as Qwen2Tokenizer
-    gains '<|endoftext|>' as its unk token at the end; the models never produce that id)."""
+    """Whether two token -> id maps tokenize alike: shared tokens have one id, the others come
+    past the other's ids (a reloaded Qwen2Tokenizer appends an unk token no model produces)."""
     shared = a.keys() & b.keys()
     return (all(a[t] == b[t] for t in shared) and all(a[t] >= len(b) for t in a.keys() - shared)
             and all(b[t] >= len(a) for t in b.keys() - shared))
@@ -489,7 +432,6 @@ def column_names(names):
 
 
 def judge_cache(args):
-    """Where the judgements are cached: --judge-cache, else beside --out, else the working dir."""
     if args.judge_cache:
         return args.judge_cache
     return os.path.splitext(args.out)[0] + ".judge.jsonl" if args.out else "judge.jsonl"
@@ -538,7 +480,7 @@ def main(argv=None):
         del student
     try:
         add_judgements(results, records, args, judge_cache(args))
-    except common.OutputLocked as e:
+    except files.OutputLocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:

@@ -1,38 +1,5 @@
-"""An LLM judge over any OpenAI-compatible chat endpoint, for eval.py --judge api:URL:MODEL.
-
-Two protocols, the two papers' headline numbers:
-  score     GAD (arXiv 2511.10643) reports "GPT-4o scores" on LMSYS-Chat, Dolly, SelfInst and
-            Vicuna, the GPT-4 feedback protocol of MiniLLM (arXiv 2306.08543, appendix; the prompt
-            descends from Vicuna's GPT-4 review prompt in lm-sys/FastChat): the judge sees the
-            question, the reference answer as assistant 1 and the model's answer as assistant 2, and
-            rates each 1-10 on the first line of its reply. Reported: judge_score = 100 * sum(model
-            ratings) / sum(reference ratings) (MiniLLM's ratio) and judge_rating = the model's mean
-            rating.
-  pairwise  DistiLLM-2 (arXiv 2503.07067) reports win rates against a reference model's responses:
-            the judge says which of two answers is better, or a tie ([[A]], [[B]], [[C]], MT-Bench's
-            pairwise verdict format). Every pair is judged in both orders (judges favour a
-            position); a win counts 1, a tie 0.5. Reported: judge_winrate = 100 * mean over the
-            valid verdicts.
-
-The released GAD code (microsoft/LMOps gad/) has no judge script; the score protocol follows
-MiniLLM, from the same repository (LMOps minillm/). Check the GAD paper's evaluation section for its
-exact prompt and normalisation before putting these numbers beside the paper's.
-
-The reference answer is the record's teacher_response (the teacher the student was distilled from).
-
-Choices where the papers are silent, and why:
-  - The prompts are ours, written to each protocol's contract (MiniLLM's two scores on the first
-    line, MT-Bench's bracketed verdict); paste a paper's exact prompt into SCORE_PROMPT /
-    PAIRWISE_PROMPT to reproduce it word for word.
-  - The judge samples at temperature 0. A reply that does not parse is asked again (at temperature
-    0.7, so the retry can differ), up to --judge-retries times; after that it is recorded as invalid
-    and counted (judge_invalid), and left out of the means.
-  - Judgements are cached in a jsonl keyed by (judge model, prompt id, hash of the reference, hash
-    of the model's response, protocol, order): a rerun, or a run after a crash, asks only what is
-    missing; an identical response (two checkpoints that agree) is judged once. A request that fails
-    after the endpoint's retries (429s, 5xx, timeouts) is not cached, so a rerun asks it again; it
-    is counted (judge_failed) and eval.py exits 1.
-"""
+"""An LLM judge over an OpenAI-compatible chat endpoint (eval.py --judge api:URL:MODEL): GAD's
+1-10 scores against the reference answer (MiniLLM's protocol) and DistiLLM-2's pairwise win rate."""
 
 import hashlib
 import json
@@ -42,7 +9,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import common
-import sample
+import files
+import teacher
+from teacher import parse_spec
 
 PROTOCOLS = ("score", "pairwise")
 
@@ -84,25 +53,13 @@ accuracy and useful detail. Do not let the order of the answers, their length or
 names sway you. Explain your comparison briefly, then end with your verdict in exactly this \
 form: [[A]] if Assistant A is better, [[B]] if Assistant B is better, [[C]] for a tie."""
 
-# protocol -> the orders a pair is asked in: which of (reference, model) comes first
+# protocol -> the orders a pair is asked in: which of (reference, model) comes first (judges
+# favour a position, so a pairwise verdict is asked both ways)
 ORDERS = {"score": ("reference_first",), "pairwise": ("model_first", "reference_first")}
 
 
-def parse_spec(spec, flag="--judge"):
-    """'api:URL:MODEL' -> (URL, MODEL), for --judge and gad.py's --teacher. The model is after the
-    last colon (URLs have colons)."""
-    if not spec.startswith("api:") or spec.count(":") < 2:
-        raise ValueError(f"{flag} {spec!r}: expected api:URL:MODEL, e.g. "
-                         "api:http://localhost:8080/v1:gpt-4o")
-    url, model = spec[len("api:"):].rsplit(":", 1)
-    if not url or not model:
-        raise ValueError(f"{flag} {spec!r}: expected api:URL:MODEL")
-    return url, model
-
-
 def question_text(messages):
-    """The prompt as the judge reads it: a single user turn as it is, a longer conversation as a
-    transcript (the answer continues it)."""
+    """The prompt as the judge reads it: one user turn as it is, a conversation as a transcript."""
     if len(messages) == 1:
         return messages[0]["content"]
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
@@ -135,8 +92,7 @@ def parse_verdict(text):
 
 
 def outcome(protocol, order, parsed):
-    """The model's result in one judgement: [reference rating, model rating] (score), or 1 / 0.5 / 0
-    (pairwise: win / tie / loss)."""
+    """The model's result: [reference rating, model rating] (score), or win 1 / tie 0.5 / loss 0."""
     if protocol == "score":
         ref, model = parsed if order == "reference_first" else parsed[::-1]
         return [ref, model]
@@ -151,12 +107,13 @@ def sha(text):
 
 
 def task_key(judge_model, prompt_id, reference, response, protocol, order):
+    # hashes of the texts: an identical response (two checkpoints that agree) is judged once
     return "|".join([judge_model, str(prompt_id), sha(reference), sha(response), protocol, order])
 
 
 def read_cache(path):
     """{key: row} of a judgement cache; a torn last line (a kill mid-write) is cut off, redone."""
-    sample.scan_output(path)
+    teacher.scan_output(path)
     rows = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -168,12 +125,12 @@ def read_cache(path):
 
 
 def ask(endpoint, messages, protocol, retries, max_tokens):
-    """One judgement: asks until the reply parses (at most 1 + retries times) -> (parsed or None,
-    the last reply, attempts)."""
+    """One judgement, asked until the reply parses -> (parsed or None, the last reply, attempts)."""
     parse = parse_scores if protocol == "score" else parse_verdict
     for attempt in range(1 + retries):
         text = endpoint.chat(messages, n=1, max_tokens=max_tokens,
-                             temperature=0.0 if attempt == 0 else 0.7, top_p=1.0)[0]
+                             temperature=0.0 if attempt == 0 else 0.7,  # a retry can differ
+                             top_p=1.0)[0]
         parsed = parse(text)
         if parsed is not None:
             return parsed, text, attempt + 1
@@ -181,10 +138,9 @@ def ask(endpoint, messages, protocol, retries, max_tokens):
 
 
 def run(endpoint, items, protocols, cache_path, *, concurrency=8, retries=2, max_tokens=512):
-    """Judge items = [(prompt id, messages, reference, response)] under each protocol and order,
-    asking only what cache_path lacks; each new judgement is appended as it arrives. Returns (the
-    cache rows of these items, in order; counts: asked, cached, failed)."""
-    with common.lock_output(cache_path):  # one writer per cache
+    """Judge items [(prompt id, messages, reference, response)] in each protocol and order, asking
+    only what cache_path lacks -> (the items' cache rows, counts: asked, cached, failed)."""
+    with files.lock_output(cache_path):  # one writer per cache
         cache = read_cache(cache_path)
         keys, todo, planned = [], [], set()
         for prompt_id, messages, reference, response in items:
@@ -199,7 +155,7 @@ def run(endpoint, items, protocols, cache_path, *, concurrency=8, retries=2, max
                                  judge_messages(protocol, order, question_text(messages),
                                                 reference, response)))
         counts = {"asked": len(todo), "cached": len(keys) - len(todo), "failed": 0}
-        writer = sample.RowWriter(cache_path)
+        writer = teacher.RowWriter(cache_path)
         try:
             with ThreadPoolExecutor(max_workers=concurrency) as pool:
                 futures = {pool.submit(ask, endpoint, msgs, protocol, retries, max_tokens):
@@ -209,7 +165,7 @@ def run(endpoint, items, protocols, cache_path, *, concurrency=8, retries=2, max
                     key, prompt_id, protocol, order = futures[fut]
                     try:
                         parsed, text, attempts = fut.result()
-                    except sample.ApiError as e:
+                    except teacher.ApiError as e:  # not cached: a rerun asks again
                         counts["failed"] += 1
                         print(f"judge: failed: id={prompt_id} {protocol}/{order}: {e}",
                               file=sys.stderr)
@@ -226,11 +182,11 @@ def run(endpoint, items, protocols, cache_path, *, concurrency=8, retries=2, max
 
 
 def aggregate(rows):
-    """Cache rows -> the table's numbers (see the header). Invalid judgements are counted, not
-    averaged; a protocol with no valid judgement gives no number."""
+    """Cache rows -> the table's judge_* numbers; invalid judgements are counted, not averaged."""
     metrics = {"judge_invalid": sum(not r["valid"] for r in rows)}
     scores = [r["outcome"] for r in rows if r["protocol"] == "score" and r["valid"]]
     if scores:
+        # MiniLLM's ratio: 100 * sum(model ratings) / sum(reference ratings)
         metrics["judge_score"] = 100.0 * sum(m for _, m in scores) / sum(ref for ref, _ in scores)
         metrics["judge_rating"] = sum(m for _, m in scores) / len(scores)
     wins = [r["outcome"] for r in rows if r["protocol"] == "pairwise" and r["valid"]]
@@ -271,10 +227,9 @@ def add_flags(parser):
 
 
 def judge_samples(args, records, samples, cache_path):
-    """Judge eval.evaluate's samples (prompt-major, n per record) of the records that have a
-    teacher_response -> the table's judge_* numbers (with judge_failed: requests that failed)."""
+    """Judge eval.evaluate's samples (n a record) against the records' teacher responses."""
     url, model = parse_spec(args.judge)
-    endpoint = sample.Endpoint(url, model, os.environ.get("OPENAI_API_KEY"))
+    endpoint = teacher.Endpoint(url, model, os.environ.get("OPENAI_API_KEY"))
     n = len(samples) // len(records)
     items = [(rec["id"], rec["messages"], rec["teacher_response"], samples[i * n + j])
              for i, rec in enumerate(records) if rec.get("teacher_response") for j in range(n)]

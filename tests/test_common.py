@@ -11,23 +11,24 @@ import pytest
 import torch
 
 import common
+import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     path = tmp_path / "ckpt.pt"
-    common.atomic_torch_save({"step": 1}, path)
+    files.atomic_torch_save({"step": 1}, path)
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("killed mid-save")
 
     with pytest.raises(RuntimeError):
-        common.atomic_torch_save({"step": 2, "x": Boom()}, path)
+        files.atomic_torch_save({"step": 2, "x": Boom()}, path)
     assert torch.load(path) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"], "the temp file must not be left behind"
-    common.atomic_write_text(tmp_path / "a.txt", "new")
+    files.atomic_write_text(tmp_path / "a.txt", "new")
     assert (tmp_path / "a.txt").read_text() == "new"
 
 
@@ -40,7 +41,7 @@ def test_a_checkpoint_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
         ("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or
                         replace(a, b))
-    common.atomic_torch_save({"step": 3}, tmp_path / "ckpt.pt")
+    files.atomic_torch_save({"step": 3}, tmp_path / "ckpt.pt")
     renamed = [path for kind, path in events if kind == "replace"]
     assert len(renamed) == 1 and events.index(("fsync", renamed[0])) < events.index(
         ("replace", renamed[0])), events
@@ -67,14 +68,14 @@ def test_torchrun_two_processes_on_gloo(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, sys; sys.path.insert(0, {ROOT!r})
         import torch, torch.distributed as dist
-        import common, models
+        import common, files, models
         ddp, rank, local_rank, world, device = common.compute_init()
         models.tiny_model()    # a model class loads: transformers' lazy imports, as in a trainer
         x = torch.tensor([float(rank + 1)])
         dist.all_reduce(x)
         common.print0(f"ddp={{ddp}} world={{world}} backend={{dist.get_backend()}} \
 sum={{x.item()}}")
-        common.log_metrics({str(tmp_path / 'm.jsonl')!r}, {{"rank_sum": x}})
+        files.log_metrics({str(tmp_path / 'm.jsonl')!r}, {{"rank_sum": x}})
         m = common.reduce_metrics({{"d_loss": rank + 1.0, "mem_sampling": 10.0 * (rank + 1)}})
         common.print0(f"reduced {{m}}")
         common.compute_cleanup()

@@ -16,6 +16,7 @@ import data
 import discriminator
 import distillm2
 import gad
+import models
 import sample
 from scripts import metrics, run_script
 
@@ -68,14 +69,15 @@ class Trace:
         monkeypatch.setattr(discriminator, "score", traced_score)
         monkeypatch.setattr(common, "log_step", traced_log_step)
 
-    def capture(self, monkeypatch, module, name):
-        """Keep what module.load_models returns (the run's models) in self.models[name]."""
-        load = module.load_models
+    def capture(self, monkeypatch, module, name, loader="load_models"):
+        """Keep what module.<loader> returns, and its arguments, in self.models[name]."""
+        load = getattr(module, loader)
 
         def traced(*args, **kwargs):
-            self.models[name] = out = load(*args, **kwargs)
+            out = load(*args, **kwargs)
+            self.models[name] = (out, args)
             return out
-        monkeypatch.setattr(module, "load_models", traced)
+        monkeypatch.setattr(module, loader, traced)
 
 
 def hand_count(passes, is_teacher, teacher_flops=True):
@@ -159,12 +161,13 @@ def test_gad_counts_every_pass(tmp_path, monkeypatch, ppo):
     is scored in two, and counted twice. The teacher (black-box) samples the 40 tiny rows before
     step 1: its tokens, in the student's tokenizer, and generate() batches, not its FLOPs."""
     trace = Trace(monkeypatch)
-    trace.capture(monkeypatch, gad, "gad")
+    trace.capture(monkeypatch, gad, "gad", "load_discriminator")
     out = tmp_path / "gad"
     run(gad.main, ["--student", "tiny", "--limit", "40", "--warmup-steps", "1", "--gad-steps",
                    "1", "--freeze-g-steps", "0", "--ppo-epochs", str(ppo), "--mini-batches",
                    str(ppo), "--eval-prompts", "0", "--out", str(out)])
-    tok, G, D = trace.models["gad"]
+    D, (_, G) = trace.models["gad"]
+    tok = models.load_tokenizer("tiny")
     teachers = {id(p["model"]) for step in trace.steps for p in step
                 if p["kind"] == "generate" and p["model"] is not G}
     expected = [hand_count(step, lambda model: id(model) in teachers, teacher_flops=False)
@@ -204,7 +207,7 @@ def test_amm_counts_every_pass(amm_run):
     adv_steps times; in the student's backward the teacher's head and the adversary (the student's
     head is in its pass); after its step the heads and the adversary once more."""
     _, out, trace = amm_run
-    _, student, teacher, adv_off, adv_on = trace.models["amm"]
+    (_, student, teacher, adv_off, adv_on), _ = trace.models["amm"]
     heads = n_params(student.get_output_embeddings()) + n_params(teacher.get_output_embeddings())
     t_head, adv, steps = n_params(teacher.get_output_embeddings()), n_params(adv_on), 2
     assert n_params(adv_off) == adv
@@ -254,7 +257,7 @@ def test_distillm2_counts_every_pass(tmp_path, monkeypatch, variant):
     run(distillm2.main, ["--student", "tiny", "--limit", "20", "--gen-batch-size", "6",
                          "--micro-batch-size", "6", "--eval-prompts", "1", "--out", str(out)]
         + args)
-    _, student, teacher, _ = trace.models["d2"]
+    (_, student, teacher, _), _ = trace.models["d2"]
     expected = [hand_count(step, lambda model: model is teacher) for step in trace.steps]
     check_rows(metrics(out), expected)
     if variant == "distillm2":   # the curriculum: a teacher and a student pass over y_t and y_s

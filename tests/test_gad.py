@@ -1,6 +1,7 @@
 """GAD: the discriminator's scoring position, the stages, resume, DDP and learning, on tiny
 models."""
 
+import argparse
 import contextlib
 import io
 import json
@@ -88,7 +89,7 @@ def test_bf16_autocast_rewards_carry_only_the_hidden_states_error(tiny_d):
         tiny_d.score.weight.mul_(scale)
         try:
             bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
-            r_bf16 = discriminator.score_rollout(tiny_d, ro, amp=bf16)
+            r_bf16 = discriminator.score_rollout(tiny_d, ro, d_args(dtype="bfloat16"))
             r_fp32 = discriminator.score_rollout(tiny_d, ro)
             h_bf16, h_fp32 = hidden_at_last(bf16), hidden_at_last(contextlib.nullcontext())
         finally:
@@ -98,6 +99,12 @@ def test_bf16_autocast_rewards_carry_only_the_hidden_states_error(tiny_d):
     torch.testing.assert_close(r_bf16, (h_bf16 @ (w * scale).T).squeeze(-1), rtol=1e-6, atol=1e-6)
     bound = (w * scale).norm() * (h_bf16 - h_fp32).norm(dim=-1)           # [N]
     assert ((r_bf16 - r_fp32).abs() <= bound + 1e-6).all(), (r_bf16 - r_fp32, bound)
+
+
+def d_args(**settings):
+    """discriminator.update's settings, as a trainer's parsed args carry them."""
+    return argparse.Namespace(**{"samples_per_prompt": 2, "grad_clip": 1.0, "dtype": "float32",
+                                 "micro_batch_size": None, "micro_batch_tokens": None, **settings})
 
 
 def test_discriminator_update_learns_and_accumulates_exactly():
@@ -113,8 +120,7 @@ def test_discriminator_update_learns_and_accumulates_exactly():
         before = torch.cat([p.detach().flatten() for p in d.parameters()])
         # the step is minus the gradient (no clipping)
         opt = torch.optim.SGD(d.parameters(), lr=1.0)
-        discriminator.update(d, opt, teacher, samples, n=2, max_grad_norm=None,
-                             micro_batch_size=mb)
+        discriminator.update(d, opt, teacher, samples, d_args(grad_clip=None, micro_batch_size=mb))
         steps.append(torch.cat([p.detach().flatten() for p in d.parameters()]) - before)
     assert steps[0].abs().max() > 0
     torch.testing.assert_close(steps[0], steps[1], atol=1e-6, rtol=1e-5)
@@ -129,9 +135,9 @@ def test_discriminator_update_learns_and_accumulates_exactly():
                                       max_tokens=18) == [[0, 1], [2], [3]]
     d = discriminator.from_student(student)
     opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
-    first = discriminator.update(d, opt, teacher, samples, n=2)
+    first = discriminator.update(d, opt, teacher, samples, d_args())
     for _ in range(20):
-        last = discriminator.update(d, opt, teacher, samples, n=2)
+        last = discriminator.update(d, opt, teacher, samples, d_args())
     # zero head: log 2
     assert first["d_loss"] == pytest.approx(losses.bt_loss(torch.zeros(1), torch.zeros(1)).item())
     assert last["d_loss"] < 0.2 and last["d_acc"] == 1.0
@@ -247,7 +253,7 @@ def test_each_stage_runs_alone(tmp_path):
 
 
 def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
-    """--teacher fills the rows that have no response through sample.py's library path, into
+    """--teacher fills the rows that have no response through teacher.py's library path, into
     OUT/teacher.jsonl, once: a second run finds every id there and samples only the row that
     --teacher-responses teacher adds (the one whose data response it replaces)."""
     rows = [{"id": f"q{i}", "prompt": f"tell me about {i} cats"} for i in range(16)]

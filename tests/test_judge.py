@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import common
+import files
 import judge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +130,7 @@ def test_scores_win_rate_invalid_and_cache_match_a_hand_count(tmp_path, endpoint
     fake = Judge(scripted)
     url = endpoint_for(fake)
     fake.faults = [429, 503]  # retried by the endpoint, invisible in the numbers
-    ep = judge.sample.Endpoint(url, "judge-m", retry_base=0.01)
+    ep = judge.teacher.Endpoint(url, "judge-m", retry_base=0.01)
     cache = str(tmp_path / "judge.jsonl")
     rows, counts = judge.run(ep, items(), judge.PROTOCOLS, cache, concurrency=2, retries=2)
     m = judge.aggregate(rows)
@@ -156,12 +156,12 @@ def test_scores_win_rate_invalid_and_cache_match_a_hand_count(tmp_path, endpoint
     assert counts2 == {"asked": 0, "cached": 9, "failed": 0} and len(fake.requests) == asked
     assert judge.aggregate(rows2) == m
     # one writer per cache: while another run holds it, a judge run refuses and asks nothing
-    with common.lock_output(cache):
-        with pytest.raises(common.OutputLocked, match=str(os.getpid())):
+    with files.lock_output(cache):
+        with pytest.raises(files.OutputLocked, match=str(os.getpid())):
             judge.run(ep, items(), judge.PROTOCOLS, cache)
     assert len(fake.requests) == asked
     # another judge model is another key: asked again
-    other = judge.sample.Endpoint(url, "judge-other", retry_base=0.01)
+    other = judge.teacher.Endpoint(url, "judge-other", retry_base=0.01)
     SCRIPT_SCORES.update({"good": ["6 9"], "meh": ["7 5"], "junk": ["x"] * 3})
     _, counts3 = judge.run(other, items(), ("score",), cache, retries=2)
     assert counts3["asked"] == 3
@@ -171,7 +171,7 @@ def test_a_request_that_keeps_failing_is_counted_not_cached(tmp_path, endpoint_f
     fake = Judge(lambda protocol, answers: "8 8")
     url = endpoint_for(fake)
     fake.faults = [503] * 3  # more than max_retries=1 allows: the first judgement fails
-    ep = judge.sample.Endpoint(url, "judge-m", max_retries=1, retry_base=0.01)
+    ep = judge.teacher.Endpoint(url, "judge-m", max_retries=1, retry_base=0.01)
     cache = str(tmp_path / "judge.jsonl")
     rows, counts = judge.run(ep, items()[:2], ("score",), cache, concurrency=1)
     assert counts["failed"] == 1 and len(rows) == 1
@@ -237,7 +237,7 @@ def test_a_trainers_before_after_table_has_the_judges_rows(tmp_path, endpoint_fo
                                                            trainer):
     """--judge on a trainer: both columns of OUT/eval.json and of the printed table carry the
     judge's numbers, from judgements cached in OUT/judge.jsonl (score + both orders). gad.py and
-    the white-box trainers (distillm2.py, amm.py: eval.white_box_report) build the table apart."""
+    the white-box trainers (distillm2.py, amm.py: eval.white_box_final) build the table apart."""
     import importlib
     main = importlib.import_module(trainer).main
 

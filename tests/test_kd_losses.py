@@ -1,12 +1,13 @@
-"""White-box distillation losses (losses.py: skl, srkl, jsd, forward_kl, reverse_kl, align_vocab,
-kd_loss_chunked) against their definitions computed another way: float64 probabilities (not log
-space), and Python loops."""
+"""White-box distillation losses (losses.py: skl, srkl, jsd, forward_kl, reverse_kl, align_vocab;
+fast_losses.kd_loss_chunked) against their definitions computed another way: float64 probabilities
+(not log space), and Python loops."""
 
 import math
 
 import pytest
 import torch
 
+import fast_losses
 import losses
 
 B, T, V = 3, 5, 11
@@ -317,8 +318,8 @@ def test_chunked_equals_naive_values_and_gradients(name, fn, ref, w):
 
     student_head.zero_grad()
     h = student_hidden.clone().requires_grad_(True)
-    loss, values = losses.kd_loss_chunked(fn, h, student_head, teacher_hidden, teacher_weight,
-                                          weights=weights, chunk_size=CHUNK, **kw)
+    loss, values = fast_losses.kd_loss_chunked(fn, h, student_head, teacher_hidden, teacher_weight,
+                                               weights=weights, chunk_size=CHUNK, **kw)
     loss.backward()
     assert values.shape == (B, T_LONG) and not values.requires_grad
     torch.testing.assert_close(loss, (want[0] * weights).sum(), rtol=1e-5, atol=1e-5)
@@ -334,9 +335,9 @@ def test_chunked_gradient_scales_and_accumulates_like_autograd():
     student_head, teacher_weight, student_hidden, teacher_hidden, weights = heads_and_hidden()
     h1, h2 = (student_hidden[:, :20].clone().requires_grad_(True),
               student_hidden[:, 20:].clone().requires_grad_(True))
-    run = lambda h, t, w: losses.kd_loss_chunked(losses.srkl, h, student_head, t, teacher_weight,
-                                                 weights=w, chunk_size=CHUNK,
-                                                 alpha=torch.tensor([0.1, 0.3, 0.05]))[0]
+    run = lambda h, t, w: fast_losses.kd_loss_chunked(losses.srkl, h, student_head, t,
+                                                      teacher_weight, weights=w, chunk_size=CHUNK,
+                                                      alpha=torch.tensor([0.1, 0.3, 0.05]))[0]
     (3 * run(h1, teacher_hidden[:, :20], weights[:, :20])
      - 0.5 * run(h2, teacher_hidden[:, 20:], weights[:, 20:])).backward()
     got = (h1.grad, h2.grad, student_head.weight.grad.clone())
@@ -353,14 +354,14 @@ def test_chunked_gradient_scales_and_accumulates_like_autograd():
 
     frozen = torch.nn.Linear(H_S, V_S, bias=False).requires_grad_(False)
     h = student_hidden.clone().requires_grad_(True)
-    losses.kd_loss_chunked(losses.skl, h, frozen, teacher_hidden, teacher_weight,
-                           alpha=0.1)[0].backward()
+    fast_losses.kd_loss_chunked(losses.skl, h, frozen, teacher_hidden, teacher_weight,
+                                alpha=0.1)[0].backward()
     assert frozen.weight.grad is None and torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
 
     bf16 = torch.nn.Linear(H_S, V_S, bias=False).to(torch.bfloat16)
     hb = student_hidden.to(torch.bfloat16).requires_grad_(True)
-    losses.kd_loss_chunked(losses.forward_kl, hb, bf16, teacher_hidden,
-                           teacher_weight)[0].backward()
+    fast_losses.kd_loss_chunked(losses.forward_kl, hb, bf16, teacher_hidden,
+                                teacher_weight)[0].backward()
     assert bf16.weight.grad.dtype == torch.bfloat16 and hb.grad.dtype == torch.bfloat16
 
 
@@ -386,8 +387,8 @@ def test_chunked_never_makes_a_whole_batch_of_logits():
         (losses.skl(student_head(h), teacher_hidden @ teacher_weight.T, 0.1)
          * weights).sum().backward()
     with LargestOutput() as chunked:
-        losses.kd_loss_chunked(losses.skl, h, student_head, teacher_hidden, teacher_weight,
-                               weights=weights, chunk_size=CHUNK, alpha=0.1)[0].backward()
+        fast_losses.kd_loss_chunked(losses.skl, h, student_head, teacher_hidden, teacher_weight,
+                                    weights=weights, chunk_size=CHUNK, alpha=0.1)[0].backward()
     assert naive.largest >= B * T_LONG * V_S
 
     class Shapes(TorchDispatchMode):
@@ -402,8 +403,8 @@ def test_chunked_never_makes_a_whole_batch_of_logits():
 
     # no gradient work at all under no_grad (held-out metrics)
     with torch.no_grad(), Shapes() as evaluation:
-        losses.kd_loss_chunked(losses.skl, h, student_head, teacher_hidden, teacher_weight,
-                               weights=weights, chunk_size=CHUNK, alpha=0.1)
+        fast_losses.kd_loss_chunked(losses.skl, h, student_head, teacher_hidden, teacher_weight,
+                                    weights=weights, chunk_size=CHUNK, alpha=0.1)
     assert (V_S, H_S) not in evaluation.seen and (B, T_LONG, H_S) not in evaluation.seen
     # chunk logits, dW, hidden
     assert chunked.largest <= max(CHUNK * V_T, V_S * H_S, B * T_LONG * H_T)

@@ -1,4 +1,4 @@
-"""One writer per output: a second run on the same sample.py --out or trainer --out is refused
+"""One writer per output: a second run on the same teacher.py --out or trainer --out is refused
 with exit 2 and an error naming the run that holds it; the lock is the kernel's (flock), so a run
 killed with SIGKILL leaves none behind. Runs are real subprocesses; the sampler talks to the fake
 endpoint of test_sample_cli.py behind a gate, so a run stops mid-way, holding its output, for as
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import common
+import files
 from scripts import ROOT
 from test_sample_cli import (ChatHandler, FakeChat, QuietServer, assert_each_once, describe,
                              env_with_key, read_rows, run_sample, sample_cmd, serve_chat,
@@ -35,7 +36,7 @@ def wait_for_lines(path, n, proc, deadline_s=60):
             return
         if proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"sample.py ended (exit {proc.returncode}) before writing {n} rows\n"
+            pytest.fail(f"teacher.py ended (exit {proc.returncode}) before writing {n} rows\n"
                         f"{out}\n{err}")
         time.sleep(0.005)
     proc.kill()
@@ -80,9 +81,10 @@ PROBE = textwrap.dedent(f"""
     import sys, time
     sys.path.insert(0, {ROOT!r})
     import common
+    import files
     try:
-        lock = common.lock_output(sys.argv[2])
-    except common.OutputLocked as e:
+        lock = files.lock_output(sys.argv[2])
+    except files.OutputLocked as e:
         print("refused:", e, flush=True)
         sys.exit(3)
     print("locked", flush=True)
@@ -98,12 +100,12 @@ def probe(mode, path):
 
 def test_lock_output_names_the_holder_and_dies_with_it(tmp_path):
     out = tmp_path / "rows.jsonl"
-    lock = common.lock_output(out)
+    lock = files.lock_output(out)
     me = f"pid {os.getpid()} on {socket.gethostname()}"
     assert me in (tmp_path / "rows.jsonl.lock").read_text()
     # flock is per open file: a second open in this same process is refused too
-    with pytest.raises(common.OutputLocked, match=me):
-        common.lock_output(out)
+    with pytest.raises(files.OutputLocked, match=me):
+        files.lock_output(out)
     other = probe("try", out)
     stdout, stderr = other.communicate(timeout=60)
     assert other.returncode == 3, stdout + stderr
@@ -116,18 +118,18 @@ def test_lock_output_names_the_holder_and_dies_with_it(tmp_path):
     # now the other process holds it, and is killed with SIGKILL
     holder = probe("hold", out)
     assert holder.stdout.readline() == "locked\n", holder.communicate()
-    with pytest.raises(common.OutputLocked, match=f"{holder_of(holder)}, started .*-c hold"):
-        common.lock_output(out)
+    with pytest.raises(files.OutputLocked, match=f"{holder_of(holder)}, started .*-c hold"):
+        files.lock_output(out)
     kill9(holder)
     assert holder_of(holder) in (tmp_path / "rows.jsonl.lock").read_text()  # the file stays ...
-    common.lock_output(out).close()  # ... but not its lock
+    files.lock_output(out).close()  # ... but not its lock
 
     # an existing folder (a trainer's --out) is locked by the .lock inside it
     (tmp_path / "run").mkdir()
-    with common.lock_output(tmp_path / "run"):
+    with files.lock_output(tmp_path / "run"):
         assert me in (tmp_path / "run" / ".lock").read_text()
-        with pytest.raises(common.OutputLocked):
-            common.lock_output(tmp_path / "run")
+        with pytest.raises(files.OutputLocked):
+            files.lock_output(tmp_path / "run")
 
 
 def test_setup_locks_out_and_a_new_run_in_the_process_takes_it_over(tmp_path):
@@ -138,11 +140,11 @@ def test_setup_locks_out_and_a_new_run_in_the_process_takes_it_over(tmp_path):
     try:
         common.setup(args)
         assert (tmp_path / "run" / ".lock").exists()
-        with pytest.raises(common.OutputLocked):
-            common.lock_output(args.out)
+        with pytest.raises(files.OutputLocked):
+            files.lock_output(args.out)
         common.setup(args)  # the same --out again: not refused by this process's own lock
-        with pytest.raises(common.OutputLocked):
-            common.lock_output(args.out)
+        with pytest.raises(files.OutputLocked):
+            files.lock_output(args.out)
     finally:
         if common._run_lock is not None:
             common._run_lock.close()
@@ -173,14 +175,14 @@ def test_rank_agreement_goes_through_the_collective_device(tmp_path, monkeypatch
         common.lock_run_output(str(tmp_path), rank=1)
     assert seen == [torch.device("meta")]
     monkeypatch.setattr(common, "comm_device", lambda: torch.device("cpu"))
-    with pytest.raises(common.OutputLocked, match="see rank 0"):
+    with pytest.raises(files.OutputLocked, match="see rank 0"):
         common.lock_run_output(str(tmp_path), rank=1)
     assert cleaned == [True]
     assert not (tmp_path / ".lock").exists()  # only rank 0 touches the lock
 
 
 # --------------------------------------------------------------------------------------------------
-# sample.py
+# teacher.py
 
 class GatedHandler(ChatHandler):
     """The fake endpoint, answering only while chat.gate has permits."""
@@ -236,7 +238,7 @@ def test_sample_second_writer_is_refused_and_the_first_finishes_alone(tmp_path):
         assert open_chat.requests == []
         assert error_line(second).startswith(
             f"error: {out} is being written by another run ({holder_of(first)}, started ")
-        assert "sample.py" in error_line(second) and "summary:" not in second.stdout
+        assert "teacher.py" in error_line(second) and "summary:" not in second.stdout
         assert first.poll() is None  # refused while the first held the file
         assert out.read_bytes().count(b"\n") == 3  # and it wrote nothing
         chat.gate.release(10_000)
@@ -319,7 +321,7 @@ def test_torchrun_second_run_exits_2_on_every_rank(tmp_path):
                 repr(code))
     """))
     me = f"pid {os.getpid()} on {socket.gethostname()}"
-    with common.lock_output(out):   # this process holds the run's folder
+    with files.lock_output(out):   # this process holds the run's folder
         # a slow monitor: torchrun must not stop one rank before it has exited on its own
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                "--nproc_per_node=2", "--monitor-interval=2", str(wrapper),

@@ -1,7 +1,7 @@
-"""bench.py's memory arithmetic (the per-rank peak of every GPU command, phase by phase) against the
-live tensors of each phase's own code at a small shape, on CPU under bf16 autocast; and every GPU
-command of the README predicted to fit an 80 GB card, which GAD's one-GPU command does only with the
---gen-batch-tokens budget of its preset."""
+"""dev/bench.py's memory arithmetic (the per-rank peak of every GPU command, phase by phase)
+against the live tensors of each phase's own code at a small shape, on CPU under bf16 autocast;
+and every GPU command of the README predicted to fit an 80 GB card, which GAD's one-GPU command
+does only with the --gen-batch-tokens budget of its preset."""
 
 import contextlib
 import io
@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 
 import amm
-import bench
 import common
 import discriminator
 import distillm2
 import gad
 import models
 import sample
+from dev import bench
 from live_bytes import LiveBytes
 
 # The small shape: a vocabulary of 4096 makes the [chunk, V] work and the LM head's [V, H] terms
@@ -77,7 +77,7 @@ def tensors(*objs):
 
 
 class PhasePeaks:
-    """common.Phases' interface for a step's code: the live bytes' peak of each phase it names."""
+    """common.phase's stand-in for a step's code: the live bytes' peak of each phase it names."""
 
     def __init__(self, live):
         self.live, self.peaks = live, {}
@@ -93,10 +93,15 @@ class PhasePeaks:
 
 
 def measure(step, *held):
-    """Run step(phases) with the tensors of `held` alive: (bytes at the start, {phase: peak})."""
+    """Run step() with the tensors of `held` alive and common.phase measuring each phase it enters:
+    (bytes at the start, {phase: peak})."""
     with LiveBytes(*tensors(*held)) as live:
         start, phases = live.now, PhasePeaks(live)
-        step(phases)
+        phase, common.phase = common.phase, phases
+        try:
+            step()
+        finally:
+            common.phase = phase
     return start, phases.peaks
 
 
@@ -151,13 +156,13 @@ def test_gad_step_phases(world_of_one):
         models.checkpoint_activations(m)
     ref = models.frozen_copy(G, "bfloat16")
     opt_g, opt_d = adamw(G.parameters()), adamw(D.parameters())
-    batch = [{"id": f"p{i}", "prompt": p, "response": list(range(20, 20 + T))}
+    batch = [{"id": f"p{i}", "key": f"p{i}", "prompt": p, "response": list(range(20, 20 + T))}
              for i, p in enumerate(prompts(2))]
-    amp = models.autocast("cpu", "bfloat16")
+    args.device, args.eos_ids, args.pad_id = torch.device("cpu"), (), 256
+    args.amp = models.autocast("cpu", "bfloat16")
 
-    def step(phases):   # no end-of-turn id: every sample runs to --max-new-tokens
-        gad.gad_step(G, D, ref, opt_g, opt_d, batch, [b["id"] for b in batch], 0, args, amp,
-                     (), 256, "cpu", phases, common.Compute())
+    def step():   # no end-of-turn id: every sample runs to --max-new-tokens
+        gad.gad_step(G, D, ref, opt_g, opt_d, batch, 0, args)
     start, peaks = measure(step, G, D, ref, opt_g, opt_d)
     predicted = dict(bench.gad_phases(args, 1, bench.Arch.of(G), P, T))
     check(predicted, start, peaks, bench.gad_states(bench.Arch.of(G), args))
@@ -166,7 +171,7 @@ def test_gad_step_phases(world_of_one):
 def test_distillm2_step_phases(tmp_path, world_of_one, monkeypatch):
     """DistiLLM-2 with LoRA (its preset: a frozen bf16 base, fp32 adapters with dropout): the
     epoch's sampling of the teacher's and the student's responses (top-p), the curriculum's
-    passes, the loss micro-batches (losses.kd_loss_chunked), the update."""
+    passes, the loss micro-batches (fast_losses.kd_loss_chunked), the update."""
     monkeypatch.setattr(bench, "LORA_MASK_BYTES", 4)     # the CPU's dropout keeps fp32 noise
     args = parse(distillm2, ["--student", "tiny", "--prompts-per-step", "2", "--lora-r", "4",
                              "--lora-alpha", "32", "--lora-dropout", "0.05", "--top-p", "0.95",
@@ -182,30 +187,26 @@ def test_distillm2_step_phases(tmp_path, world_of_one, monkeypatch):
     trainable = [p for p in student.parameters() if p.requires_grad]
     opt = adamw(trainable)
     train = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts(2))]
-    amp = models.autocast("cpu", "bfloat16")
-    gen = dict(max_new_tokens=T, eos_ids=(), pad_id=256, seed=0, amp=amp,
-               batch_size=args.gen_batch_size, max_tokens=args.gen_batch_tokens, decode="static")
+    args.device, args.amp = torch.device("cpu"), models.autocast("cpu", "bfloat16")
+    args.eos_ids, args.pad_id = (), 256   # no end-of-turn id: T new tokens
 
-    def step(phases):   # distillm2.main's step, at epoch 1 (the curriculum's first)
-        compute, m = common.Compute(), {}
-        rows = distillm2.epoch_responses(student, teacher, train, 1, True, 1, args, gen, V,
-                                         phases, compute)
-        rollouts, _ = distillm2.step_rollouts(student, train, rows, 0, args, gen, "cpu", phases,
-                                              compute)
+    def step():   # distillm2.main's step, at epoch 1 (the curriculum's first)
+        rows = distillm2.epoch_responses(student, teacher, train, 1, True, args)
+        rollouts, _ = distillm2.step_rollouts(student, train, rows, 0, args)
         n_tokens = [ro.response_mask.sum().item() for ro in rollouts]
-        alphas = distillm2.curriculum_alphas(student, teacher, rollouts, 1, 2, args, amp, phases,
-                                             m, compute)
-        terms = distillm2.loss_terms(args, 0.5, *alphas, len(rollouts))
-        distillm2.accumulate(student, teacher, rollouts, terms, 2, n_tokens, args, amp, phases,
-                             m, compute)
-        with phases("update"):
+        alpha_t, alpha_s, _ = distillm2.curriculum_alphas(student, teacher, rollouts, 1, 2, args)
+        weights = [distillm2.token_weights(ro, args.reduction, 2, n)
+                   for ro, n in zip(rollouts, n_tokens)]
+        terms = distillm2.loss_terms(args, 0.5, alpha_t, alpha_s, weights)
+        distillm2.accumulate(student, teacher, rollouts, terms, args)
+        with common.phase("update"):
             common.clip_and_step(trainable, opt, args.grad_clip)
     start, peaks = measure(step, student, teacher, opt)
     predicted = dict(bench.distillm2_phases(args, 1, st, te, P, T))
     check(predicted, start, peaks, bench.distillm2_states(st, te, args))
 
 
-def test_amm_step_phases(world_of_one):
+def test_amm_step_phases(world_of_one, monkeypatch):
     """An AMM step (amm.py's loop body): both sides' sampling and hidden states, the adversaries'
     steps on the moments a chunk at a time, the student's micro-batches and step; the previous
     step's sides still held, as amm.py's loop holds them."""
@@ -221,28 +222,24 @@ def test_amm_step_phases(world_of_one):
     adv_params = list(adv_off.parameters()) + list(adv_on.parameters())
     opt, adv_opt = adamw(student.parameters()), adamw(adv_params, fused=None, foreach=True)
     batch = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts(2))]
-    amp = models.autocast("cpu", "bfloat16")
-    gen = dict(max_new_tokens=T, eos_ids=(), pad_id=256, seed=0, amp=amp,
-               batch_size=args.gen_batch_size, max_tokens=args.gen_batch_tokens, decode="static")
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    quiet = common.Phases("cpu")
-    previous = amm.make_sides(student, teacher, batch, 0, adv_on, adv_off, args, gen, amp, quiet,
-                              common.Compute())
+    args.device, args.amp = torch.device("cpu"), models.autocast("cpu", "bfloat16")
+    args.eos_ids, args.pad_id = (), 256   # no end-of-turn id: T new tokens
+    heads = (student.get_output_embeddings(), teacher.get_output_embeddings())
+    adversaries = {"on": adv_on, "off": adv_off}
+    monkeypatch.setattr(common, "phase", lambda name: contextlib.nullcontext())   # not measured
+    previous = amm.make_sides(student, teacher, batch, 0, adversaries, args)
 
-    def step(phases):
-        compute, m = common.Compute(), {}
-        sides = amm.make_sides(student, teacher, batch, 1, adv_on, adv_off, args, gen, amp,
-                               phases, compute)
-        g = amm.adversary_steps(sides, s_head, t_head, adv_params, adv_opt, args, amp, phases,
-                                m, compute)
+    def step():
+        m = {}
+        sides = amm.make_sides(student, teacher, batch, 1, adversaries, args)
+        g = amm.adversary_steps(sides, heads, adv_opt, args, m)
         on = sides["on"]
         advantages = amm.on_policy_advantages(g["on"], on["mask"], on["norm"], args.token_mean,
                                               args.samples_per_prompt, args.baseline)
-        amm.student_backward(student, sides, advantages, s_head, t_head, args, amp, phases,
-                             compute)
-        with phases("student"):
+        amm.student_backward(student, sides, advantages, heads, args)
+        with common.phase("student"):
             common.clip_and_step(student.parameters(), opt, args.grad_clip)
-        amm.student_moves(student, sides, s_head, t_head, args, amp, phases, m, compute)
+        amm.student_moves(student, sides, heads, args, m)
     previous = [{k: v for k, v in sd.items() if k != "adversary"} for sd in previous.values()]
     start, peaks = measure(step, student, teacher, adv_off, adv_on, opt, adv_opt, previous)
     predicted = dict(bench.amm_phases(args, 1, st, te, P, T))
@@ -258,8 +255,8 @@ def test_decode_step_at_a_qwen_sized_vocabulary(top_p):
     model = small_model(hidden=32, vocab=(1 << 17) + 64)
     amp = models.autocast("cpu", "bfloat16")
 
-    def step(phases):
-        with phases("sampling"):
+    def step():
+        with common.phase("sampling"):
             sample.rollout(model, prompts(2), [0, 1], n=2, max_new_tokens=3, temperature=0.8,
                            top_p=top_p, amp=amp, pad_id=256)
     start, peaks = measure(step, model)

@@ -126,8 +126,8 @@ def test_first_step_has_ratio_one(rollout):
     old = logprobs_of(model, rollout)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, old, kl_coef=0.001,
-                           micro_batch_size=5, temperature=0.7,
+    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, old,
+                           ppo.PPOConfig(kl_coef=0.001, micro_batch_size=5, temperature=0.7),
                            generator=torch.Generator().manual_seed(0))
     assert stats["clipfrac"] == 0.0
     # current == old == ref up to float noise
@@ -144,8 +144,9 @@ def test_on_policy_update_uses_its_own_logprobs_as_the_old_ones(rollout):
     for old in (logprobs_of(models.tiny_model(seed=0), rollout), None):
         model = models.tiny_model(seed=0)
         before = [p.detach().clone() for p in model.parameters()]
+        cfg = ppo.PPOConfig(micro_batch_size=5, grad_clip=None, temperature=0.7)
         stats = ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv,
-                               old, micro_batch_size=5, max_grad_norm=None, temperature=0.7)
+                               old, None, cfg)
         steps.append(torch.cat([(b - p.detach()).flatten()
                                 for b, p in zip(before, model.parameters())]))
     assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
@@ -154,16 +155,16 @@ def test_on_policy_update_uses_its_own_logprobs_as_the_old_ones(rollout):
     # 1e-5
     torch.testing.assert_close(steps[1], steps[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="on-policy"):
-        ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv, None,
-                       ppo_epochs=2)
+        ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, adv, None, None,
+                       ppo.PPOConfig(ppo_epochs=2))
 
 
 def test_later_minibatches_get_clipped(rollout):
     model = models.tiny_model(seed=0)
     old = logprobs_of(model, rollout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, ppo_epochs=2,
-                           mini_batches=2, temperature=0.7,
+    stats = ppo.ppo_update(model, opt, rollout, seq_advantages(12), old, None,
+                           ppo.PPOConfig(ppo_epochs=2, mini_batches=2, temperature=0.7),
                            generator=torch.Generator().manual_seed(0))
     assert stats["clipfrac"] > 0
     assert stats["approx_kl"] > 0
@@ -174,7 +175,7 @@ def test_update_raises_logprobs_of_positive_advantage_samples(rollout):
     old = logprobs_of(model, rollout)
     adv = torch.tensor([1.0, -1.0] * 6)                   # each prompt has good and bad samples
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # small: the first-order (monotone) regime
-    ppo.ppo_update(model, opt, rollout, adv, old, temperature=0.7)
+    ppo.ppo_update(model, opt, rollout, adv, old, None, ppo.PPOConfig(temperature=0.7))
     delta = (logprobs_of(model, rollout) - old).sum(-1)   # [N] change of log q(y | x)
     assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
     assert (delta[adv > 0] > 0).float().mean() >= 0.5
@@ -188,7 +189,7 @@ def test_nan_advantage_skips_the_step(rollout):
     adv = seq_advantages(12)
     adv[3] = float("nan")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = ppo.ppo_update(model, opt, rollout, adv, old, temperature=0.7)
+    stats = ppo.ppo_update(model, opt, rollout, adv, old, None, ppo.PPOConfig(temperature=0.7))
     assert stats["skipped_steps"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not opt.state                                     # AdamW's moments never saw the NaN
@@ -228,9 +229,9 @@ def test_loss_is_token_mean_over_the_minibatch_across_micro_batches(rollout, mon
             m.model.forward = lambda input_ids, **kw: (shapes.append(tuple(input_ids.shape))
                                                        or backbone(input_ids, **kw))
         before = [p.detach().clone() for p in m.parameters()]
-        ppo.ppo_update(m, torch.optim.SGD(m.parameters(), lr=1.0), rollout, adv, old, ref,
-                       kl_coef=0.1, micro_batch_size=5, micro_batch_tokens=micro_batch_tokens,
-                       max_grad_norm=None, temperature=0.7)
+        cfg = ppo.PPOConfig(kl_coef=0.1, micro_batch_size=5, micro_batch_tokens=micro_batch_tokens,
+                            grad_clip=None, temperature=0.7)
+        ppo.ppo_update(m, torch.optim.SGD(m.parameters(), lr=1.0), rollout, adv, old, ref, cfg)
         return [b - p.detach() for b, p in zip(before, m.parameters())]
 
     assert_close(weight_change(), want)
@@ -305,10 +306,10 @@ def test_ppo_epochs_and_mini_batches_equal_a_plain_loop(rollout):
     adv = seq_advantages(12)
     model = models.tiny_model(seed=0)
     before = [p.detach().clone() for p in model.parameters()]
+    cfg = ppo.PPOConfig(kl_coef=0.1, ppo_epochs=2, mini_batches=2, micro_batch_size=5,
+                        grad_clip=1.0, temperature=0.7)
     stats = ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.5), rollout, adv, old,
-                           ref, kl_coef=0.1, ppo_epochs=2, mini_batches=2, micro_batch_size=5,
-                           max_grad_norm=1.0, temperature=0.7,
-                           generator=torch.Generator().manual_seed(0))
+                           ref, cfg, generator=torch.Generator().manual_seed(0))
     got = [p.detach() - b for p, b in zip(model.parameters(), before)]
     loop = dict(lr=0.5, epochs=2, mini_batches=2, seed=0)
     want, want_stats = plain_ppo_loop(models.tiny_model(seed=0).double(), rollout, adv, old, ref,

@@ -10,6 +10,7 @@ import torch
 import amm
 import discriminator
 import distillm2
+import fast_losses
 import losses
 import models
 import sample
@@ -87,9 +88,10 @@ def d_loss(student, teacher, fixed, ro):
 
 def distillm2_loss(student, teacher, fixed, ro):
     weight = lambda r: distillm2.token_weights(r, "sequence", 6, None)
-    skl, _ = distillm2.divergence(losses.skl, student, teacher, fixed, weight(fixed), 4, alpha=0.1)
-    srkl, _ = distillm2.divergence(losses.srkl, student, teacher, ro, weight(ro), 4, alpha=0.1,
-                                   stop_grad=True)
+    skl, _ = distillm2.divergence(losses.skl, student, teacher, fixed, weight(fixed),
+                                  chunk_size=4, alpha=0.1)
+    srkl, _ = distillm2.divergence(losses.srkl, student, teacher, ro, weight(ro), chunk_size=4,
+                                   alpha=0.1, stop_grad=True)
     return skl + srkl, student
 
 
@@ -101,9 +103,10 @@ def amm_loss(student, teacher, fixed, ro):
         t_h, t_head = sample.response_hidden(teacher, ro)
     mask = ro.response_mask.float()
     score_weight = torch.linspace(-1, 1, mask.numel()).view_as(mask)
-    loss, _ = losses.kd_loss_chunked(amm.student_values, h, head, t_h, t_head, mask / mask.sum(),
-                                     chunk_size=4, adversary=adversary, adv_in=t_h,
-                                     tokens=ro.response_ids, score_weight=score_weight)
+    loss, _ = fast_losses.kd_loss_chunked(amm.student_values, h, head, t_h, t_head,
+                                          mask / mask.sum(), chunk_size=4, adversary=adversary,
+                                          adv_in=t_h, tokens=ro.response_ids,
+                                          score_weight=score_weight)
     return loss, student
 
 

@@ -10,6 +10,8 @@ hundred tokens of a test here, on any CPU. Exact equality is what the fast paths
 import pytest
 import torch
 
+import fast_decode
+import fast_losses
 import models
 import sample
 
@@ -173,7 +175,7 @@ def test_static_decode_gives_the_plain_samples_and_drops_finished_rows(tiny, att
     # a step runs the rows still going, or at most a third more (compaction waits for a quarter)
     for t, rows in enumerate(steps):
         live = int((lengths > t + 1).sum())
-        assert live <= rows and (rows == 12 or rows <= live / sample.COMPACT_AT)
+        assert live <= rows and (rows == 12 or rows <= live / fast_decode.COMPACT_AT)
 
 
 def test_static_decode_under_bf16_autocast_keeps_a_bf16_cache_and_the_plain_samples(tiny):
@@ -183,18 +185,18 @@ def test_static_decode_under_bf16_autocast_keeps_a_bf16_cache_and_the_plain_samp
     model, _, prompts = tiny
     kw = dict(n=3, max_new_tokens=16, temperature=1.0, eos_ids=range(0, 40), pad_id=PAD, seed=2)
     dtypes = []
-    update = sample.StaticKV.update
+    update = fast_decode.StaticKV.update
 
     def spy(self, key, value, layer_idx, *args, **kwargs):   # as transformers calls Cache.update
         dtypes.append(self.keys[layer_idx].dtype)
         return update(self, key, value, layer_idx, *args, **kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = sample.generate(model, prompts, decode="plain", **kw)
-        sample.StaticKV.update = spy
+        fast_decode.StaticKV.update = spy
         try:
             static = sample.generate(model, prompts, **kw)
         finally:
-            sample.StaticKV.update = update
+            fast_decode.StaticKV.update = update
     assert set(dtypes) == {torch.bfloat16}
     # exact: the same weights and seeds (the module's note)
     assert torch.equal(static.response_ids, plain.response_ids)
@@ -277,10 +279,10 @@ def test_rollout_sorts_prompts_by_length_across_calls_and_keeps_their_order(tiny
 
 
 def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softmax():
-    """sample.token_logprobs (chunks of 3 of 10 positions, temperature 0.7) against log_softmax over
-    the whole [M, V] logits, in float64: the values, the entropy, and the gradients to the hidden
-    states and the head (backward recomputes each chunk's logits); under bf16 autocast, the same
-    within bf16 error, fp32 gradients."""
+    """fast_losses.token_logprobs (chunks of 3 of 10 positions, temperature 0.7) against log_softmax
+    over the whole [M, V] logits, in float64: the values, the entropy, and the gradients to the
+    hidden states and the head (backward recomputes each chunk's logits); under bf16 autocast, the
+    same within bf16 error, fp32 gradients."""
     g = torch.Generator().manual_seed(0)
     M, H, V = 10, 6, 17
     hidden = torch.randn(M, H, generator=g, dtype=torch.float64, requires_grad=True)
@@ -294,7 +296,8 @@ def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softma
     want_ent = -(logq.exp() * logq).sum(-1)
     want_grads = torch.autograd.grad((want_lp * upstream).sum(), (hidden, weight))
 
-    lp, ent = sample.token_logprobs(hidden, weight, tokens, 0.7, chunk_size=3, with_entropy=True)
+    lp, ent = fast_losses.token_logprobs(hidden, weight, tokens, 0.7, chunk_size=3,
+                                         with_entropy=True)
     torch.testing.assert_close(lp, want_lp, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ent, want_ent, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad((lp * upstream).sum(), (hidden, weight))
@@ -303,7 +306,7 @@ def test_chunked_token_logprobs_values_and_gradients_against_the_full_log_softma
 
     h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        lp16 = sample.token_logprobs(h32, w32, tokens, 0.7, chunk_size=3)
+        lp16 = fast_losses.token_logprobs(h32, w32, tokens, 0.7, chunk_size=3)
     (lp16.double() * upstream).sum().backward()
     assert (lp16.dtype == torch.float32 and w32.grad.dtype == torch.float32
             and h32.grad.dtype == torch.float32)
@@ -392,8 +395,8 @@ def test_compaction_moves_the_kept_rows_in_place_one_layer_at_a_time():
     prompts = torch.randint(0, 256, (4, 20))
     prefill = DynamicCache()
     with torch.no_grad():
-        sample.with_cache(model.model, prefill, input_ids=prompts)
-    kv = sample.StaticKV(prefill, 4, torch.ones_like(prompts), max_new_tokens=40)   # 16 rows
+        models.with_cache(model.model, prefill, input_ids=prompts)
+    kv = fast_decode.StaticKV(prefill, 4, torch.ones_like(prompts), max_new_tokens=40)   # 16 rows
     del prefill
     one = kv.keys[0].nbytes * 12 // 16                     # one compacted layer's keys
     keep = torch.tensor([0, 2, 3, 5, 6, 7, 9, 10, 11, 12, 14, 15])                  # 75% live

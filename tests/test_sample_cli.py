@@ -1,4 +1,4 @@
-"""sample.py run as a user runs it: a subprocess against a real chat-completions server on loopback
+"""teacher.py run as a user runs it: a subprocess against a real chat-completions server on loopback
 that injects faults on a fixed schedule (429, 5xx, a slow answer past --timeout, a dropped
 connection), kill-and-resume with the tiny local model and with the endpoint, and bad input rows.
 Every expected count below is derived from the schedule, so a retry that is miscounted, a row
@@ -21,7 +21,7 @@ import pytest
 from scripts import sample_killed_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "sample.py")
+SAMPLE = os.path.join(ROOT, "teacher.py")
 
 # client --timeout: generous for a loopback answer on a busy 2-core CI box (a few ms; kept under
 # a second with a second suite beside it), short for the test; the slow answer is 3x past it
@@ -628,10 +628,10 @@ def test_skip_bad_reports_each_row_and_writes_the_good_ones(tmp_path, chat_serve
 PROBE = """
 import os, sys
 sys.path.insert(0, {root!r})
-import common, data, sample
+import common, data, teacher
 common.compute_init()
 if os.environ.get("DIE_AFTER") and common.get_rank() == 1:   # a kill -9 of rank 1 mid-run
-    write, left = sample.RowWriter.write, [int(os.environ["DIE_AFTER"])]
+    write, left = teacher.RowWriter.write, [int(os.environ["DIE_AFTER"])]
     def dying(self, row):
         if not left[0]:
             self.f.write('{{"id": "' + str(row["id"]) + '", "mess')   # and a torn line
@@ -639,8 +639,8 @@ if os.environ.get("DIE_AFTER") and common.get_rank() == 1:   # a kill -9 of rank
             os._exit(9)
         left[0] -= 1
         write(self, row)
-    sample.RowWriter.write = dying
-stats = sample.sample_records(data.tiny_prompts(30, seed=0), sample.settings(**{cfg}))
+    teacher.RowWriter.write = dying
+stats = teacher.sample_records(data.tiny_prompts(30, seed=0), teacher.settings(**{cfg}))
 print(f"rank {{common.get_rank()}} wrote {{stats['written']}}", flush=True)
 common.compute_cleanup()
 """
@@ -656,7 +656,7 @@ def test_ranks_sample_their_share_into_one_file_and_a_killed_run_resumes(tmp_pat
     import torch
 
     import data
-    import sample
+    import teacher
 
     def probe(name, **env):   # two gloo ranks
         script, out = tmp_path / f"{name}.py", tmp_path / f"{name}.jsonl"
@@ -671,8 +671,8 @@ def test_ranks_sample_their_share_into_one_file_and_a_killed_run_resumes(tmp_pat
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return sample.sample_records(data.tiny_prompts(30, seed=0),
-                                         sample.settings(**PROBE_SETTINGS, out=str(out)))
+            return teacher.sample_records(data.tiny_prompts(30, seed=0),
+                                         teacher.settings(**PROBE_SETTINGS, out=str(out)))
         finally:
             torch.set_num_threads(threads)
 

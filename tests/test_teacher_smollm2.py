@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_smollm2_sharegpt_kill_and_resume(tmp_path):
     out = tmp_path / "teacher.jsonl"
-    cmd = [sys.executable, "sample.py", "--model", "smollm2-135m", "--data", "sharegpt",
+    cmd = [sys.executable, "teacher.py", "--model", "smollm2-135m", "--data", "sharegpt",
            "--out", str(out), "--limit", "16", "--max-new-tokens", "24", "--batch-size", "4",
            "--max-prompt-len", "4096"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
