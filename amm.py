@@ -371,10 +371,7 @@ def main(argv=None):
            f"student {args.student}: {models.num_params(student) / 1e6:.2f}M, "
            f"adversaries 2 x {models.num_params(adv_on) / 1e6:.2f}M "
            f"params, world {world}, compute {args.dtype}")
-    train, val, val_recs, steps_per_epoch = data_lib.white_box_prompts(
-        tok, args.data, limit=args.limit, val_fraction=args.val_fraction,
-        max_prompt_len=args.max_prompt_len, eval_prompts=args.eval_prompts, seed=args.seed,
-        per_step=args.prompts_per_step)
+    train, val, val_recs, steps_per_epoch = data_lib.white_box_prompts(tok, args)
     total_steps = steps_per_epoch * args.epochs
     print0(f"data: {len(train)} train prompts, {len(val)} held out; {total_steps} steps")
     # held-out teacher responses, sampled once: the fixed yardstick of the before/after divergence

@@ -397,18 +397,18 @@ def encode_examples(records, tok, max_prompt_len, max_response_len):
     return out, len(records) - len(out)
 
 
-def white_box_prompts(tok, source, *, limit, val_fraction, max_prompt_len, eval_prompts, seed,
-                      per_step):
-    """The white-box trainers' prompts -> (train, val: rows {"id", "prompt": ids}, val_records,
-    steps per epoch); prompts over max_prompt_len dropped. source: a file, "sharegpt" or "tiny"."""
-    records, _ = load_records(source, limit, seed)
-    train_records, val_records = train_val_split(records, val_fraction, seed=seed)
+def white_box_prompts(tok, args):
+    """The white-box trainers' prompts from args.data -> (train, val: rows {"id", "prompt": ids},
+    val_records, steps per epoch); prompts over --max-prompt-len dropped."""
+    records, _ = load_records(args.data, args.limit, args.seed)
+    train_records, val_records = train_val_split(records, args.val_fraction, seed=args.seed)
     encode = lambda recs: [{"id": r["id"], "prompt": p} for r in recs
-                           if len(p := encode_prompt(tok, r["messages"])) <= max_prompt_len]
-    train, val = encode(train_records), encode(val_records)[:eval_prompts]
-    if len(train) < per_step:
-        raise ValueError(f"{len(train)} train prompts: fewer than --prompts-per-step {per_step}")
-    return train, val, val_records, len(train) // per_step
+                           if len(p := encode_prompt(tok, r["messages"])) <= args.max_prompt_len]
+    train, val = encode(train_records), encode(val_records)[:args.eval_prompts]
+    if len(train) < args.prompts_per_step:
+        raise ValueError(f"{len(train)} train prompts: fewer than --prompts-per-step "
+                         f"{args.prompts_per_step}")
+    return train, val, val_records, len(train) // args.prompts_per_step
 
 
 def tiny_prompts(num, seed):

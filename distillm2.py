@@ -386,10 +386,7 @@ def main(argv=None):
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, "
            f"student {args.student}: {models.num_params(student) / 1e6:.2f}M params, "
            f"world {world}, loss {args.loss}, compute {args.dtype}")
-    train, val, val_recs, steps_per_epoch = data_lib.white_box_prompts(
-        tok, args.data, limit=args.limit, val_fraction=args.val_fraction,
-        max_prompt_len=args.max_prompt_len, eval_prompts=args.eval_prompts, seed=args.seed,
-        per_step=args.prompts_per_step)
+    train, val, val_recs, steps_per_epoch = data_lib.white_box_prompts(tok, args)
     total_steps = steps_per_epoch * args.epochs
     print0(f"data: {len(train)} train prompts, {len(val)} held out; "
            f"{steps_per_epoch} steps per epoch")

@@ -1,6 +1,7 @@
 """DistiLLM-2 trainer: schedules against their formulas, per-epoch regeneration, vocab mismatch,
 learning, DDP."""
 
+import argparse
 import contextlib
 import copy
 import io
@@ -327,9 +328,9 @@ def test_both_responses_is_the_distillm2_repositorys_gkd(tmp_path):
                                "--stop-after", "1", "--out", str(out)])
     logged = metrics(out)[0]["loss"]
     tok = models.load_tokenizer("tiny")
-    train, _, _, _ = distillm2.data_lib.white_box_prompts(tok, "tiny", limit=40, val_fraction=0.1,
-                                                          max_prompt_len=64, eval_prompts=4, seed=0,
-                                                          per_step=8)
+    split = argparse.Namespace(data="tiny", limit=40, val_fraction=0.1, max_prompt_len=64,
+                               eval_prompts=4, seed=0, prompts_per_step=8)
+    train, _, _, _ = distillm2.data_lib.white_box_prompts(tok, split)
     batch, _ = distillm2.data_lib.batch_at_step(train, 0, 8, 0, "d2", 0, 1)
     rows = torch.load(out / "epoch_rows" / "epoch0.rank0.pt")
     student = models.tiny_model(seed=0).double()

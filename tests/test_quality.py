@@ -161,10 +161,7 @@ def test_trainer_cpu_defaults_are_the_cpu_budgets_rows():
     # the white-box defaults read the same prompts: 48 to train on, 2 epochs of 12 steps
     d2, split_keys = defaults["distillm2"], ("data", "limit", "val_fraction", "eval_prompts")
     assert all(getattr(defaults["amm"], k) == getattr(d2, k) for k in split_keys)
-    _, val, _, per_epoch = data_lib.white_box_prompts(
-        models.load_tokenizer(b["student"]), d2.data, limit=d2.limit,
-        val_fraction=d2.val_fraction, max_prompt_len=d2.max_prompt_len,
-        eval_prompts=d2.eval_prompts, seed=d2.seed, per_step=d2.prompts_per_step)
+    _, val, _, per_epoch = data_lib.white_box_prompts(models.load_tokenizer(b["student"]), d2)
     assert len(val) == d2.eval_prompts
     for method in ("distillm2", "amm"):
         assert defaults[method].epochs * per_epoch == b["updates"], method
