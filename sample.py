@@ -5,7 +5,6 @@ compile) is fast_decode.py; the chunked logprobs, fast_losses.py.
 
 import contextlib
 import hashlib
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -322,8 +321,3 @@ def stop_ids(tokenizer, *models):
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids.update([] if eos is None else [eos] if isinstance(eos, int) else eos)
     return sorted(ids)
-
-
-if __name__ == "__main__":   # the teacher-sampling CLI's former name
-    import teacher
-    sys.exit(teacher.main())
