@@ -467,8 +467,8 @@ def end_step(args, step, total, steps_done, save=False, **state):
 
 
 def rollout_settings(args):
-    """sample.rollout's keyword arguments fixed for a white-box run (distillm2.py, amm.py): its
-    flags, the tokenizer's args.pad_id and args.eos_ids, and its autocast, args.amp."""
+    """sample.rollout's keyword arguments fixed for a run: its flags, the tokenizer's args.pad_id
+    and args.eos_ids, and its autocast, args.amp (gad.py has no --gen-batch-size: one call)."""
     return dict(max_new_tokens=args.max_new_tokens, eos_ids=args.eos_ids, pad_id=args.pad_id,
-                seed=args.seed, amp=args.amp, batch_size=args.gen_batch_size,
+                seed=args.seed, amp=args.amp, batch_size=getattr(args, "gen_batch_size", None),
                 max_tokens=args.gen_batch_tokens, decode=args.decode)

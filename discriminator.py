@@ -87,10 +87,10 @@ def update(d, optimizer, teacher, student, args):
     # the loss is a sum over pairs over the global pair count: micro-batches and ranks add up to
     # one big batch's gradient
     pairs = all_reduce_sum(B * n)
-    batches = pair_batches(teacher.prompt_mask.sum(1).tolist(),
-                           teacher.response_mask.sum(1).tolist(),
-                           student.response_mask.sum(1).tolist(), n,
-                           args.micro_batch_size or B * (n + 1), args.micro_batch_tokens)
+    t_prompt, t_resp = teacher.prompt_mask.sum(1).tolist(), teacher.response_mask.sum(1).tolist()
+    s_resp = student.response_mask.sum(1).tolist()
+    batches = pair_batches(t_prompt, t_resp, s_resp, n, args.micro_batch_size or B * (n + 1),
+                           args.micro_batch_tokens)
     optimizer.zero_grad(set_to_none=True)
     total, t_sum, s_sum, t_all, s_all, tokens = 0.0, 0.0, 0.0, [], [], 0
     for rows in batches:
@@ -98,7 +98,9 @@ def update(d, optimizer, teacher, student, args):
         t_ro = teacher.rows(torch.tensor(prompts)).trim()
         s_ro = student.rows(torch.tensor(rows)).trim()
         pair_of = torch.tensor([prompts.index(j // n) for j in rows])    # each sample's teacher row
-        tokens += sum(int(x.prompt_mask.sum() + x.response_mask.sum()) for x in (t_ro, s_ro))
+        # the tokens this micro-batch runs, from the lengths already read (no device sync)
+        tokens += sum(t_prompt[b] + t_resp[b] for b in prompts)
+        tokens += sum(t_prompt[j // n] + s_resp[j] for j in rows)
         with amp:
             t = score(d, t_ro.prompt_ids, t_ro.prompt_mask, t_ro.response_ids,
                       t_ro.response_mask)                                # [p]

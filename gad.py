@@ -160,10 +160,8 @@ def teacher_rollout(batch, args):
 def student_rollout(G, batch, step, args):
     """n samples a prompt from G, keyed by (prompt, step): the same on any rank or resume."""
     ro = sample.rollout(G, [ex["prompt"] for ex in batch], [f"{ex['key']}|{step}" for ex in batch],
-                        n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, eos_ids=args.eos_ids,
-                        pad_id=args.pad_id, seed=args.seed, max_tokens=args.gen_batch_tokens,
-                        amp=args.amp, decode=args.decode)
+                        n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                        **common.rollout_settings(args))
     common.compute.generate(G, ro, args.samples_per_prompt)
     return ro
 
