@@ -7,6 +7,7 @@ import datetime
 import importlib
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -15,10 +16,6 @@ import torch.distributed as dist
 
 from files import (OutputLocked, atomic_torch_save, atomic_write_text, lock_output, log_metrics,
                    wandb_log, wandb_project)
-
-
-def is_ddp():
-    return "RANK" in os.environ   # launched by torchrun, whatever the number of processes
 
 
 def is_initialized():
@@ -42,7 +39,7 @@ def compute_init(device=None):
     """Start DDP if launched by torchrun. Returns (ddp, rank, local_rank, world_size, device)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    ddp = is_ddp()
+    ddp = "RANK" in os.environ   # launched by torchrun, whatever the number of processes
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank = int(os.environ["RANK"])
@@ -113,8 +110,6 @@ def lock_run_output(out, rank):
 
 def run_main(main):
     """Run an entry point's main(); OutputLocked -> `error: ...` (rank 0) and exit 2 (all ranks)."""
-    import sys
-
     try:
         main()
     except OutputLocked as e:
@@ -318,22 +313,6 @@ def make_optimizer(params, lr, weight_decay, adam8bit=False):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(path, **state):
     """Rank 0 writes one file: state_dict()s, other values as is, the RNGs, metrics.jsonl's rows."""
     if get_rank() != 0:
@@ -341,7 +320,11 @@ def save_checkpoint(path, **state):
     log = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
     rows = sum(1 for _ in open(log, encoding="utf-8")) if os.path.exists(log) else 0
     payload = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
-    atomic_torch_save(payload | {"rng": rng_state(), "log_rows": rows}, path)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(),
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    atomic_torch_save(payload | {"rng": rng, "log_rows": rows}, path)
 
 
 def load_checkpoint(path, **objects):
@@ -351,7 +334,12 @@ def load_checkpoint(path, **objects):
     ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     for name, obj in objects.items():
         obj.load_state_dict(ck.pop(name))
-    set_rng_state(ck.pop("rng"))
+    rng = ck.pop("rng")
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return ck
 
 
@@ -361,8 +349,7 @@ def load_checkpoint(path, **objects):
 def add_generate_flags(g):
     """The flags of every sampler: the decode loop and a generate() call's KV-cache bound."""
     g.add_argument("--decode", choices=("static", "plain", "compiled"), default="static",
-                   help="sampling loop: static KV cache, plain (HF DynamicCache) or compiled; "
-                        "all give the same samples")
+                   help="static KV cache, plain (HF DynamicCache) or compiled: the same samples")
     g.add_argument("--gen-batch-tokens", type=int, default=None,
                    help="KV-cache tokens per generate() call (rows x (prompt + new tokens))")
 
@@ -372,10 +359,8 @@ def arg_parser(description, out, student="smollm2-135m"):
     p = argparse.ArgumentParser(description=description)
     g = p.add_argument_group("models")
     g.add_argument("--student", default=student, help="student alias/folder; picks the preset")
-    g.add_argument("--student-layers", default=None,
-                   help="keep only these student layers, e.g. '0-5' or 'every2'")
-    g.add_argument("--teacher", default=None,
-                   help="teacher alias/folder (gad.py: or api:URL:MODEL)")
+    g.add_argument("--student-layers", default=None, help="keep only these layers: '0-5', 'every2'")
+    g.add_argument("--teacher", default=None, help="alias/folder (gad.py: or api:URL:MODEL)")
     g.add_argument("--dtype", default=None, help="compute dtype under autocast: float32 | bfloat16 "
                    "(trainable weights and AdamW state stay fp32)")
     g = p.add_argument_group("data")
@@ -408,8 +393,7 @@ def arg_parser(description, out, student="smollm2-135m"):
     g.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward")
     g.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="padded tokens per forward/backward (reference: 12288 per GPU)")
-    g.add_argument("--chunk-size", type=int, default=128,
-                   help="positions per chunk of full-vocabulary logits")
+    g.add_argument("--chunk-size", type=int, default=128, help="positions per full-vocab chunk")
     add_generate_flags(g)
     return p
 
@@ -467,8 +451,7 @@ def end_step(args, step, total, steps_done, save=False, **state):
 
 
 def rollout_settings(args):
-    """sample.rollout's keyword arguments fixed for a run: its flags, the tokenizer's args.pad_id
-    and args.eos_ids, and its autocast, args.amp (gad.py has no --gen-batch-size: one call)."""
+    """sample.rollout's keyword arguments fixed for a run (gad.py has no --gen-batch-size)."""
     return dict(max_new_tokens=args.max_new_tokens, eos_ids=args.eos_ids, pad_id=args.pad_id,
                 seed=args.seed, amp=args.amp, batch_size=getattr(args, "gen_batch_size", None),
                 max_tokens=args.gen_batch_tokens, decode=args.decode)

