@@ -2,11 +2,11 @@
 a table, one column per model:
 
     python eval.py --model out/gad/final --compare smollm2-135m --data teacher.jsonl \
-        --teacher qwen2.5-7b --discriminator out/gad/discriminator
-"""
+        --teacher qwen2.5-7b --discriminator out/gad/discriminator"""
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -14,7 +14,6 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 
@@ -44,8 +43,6 @@ def lcs_length(a, b):
     """Length of the longest common subsequence of two token lists, bit-parallel (Allison & Dix
     1986; Hyyro 2004): O(len(b)) big-int operations instead of the DP's O(len(a) * len(b))."""
     # bit i of v stays 1 while row i of the DP table has not gained its increment
-    if not a or not b:
-        return 0
     match = {}  # token -> bitmask of the positions where a has it
     for i, tok in enumerate(a):
         match[tok] = match.get(tok, 0) | (1 << i)
@@ -117,8 +114,8 @@ def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8
         batch = rows[b:b + batch_size]
         ro = sample.pack([r["prompt"] for r in batch], [r["y_t"] for r in batch], pad, device)
         weight = ro.response_mask.float() / max(tokens, 1)                   # the global token mean
-        (s_h, s_head), (t_h, t_head) = (sample.response_hidden(student, ro),
-                                        sample.response_hidden(teacher, ro))
+        s_h, s_head = sample.response_hidden(student, ro)
+        t_h, t_head = sample.response_hidden(teacher, ro)
         return [fast_losses.kd_loss_chunked(fn, s_h, s_head, t_h, t_head, weight,
                                             chunk_size=chunk_size)[0].item()
                 for fn in names.values()]
@@ -127,8 +124,7 @@ def heldout_divergence(student, teacher, rows, pad, chunk_size=128, batch_size=8
 
 
 def held_out_responses(teacher, val, gen, batch_size=8, **sampling):
-    """The teacher's response ids to each held-out prompt (val rows {"id", "prompt"}, keyed by
-    "val|id"), sampled in chunks spread over the ranks: the white-box trainers' fixed yardstick."""
+    """The teacher's response ids to val's prompts, sampled over the ranks: a fixed yardstick."""
     def chunk(i):
         rows = val[i:i + batch_size]
         return sample.rollout(teacher, [r["prompt"] for r in rows],
@@ -137,8 +133,7 @@ def held_out_responses(teacher, val, gen, batch_size=8, **sampling):
 
 
 def write_table(table, records, judge_args, out_path):
-    """The end of every trainer's evaluation: on rank 0 the judge's numbers where asked, the table
-    printed and written to out_path without the samples; returns what was written."""
+    """A trainer's last table: rank 0 judges it (if asked), prints it, writes it without samples."""
     if common.get_rank() == 0:
         add_judgements(table, records, judge_args,
                        os.path.join(os.path.dirname(out_path), "judge.jsonl"))
@@ -173,10 +168,10 @@ def white_box_final(student, teacher, tok, val, val_records, pad, args, device):
     by_id = {r["id"]: r for r in val_records}
     recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
             for r in val]
-    kw = dict(teacher=teacher, max_new_tokens=args.max_new_tokens,
-              max_prompt_len=args.max_prompt_len)
     table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, args.chunk_size),
-                    **evaluate(model, tok, recs, **kw)}
+                    **evaluate(model, tok, recs, teacher=teacher,
+                               max_new_tokens=args.max_new_tokens,
+                               max_prompt_len=args.max_prompt_len)}
              for when, model in (("before", fresh), ("after", student))}
     write_table(table, recs, args, os.path.join(args.out, "eval.json"))
 
@@ -209,7 +204,7 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-@dataclass
+@dataclasses.dataclass
 class Settings:
     """evaluate()'s sampling and length limits (eval.py's flags of the same names)."""
     max_new_tokens: int = 64
@@ -286,8 +281,7 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, **sett
 
 
 def batch_metrics(student, teacher, score_fn, tokenizer, items, gen, batch_size, start):
-    """The samples of the batch of (prompt, teacher response or None) items from `start` and their
-    per-row measures, as plain values (shard_map gathers them over ranks)."""
+    """Samples and measures of the (prompt, teacher response or None) items from `start`."""
     ps = [p for p, _ in items[start:start + batch_size]]
     rs = [r for _, r in items[start:start + batch_size]]
     # keyed by the prompt's index: a sample does not depend on the batching
@@ -314,30 +308,23 @@ def format_table(rows, keys=None):
     def is_number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    if keys is None:
-        keys = []
-        for metrics in rows.values():
-            keys += [k for k, v in metrics.items() if is_number(v) and k not in keys]
-
-    def cell(metrics, key):
-        v = metrics.get(key)
+    def cell(v):
         if not is_number(v):
             return "-"
         return str(v) if isinstance(v, int) else f"{v:.4f}"
 
+    if keys is None:   # every numeric metric, in order of first appearance
+        keys = list(dict.fromkeys(k for m in rows.values() for k, v in m.items() if is_number(v)))
     names = list(rows)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    lines += [f"| {k} | " + " | ".join(cell(rows[name], k) for name in names) + " |" for k in keys]
+    lines += [f"| {k} | " + " | ".join(cell(rows[name].get(k)) for name in names) + " |"
+              for k in keys]
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------
-# discriminator checkpoints (scored by discriminator.score, as in training: the head at the last
-# response token)
-
 def load_discriminator(path, dtype, device):
+    """A GAD discriminator folder, scored by discriminator.score as in training."""
     from transformers import AutoModelForSequenceClassification
-
     d = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
     if d.config.num_labels != 1 or not hasattr(d, "score"):
         raise ValueError(f"{path}: expected a sequence-classification model with num_labels=1 "
@@ -352,8 +339,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate one or more students on held-out prompts "
                                             "and print a table (one column per model).")
     m = p.add_argument_group("models")
-    m.add_argument("--model", required=True,
-                   help="student: alias (tiny, smollm2-135m, qwen2.5-1.5b, ...) or folder")
+    m.add_argument("--model", required=True, help="student: alias (tiny, smollm2-135m) or folder")
     m.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
                    help="more models for more columns, e.g. the checkpoint before training")
     m.add_argument("--teacher",
@@ -366,33 +352,27 @@ def parse_args(argv=None):
     d.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "sharegpt"],
                    help="input format")
     d.add_argument("--skip-bad", action="store_true",
-                   help="skip bad input rows (counted) instead of stopping, as the trainers do "
-                        "with the ShareGPT package's file")
+                   help="skip bad rows (counted), as the trainers do with the ShareGPT file")
     d.add_argument("--split", default="val", choices=["val", "train", "all"],
-                   help="which side of data.train_val_split to use (val: the trainers' "
-                        "held-out prompts)")
+                   help="which side of data.train_val_split (val: the trainers' held-out prompts)")
     d.add_argument("--val-fraction", type=float, default=0.1, help="as given to the trainer")
-    d.add_argument("--split-seed", type=int, default=0,
-                   help="as given to the trainer (data.train_val_split seed)")
+    d.add_argument("--split-seed", type=int, default=0, help="the trainer's --seed (its split)")
     d.add_argument("--limit", type=int, default=None, help="first L records of the split")
     d.add_argument("--max-prompt-len", type=int, default=1024, help="skip longer prompts (counted)")
     d.add_argument("--max-response-len", type=int, default=1024,
                    help="cut teacher responses for student_nll")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="max response tokens")
-    g.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (deterministic metrics)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--batch-size", type=int, default=8,
                    help="prompts per generate() call and rows per forward pass")
-    g.add_argument("--seed", type=int, default=0,
-                   help="sampling seed (only matters with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     c = p.add_argument_group("compute and output")
     c.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     c.add_argument("--dtype", default="auto",
                    help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    c.add_argument("--out", default=None,
-                   help="also write {model: metrics, with the samples} to this json file")
+    c.add_argument("--out", help="also write {model: metrics, with the samples} to this json file")
     judge.add_flags(p)
     args = p.parse_args(argv)
     if not 0.0 <= args.val_fraction <= 1.0:
@@ -431,12 +411,6 @@ def column_names(names):
     return out
 
 
-def judge_cache(args):
-    if args.judge_cache:
-        return args.judge_cache
-    return os.path.splitext(args.out)[0] + ".judge.jsonl" if args.out else "judge.jsonl"
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -452,15 +426,15 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     print0(f"eval: {len(records)} prompts ({args.split} split of {args.data})")
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}   # its flags
 
     teacher = teacher_vocab = score_fn = None
     if args.teacher:
         teacher = models.load_model(args.teacher, dtype=dtype, device=device)
         teacher_vocab = models.load_tokenizer(args.teacher).get_vocab()
     if args.discriminator:
-        score_fn = functools.partial(discriminator.score,
-                                     load_discriminator(args.discriminator, models.DTYPES[dtype],
-                                                        device))
+        disc = load_discriminator(args.discriminator, models.DTYPES[dtype], device)
+        score_fn = functools.partial(discriminator.score, disc)
 
     results = {}
     for name, col in zip([args.model] + args.compare, column_names([args.model] + args.compare)):
@@ -471,22 +445,18 @@ def main(argv=None):
                   f"teacher_nll needs one vocabulary", file=sys.stderr)
             return 2
         results[col] = evaluate(student, tokenizer, records, teacher=teacher, score_fn=score_fn,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                n=args.n, batch_size=args.batch_size, seed=args.seed,
-                                max_prompt_len=args.max_prompt_len,
-                                max_response_len=args.max_response_len)
+                                **settings)
         print0(f"eval: {col} done in {time.time() - t0:.1f}s; first sample: "
                f"{results[col]['samples'][0][:200]!r}")
         del student
+    cache = os.path.splitext(args.out)[0] + ".judge.jsonl" if args.out else "judge.jsonl"
     try:
-        add_judgements(results, records, args, judge_cache(args))
+        add_judgements(results, records, args, cache)   # --judge-cache, else `cache`
     except files.OutputLocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(results, f, ensure_ascii=False, indent=1)
+        files.atomic_write_text(args.out, json.dumps(results, ensure_ascii=False, indent=1))
     print(format_table(results), flush=True)
     return 1 if any(r.get("judge_failed") for r in results.values()) else 0
 

@@ -2,9 +2,8 @@
 `gad/`). The student G is trained by PPO against a Bradley-Terry discriminator D that tells the
 teacher's responses from G's; only the teacher's text is used. Details: docs/gad.md.
 
-    python gad.py                                  # CPU default: SmolLM2-135M-Instruct teaching
-                                                   # its 24-layer cut
-    python gad.py --student tiny --out runs/tiny   # tiny random models, < 1 minute
+    python gad.py                                 # CPU default: SmolLM2-135M, its 24-layer cut
+    python gad.py --student tiny --out runs/tiny  # tiny random models, < 1 minute
     torchrun --nproc_per_node=8 gad.py --student qwen2.5-1.5b --data teacher.jsonl
 
 Departures from the reference (each a flag): PPO defaults to one epoch and one mini-batch as there,
@@ -102,34 +101,6 @@ def parse_args(argv=None):
     if args.stage == "gad" and not args.init_from and not args.resume:
         print0("note: --stage gad without --init-from starts GAD from the raw student (no warmup)")
     return args
-
-
-def load_records(args, tok):
-    """Prompts with teacher responses; rows without one are sampled once from --teacher (each rank
-    its share, resumable) into OUT/teacher.jsonl."""
-    records, bad = data_lib.load_records(args.data, args.limit, args.seed, args.skip_bad)
-    if bad:
-        print0(f"skipped {len(bad)} bad rows (first: {bad[0]})")
-    if args.teacher_responses == "teacher":
-        records = [dict(r, teacher_response=None) for r in records]
-    # prompts that encode_examples drops are not worth sampling
-    fits = [len(data_lib.encode_prompt(tok, r["messages"])) <= args.max_prompt_len
-            or r["teacher_response"] is not None for r in records]
-    if not all(fits):
-        print0(f"not sampling {fits.count(False)} rows whose prompts are over --max-prompt-len "
-               f"{args.max_prompt_len}")
-        records = [r for r, ok in zip(records, fits) if ok]
-    missing = [r for r in records if r["teacher_response"] is None]
-    if missing and not args.teacher:
-        print0(f"dropping {len(missing)} rows without a teacher response (no --teacher given)")
-        return [r for r in records if r["teacher_response"] is not None]
-    if missing:
-        path = os.path.join(args.out, "teacher.jsonl")
-        sampled = teacher_lib.sample_teacher(missing, args, path, tok)
-        for r in records:
-            r["teacher_response"] = r["teacher_response"] or sampled.get(r["id"])
-        records = [r for r in records if r["teacher_response"]]
-    return records
 
 
 def load_student(args, fp32=True):
@@ -307,8 +278,8 @@ def main(argv=None):
            f"device {device}, compute {args.dtype}")
 
     # data: teacher responses (sampled once if missing), a held-out split
-    train_recs, val_recs = data_lib.train_val_split(load_records(args, tok), args.val_fraction,
-                                                    seed=args.seed)
+    records = teacher_lib.records_with_responses(args, tok)
+    train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
     train, dropped = data_lib.encode_examples(train_recs, tok, args.max_prompt_len,
                                               args.max_response_len)
     print0(f"data: {len(train)} train prompts ({dropped} over --max-prompt-len dropped), "

@@ -1,12 +1,13 @@
 """An LLM judge over an OpenAI-compatible chat endpoint (eval.py --judge api:URL:MODEL): GAD's
 1-10 scores against the reference answer (MiniLLM's protocol) and DistiLLM-2's pairwise win rate."""
 
+import argparse
+import functools
 import hashlib
 import json
 import os
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import common
 import files
@@ -17,18 +18,22 @@ PROTOCOLS = ("score", "pairwise")
 
 SYSTEM = "You are a careful, impartial judge of the quality of answers written by AI assistants."
 
-SCORE_PROMPT = """[Question]
+# a judge's prompt: the question and the two answers, then its protocol's instructions
+ANSWERS = """[Question]
 {question}
 
-[The Start of Assistant 1's Answer]
+[The Start of Assistant {a}'s Answer]
 {first}
-[The End of Assistant 1's Answer]
+[The End of Assistant {a}'s Answer]
 
-[The Start of Assistant 2's Answer]
+[The Start of Assistant {b}'s Answer]
 {second}
-[The End of Assistant 2's Answer]
+[The End of Assistant {b}'s Answer]
 
 [Instructions]
+"""
+
+SCORE_INSTRUCTIONS = """\
 Rate how well each assistant answered the question above: how helpful, relevant and accurate the \
 answer is, and how much useful detail it gives. Give each assistant one overall score from 1 \
 to 10; higher is better.
@@ -36,18 +41,7 @@ On the first line write only the two scores, Assistant 1's then Assistant 2's, s
 space. From the second line on, explain your ratings. Judge without bias, and do not let the \
 order in which the answers appear change your ratings."""
 
-PAIRWISE_PROMPT = """[Question]
-{question}
-
-[The Start of Assistant A's Answer]
-{first}
-[The End of Assistant A's Answer]
-
-[The Start of Assistant B's Answer]
-{second}
-[The End of Assistant B's Answer]
-
-[Instructions]
+PAIRWISE_INSTRUCTIONS = """\
 Decide which assistant answered the question above better: consider helpfulness, relevance, \
 accuracy and useful detail. Do not let the order of the answers, their length or the assistants' \
 names sway you. Explain your comparison briefly, then end with your verdict in exactly this \
@@ -58,19 +52,16 @@ form: [[A]] if Assistant A is better, [[B]] if Assistant B is better, [[C]] for 
 ORDERS = {"score": ("reference_first",), "pairwise": ("model_first", "reference_first")}
 
 
-def question_text(messages):
-    """The prompt as the judge reads it: one user turn as it is, a conversation as a transcript."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-
-
-def judge_messages(protocol, order, question, reference, response):
+def judge_messages(protocol, order, messages, reference, response):
+    # the question: one user turn as it is, a conversation as a transcript
+    question = (messages[0]["content"] if len(messages) == 1 else
+                "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages))
     first, second = (reference, response) if order == "reference_first" else (response, reference)
-    prompt = SCORE_PROMPT if protocol == "score" else PAIRWISE_PROMPT
+    a, b, instructions = (("1", "2", SCORE_INSTRUCTIONS) if protocol == "score"
+                          else ("A", "B", PAIRWISE_INSTRUCTIONS))
+    prompt = ANSWERS.format(question=question, a=a, b=b, first=first, second=second)
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": prompt.format(question=question, first=first,
-                                                      second=second)}]
+            {"role": "user", "content": prompt + instructions}]
 
 
 _NUMBER = r"(10(?:\.0+)?|[0-9](?:\.[0-9]+)?)"
@@ -94,8 +85,7 @@ def parse_verdict(text):
 def outcome(protocol, order, parsed):
     """The model's result: [reference rating, model rating] (score), or win 1 / tie 0.5 / loss 0."""
     if protocol == "score":
-        ref, model = parsed if order == "reference_first" else parsed[::-1]
-        return [ref, model]
+        return list(parsed if order == "reference_first" else parsed[::-1])
     if parsed == "C":
         return 0.5
     model_letter = "A" if order == "model_first" else "B"
@@ -106,35 +96,30 @@ def sha(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def task_key(judge_model, prompt_id, reference, response, protocol, order):
-    # hashes of the texts: an identical response (two checkpoints that agree) is judged once
-    return "|".join([judge_model, str(prompt_id), sha(reference), sha(response), protocol, order])
-
-
 def read_cache(path):
     """{key: row} of a judgement cache; a torn last line (a kill mid-write) is cut off, redone."""
-    teacher.scan_output(path)
-    rows = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    rows[row["id"]] = row
-    return rows
+    if not teacher.scan_output(path):   # no file, or no row in it
+        return {}
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {row["id"]: row for row in rows}
 
 
-def ask(endpoint, messages, protocol, retries, max_tokens):
-    """One judgement, asked until the reply parses -> (parsed or None, the last reply, attempts)."""
+def ask(endpoint, task, retries, max_tokens):
+    """One judgement, asked until the reply parses (at most 1 + retries times) -> its cache row."""
+    protocol, order = task["protocol"], task["order"]
     parse = parse_scores if protocol == "score" else parse_verdict
     for attempt in range(1 + retries):
-        text = endpoint.chat(messages, n=1, max_tokens=max_tokens,
+        text = endpoint.chat(task["messages"], n=1, max_tokens=max_tokens,
                              temperature=0.0 if attempt == 0 else 0.7,  # a retry can differ
                              top_p=1.0)[0]
         parsed = parse(text)
         if parsed is not None:
-            return parsed, text, attempt + 1
-    return None, text, 1 + retries
+            break
+    return {"id": task["id"], "prompt_id": task["prompt_id"], "protocol": protocol,
+            "order": order, "valid": parsed is not None,
+            "outcome": outcome(protocol, order, parsed) if parsed else None,
+            "attempts": attempt + 1, "reply": text[:2000]}
 
 
 def run(endpoint, items, protocols, cache_path, *, concurrency=8, retries=2, max_tokens=512):
@@ -142,40 +127,31 @@ def run(endpoint, items, protocols, cache_path, *, concurrency=8, retries=2, max
     only what cache_path lacks -> (the items' cache rows, counts: asked, cached, failed)."""
     with files.lock_output(cache_path):  # one writer per cache
         cache = read_cache(cache_path)
-        keys, todo, planned = [], [], set()
+        keys, todo = [], {}
         for prompt_id, messages, reference, response in items:
             for protocol in protocols:
                 for order in ORDERS[protocol]:
-                    key = task_key(endpoint.model, prompt_id, reference, response, protocol, order)
+                    # hashed texts: an identical response (checkpoints that agree) is judged once
+                    key = "|".join([endpoint.model, str(prompt_id), sha(reference), sha(response),
+                                    protocol, order])
                     keys.append(key)
-                    if key in cache or key in planned:
+                    if key in cache or key in todo:
                         continue  # judged before, or the same pair twice in this run
-                    planned.add(key)
-                    todo.append((key, prompt_id, protocol, order,
-                                 judge_messages(protocol, order, question_text(messages),
-                                                reference, response)))
+                    todo[key] = {"id": key, "prompt_id": prompt_id, "protocol": protocol,
+                                 "order": order, "messages": judge_messages(
+                                     protocol, order, messages, reference, response)}
         counts = {"asked": len(todo), "cached": len(keys) - len(todo), "failed": 0}
+        ask_one = functools.partial(ask, endpoint, retries=retries, max_tokens=max_tokens)
         writer = teacher.RowWriter(cache_path)
         try:
-            with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                futures = {pool.submit(ask, endpoint, msgs, protocol, retries, max_tokens):
-                           (key, prompt_id, protocol, order)
-                           for key, prompt_id, protocol, order, msgs in todo}
-                for fut in as_completed(futures):
-                    key, prompt_id, protocol, order = futures[fut]
-                    try:
-                        parsed, text, attempts = fut.result()
-                    except teacher.ApiError as e:  # not cached: a rerun asks again
-                        counts["failed"] += 1
-                        print(f"judge: failed: id={prompt_id} {protocol}/{order}: {e}",
-                              file=sys.stderr)
-                        continue
-                    row = {"id": key, "prompt_id": prompt_id, "protocol": protocol,
-                           "order": order, "valid": parsed is not None,
-                           "outcome": outcome(protocol, order, parsed) if parsed else None,
-                           "attempts": attempts, "reply": text[:2000]}
-                    writer.write(row)  # only this thread writes
-                    cache[key] = row
+            for task, row in teacher.map_concurrent(ask_one, todo.values(), concurrency):
+                if isinstance(row, teacher.ApiError):  # not cached: a rerun asks again
+                    counts["failed"] += 1
+                    print(f"judge: failed: id={task['prompt_id']} {task['protocol']}/"
+                          f"{task['order']}: {row}", file=sys.stderr)
+                    continue
+                writer.write(row)  # only this thread writes
+                cache[row["id"]] = row
         finally:
             writer.close()
     return [cache[k] for k in keys if k in cache], counts
@@ -200,7 +176,6 @@ def aggregate(rows):
 
 def judge_spec(spec):
     """argparse type of --judge: the spec, checked at startup (not after a run's training)."""
-    import argparse
     try:
         parse_spec(spec)
     except ValueError as e:
@@ -217,13 +192,10 @@ def add_flags(parser):
     g.add_argument("--judge-protocol", default="both", choices=["score", "pairwise", "both"],
                    help="score: GAD's 1-10 ratings against the reference (1 request a sample); "
                         "pairwise: DistiLLM-2's win rate, both orders (2 requests)")
-    g.add_argument("--judge-cache", default=None,
-                   help="jsonl of judgements, reused by reruns (default: beside --out)")
+    g.add_argument("--judge-cache", help="jsonl of judgements for reruns (default: beside --out)")
     g.add_argument("--judge-concurrency", type=int, default=8, help="requests in flight")
-    g.add_argument("--judge-retries", type=int, default=2,
-                   help="times to ask again when a reply does not parse")
+    g.add_argument("--judge-retries", type=int, default=2, help="re-asks after an unparsable reply")
     g.add_argument("--judge-max-tokens", type=int, default=512, help="max tokens of a reply")
-    return g
 
 
 def judge_samples(args, records, samples, cache_path):

@@ -2,19 +2,17 @@
 resumable CLI that samples a data set's responses from a local model or an endpoint into jsonl.
 
     python teacher.py --model smollm2-135m --data sharegpt --out teacher.jsonl --limit 16
-    OPENAI_API_KEY=... python teacher.py --api-base http://host:8000/v1 --api-model NAME \\
-        --data x.jsonl --out y.jsonl
 
 Exit status: 0 done, 1 some rows failed (rerun to retry them), 2 a bad input row stopped the run."""
 
 import argparse
 import functools
 import http.client
+import itertools
 import json
 import os
 import random
 import re
-import socket
 import sys
 import threading
 import time
@@ -79,15 +77,14 @@ class Endpoint:
                     return json.loads(resp.read().decode("utf-8"))
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode("utf-8", "replace")
-                if e.code != 429 and e.code < 500:
-                    # 4xx other than 429: retrying won't help
+                if e.code != 429 and e.code < 500:   # other 4xx: retrying won't help
                     raise ApiError(f"HTTP {e.code}: {detail}") from e
                 kind, why = ("http_429" if e.code == 429 else "http_5xx"), f"HTTP {e.code}"
                 retry_after = e.headers.get("Retry-After")
-            except (TimeoutError, socket.timeout) as e:
+            except TimeoutError as e:   # socket.timeout too (an alias)
                 kind, why = "timeout", repr(e)
             except urllib.error.URLError as e:
-                timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
+                timed_out = isinstance(e.reason, TimeoutError)
                 kind, why = ("timeout" if timed_out else "connection"), repr(e.reason)
             except (ConnectionError, http.client.HTTPException, json.JSONDecodeError,
                     UnicodeDecodeError) as e:
@@ -107,35 +104,50 @@ class Endpoint:
         return min(self.retry_cap, self.retry_base * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
+def map_concurrent(fn, items, concurrency):
+    """(item, fn(item) or the ApiError it raised) as each finishes, on `concurrency` threads."""
+    pending, queue = set(), iter(items)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        while True:
+            # at most 2x concurrency futures alive: bounded memory on a million prompts
+            for item in itertools.islice(queue, 2 * concurrency - len(pending)):
+                fut = pool.submit(fn, item)
+                fut.item = item
+                pending.add(fut)
+            if not pending:
+                return
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                try:
+                    result = fut.result()
+                except ApiError as e:
+                    result = e
+                yield fut.item, result
+
+
 def scan_output(path):
     """Ids already in `path`; a torn last line (a kill mid-write) is cut off to be redone, a bad
     line elsewhere is an error (appending cannot make one)."""
-    done = set()
     if not os.path.exists(path):
-        return done
+        return set()
     with open(path, "rb") as f:
         raw = f.read()
     lines = raw.split(b"\n")
-    good_end, offset = 0, 0
+    done, good_end = set(), 0
     for i, line in enumerate(lines):
-        is_last = i == len(lines) - 1
-        end = offset + len(line) + (0 if is_last else 1)
         if line.strip():
             try:
                 row = json.loads(line.decode("utf-8"))
-                # no newline yet: not a whole row
-                ok = not is_last and isinstance(row, dict) and "id" in row
             except (json.JSONDecodeError, UnicodeDecodeError):
-                ok = False
-            if not ok:
-                if is_last or all(not rest.strip() for rest in lines[i + 1:]):
-                    break  # the torn tail
-                raise data_lib.DataError(path, i + 1, "<line>",
-                                         "corrupt row in the middle of the output file",
-                                         unit="line")
+                row = None
+            # the last line has no newline yet: not a whole row
+            if i == len(lines) - 1 or not isinstance(row, dict) or "id" not in row:
+                if any(rest.strip() for rest in lines[i + 1:]):
+                    raise data_lib.DataError(path, i + 1, "<line>",
+                                             "corrupt row in the middle of the output file")
+                break  # the torn tail
             done.add(str(row["id"]))
-        good_end = end
-        offset = end
+        good_end += len(line) + 1
     if good_end < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good_end)
@@ -171,8 +183,7 @@ def output_row(rec, texts):
 def build_parser():
     p = argparse.ArgumentParser(description="Write teacher responses to jsonl (resumable).")
     src = p.add_argument_group("teacher (one of)")
-    src.add_argument("--model", help="local model: alias (smollm2-135m, qwen2.5-7b, tiny, ...), "
-                                     "folder or hub id")
+    src.add_argument("--model", help="local model: alias (smollm2-135m, tiny, ...), folder, hub id")
     src.add_argument("--api-base", help="OpenAI-compatible base URL, e.g. "
                                         "http://localhost:8000/v1 (key in $OPENAI_API_KEY)")
     src.add_argument("--api-model", help="model name sent to the endpoint")
@@ -200,8 +211,7 @@ def build_parser():
     loc.add_argument("--batch-size", type=int, default=8, help="prompts per sample.generate() call")
     loc.add_argument("--dtype", default="auto",
                      help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    loc.add_argument("--attn", default="sdpa",
-                     help="attention backend: sdpa, eager, flash_attention_2")
+    loc.add_argument("--attn", default="sdpa", help="sdpa, eager, flash_attention_2")
     loc.add_argument("--quant", default=None, choices=[None, "4bit", "8bit"],
                      help="bitsandbytes quantized teacher")
     loc.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
@@ -235,8 +245,7 @@ def local_runner(args):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda")
                                                      else "float32")
     model = models.load_model(args.model, dtype=dtype, attn=args.attn, quant=args.quant,
-                              device=device)
-    model.eval()
+                              device=device).eval()
     tokenizer = models.load_tokenizer(args.model)
     return functools.partial(run_local, args, model, tokenizer)
 
@@ -258,15 +267,16 @@ def run_local(args, model, tokenizer, todo, writer, bar, stats):
     encoded.sort(key=lambda r: len(r[1]))  # similar lengths together: less padding per batch
     eos = sample.stop_ids(tokenizer, model)
     calls = sample.split_by_budget([(args.n, len(ids), args.max_new_tokens) for _, ids in encoded],
-                            args.n * args.batch_size, args.gen_batch_tokens)
+                                   args.n * args.batch_size, args.gen_batch_tokens)
     calls = calls[common.get_rank()::common.get_world_size()]   # one process's calls and samples
     bar.reset(total=sum(b - a for a, b in calls))   # this rank's rows
     for a, b in calls:
         batch = encoded[a:b]
         ro = sample.generate(model, [ids for _, ids in batch], n=args.n,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id, seed=args.seed,
-                      prompt_keys=[rec["id"] for rec, _ in batch], decode=args.decode)
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                             seed=args.seed, prompt_keys=[rec["id"] for rec, _ in batch],
+                             decode=args.decode)
         stats["calls"] += 1
         texts = ro.texts(tokenizer)
         for i, (rec, _) in enumerate(batch):
@@ -281,36 +291,16 @@ def run_api(args, todo, writer, bar, stats):
     bar.reset(total=len(todo))
     ep = Endpoint(args.api_base, args.api_model, os.environ.get("OPENAI_API_KEY"),
                   timeout=args.timeout, max_retries=args.max_retries, retry_base=args.retry_base)
-
-    def one(rec):
-        return rec, ep.chat(rec["messages"], n=args.n, max_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p)
-
-    pending, queue = set(), iter(todo)
-    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        def refill():  # at most 2x concurrency futures alive: bounded memory on a million prompts
-            while len(pending) < 2 * args.concurrency:
-                rec = next(queue, None)
-                if rec is None:
-                    return
-                fut = pool.submit(one, rec)
-                fut.rec = rec
-                pending.add(fut)
-        refill()
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                pending.discard(fut)
-                try:
-                    rec, texts = fut.result()
-                    # only this thread writes: lines never interleave
-                    writer.write(output_row(rec, texts))
-                    stats["written"] += 1
-                except ApiError as e:
-                    stats["failed"] += 1
-                    print(f"failed: id={fut.rec['id']}: {e}", file=sys.stderr)
-                bar.update(1)
-            refill()
+    chat = functools.partial(ep.chat, n=args.n, max_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p)
+    for rec, texts in map_concurrent(lambda rec: chat(rec["messages"]), todo, args.concurrency):
+        if isinstance(texts, ApiError):
+            stats["failed"] += 1
+            print(f"failed: id={rec['id']}: {texts}", file=sys.stderr)
+        else:
+            writer.write(output_row(rec, texts))   # only this thread writes: lines never interleave
+            stats["written"] += 1
+        bar.update(1)
     stats.update(ep.retries)
 
 
@@ -324,19 +314,14 @@ def settings(**overrides):
     return args
 
 
-def part_files(out):
-    """The part files of `out` that ranks write (OUT.rank<r>), sorted."""
-    folder, name = os.path.split(os.path.abspath(out))
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if re.fullmatch(re.escape(name) + r"\.rank\d+", f))
-
-
 def merge_parts(out):
     """Rank 0, no rank writing: append the part files' rows OUT lacks to OUT, delete the parts.
     Merging again after a kill loses or repeats no row."""
     with lock_output(out):
         done = scan_output(out)
-        parts = part_files(out)
+        folder, name = os.path.split(os.path.abspath(out))   # the ranks' parts: OUT.rank<r>
+        parts = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                       if re.fullmatch(re.escape(name) + r"\.rank\d+", f))
         writer = RowWriter(out)
         try:
             for part in parts:
@@ -355,9 +340,8 @@ def merge_parts(out):
 
 
 def sample_records(records, args):
-    """Append the teacher's responses to args.out (locked), skipping ids already there; under
-    torchrun each rank samples its share into OUT.rank<r>, merged by rank 0. Returns this rank's
-    counts (written, already_done, failed, ...) and written_ids."""
+    """Append the teacher's responses to args.out, skipping ids already there (each rank into
+    OUT.rank<r>, merged by rank 0) -> this rank's counts (written, failed, ...) and written_ids."""
     rank, world = common.get_rank(), common.get_world_size()
     if rank == 0:
         merge_parts(args.out)   # a killed run's parts, and OUT's torn tail: before anyone reads
@@ -391,18 +375,36 @@ def sample_records(records, args):
 
 def parse_spec(spec, flag="--judge"):
     """'api:URL:MODEL' -> (URL, MODEL), the model after the last colon (URLs have colons)."""
-    if not spec.startswith("api:") or spec.count(":") < 2:
+    url, _, model = spec[len("api:"):].rpartition(":")
+    if not spec.startswith("api:") or not url or not model:
         raise ValueError(f"{flag} {spec!r}: expected api:URL:MODEL, e.g. "
                          "api:http://localhost:8080/v1:gpt-4o")
-    url, model = spec[len("api:"):].rsplit(":", 1)
-    if not url or not model:
-        raise ValueError(f"{flag} {spec!r}: expected api:URL:MODEL")
     return url, model
 
 
-def sample_teacher(records, args, path, tok):
-    """A trainer's teacher responses {id: text}, sampled into `path` by every rank; their tokens
-    and calls (not FLOPs: a black box's are unknown) go to common.compute."""
+def records_with_responses(args, tok):
+    """A black-box trainer's prompts with their teacher responses: rows without one are sampled
+    once from --teacher into OUT/teacher.jsonl by every rank (resumable); their tokens and calls
+    (not FLOPs: a black box's are unknown) go to common.compute."""
+    records, bad = data_lib.load_records(args.data, args.limit, args.seed, args.skip_bad)
+    if bad:
+        print0(f"skipped {len(bad)} bad rows (first: {bad[0]})")
+    if args.teacher_responses == "teacher":
+        records = [dict(r, teacher_response=None) for r in records]
+    # prompts that data.encode_examples drops are not worth sampling
+    fits = [len(data_lib.encode_prompt(tok, r["messages"])) <= args.max_prompt_len
+            or r["teacher_response"] is not None for r in records]
+    if not all(fits):
+        print0(f"not sampling {fits.count(False)} rows whose prompts are over --max-prompt-len "
+               f"{args.max_prompt_len}")
+        records = [r for r, ok in zip(records, fits) if ok]
+    missing = [r for r in records if r["teacher_response"] is None]
+    if missing and not args.teacher:
+        print0(f"dropping {len(missing)} rows without a teacher response (no --teacher given)")
+        return [r for r in records if r["teacher_response"] is not None]
+    if not missing:
+        return records
+    path = os.path.join(args.out, "teacher.jsonl")
     if args.teacher.startswith("api:"):
         url, model = parse_spec(args.teacher, "--teacher")
         source = dict(api_base=url, api_model=model)
@@ -411,7 +413,7 @@ def sample_teacher(records, args, path, tok):
                       gen_batch_tokens=args.gen_batch_tokens)
     cfg = settings(out=path, max_new_tokens=args.max_response_len, temperature=1.0, top_p=1.0,
                    seed=args.seed, **source)
-    stats = sample_records(records, cfg)
+    stats = sample_records(missing, cfg)
     if common.all_reduce_sum(stats["failed"]):
         raise RuntimeError(f"sampling the teacher into {path} failed; rerun to resume it")
     sampled = {r["id"]: r["teacher_response"] for r in data_lib.read_records(path)[0]}
@@ -419,7 +421,9 @@ def sample_teacher(records, args, path, tok):
     common.compute.add(teacher_tokens=sum(len(data_lib.encode_response(tok, sampled[i])[0])
                                           for i in stats["written_ids"]),
                        teacher_calls=stats["calls"] if cfg.model else stats["written"] + retries)
-    return sampled
+    for r in records:
+        r["teacher_response"] = r["teacher_response"] or sampled.get(r["id"])
+    return [r for r in records if r["teacher_response"]]
 
 
 def main(argv=None):
