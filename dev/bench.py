@@ -4,11 +4,9 @@ absolute times only mean something on a GPU. Notes: docs/implementation-notes.md
     python dev/bench.py sample                 # sample.generate vs HF generate, n samples a prompt
     python dev/bench.py sample --models smollm2-135m --stop eos --max-new-tokens 128
     python dev/bench.py losses                 # full-vocab KD losses: naive vs chunked
-    python dev/bench.py losses --vocab 151936 --seq 1024 --hidden 896 --chunk 128 --losses skl,srkl
     python dev/bench.py train                  # tokens/s and MFU of a PPO update, a DistiLLM-2 step
     python dev/bench.py quality --budget tiny  # every distillation method, one table (quality.py)
-    python dev/bench.py gpu                    # the trainers under torchrun, bf16: s/step, memory;
-                                               # sampling and training speed at 1.5B
+    python dev/bench.py gpu                    # trainers under torchrun in bf16; sampling, MFU
     python dev/bench.py gpu --device cpu       # the same on tiny models (a test runs it)
     python dev/bench.py gpu --predict-only     # per-rank memory of every GPU command, by phase
 """
@@ -57,6 +55,10 @@ def default_device(name=None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def default_dtype(device):
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -81,9 +83,9 @@ class Sampling:
     max_new_tokens: int
     pad: int
     eos_ids: list
-    repeats: int = 3
-    hf_static: bool = False
-    bandwidth: float = None   # bytes/s of a copy: the roofline's denominator (None: no roofline)
+    repeats: int
+    hf_static: bool
+    bandwidth: float   # bytes/s of a copy: the roofline's denominator
 
 
 def bench_prompts(tokenizer, num_prompts, prompt_len):
@@ -135,19 +137,41 @@ def hf_generate(model, ids, mask, s, **extra):
     # top_k=0, no repetition penalty: HF's defaults (top_k 50) would do other work and sample
     # another distribution than ours
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8,
-                         top_p=1.0, top_k=0, repetition_penalty=1.0,
-                         max_new_tokens=s.max_new_tokens,
-                         min_new_tokens=0 if stop else s.max_new_tokens,
-                         num_return_sequences=s.n, pad_token_id=s.pad, eos_token_id=stop,
-                         **extra)[:, ids.shape[1]:]
+                         top_p=1.0, top_k=0, repetition_penalty=1.0, num_return_sequences=s.n,
+                         max_new_tokens=s.max_new_tokens, pad_token_id=s.pad, eos_token_id=stop,
+                         min_new_tokens=0 if stop else s.max_new_tokens, **extra)[:, ids.shape[1]:]
     ended = torch.isin(out, torch.tensor(stop or [-1], device=out.device))
     # up to and including the first stop token, as ours counts
     first = torch.where(ended.any(1), ended.float().argmax(1) + 1, out.shape[1])
     return first.tolist()
 
 
-def sampling_engines(model, prompts, s, device):
-    """{engine: function returning the samples' lengths}: ours on each decode path, HF's."""
+def time_engines(engines, device, repeats):
+    """Each engine's median run after a warm-up, runs interleaved (a noisy neighbour hits all)."""
+    runs, res = {k: [] for k in engines}, {k: None for k in engines}
+    for name, fn in engines.items():
+        try:
+            fn()
+        except torch.OutOfMemoryError as e:
+            res[name] = {"error": f"out of memory ({str(e).splitlines()[0][:60]})"}
+            torch.cuda.empty_cache()
+    for _ in range(repeats):
+        for name, fn in engines.items():
+            if res[name] is None:
+                out = []
+                seconds = time_call(lambda: out.append(fn()), device)
+                runs[name].append((sum(out[0]) / seconds, seconds, out[0]))
+    for name in engines:
+        if res[name] is None:
+            # the median by tokens/s: HF draws from the global RNG, so with stops its runs differ
+            tok_s, seconds, lengths = sorted(runs[name])[len(runs[name]) // 2]
+            res[name] = {"seconds": seconds, "tokens": sum(lengths), "lengths": lengths,
+                         "tok_s": tok_s}
+    return res
+
+
+def sampling_bench(model, prompts, s, device):
+    """Every engine's tokens/s (ours on each decode path, HF's), its ratios and memory roofline."""
     ids, mask = sample.left_pad(prompts, s.pad, device)
     engines = {d: functools.partial(our_generate, model, prompts, s, d)
                for d in ["static", "plain"] + (["compiled"] if device.type == "cuda" else [])}
@@ -155,44 +179,12 @@ def sampling_engines(model, prompts, s, device):
     if s.hf_static:
         engines["hf-static"] = functools.partial(hf_generate, model, ids, mask, s,
                                                  cache_implementation="static")
-    return engines
-
-
-def time_engines(engines, device, repeats):
-    """Each engine's median run after a warm-up, runs interleaved (a noisy neighbour hits all)."""
-    runs, failed = {k: [] for k in engines}, {}
-    for name, fn in engines.items():
-        try:
-            fn()
-        except torch.OutOfMemoryError as e:
-            failed[name] = f"out of memory ({str(e).splitlines()[0][:60]})"
-            torch.cuda.empty_cache()
-    for _ in range(repeats):
-        for name, fn in engines.items():
-            if name not in failed:
-                out = []
-                seconds = time_call(lambda: out.append(fn()), device)
-                runs[name].append((sum(out[0]) / seconds, seconds, out[0]))
-    res = {}
-    for name in engines:
-        if name in failed:
-            res[name] = {"error": failed[name]}
-            continue
-        # the median by tokens/s: HF draws from the global RNG, so with stops its runs differ
-        tok_s, seconds, lengths = sorted(runs[name])[len(runs[name]) // 2]
-        res[name] = {"seconds": seconds, "tokens": sum(lengths), "lengths": lengths,
-                     "tok_s": tok_s}
-    return res
-
-
-def sampling_bench(model, prompts, s, device):
-    """Every engine's tokens/s, against HF's and our plain path's, and its memory roofline."""
-    res = time_engines(sampling_engines(model, prompts, s, device), device, s.repeats)
+    res = time_engines(engines, device, s.repeats)
     for r in res.values():
         for base in ("hf", "plain"):
             if "tok_s" in r and "tok_s" in res[base]:
                 r[f"vs_{base}"] = r["tok_s"] / res[base]["tok_s"]
-    for name in ("static", "compiled") if s.bandwidth else ():
+    for name in ("static", "compiled"):
         if "seconds" in res.get(name, {}):
             ideal = decode_bytes(model, len(prompts[0]), res[name]["lengths"]) / s.bandwidth
             res[name]["roofline"] = ideal / res[name]["seconds"]
@@ -208,15 +200,14 @@ def print_sampling(title, res):
         if "error" in r:
             print(f"  {name:<10} {r['error']}")
             continue
-        cols = [f"{r['tok_s']:.0f}"] + [f"{r[k]:.2f}x" if k in r else "-"
-                                        for k in ("vs_hf", "vs_plain")]
-        cols.append(f"{100 * r['roofline']:.0f}%" if "roofline" in r else "-")
-        print(f"  {name:<10} {cols[0]:>9} {cols[1]:>7} {cols[2]:>9} {cols[3]:>9}", flush=True)
+        vs = [f"{r[k]:.2f}x" if k in r else "-" for k in ("vs_hf", "vs_plain")]
+        roofline = f"{100 * r['roofline']:.0f}%" if "roofline" in r else "-"
+        print(f"  {name:<10} {r['tok_s']:>9.0f} {vs[0]:>7} {vs[1]:>9} {roofline:>9}", flush=True)
 
 
 def bench_sample(args):
     device = default_device(args.device)
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = default_dtype(device)
     bandwidth = memory_bandwidth(device)
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} n={args.n} "
           f"prompts={args.prompts} prompt_len={args.prompt_len} "
@@ -276,14 +267,13 @@ def losses_worker(args):
     """One variant of one loss in a fresh process (a process's peak memory cannot be reset)."""
     device = torch.device(args.device)
     g = torch.Generator(device=device).manual_seed(0)   # the same inputs in every variant's process
+    randn = functools.partial(torch.randn, generator=g, device=device)
     V, H, Ht = args.vocab, args.hidden, args.teacher_hidden or args.hidden
     # scaled so that logits have std ~ 2, like a trained LM head's (unit weights: std ~ 30)
-    student_weight = (torch.randn(V, H, generator=g, device=device)
-                      * 2 / H**0.5).requires_grad_(True)
-    teacher_weight = torch.randn(V, Ht, generator=g, device=device) * 2 / Ht**0.5
-    student_hidden = torch.randn(args.batch, args.seq, H, generator=g,
-                                 device=device).requires_grad_(True)
-    teacher_hidden = torch.randn(args.batch, args.seq, Ht, generator=g, device=device)
+    student_weight = (randn(V, H) * 2 / H**0.5).requires_grad_(True)
+    teacher_weight = randn(V, Ht) * 2 / Ht**0.5
+    student_hidden = randn(args.batch, args.seq, H).requires_grad_(True)
+    teacher_hidden = randn(args.batch, args.seq, Ht)
     inputs_mb = peak_memory_mb(device)
     times, out = [], []
     for _ in range(args.repeats):
@@ -291,14 +281,12 @@ def losses_worker(args):
         times.append(time_call(lambda: out.append(kd_step(
             args.worker, args.loss, student_hidden, student_weight, teacher_hidden, teacher_weight,
             args.chunk)), device))
-    values = out[-1]
     # a fixed subset of the weight gradient's rows: the whole [V, H] is too big to pass around
     rows = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:4096].to(device)
-    torch.save({"values": values.cpu(), "grad_hidden": student_hidden.grad.cpu(),
-                "grad_weight_rows": student_weight.grad[rows].cpu()}, args.worker_out + ".pt")
-    with open(args.worker_out, "w") as f:
-        json.dump({"peak_mb": peak_memory_mb(device), "inputs_mb": inputs_mb,
-                   "seconds": statistics.median(times)}, f)
+    torch.save({"values": out[-1].cpu(), "grad_hidden": student_hidden.grad.cpu(),
+                "grad_weight_rows": student_weight.grad[rows].cpu(),
+                "peak_mb": peak_memory_mb(device), "inputs_mb": inputs_mb,
+                "seconds": statistics.median(times)}, args.worker_out)
 
 
 def losses_variant(args, name, variant, tmp):
@@ -310,10 +298,7 @@ def losses_variant(args, name, variant, tmp):
     # blocks above 1 MB straight from mmap, so that a freed block leaves the resident set at once
     # (why: docs/implementation-notes.md)
     subprocess.run(cmd, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)})
-    with open(out) as f:
-        res = json.load(f)
-    res["tensors"] = torch.load(out + ".pt")
-    return res
+    return torch.load(out)
 
 
 def bench_losses(args):
@@ -333,11 +318,10 @@ def bench_losses(args):
           f"{'max|d grad h|':>14} {'max|d grad W|':>14}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.losses.split(","):
-            res = {v: losses_variant(args, name, v, tmp) for v in ("naive", "chunked")}
-            n, c = res["naive"], res["chunked"]
-            diffs = [(n["tensors"][k] - c["tensors"][k]).abs().max().item()
+            n, c = (losses_variant(args, name, v, tmp) for v in ("naive", "chunked"))
+            diffs = [(n[k] - c[k]).abs().max().item()
                      for k in ("values", "grad_hidden", "grad_weight_rows")]
-            for variant, r in res.items():
+            for variant, r in (("naive", n), ("chunked", c)):
                 above = r["peak_mb"] - r["inputs_mb"]
                 line = (f"{name:<11} {variant:<8} {r['peak_mb']:>8.0f} {above:>16.0f} "
                         f"{r['seconds']:>8.2f}")
@@ -400,31 +384,27 @@ def torchrun(script, args, log_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            os.path.join(ROOT, script)] + args
     with open(log_path, "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
+        print("$ " + " ".join(cmd), file=log, flush=True)
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed (exit {done.returncode}); its output is in {log_path}")
 
 
-def phase_table(rows, phases, cuda):
-    """[(phase, median seconds, largest peak GiB)], the step as a whole last."""
+def print_phases(title, rows, phases, cuda):
+    """Print a run's median s/step and largest peak GiB a phase (the whole step last) -> them."""
     later = rows[1:] if len(rows) > 1 else rows   # the first step warms the allocator up
-    out = []
+    table = []
     for phase in phases + ["step"]:
         key = "s_per_step" if phase == "step" else f"t_{phase}"
         times = [r[key] for r in later if key in r]
         peaks = [r[f"mem_{phase}"] for r in rows if f"mem_{phase}" in r] if cuda else []
         if times:
-            out.append((phase, statistics.median(times), max(peaks) if peaks else None))
-    return out
-
-
-def print_phases(title, table):
+            table.append((phase, statistics.median(times), max(peaks) if peaks else None))
     print(f"\n{title}")
     print(f"  {'phase':<12} {'s/step':>8} {'peak GiB':>9}")
     for phase, seconds, peak in table:
         print(f"  {phase:<12} {seconds:>8.3f} {'-' if peak is None else f'{peak:.1f}':>9}")
+    return table
 
 
 def gpu_runs(size, device, data):
@@ -450,20 +430,6 @@ def gpu_runs(size, device, data):
     ]
 
 
-def trainer_run(script, run_args, stop, work, log, cuda):
-    """One trainer stopped after `stop` steps and resumed -> its phase table, steps, wall time."""
-    out, t0 = os.path.join(work, script.replace(".py", "")), time.time()
-    torchrun(script, run_args + ["--out", out, "--stop-after", str(stop)], log)
-    torchrun(script, run_args + ["--out", out, "--resume"], log)
-    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    steps = [(r.get("stage"), r["step"]) for r in rows]
-    assert len(set(steps)) == len(steps) and len(rows) > stop, f"{script}: resumed log {steps}"
-    table, wall = phase_table(rows, PHASES[script], cuda), time.time() - t0
-    print_phases(f"{script}: {len(rows)} steps, stopped after {stop} and resumed "
-                 f"({wall:.0f} s with model builds and evaluation)", table)
-    return {"phases": table, "steps": len(rows), "wall_s": wall}
-
-
 def gad_peak_runs(size, device, work, log):
     """GAD steps at the big shape -> {optimizer: measured peak GiB a phase}, and the arithmetic."""
     cuda, data = device == "cuda", os.path.join(work, "peak.jsonl")
@@ -476,36 +442,34 @@ def gad_peak_runs(size, device, work, log):
         variants.append(("8-bit AdamW", ["--adam8bit"]))
     else:
         print("\n8-bit AdamW: not measured (bitsandbytes is not installed)")
+    run_args = ["--student", size["big"], "--stage", "gad", "--gad-steps", "2",
+                "--dtype", "bfloat16", "--device", device, "--data", data,
+                "--prompts-per-step", str(size["peak_prompts"]),
+                "--samples-per-prompt", str(size["peak_n"]),
+                "--max-new-tokens", str(size["peak_new_tokens"]),
+                "--max-response-len", str(size["peak_new_tokens"]),
+                "--max-prompt-len", "2048", "--eval-prompts", "0", "--save-every", "100"]
+    # the byte tokenizer's prompts: a token a character, and the chat template's few more
+    lengths = (size["peak_prompt_len"] + 32, size["peak_new_tokens"])
     results = {}
     for label, extra in variants:
         out = os.path.join(work, "gad_peak" + ("_8bit" if extra else ""))
-        run_args = ["--student", size["big"], "--stage", "gad", "--gad-steps", "2",
-                    "--dtype", "bfloat16", "--device", device, "--data", data,
-                    "--prompts-per-step", str(size["peak_prompts"]),
-                    "--samples-per-prompt", str(size["peak_n"]),
-                    "--max-new-tokens", str(size["peak_new_tokens"]),
-                    "--max-response-len", str(size["peak_new_tokens"]),
-                    "--max-prompt-len", "2048", "--eval-prompts", "0",
-                    "--save-every", "100"] + extra
-        torchrun("gad.py", run_args + ["--out", out], log)
+        torchrun("gad.py", run_args + extra + ["--out", out], log)
         rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
         print_phases(f"GAD steps at {size['big']}, {label}: {size['peak_prompts']} prompts x "
                      f"{size['peak_n']} samples x {size['peak_new_tokens']} new tokens",
-                     phase_table(rows, PHASES["gad.py"], cuda))
+                     rows, PHASES["gad.py"], cuda)
         # the second step: both optimizers' state exists through all of it
         measured = results[label] = {p: rows[-1].get(f"mem_{p}") for p in PHASES["gad.py"]}
-        # the byte tokenizer's prompts: a token a character, and the chat template's few more
-        lengths = (size["peak_prompt_len"] + 32, size["peak_new_tokens"])
         print_memory(f"the same steps, {label}: the memory arithmetic (prompts of at most "
                      f"{lengths[0]} tokens) and the measured peaks, GiB",
-                     command_phases("gad.py", run_args, 1, lengths)[1], measured)
+                     command_phases("gad.py", run_args + extra, 1, lengths)[1], measured)
     return results
 
 
 def gpu_sampling(size, device):
     """Every engine at the big shape (random weights: no row ends early), at each batch size."""
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model = models.load_model(size["big"], dtype=dtype, device=device).eval()
+    model = models.load_model(size["big"], dtype=default_dtype(device), device=device).eval()
     bandwidth = memory_bandwidth(device)
     out = {"bandwidth": bandwidth}
     s = Sampling(size["sample_n"], size["sample_new_tokens"], model.config.pad_token_id, [],
@@ -518,23 +482,20 @@ def gpu_sampling(size, device):
                        f"samples, {size['sample_prompt_len']} prompt + "
                        f"{size['sample_new_tokens']} new tokens (copy bandwidth "
                        f"{bandwidth / 1e9:.0f} GB/s)", res)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()   # (nothing on a CPU)
     # HF's compiled generate keeps the model in a reference cycle, dynamo its graphs: free both
     # before the training benchmark builds a model with its optimizer
     del model
     gc.collect()
     torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     return out
 
 
 def bench_gpu(args):
     """The trainers under torchrun, stopped once and resumed; GAD's peak memory; sampling, MFU."""
     if args.predict_only:
-        print_predictions()
-        return
+        return print_predictions()
     device = str(default_device(args.device))
     cuda = device == "cuda"
     name = args.size or ("qwen" if cuda else "tiny")
@@ -548,7 +509,17 @@ def bench_gpu(args):
           f"runs under torchrun --nproc_per_node=1 (logs: {log})", flush=True)
     results = {"device": gpu, "torch": torch.__version__, "trainers": {}, "gad_peak": {}}
     for script, run_args, stop in gpu_runs(size, device, data):
-        results["trainers"][script] = trainer_run(script, run_args, stop, work, log, cuda)
+        out, t0 = os.path.join(work, script.replace(".py", "")), time.time()
+        torchrun(script, run_args + ["--out", out, "--stop-after", str(stop)], log)
+        torchrun(script, run_args + ["--out", out, "--resume"], log)
+        rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+        steps = [(r.get("stage"), r["step"]) for r in rows]
+        assert len(set(steps)) == len(steps) and len(rows) > stop, f"{script}: resumed log {steps}"
+        wall = time.time() - t0
+        table = print_phases(f"{script}: {len(rows)} steps, stopped after {stop} and resumed "
+                             f"({wall:.0f} s with model builds and evaluation)", rows,
+                             PHASES[script], cuda)
+        results["trainers"][script] = {"phases": table, "steps": len(rows), "wall_s": wall}
     if not args.skip_peak:
         results["gad_peak"] = gad_peak_runs(size, device, work, log)
     results["sampling"] = gpu_sampling(size, torch.device(device))
@@ -585,15 +556,6 @@ def synthetic_rollout(rows, prompt_len, response_len, vocab, device, seed=0):
                           ids[:, prompt_len:].to(device), ones[:, prompt_len:].to(device))
 
 
-def train_models(name, device, dtype):
-    """A model as the trainers train it: fp32, AdamW, activation checkpointing, autocast."""
-    model = models.load_model(name, device=device, seed=0)
-    models.checkpoint_activations(model)
-    model.train()
-    opt = common.make_optimizer(model.parameters(), lr=1e-6, weight_decay=0.0)
-    return model, opt, models.autocast(device, dtype)
-
-
 def distillm2_step(model, teacher, opt, rollouts, rows, micro_batch_tokens, amp):
     """distillm2.accumulate's passes and the optimizer step, without its bookkeeping."""
     for ro, fn, kw in ((rollouts[0], losses.skl, {"alpha": 0.1}),
@@ -610,33 +572,34 @@ def distillm2_step(model, teacher, opt, rollouts, rows, micro_batch_tokens, amp)
 def bench_train(args):
     """Tokens/s and MFU of a PPO update and a DistiLLM-2 step: 6 N FLOPs a trained token."""
     device = default_device(args.device)
-    cuda = device.type == "cuda"
-    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    dtype = args.dtype or default_dtype(device)
     peak = matmul_peak(device, models.to_dtype(dtype))
-    half = args.seq_len // 2
-    print(f"device={torch.cuda.get_device_name() if cuda else 'cpu'} dtype={dtype} "
-          f"rows={args.rows} x {args.seq_len} tokens ({half} prompt + {half} response), "
-          f"micro-batches of {args.micro_batch_tokens} tokens; matmul peak {peak / 1e12:.3f} "
-          f"TFLOP/s")
-    results = {"peak_flops": peak}
-    model, opt, amp = train_models(args.model, device, dtype)
+    half, tokens = args.seq_len // 2, args.rows * args.seq_len
+    print(f"device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
+          f"dtype={dtype} rows={args.rows} x {args.seq_len} tokens ({half} prompt + {half} "
+          f"response), micro-batches of {args.micro_batch_tokens} tokens; matmul peak "
+          f"{peak / 1e12:.3f} TFLOP/s")
+    # the student as the trainers train it: fp32, AdamW, activation checkpointing, autocast
+    model = models.load_model(args.model, device=device, seed=0)
+    models.checkpoint_activations(model)
+    model.train()
+    opt = common.make_optimizer(model.parameters(), lr=1e-6, weight_decay=0.0)
     N, V = models.num_params(model), model.config.vocab_size
     ro = synthetic_rollout(args.rows, half, args.seq_len - half, V, device)
     adv = torch.randn(args.rows, device=device)
-    cfg = ppo.PPOConfig(micro_batch_tokens=args.micro_batch_tokens, dtype=dtype)
-    tokens = args.rows * args.seq_len
     teacher = models.load_model(args.teacher or args.model, dtype=dtype, device=device, seed=1)
     teacher.eval().requires_grad_(False)
     student_ro = synthetic_rollout(args.rows, half, args.seq_len - half, V, device, seed=1)
-    N_t = models.num_params(teacher)
+    cfg = ppo.PPOConfig(micro_batch_tokens=args.micro_batch_tokens, dtype=dtype)
     steps = [("PPO update", functools.partial(ppo.ppo_update, model, opt, ro, adv, None, cfg=cfg),
               6 * N * tokens, tokens),
-             ("DistiLLM-2 step", functools.partial(distillm2_step, model, teacher, opt,
-                                                   (ro, student_ro), args.rows,
-                                                   args.micro_batch_tokens, amp),
-              2 * (6 * N + 2 * N_t) * tokens, 2 * tokens)]
+             ("DistiLLM-2 step", functools.partial(
+                 distillm2_step, model, teacher, opt, (ro, student_ro), args.rows,
+                 args.micro_batch_tokens, models.autocast(device, dtype)),
+              2 * (6 * N + 2 * models.num_params(teacher)) * tokens, 2 * tokens)]
     # MFU* against the matmul peak measured above, not the spec sheet's (see the notes)
     print(f"  {'step':<16} {'s/step':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU*':>6}")
+    results = {"peak_flops": peak}
     for label, fn, flops, n_tokens in steps:
         fn()                                                    # warm-up: allocator, kernels
         seconds = statistics.median(time_call(fn, device) for _ in range(args.repeats))
@@ -735,8 +698,7 @@ class Net:
     lora: int = 0       # peft's adapter rank (0: none)
 
     @property
-    def rope(self):
-        """Keys and queries out of the rotary embedding (a bf16 key times an fp32 cos is fp32)."""
+    def rope(self):   # keys and queries out of the rotary embedding: a bf16 key x fp32 cos is fp32
         return max(self.rb, self.cb)
 
     @property
@@ -764,8 +726,7 @@ def largest(moments):
     return max(moments, key=lambda m: sum(m.values()))
 
 
-def cb_of(args):
-    """The bytes of a matmul's element under --dtype (bf16 autocast, else fp32)."""
+def cb_of(args):   # the bytes of a matmul's element under --dtype (bf16 autocast, else fp32)
     return 2 if args.dtype in ("bfloat16", "bf16") else 4
 
 
@@ -802,8 +763,7 @@ def adversary_params(st, te, args):
 
 
 def autocast_copy(a, with_head):
-    """autocast's cached bf16 casts of the trained weights, held until its context ends (sampling
-    casts the head too)."""
+    """autocast's cached bf16 casts of the trained weights (sampling's: the head's too)."""
     return 2 * (a.layer_linear + ((a.head or a.embed) if with_head else 0))
 
 
@@ -819,11 +779,10 @@ def all_reduce(a):
 # --- forward and backward passes ------------------------------------------------------------------
 
 def residual_stream(net, b):
-    """A pass's embeddings and current layer input, the small tensors every layer reads (ids,
-    mask, positions, rotary cos and sin) and the 4D boolean mask."""
-    a = net.arch
-    small = 32 + 2 * net.rb * a.head_dim
-    return b.tokens * (2 * net.rb * a.hidden + small) + b.rows * b.seq * b.seq
+    """A pass's embeddings and layer input, the small tensors every layer reads (ids, mask,
+    positions, rotary cos and sin) and the 4D boolean mask."""
+    small = 32 + 2 * net.rb * net.arch.head_dim
+    return b.tokens * (2 * net.rb * net.arch.hidden + small) + b.rows * b.seq * b.seq
 
 
 def layer_forward(net, b):
@@ -877,8 +836,7 @@ def training_pass(net, b, chunk, head=True, passes=1):
     waiting = {"pass: LM head's fp32 gradient, waiting": 4 * a.vocab * a.hidden} if head else {}
     summed = passes + len(waiting) > 1      # autograd adds the embedding's gradients up first
     moments = [ckpt | cache | {"pass: a layer's forward": layer_forward(net, b)},
-               ckpt | waiting | {"pass: a layer's recompute and backward":
-                                 layer_recompute(net, b)},
+               ckpt | waiting | {"pass: a layer's recompute and backward": layer_recompute(net, b)},
                waiting | {"pass: the embedding's dense gradients and their sum":
                           4 * a.embed * (passes + summed)}]
     if head:
@@ -895,14 +853,13 @@ def training_pass(net, b, chunk, head=True, passes=1):
 
 
 def kd_pass(s, t, b, chunk, kind="kd", teacher_forward=True):
-    """The largest moment of a white-box micro-batch (fast_losses.kd_loss_chunked); s, t: the
+    """The largest moment of a white-box micro-batch (fast_losses.kd_loss_chunked), s and t the
     student's and the teacher's Net (teacher_forward False: its hidden states were stored)."""
     a, M = s.arch, b.rows * b.resp
     ckpt = {"pass: checkpointed layer inputs": checkpoints(s, b)}
     cache = {"pass: autocast bf16 copy": (2 * lora_params(a, s.lora) if s.lora      # adapters
                                           else autocast_copy(a, False) if s.cb < s.wb else 0)}
-    waiting = ({} if s.lora else
-               {"pass: LM head's fp32 gradient, waiting": 4 * a.vocab * a.hidden})
+    waiting = {} if s.lora else {"pass: LM head's fp32 gradient, waiting": 4 * a.vocab * a.hidden}
     teacher = ({"KD: teacher's final hidden states": t.rb * b.tokens * t.arch.hidden}
                if teacher_forward else {})
     kd = {"KD: hidden states, flat copies": (s.rb * a.hidden + t.rb * t.arch.hidden) * M,
@@ -913,13 +870,11 @@ def kd_pass(s, t, b, chunk, kind="kd", teacher_forward=True):
     moments = [ckpt | cache | {"pass: a layer's forward": layer_forward(s, b)},
                ckpt | cache | teacher | kd,
                ckpt | waiting | {"KD: d hidden states": s.rb * M * a.hidden,
-                                 "pass: a layer's recompute and backward":
-                                 layer_recompute(s, b)}]
+                                 "pass: a layer's recompute and backward": layer_recompute(s, b)}]
     if teacher_forward:
         moments.append(ckpt | cache | scoring_pass(t, b, chunk, head=False))
     if waiting:
-        moments.append(waiting | {"pass: the embedding's dense gradient and the sum":
-                                  8 * a.embed})
+        moments.append(waiting | {"pass: the embedding's dense gradient and the sum": 8 * a.embed})
     return largest(moments)
 
 
@@ -1002,14 +957,19 @@ def gad_states(g, args):
 
 def gad_phases(args, world, g, prompt_len, response_len):
     """[(phase, {term: bytes})] of a GAD step and evaluation on one of `world` ranks."""
-    d = discriminator_arch(g)
-    prompts, n, cb, new = (args.prompts_per_step // world, args.samples_per_prompt, cb_of(args),
-                           args.max_new_tokens)
+    d, cb, new = discriminator_arch(g), cb_of(args), args.max_new_tokens
+    prompts, n = args.prompts_per_step // world, args.samples_per_prompt
     G, D, ref = Net(g, 4, 4, cb), Net(d, 4, 4, cb), Net(g, cb, 4, cb)
     held = gad_states(g, args) | rollout_ids(prompts * (n + 1), prompt_len + response_len)
     call = generate_call(prompts, n, prompt_len, new, None, args.gen_batch_tokens)
     mb = micro_batch([(1, prompt_len, response_len)] * (prompts * n), args.micro_batch_size,
                      args.micro_batch_tokens)
+    # D's step: discriminator.pair_batches' largest pass (the student's rows the larger)
+    pairs = discriminator.pair_batches([prompt_len] * prompts, [response_len] * prompts,
+                                       [response_len] * (prompts * n), n,
+                                       args.micro_batch_size or prompts * (n + 1),
+                                       args.micro_batch_tokens)
+    pair = Batch(max(len(rows) for rows in pairs), prompt_len + response_len, 1)
     # G's own logprobs before the update, unless PPO is on-policy (GAD's one epoch, one batch)
     old_logprobs = ([] if (args.ppo_epochs, args.mini_batches) == (1, 1) else
                     [{"G: autocast bf16 copy": autocast_copy(g, False)}
@@ -1022,21 +982,11 @@ def gad_phases(args, world, g, prompt_len, response_len):
             | scoring_pass(D, mb, args.chunk_size, head=False),
             scoring_pass(ref, mb, args.chunk_size)] + old_logprobs)),
         ("d_update", held | gradients(d, "D") | largest([
-            training_pass(D, pair_batch(prompts, n, prompt_len, response_len, args),
-                          args.chunk_size, head=False, passes=2), all_reduce(d)])),
+            training_pass(D, pair, args.chunk_size, head=False, passes=2), all_reduce(d)])),
         ("g_update", held | gradients(g, "G")
          | largest([training_pass(G, mb, args.chunk_size), all_reduce(g)])),
         ("eval", gad_eval(args, g, prompt_len)),
     ]
-
-
-def pair_batch(prompts, n, prompt_len, response_len, args):
-    """The largest pass of D's step (discriminator.pair_batches; the student's rows the larger)."""
-    batches = discriminator.pair_batches([prompt_len] * prompts, [response_len] * prompts,
-                                         [response_len] * (prompts * n), n,
-                                         args.micro_batch_size or prompts * (n + 1),
-                                         args.micro_batch_tokens)
-    return Batch(max(len(rows) for rows in batches), prompt_len + response_len, 1)
 
 
 def gad_eval(args, g, prompt_len):
@@ -1046,10 +996,9 @@ def gad_eval(args, g, prompt_len):
             "D: weights in --dtype": wb * discriminator_arch(g).params}
     if args.teacher and not args.teacher.startswith("api:"):
         held["teacher: weights"] = wb * arch(args.teacher).params
-    b = Batch(8, prompt_len + new, new)
     # "before" is the larger moment: the initial student is held while its passes run
     return (held | {"initial student": wb * g.params}
-            | eval_passes(Net(g, wb, wb, wb), b, args.chunk_size))
+            | eval_passes(Net(g, wb, wb, wb), Batch(8, prompt_len + new, new), args.chunk_size))
 
 
 def eval_passes(net, b, chunk):
@@ -1060,12 +1009,12 @@ def eval_passes(net, b, chunk):
 
 def distillm2_states(st, te, args):
     """What a DistiLLM-2 step holds throughout: the teacher, the student (or its LoRA)."""
-    cb = cb_of(args)
+    teacher = {"teacher: weights": cb_of(args) * te.params}
     if not args.lora_r:
-        return {"teacher: weights": cb * te.params} | trained(st, "student")
-    return {"teacher: weights": cb * te.params, "student: frozen base": cb * st.params,
-            "student: LoRA adapters and AdamW state": 12 * lora_params(st, args.lora_r)
-            + 4 * 14 * st.layers}   # A and B of 7 projections a layer: a step count each
+        return teacher | trained(st, "student")
+    return teacher | {"student: frozen base": cb_of(args) * st.params,
+                      "student: LoRA adapters and AdamW state": 12 * lora_params(st, args.lora_r)
+                      + 4 * 14 * st.layers}   # A and B of 7 projections a layer: a step count each
 
 
 def distillm2_phases(args, world, st, te, prompt_len, response_len):
@@ -1086,12 +1035,11 @@ def distillm2_phases(args, world, st, te, prompt_len, response_len):
     cache = {"student: autocast bf16 copy": 2 * lora_params(st, r) if r
              else autocast_copy(st, False)}
     grads = gradients(trains, "student")
+    sampling = [generate_peak(teacher, call, 1, prompt_len, new, args.temperature, args.top_p),
+                cache | generate_peak(student, call, 1, prompt_len, new, args.temperature,
+                                      args.top_p)]
     return [
-        ("sampling", states | rollout_ids(2 * call, prompt_len + new)
-         | largest([generate_peak(teacher, call, 1, prompt_len, new, args.temperature,
-                                  args.top_p),
-                    cache | generate_peak(student, call, 1, prompt_len, new, args.temperature,
-                                          args.top_p)])),
+        ("sampling", states | rollout_ids(2 * call, prompt_len + new) | largest(sampling)),
         ("curriculum", held | cache | largest([scoring_pass(net, mb, args.chunk_size)
                                                for net in (teacher, student)])),
         ("losses", held | grads | kd_pass(student, teacher, mb, args.chunk_size)),
@@ -1124,44 +1072,35 @@ def amm_phases(args, world, st, te, prompt_len, response_len):
              for net, n in ((student, k), (teacher, 1))]
     mb = micro_batch([(1, prompt_len, new)] * (prompts * k), args.micro_batch_size,
                      args.micro_batch_tokens)
-    adv_grads = {"adversaries: fp32 gradients": 8 * adv}
+    # scoring: both models' hidden states by passes without grad, then the moments by chunks
+    moments = {"moments: student head cast": student.head_cast,
+               "moments: adversary's autocast copy": 2 * adv,
+               "moments: [chunk, V] work": chunk_work(student, mb, args.chunk_size, "moments")}
+    scoring = largest([scoring_pass(net, mb, args.chunk_size, head=False)
+                       for net in (student, teacher)] + [moments])
+    # amm.adversary_backward on the on-policy side (the larger)
+    positions = prompts * k * new
+    adversary = {"adversary: hidden states at response positions":
+                 positions * (4 * st.hidden + 2 * teacher.rb * te.hidden + 4),
+                 "adversary: student head's autocast copy": 2 * st.vocab * st.hidden,
+                 "adversary: adversary's autocast copy": 2 * adv,
+                 "adversary: [chunk, V] work": CHUNK_BYTES["adversary"]
+                 * min(args.chunk_size, positions) * st.vocab}
     adv_step = [{"adversaries: foreach AdamW's sqrt(v)": 8 * adv},
                 {"gradient all-reduce bucket": 4 * max(all_reduce_buckets(
                     [adv - st.vocab, st.vocab] * 2))}]
     return [
         ("sampling", held | previous | {"student: autocast bf16 copy": autocast_copy(st, True)}
          | largest([generate_peak(net, c, n, prompt_len, new) for net, c, n in calls])),
-        ("scoring", held | previous | current | amm_scoring(student, teacher, mb, adv, args)),
-        ("adversary", held | current | adv_grads
-         | largest([adversary_chunk(student, teacher, prompts * k * new, adv, args)]
-                   + adv_step)),
+        ("scoring", held | previous | current
+         | {"student: autocast bf16 copy": autocast_copy(st, False)} | scoring),
+        ("adversary", held | current | {"adversaries: fp32 gradients": 8 * adv}
+         | largest([adversary] + adv_step)),
         ("student", held | current | gradients(st, "student") | largest([
             kd_pass(student, teacher, mb, args.chunk_size, "amm", teacher_forward=False),
             all_reduce(st)])),
         ("eval", white_box_eval(args, st, te, prompt_len)),
     ]
-
-
-def amm_scoring(student, teacher, mb, adv, args):
-    """AMM's passes without grad: both models' hidden states, then the moments by chunks."""
-    a = student.arch
-    cache = {"student: autocast bf16 copy": autocast_copy(a, False)}
-    moments = {"moments: student head cast": student.head_cast,
-               "moments: adversary's autocast copy": 2 * adv,
-               "moments: [chunk, V] work": chunk_work(student, mb, args.chunk_size, "moments")}
-    return cache | largest([scoring_pass(net, mb, args.chunk_size, head=False)
-                            for net in (student, teacher)] + [moments])
-
-
-def adversary_chunk(student, teacher, positions, adv, args):
-    """amm.adversary_backward on the on-policy side (the larger)."""
-    a, t = student.arch, teacher.arch
-    return {"adversary: hidden states at response positions":
-            positions * (4 * a.hidden + 2 * teacher.rb * t.hidden + 4),
-            "adversary: student head's autocast copy": 2 * a.vocab * a.hidden,
-            "adversary: adversary's autocast copy": 2 * adv,
-            "adversary: [chunk, V] work": CHUNK_BYTES["adversary"] * min(args.chunk_size, positions)
-            * a.vocab}
 
 
 def white_box_eval(args, st, te, prompt_len):
@@ -1192,31 +1131,27 @@ def command_phases(script, argv, world, lengths=None):
                         response_len)
 
 
-def peak(phases):
-    """(phase, GiB) of the largest phase."""
+def peak(phases):   # -> (phase, GiB)
     name, terms = max(phases, key=lambda p: sum(p[1].values()))
     return name, sum(terms.values()) / GiB
 
 
+def print_row(label, cells):
+    print(f"  {label[:52]:<52}" + "".join(f"{c:>11}" for c in cells))
+
+
 def print_memory(title, phases, measured=None):
-    """A command's phases as one table, GiB: a row a term, a column a phase; measured: {phase:
-    GiB}."""
-    names = [p for p, _ in phases]
-    terms = list(dict.fromkeys(t for _, d in phases for t in d))
-    totals = [sum(d.values()) / GiB for _, d in phases]
-    top = names.index(peak(phases)[0])
+    """A command's phases in GiB, a row a term and a column a phase; measured: {phase: GiB}."""
+    top = peak(phases)[0]
     print(f"\n{title}")
-    print(f"  {'GiB':<52}" + "".join(f"{p:>11}" for p in names))
-    for t in terms:
-        cells = [f"{d[t] / GiB:.2f}" if t in d else "" for _, d in phases]
-        print(f"  {t[:52]:<52}" + "".join(f"{c:>11}" for c in cells))
-    print(f"  {'predicted (* the peak)':<52}"
-          + "".join(f"{f'{v:.2f}' + ('*' if i == top else ' '):>11}"
-                    for i, v in enumerate(totals)))
+    print_row("GiB", [p for p, _ in phases])
+    for t in dict.fromkeys(t for _, d in phases for t in d):
+        print_row(t, [f"{d[t] / GiB:.2f}" if t in d else "" for _, d in phases])
+    print_row("predicted (* the peak)", [f"{sum(d.values()) / GiB:.2f}" + ("*" if p == top else " ")
+                                         for p, d in phases])
     if measured is not None:
-        print(f"  {'measured (max_memory_allocated)':<52}"
-              + "".join(f"{'-' if measured.get(p) is None else f'{measured[p]:.2f}':>11}"
-                        for p in names))
+        print_row("measured (max_memory_allocated)",
+                  ["-" if measured.get(p) is None else f"{measured[p]:.2f}" for p, _ in phases])
 
 
 def print_predictions():
@@ -1247,60 +1182,44 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    s = sub.add_parser("sample", parents=[device],
-                       help="tokens/s of sample.generate vs HF generate(num_return_sequences=n)")
-    s.add_argument("--models", default="tiny,smollm2-135m", help="comma-separated model names")
+    s = sub.add_parser("sample", parents=[device], help="tokens/s of sample.generate vs HF's")
+    s.add_argument("--models", default="tiny,smollm2-135m", help="comma-separated")
     s.add_argument("--n", type=int, default=8, help="samples per prompt")
     s.add_argument("--prompts", type=int, default=4, help="prompts per batch")
-    s.add_argument("--prompt-len", type=int, default=256,
-                   help="prompt tokens (ShareGPT prompts cut to this)")
-    s.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample")
-    s.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
+    s.add_argument("--prompt-len", type=int, default=256, help="ShareGPT prompts cut to this")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sample")
+    s.add_argument("--repeats", type=int, default=3, help="timed runs per engine (the median)")
     s.add_argument("--stop", choices=["none", "eos"], default="none",
-                   help="none: every sample makes --max-new-tokens; eos: samples end at their "
-                        "end-of-turn token")
-    s.add_argument("--hf-static", action="store_true",
-                   help="also HF generate(cache_implementation='static')")
-    k = sub.add_parser("losses", parents=[device],
-                       help="peak memory and time of the full-vocab KD losses, naive vs chunked")
-    k.add_argument("--vocab", type=int, default=151936,
-                   help="vocabulary size (Qwen2.5 student: 151936)")
-    k.add_argument("--seq", type=int, default=1024,
-                   help="positions per sequence (DistiLLM-2 max length 1024)")
+                   help="none: every sample makes --max-new-tokens; eos: ends at end-of-turn")
+    s.add_argument("--hf-static", action="store_true", help="also HF's static-cache generate")
+    k = sub.add_parser("losses", parents=[device], help="full-vocab KD losses, naive vs chunked")
+    k.add_argument("--vocab", type=int, default=151936, help="(Qwen2.5's)")
+    k.add_argument("--seq", type=int, default=1024, help="positions (DistiLLM-2's max length)")
     k.add_argument("--batch", type=int, default=1, help="sequences")
-    k.add_argument("--hidden", type=int, default=896,
-                   help="student hidden size (Qwen2.5-0.5B: 896)")
-    k.add_argument("--teacher-hidden", type=int, default=0,
-                   help="teacher hidden size (0: same as --hidden)")
-    k.add_argument("--chunk", type=int, default=128, help="positions per chunk of the chunked path")
-    k.add_argument("--losses", default="skl,srkl",
-                   help=f"comma-separated, from {','.join(KD_LOSSES)}")
-    k.add_argument("--repeats", type=int, default=1,
-                   help="timed forward+backward per variant (median reported)")
+    k.add_argument("--hidden", type=int, default=896, help="student's (Qwen2.5-0.5B's)")
+    k.add_argument("--teacher-hidden", type=int, default=0, help="0: --hidden")
+    k.add_argument("--chunk", type=int, default=128, help="positions per chunk")
+    k.add_argument("--losses", default="skl,srkl", help=f"from {','.join(KD_LOSSES)}")
+    k.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the median)")
     k.add_argument("--worker", choices=["naive", "chunked"], default=None, help=argparse.SUPPRESS)
     k.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     k.add_argument("--loss", default=None, help=argparse.SUPPRESS)
-    tr = sub.add_parser("train", parents=[device],
-                        help="tokens/s and MFU of the PPO update and a DistiLLM-2 step")
+    tr = sub.add_parser("train", parents=[device], help="tokens/s and MFU of PPO and DistiLLM-2")
     tr.add_argument("--model", default="tiny", help="student (random-qwen2.5-1.5b on a GPU)")
-    tr.add_argument("--teacher", default=None, help="DistiLLM-2's teacher (default: --model)")
+    tr.add_argument("--teacher", default=None, help="DistiLLM-2's (default: --model)")
     tr.add_argument("--rows", type=int, default=4, help="sequences per optimizer step")
     tr.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (half prompt)")
-    tr.add_argument("--micro-batch-tokens", type=int, default=128,
-                    help="padded tokens per forward/backward (the trainers' 12288 on a GPU)")
+    tr.add_argument("--micro-batch-tokens", type=int, default=128, help="the trainers' GPU: 12288")
     tr.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    tr.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
-    quality.add_arguments(sub.add_parser(
-        "quality", help="every distillation method on one teacher / student pair, one table"))
-    gp = sub.add_parser("gpu", help="the three trainers under torchrun in bf16: s/step and peak "
-                                    "memory per phase")
+    tr.add_argument("--repeats", type=int, default=3, help="timed steps (the median)")
+    quality.add_arguments(sub.add_parser("quality", help="every distillation method, one table"))
+    gp = sub.add_parser("gpu", help="the trainers under torchrun: s/step, memory a phase")
     gp.add_argument("--device", default=None, help="cuda or cpu (cpu: the tiny size, for tests)")
     gp.add_argument("--size", choices=list(GPU_SIZES), default=None,
                     help="default: qwen on cuda, tiny on cpu")
     gp.add_argument("--out", default=None, help="working folder (default: a new temporary one)")
     gp.add_argument("--skip-peak", action="store_true", help="leave out the GAD peak-memory runs")
-    gp.add_argument("--predict-only", action="store_true",
-                    help="print the memory arithmetic of every GPU command and stop")
+    gp.add_argument("--predict-only", action="store_true", help="print the memory arithmetic only")
     return p.parse_args(argv)
 
 

@@ -1,7 +1,6 @@
-"""Training curves: `python dev/plot.py RUN_DIR_OR_METRICS_JSONL [-o out.png]` draws the
-metrics.jsonl of a gad.py, distillm2.py or amm.py run as one PNG, a small panel per metric (x: the
-step across stages; dashed lines: a stage or an epoch changes). Needs matplotlib.
-"""
+"""Training curves: `python dev/plot.py RUN_DIR_OR_METRICS_JSONL [-o out.png]` draws a gad.py,
+distillm2.py or amm.py run's metrics.jsonl as one PNG, a panel per metric (x: the step across
+stages; dashed lines: a stage or an epoch changes). Needs matplotlib."""
 
 import argparse
 import json
@@ -16,11 +15,6 @@ PANELS = {
     "amm": ("d_on", "d_off", "l1_on", "l1_off"),
 }
 BOUNDARY = {"gad": "stage", "distillm2": "epoch"}   # the key whose changes get a dashed line
-
-
-def read_rows(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def trainer_of(rows):
@@ -78,11 +72,9 @@ def plot(rows, out, title="", dpi=100):
         drawn.append(key)
         if key == "reward_mean":
             std = dict(zip(*series(rows, "reward_std")))
-            band = [(x, y, std[x]) for x, y in zip(xs, ys) if x in std]
+            band = [(x, y - std[x], y + std[x]) for x, y in zip(xs, ys) if x in std]
             if band:
-                bx, by, bs = zip(*band)
-                ax.fill_between(bx, [y - s for y, s in zip(by, bs)],
-                                [y + s for y, s in zip(by, bs)], alpha=0.25, lw=0)
+                ax.fill_between(*zip(*band), alpha=0.25, lw=0)   # x, y - std, y + std
                 key = "reward_mean ± reward_std"
                 drawn.append("reward_std")
         for _, start, _ in segs[1:]:
@@ -109,7 +101,8 @@ def main(argv=None):
     path = os.path.join(args.path, "metrics.jsonl") if os.path.isdir(args.path) else args.path
     if not os.path.isfile(path):
         p.error(f"{path}: no such file (give a run's --out folder or its metrics.jsonl)")
-    rows = read_rows(path)
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         p.error(f"{path} has no rows yet")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.png")

@@ -1,6 +1,5 @@
 """The distillation benchmark: every method here on one teacher / student pair, under one stated
-budget, each final student scored by us on the same held-out prompts. What it measures and how:
-docs/implementation-notes.md (dev/quality.py).
+budget, each final student scored by us on the same held-out prompts (docs/implementation-notes.md).
 
     python dev/bench.py quality --budget tiny --out runs/q-tiny  # tiny random pair: ~1 min, 2 cores
     python dev/bench.py quality --budget cpu --out runs/q-cpu    # SmolLM2-135M -> its 24-layer cut
@@ -54,11 +53,10 @@ BUDGETS = {
     # the tiny random pair of the tests; the student's random init is saved once (seed --seed), so
     # every seed of every row starts from the same weights (trainers draw a tiny init per --seed)
     "tiny": dict(
-        teacher="tiny-teacher", student="tiny", student_layers=None, data="tiny",
-        dtype="float32", prompts_per_step=8, updates=8, max_new_tokens=16, max_prompt_len=64,
-        test_prompts=16, dev_prompts=16, seeds=2, other_seeds=1, curve_points=0,
-        micro_batch_size=32, threads=1, micro_batch_tokens=None, gen_batch_size=32,
-        gradient_checkpointing=False, eval_batch=16,
+        teacher="tiny-teacher", student="tiny", student_layers=None, data="tiny", dtype="float32",
+        prompts_per_step=8, updates=8, max_new_tokens=16, max_prompt_len=64, test_prompts=16,
+        dev_prompts=16, seeds=2, other_seeds=1, curve_points=0, micro_batch_size=32, threads=1,
+        micro_batch_tokens=None, gen_batch_size=32, gradient_checkpointing=False, eval_batch=16,
         gad=dict(samples_per_prompt=4, warmup_steps=4, freeze_g_steps=2, d_lr=1e-3, grad_clip=1.0),
         amm=dict(samples_per_prompt=4, adv_lr=1e-1, adv_rank=0),
         lr=dict(seqkd=3e-3, gad=1e-2, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3, onpolicy=3e-3,
@@ -80,10 +78,10 @@ BUDGETS = {
     # are the GAD recipe's, the white-box ones ours (run --lr-sweep before trusting them)
     "gpu": dict(
         teacher="qwen2.5-1.5b", student="qwen2.5-0.5b", student_layers=None, data="sharegpt",
-        dtype="bfloat16", prompts_per_step=16, updates=100, max_new_tokens=256,
-        max_prompt_len=512, test_prompts=128, dev_prompts=64, seeds=3, other_seeds=2,
-        curve_points=5, micro_batch_size=8, micro_batch_tokens=12288, gen_batch_size=64,
-        threads=None, gradient_checkpointing=True, eval_batch=32,
+        dtype="bfloat16", prompts_per_step=16, updates=100, max_new_tokens=256, max_prompt_len=512,
+        test_prompts=128, dev_prompts=64, seeds=3, other_seeds=2, curve_points=5,
+        micro_batch_size=8, micro_batch_tokens=12288, gen_batch_size=64, threads=None,
+        gradient_checkpointing=True, eval_batch=32,
         gad=dict(samples_per_prompt=8, warmup_steps=20, freeze_g_steps=10, d_lr=1e-6,
                  grad_clip=0.2),
         amm=dict(samples_per_prompt=4, adv_lr=1e-4, adv_rank=256),
@@ -118,12 +116,11 @@ def add_arguments(p):
                    help="seeds of SeqKD, GAD, DistiLLM-2, on-policy (default: tiny 2, else 3)")
     p.add_argument("--other-seeds", type=int, default=None,
                    help="seeds of SKL, SRKL, GKD, AMM (default: tiny 1, else 2)")
-    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in
-                                                  ("student", "teacher")),
+    p.add_argument("--methods", default=",".join(m for m in METHODS if METHODS[m][1]),
                    help="comma list of rows to train, from " + ",".join(METHODS))
     p.add_argument("--curve-points", type=int, default=None,
-                   help="checkpoints of the first seed scored for quality.png (default: tiny 0, "
-                        "only the end; cpu 3; gpu 5)")
+                   help="checkpoints of the first seed scored for quality.png (default: tiny 0 = "
+                        "the end only, cpu 3, gpu 5)")
     p.add_argument("--lr-sweep", action="store_true",
                    help="first train each method at --sweep-factors times its learning rate "
                         "(one seed), score on dev prompts of the train side, keep the best")
@@ -135,21 +132,13 @@ def add_arguments(p):
                    help="trainer processes at a time (runs without a curve; set OMP_NUM_THREADS "
                         "so that jobs x threads fits the cores)")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each run's ckpt.pt and GAD's discriminator/ (deleted once the "
-                        "run is scored: GBs on the cpu budget)")
+                   help="keep each run's ckpt.pt and GAD's discriminator/ (GBs on the cpu budget)")
     judge.add_flags(p)
     return p
 
 
 # --------------------------------------------------------------------------------------------------
 # data: prompts split once by a hash of their id, teacher responses sampled once
-
-def split_order(records):
-    """Records in the order of a hash of (SPLIT_SEED, id): a prompt's split is the same whatever
-    --seed is or how many prompts the budget asks for."""
-    return sorted(records,
-                  key=lambda r: hashlib.sha1(f"{SPLIT_SEED}:{r['id']}".encode("utf-8")).hexdigest())
-
 
 def candidate_prompts(b, tok, need):
     """At least `need` prompts of at most max_prompt_len tokens, in split order."""
@@ -163,7 +152,8 @@ def candidate_prompts(b, tok, need):
     if len(short) < need:
         raise RuntimeError(f"{b['data']}: {len(short)} prompts of at most {b['max_prompt_len']} "
                            f"tokens, the budget needs {need}")
-    return split_order(short)
+    # split order, a hash of the id: a prompt's split does not depend on --seed or the budget
+    return sorted(short, key=lambda r: hashlib.sha1(f"{SPLIT_SEED}:{r['id']}".encode()).hexdigest())
 
 
 def prepare_data(b, out, tok, seed, device):
@@ -192,14 +182,6 @@ def prepare_data(b, out, tok, seed, device):
         raise RuntimeError(f"only {len(ready)} prompts got a non-empty teacher response")
     t, d = b["test_prompts"], b["dev_prompts"]
     return ready[:t], ready[t:t + d], ready[t + d:t + d + n_train]
-
-
-def write_jsonl(path, records):
-    text = "".join(json.dumps({"id": r["id"], "messages": r["messages"],
-                               "teacher_response": r["teacher_response"]}, ensure_ascii=False)
-                   + "\n" for r in records)
-    files.atomic_write_text(path, text)
-    return path
 
 
 def read_json(path):
@@ -278,19 +260,6 @@ def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
 # --------------------------------------------------------------------------------------------------
 # checkpoints along a run (the curve of quality.png)
 
-def save_points(stages, save_every, epoch_len=None):
-    """Trainer steps (across stages) after which a trainer writes OUT/ckpt.pt: every --save-every
-    steps of a stage, each stage's end (common.end_step), distillm2.py's epoch ends."""
-    points, offset = set(), 0
-    for _, steps in stages:
-        points |= set(range(offset + save_every, offset + steps + 1, save_every))
-        points.add(offset + steps)
-        offset += steps
-    if epoch_len:
-        points |= set(range(epoch_len, offset + 1, epoch_len))
-    return sorted(points)
-
-
 def curve_steps(stages, k, epoch_len=None):
     """(--save-every, the steps to score): k checkpoints about evenly spaced that the trainer
     writes anyway, the last the run's end (k <= 1: the end only)."""
@@ -298,7 +267,15 @@ def curve_steps(stages, k, epoch_len=None):
     if k <= 1:
         return total, [total]
     every = max(1, total // k)
-    saves = save_points(stages, every, epoch_len)
+    # where the trainers write OUT/ckpt.pt (common.end_step): every --save-every steps of a
+    # stage, each stage's end, distillm2.py's epoch ends
+    saves, offset = set(), 0
+    for _, steps in stages:
+        saves |= set(range(offset + every, offset + steps + 1, every))
+        saves.add(offset + steps)
+        offset += steps
+    if epoch_len:
+        saves |= set(range(epoch_len, offset + 1, epoch_len))
     picked = {min(saves, key=lambda s: (abs(s - total * i / k), s)) for i in range(1, k + 1)}
     return every, sorted(picked | {total})
 
@@ -331,16 +308,14 @@ def checkpoint_student(b, run_dir, script, device):
 # scoring
 
 class Scorer:
-    """Scores a model on fixed records with teacher responses (eval.evaluate and
-    eval.heldout_divergence); the teacher is loaded once and kept."""
+    """Scores a model on fixed records with teacher responses; the teacher is loaded once."""
 
     def __init__(self, b, tok, teacher, records, args, device):
         self.b, self.tok, self.teacher, self.records, self.args = b, tok, teacher, records, args
-        T = b["max_new_tokens"]
         self.rows = [{"prompt": data_lib.encode_prompt(tok, r["messages"]),
-                      "y_t": data_lib.encode_response(tok, r["teacher_response"], T)[0]}
+                      "y_t": data_lib.encode_response(tok, r["teacher_response"],
+                                                      b["max_new_tokens"])[0]}
                      for r in records]
-        self.pad = tok.pad_token_id
 
     @torch.no_grad()
     def __call__(self, model):
@@ -351,8 +326,8 @@ class Scorer:
                               batch_size=b["eval_batch"], seed=self.args.seed,
                               max_prompt_len=b["max_prompt_len"],
                               max_response_len=b["max_new_tokens"])
-        m.update(eval_lib.heldout_divergence(model, self.teacher, self.rows, self.pad,
-                                             batch_size=b["eval_batch"]))
+        m.update(eval_lib.heldout_divergence(model, self.teacher, self.rows,
+                                             self.tok.pad_token_id, batch_size=b["eval_batch"]))
         m["end_of_turn"] = 1.0 - m["truncated"]
         m["eval_s"] = time.time() - t0
         return m
@@ -376,8 +351,8 @@ Run = namedtuple("Run", "method seed lr run_dir curve_k", defaults=[0])
 
 
 def save_result(setup, run_dir, result, scorer):
-    """The result, with --judge its samples judged (cached in OUT/judge.jsonl; a result scored
-    before --judge was given is judged now), into run_dir/result.json."""
+    """The result into run_dir/result.json, with --judge its samples judged first (cached in
+    OUT/judge.jsonl), also those of a result scored before --judge was given."""
     args = setup.args
     if args.judge and "judge_failed" not in result["metrics"]:
         key = os.path.basename(run_dir)
@@ -407,7 +382,8 @@ def score_model(setup, run_dir, load, scorer):
 def run_trainer(cmd, run_dir, progress):
     """One trainer process from the repository root; its output to run_dir/train.log."""
     t0 = time.time()
-    with open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8") as log:
+    log_path = os.path.join(run_dir, "train.log")
+    with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         rc = subprocess.run([sys.executable] + cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -415,14 +391,14 @@ def run_trainer(cmd, run_dir, progress):
     progress["train_s"] = progress.get("train_s", 0.0) + time.time() - t0
     files.atomic_write_text(os.path.join(run_dir, "progress.json"), json.dumps(progress))
     if rc:
-        with open(os.path.join(run_dir, "train.log"), encoding="utf-8") as f:
+        with open(log_path, encoding="utf-8") as f:
             tail = f.read()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd[:1])} exited {rc} ({run_dir}/train.log):\n{tail}")
+        raise RuntimeError(f"{' '.join(cmd[:1])} exited {rc} ({log_path}):\n{tail}")
 
 
 def compute_counts(method, run_dir):
-    """What the run spent, from its metrics.jsonl: steps, student updates (GAD's rows with a
-    student loss), the last row's cumulative common.Compute counters."""
+    """What the run spent, from its metrics.jsonl: steps, student updates, the last row's
+    cumulative common.Compute counters."""
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     updates = (sum(1 for r in rows if "sft_loss" in r or "pg_loss" in r)
@@ -434,9 +410,8 @@ def compute_counts(method, run_dir):
 
 
 def train(setup, run, scorer=None):
-    """Train `run` (or resume it; nothing once its student is exported) -> its progress. With
-    curve_k > 1 the trainer stops at checkpoints on the way (--stop-after, then --resume), each
-    scored by `scorer` at once."""
+    """Train `run` or resume it (nothing once its student is exported) -> its progress; with
+    curve_k > 1 it stops at checkpoints on the way (--stop-after, --resume), each scored at once."""
     b, run_dir = setup.b, run.run_dir
     stages, epoch_len = stage_plan(run.method, b)
     every, points = curve_steps(stages, run.curve_k, epoch_len)
@@ -468,17 +443,14 @@ def train(setup, run, scorer=None):
 
 
 def train_and_score(setup, run, scorer):
-    """One run trained and its final student scored into run_dir/result.json; a run that has one
-    is not run again."""
+    """One run trained and its final student scored into run_dir/result.json, once."""
     b, run_dir = setup.b, run.run_dir
     result = read_json(os.path.join(run_dir, "result.json"))
     if result is not None:
         return save_result(setup, run_dir, result, scorer)
     progress = train(setup, run, scorer)
-    model = models.load_model(os.path.join(run_dir, "student"), dtype=b["dtype"],
-                              device=setup.device)
-    m = scorer(model)
-    del model
+    m = scorer(models.load_model(os.path.join(run_dir, "student"), dtype=b["dtype"],
+                                 device=setup.device))
     counts = compute_counts(run.method, run_dir)
     total = sum(steps for _, steps in stage_plan(run.method, b)[0])
     curve = progress["curve"] + [{"step": total, "student_updates": counts["student_updates"],
@@ -555,12 +527,18 @@ COLUMNS = [("heldout_fkl", "fwd KL"), ("heldout_rkl", "rev KL"), ("student_nll",
            ("judge_winrate", "judge win %")]
 
 
+def table(header, rows, text_cols=(0,)):
+    """A markdown table's lines: its columns right-aligned (numbers) but `text_cols`."""
+    rule = "".join("---|" if i in text_cols else "---:|" for i in range(len(header)))
+    lines = ["| " + " | ".join(header) + " |", "|" + rule]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def results_table(report):
     """quality.md's title and main table: one row per method."""
     rows, b = report["rows"], report["budget"]
-    base = rows["student"]["summary"][PRIMARY]["mean"] if "student" in rows else None
-    cols = [(k, name) for k, name in COLUMNS
-            if any(k in r["summary"] for r in rows.values())]
+    base = rows["student"]["summary"][PRIMARY]["mean"]
+    cols = [(k, name) for k, name in COLUMNS if any(k in r["summary"] for r in rows.values())]
     lines = [f"# Distillation benchmark, budget `{report['budget_name']}`", "",
              f"Teacher `{b['teacher']}`, student `{b['student']}`"
              + (f" (layers {b['student_layers']})" if b["student_layers"] else "")
@@ -568,76 +546,75 @@ def results_table(report):
              f"{b['max_new_tokens']} new tokens, {report['data']['train']} training prompts; "
              f"scored on {report['data']['test']} held-out prompts. Primary metric: {PRIMARY} "
              f"(teacher NLL per token of the student's own samples; lower is better), mean over "
-             f"seeds [min, max].", "",
-             "| method | seeds | lr | teacher NLL | vs student | "
-             + " | ".join(name for _, name in cols) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(cols)]
+             f"seeds [min, max].", ""]
+    body = []
     for method, r in rows.items():
-        s = r["summary"]
+        s, n = r["summary"], len(r["seeds"])
         p = s[PRIMARY]
-        spread = f" [{p['min']:.4f}, {p['max']:.4f}]" if len(r["seeds"]) > 1 else ""
-        delta = "-" if base is None or method == "student" else f"{p['mean'] - base:+.4f}"
-        cells = [f"{s[k]['mean']:.4f}" if k in s else "-" for k, _ in cols]
-        lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
-        lines.append(f"| {METHODS[method][0]} | {len(r['seeds'])} | {lr} | "
-                     f"{p['mean']:.4f}{spread} | {delta} | " + " | ".join(cells) + " |")
-    return lines
+        spread = f" [{p['min']:.4f}, {p['max']:.4f}]" if n > 1 else ""
+        lr = "-" if r["lr"] is None else f"{r['lr']:g}"
+        delta = "-" if method == "student" else f"{p['mean'] - base:+.4f}"
+        body.append([METHODS[method][0], str(n), lr, f"{p['mean']:.4f}{spread}", delta]
+                    + [f"{s[k]['mean']:.4f}" if k in s else "-" for k, _ in cols])
+    header = ["method", "seeds", "lr", "teacher NLL", "vs student"] + [name for _, name in cols]
+    return lines + table(header, body)
 
 
 def claims_curve_sweep(report):
     """quality.md's claims, curve and learning-rate sweep (metrics only)."""
     lines, rows = [], report["rows"]
     if report["verdicts"]:
-        lines += ["", f"Claims, on {PRIMARY} (noise: the larger seed range of the two rows):", "",
-                  "| claim | better | other | difference | noise | verdict |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for v in report["verdicts"]:
-            lines.append(f"| {v['claim']} | {v['better_mean']:.4f} | {v['other_mean']:.4f} | "
-                         f"{v['difference']:+.4f} | {v['noise']:.4f} | {v['verdict']} |")
+        lines += ["", f"Claims, on {PRIMARY} (noise: the larger seed range of the two rows):", ""]
+        lines += table(["claim", "better", "other", "difference", "noise", "verdict"],
+                       [[v["claim"], f"{v['better_mean']:.4f}", f"{v['other_mean']:.4f}",
+                         f"{v['difference']:+.4f}", f"{v['noise']:.4f}", v["verdict"]]
+                        for v in report["verdicts"]], text_cols=(0, 5))
     curves = {m: r["seeds"][0]["curve"] for m, r in rows.items() if r["seeds"][0].get("curve")}
     if any(len(c) > 1 for c in curves.values()):
         lines += ["", f"{PRIMARY} along training (first seed; student updates: value):", ""]
         for m, c in curves.items():
             lines.append(f"- {METHODS[m][0]}: " + ", ".join(f"{p['student_updates']}: "
                                                             f"{p[PRIMARY]:.4f}" for p in c))
-    if report.get("sweep"):
+    if report["sweep"]:
         lines += ["", f"Learning-rate sweep ({PRIMARY} on {report['data']['dev']} dev prompts of "
-                  "the train side, one seed; * = kept):", "", "| method | lr | teacher NLL |",
-                  "|---|---:|---:|"]
+                  "the train side, one seed; * = kept):", ""]
+        body = []
         for m, runs in report["sweep"].items():
             for lr, value in runs["values"].items():
                 star = "" if float(lr) != runs["best"] else (
-                    " * (grid's edge)" if runs.get("at_edge") else " *")
-                lines.append(f"| {METHODS[m][0]} | {float(lr):g}{star} | {value:.4f} |")
+                    " * (grid's edge)" if runs["at_edge"] else " *")
+                body.append([METHODS[m][0], f"{float(lr):g}{star}", f"{value:.4f}"])
+        lines += table(["method", "lr", "teacher NLL"], body)
     return lines
 
 
 def cost_table(report):
     """quality.md's cost table: each row's trainer counters and wall times, means over seeds."""
-    lines = ["", "Cost per run (mean over seeds; the trainers' counters, common.Compute: student "
-             "tokens sampled, teacher tokens passed through or sampled by a white-box teacher; "
-             "SeqKD and GAD also share the teacher responses sampled once, "
-             f"{report['data']['teacher_tokens_train']} tokens):", "",
-             "| method | trainer steps | student updates | train s | score s | student tokens "
-             "| teacher tokens | train tokens | FLOPs |", "|---|---:|---:|---:|---:|---:|---:|"
-             "---:|---:|"]
+    body = []
     for method, r in report["rows"].items():
         seeds = r["seeds"]
-        mean = lambda f: statistics.fmean(f(x) for x in seeds)
-        if "train" not in seeds[0]:
-            lines.append(f"| {METHODS[method][0]} | - | - | - | "
-                         f"{mean(lambda x: x['metrics']['eval_s']):.1f} | - | - | - | - |")
+        score_s = f"{statistics.fmean(x['metrics']['eval_s'] for x in seeds):.1f}"
+        if "train" not in seeds[0]:   # the student before, the teacher
+            body.append([METHODS[method][0], "-", "-", "-", score_s] + ["-"] * 4)
             continue
-        t = lambda k: mean(lambda x: x["train"][k])
-        lines.append(f"| {METHODS[method][0]} | {t('steps'):.0f} | {t('student_updates'):.0f} | "
-                     f"{t('wall_s'):.1f} | {mean(lambda x: x['metrics']['eval_s']):.1f} | "
-                     f"{t('student_tokens'):.0f} | {t('teacher_tokens'):.0f} | "
-                     f"{t('train_tokens'):.0f} | {t('flops_total'):.3g} |")
+        t = {k: statistics.fmean(x["train"][k] for x in seeds)
+             for k in ("steps", "student_updates", "wall_s", "student_tokens", "teacher_tokens",
+                       "train_tokens", "flops_total")}
+        body.append([METHODS[method][0], f"{t['steps']:.0f}", f"{t['student_updates']:.0f}",
+                     f"{t['wall_s']:.1f}", score_s, f"{t['student_tokens']:.0f}",
+                     f"{t['teacher_tokens']:.0f}", f"{t['train_tokens']:.0f}",
+                     f"{t['flops_total']:.3g}"])
     runs_s = sum(x["metrics"]["eval_s"] + (x["train"]["wall_s"] if "train" in x else 0)
                  for r in report["rows"].values() for x in r["seeds"])
-    return lines + ["", f"Wall time of this invocation {report['wall_s']:.0f} s; every run's "
-                    f"train + score time, summed: {runs_s:.0f} s (a rerun reuses the runs an "
-                    "earlier one finished)."]
+    return (["", "Cost per run (mean over seeds; the trainers' counters, common.Compute: student "
+             "tokens sampled, teacher tokens passed through or sampled by a white-box teacher; "
+             "SeqKD and GAD also share the teacher responses sampled once, "
+             f"{report['data']['teacher_tokens_train']} tokens):", ""]
+            + table(["method", "trainer steps", "student updates", "train s", "score s",
+                     "student tokens", "teacher tokens", "train tokens", "FLOPs"], body)
+            + ["", f"Wall time of this invocation {report['wall_s']:.0f} s; every run's "
+               f"train + score time, summed: {runs_s:.0f} s (a rerun reuses the runs an "
+               "earlier one finished)."])
 
 
 def markdown(report):
@@ -646,27 +623,24 @@ def markdown(report):
 
 
 def plot(report, path):
-    """quality.png: the primary metric against student updates, a line per method (its first
-    seed's checkpoints), the teacher dashed. Needs matplotlib."""
+    """quality.png: the primary metric against student updates (first seeds), the teacher dashed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("quality: no matplotlib, no quality.png (pip install matplotlib)")
-        return False
+        return
     rows = report["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     start = rows["student"]["summary"][PRIMARY]["mean"]
     for method, r in rows.items():
-        if method in ("student", "teacher"):
-            continue
-        curve = r["seeds"][0]["curve"]
-        ax.plot([0] + [p["student_updates"] for p in curve], [start] + [p[PRIMARY] for p in curve],
-                marker="o", label=METHODS[method][0])
-    if "teacher" in rows:
-        ax.axhline(rows["teacher"]["summary"][PRIMARY]["mean"], color="k", ls="--", lw=1,
-                   label="teacher")
+        if METHODS[method][1]:   # a trained row
+            curve = r["seeds"][0]["curve"]
+            ax.plot([0] + [p["student_updates"] for p in curve],
+                    [start] + [p[PRIMARY] for p in curve], marker="o", label=METHODS[method][0])
+    ax.axhline(rows["teacher"]["summary"][PRIMARY]["mean"], color="k", ls="--", lw=1,
+               label="teacher")
     ax.set_xlabel("student updates")
     ax.set_ylabel(f"{PRIMARY} (teacher NLL of the student's samples)")
     ax.set_title(f"budget {report['budget_name']}, first seed")
@@ -674,7 +648,6 @@ def plot(report, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -712,8 +685,7 @@ def lr_sweep(setup, methods, dev_scorer):
 
 
 def score_rows(setup, methods, seeds, lrs, scorer, teacher):
-    """{row: {"seeds": [result], "lr", "summary"}}: the student before, every seed of every
-    trained method, the teacher."""
+    """{row: {"seeds": [result], "lr", "summary"}}: the student before, the methods, the teacher."""
     b, args, out = setup.b, setup.args, setup.out
     n_other = min(len(seeds), args.other_seeds or b["other_seeds"])
     curve_k = b["curve_points"] if args.curve_points is None else args.curve_points
@@ -770,8 +742,10 @@ def main(args):
     tok = models.load_tokenizer(b["student_path"])
     test, dev, train_records = prepare_data(b, out, tok, args.seed, device)
     # every trainer's data: the train records with their teacher responses, nothing held out
-    data = {"path": write_jsonl(os.path.join(out, "data", "train.jsonl"), train_records),
-            "rows": len(train_records)}
+    data = {"path": os.path.join(out, "data", "train.jsonl"), "rows": len(train_records)}
+    files.atomic_write_text(data["path"], "".join(
+        json.dumps({k: r[k] for k in ("id", "messages", "teacher_response")}, ensure_ascii=False)
+        + "\n" for r in train_records))
     setup = Setup(b, data, args, out, device)
     seeds = [args.seed + i for i in range(args.seeds or b["seeds"])]
     print(f"quality: budget {args.budget}: {len(train_records)} train, {len(dev)} dev, "
@@ -787,8 +761,7 @@ def main(args):
     teacher_tokens = sum(len(data_lib.encode_response(tok, r["teacher_response"],
                                                       b["max_new_tokens"])[0])
                          for r in train_records)
-    report = {"budget_name": args.budget, "budget": {k: v for k, v in b.items()
-                                                     if k != "student_path"},
+    report = {"budget_name": args.budget, "budget": BUDGETS[args.budget],
               "seed": args.seed, "seeds": seeds, "primary": PRIMARY,
               "eval_temperature": args.eval_temperature,
               "data": {"train": len(train_records), "dev": len(dev), "test": len(test),
