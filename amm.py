@@ -196,7 +196,8 @@ def hidden_states(model, ro, args):
     """Final hidden states that predict the response tokens [N, T, H], a scoring pass (eval)."""
     model.eval()
     hidden = lambda r: sample.response_hidden(model, r)[0]
-    return ro.map(hidden, args.micro_batch_size, args.micro_batch_tokens, per_position=True)
+    with common.gathered(model):
+        return ro.map(hidden, args.micro_batch_size, args.micro_batch_tokens, per_position=True)
 
 
 @torch.no_grad()
@@ -255,7 +256,8 @@ def make_sides(student, teacher, batch, step, adversaries, args):
     gen = common.rollout_settings(args)
     with common.phase("sampling"):
         keys = [f"s{step}|{r['id']}" for r in batch]
-        on_ro = sample.rollout(student, prompts, keys, n=k, **gen)                 # y_s ~ q
+        with common.gathered(student):
+            on_ro = sample.rollout(student, prompts, keys, n=k, **gen)             # y_s ~ q
         keys = [f"t{step}|{r['id']}" for r in batch]
         off_ro = sample.rollout(teacher, prompts, keys, vocab_size=vocab, **gen)   # y_t ~ p
     common.compute.generate(student, on_ro, k)
@@ -318,7 +320,8 @@ def student_backward(student, sides, advantages, heads, args):
         weights = sd["weight"] / sd["count"] * sd["mask"] / sd["norm"][:, None]           # [N, T]
         score_weight = (advantages * sd["norm"][:, None] if name == "on"
                         else torch.zeros_like(weights))
-        for index, r in sd["ro"].micro_batches(args.micro_batch_size, args.micro_batch_tokens):
+        for index, r in sd["ro"].micro_batches(args.micro_batch_size, args.micro_batch_tokens,
+                                               equal=args.fsdp):
             t = r.response_ids.shape[1]
             with common.phase("student"), args.amp:
                 h, _ = sample.response_hidden(student, r)                                # [b, t, H]
@@ -365,6 +368,8 @@ def main(argv=None):
     rank, world, device = common.setup(args)
     args.device, args.amp = device, models.autocast(device, args.dtype)   # fixed for the run
     tok, student, teacher, adv_off, adv_on = load_models(args)
+    if args.fsdp:
+        student = common.shard(student, args.dtype)
     args.eos_ids, args.pad_id = sample.stop_ids(tok, student, teacher), tok.pad_token_id
     heads = (student.get_output_embeddings(), teacher.get_output_embeddings())
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, "

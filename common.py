@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from files import (OutputLocked, atomic_torch_save, atomic_write_text, lock_output, log_metrics,
                    wandb_log, wandb_project)
@@ -131,6 +132,15 @@ def all_reduce_sum(x):
     return t.item()
 
 
+def all_reduce_max(x):
+    """The largest of a number over ranks (e.g. a micro-batch count that every rank must run)."""
+    if not is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return type(x)(t.item())
+
+
 def shard_map(fn, items, desc=None):
     """[fn(x) for x in items], rank r computing items[r::world], gathered in order on every rank.
     fn returns picklable CPU values, never CUDA tensors; `desc`: rank 0's progress bar."""
@@ -150,7 +160,8 @@ def all_reduce_grads(params, bucket_numel=2**24):
     """Sum gradients over ranks, one collective per flat bucket of ~bucket_numel numbers."""
     if not is_initialized():
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # a sharded (FSDP) parameter's gradient is already the sum, reduce-scattered by its layer
+    grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
     bucket, size = [], 0
     for g in grads + [None]:
         if g is not None:
@@ -172,13 +183,62 @@ def clip_and_step(params, optimizer, max_grad_norm, sync=all_reduce_grads):
     params = [p for p in params if p.requires_grad]
     if sync is not None:
         sync(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        params, float("inf") if max_grad_norm is None else max_grad_norm)
+    max_norm = float("inf") if max_grad_norm is None else max_grad_norm
+    if any(isinstance(p, DTensor) for p in params):   # --fsdp: clip_grad_norm_ refuses the mix
+        grads = [[p.grad for p in params if isinstance(p, DTensor) == s and p.grad is not None]
+                 for s in (True, False)]
+        grad_norm = torch.linalg.vector_norm(torch.stack(
+            [torch.nn.utils.get_total_norm(grads[0]).full_tensor(),
+             torch.nn.utils.get_total_norm(grads[1])]))
+        coef = min(1.0, max_norm / (grad_norm.item() + 1e-6))   # clip_grad_norm_'s rule
+        for g in grads[0] + grads[1]:
+            g.mul_(coef)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     skipped = not torch.isfinite(grad_norm).item()   # the same norm on every rank after the sum
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)   # at 1.5B a 6 GB fp32 gradient, not kept for the rollout
     return grad_norm.item(), skipped
+
+
+def shard(model, dtype):
+    """--fsdp (FSDP2): each decoder layer's weights, gradients and AdamW state split over the ranks;
+    the embedding, final norm and heads stay whole on every rank, their gradients summed by
+    all_reduce_grads (the trainers call model.model and the head apart: a sharded root's hooks
+    would never gather them)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not is_initialized():
+        raise ValueError("--fsdp shards over the ranks of a process group: launch with torchrun")
+    bf16 = torch.bfloat16 if dtype in ("bfloat16", "bf16") else None
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=bf16,
+                                                          reduce_dtype=torch.float32))
+        # a sum over ranks, as all_reduce_grads (losses are divided by global counts); plain SUM
+        # collectives: gloo has no PREMUL_SUM
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Passes without grad over a sharded model (generate, scoring, evaluation): every layer
+    gathered once for the whole context, and no collective inside it, so the ranks may run
+    different numbers of forwards (rows end at different steps). A plain model: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if model is not None else []
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def reduce_metrics(metrics):
@@ -313,13 +373,53 @@ def make_optimizer(params, lr, weight_decay, adam8bit=False):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def _sharded(obj):
+    return (isinstance(obj, torch.nn.Module)
+            and any(isinstance(p, DTensor) for p in obj.parameters()))
+
+
+def whole_state_dicts(objects, load=None):
+    """--fsdp: the state dicts of the sharded models among `objects` and of their optimizers,
+    gathered whole on the CPU (a collective); with `load` ({name: state}), loaded into them instead
+    (-> {name: ...} of those it handled)."""
+    from torch.distributed.checkpoint import state_dict as sd
+
+    opts = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sharded = [m for m in objects.values() if _sharded(m)]
+    out = {}
+    for name, obj in objects.items():
+        if obj in sharded:
+            if load is None:
+                out[name] = sd.get_model_state_dict(obj, options=opts)
+            else:
+                out[name] = sd.set_model_state_dict(obj, load.pop(name), options=opts)
+        elif isinstance(obj, torch.optim.Optimizer):
+            first = obj.param_groups[0]["params"][0]
+            model = next((m for m in sharded if any(p is first for p in m.parameters())), None)
+            # an optimizer that has not stepped stays so: either call would first make its state by
+            # a step on zero gradients, and the first real step's bias correction would be off
+            if model is None:
+                continue
+            if load is None:
+                out[name] = (sd.get_optimizer_state_dict(model, obj, options=opts) if obj.state
+                             else {"state": {}})
+            elif load[name]["state"]:
+                out[name] = sd.set_optimizer_state_dict(model, obj, load.pop(name), options=opts)
+            else:
+                out[name] = load.pop(name)
+    return out
+
+
 def save_checkpoint(path, **state):
-    """Rank 0 writes one file: state_dict()s, other values as is, the RNGs, metrics.jsonl's rows."""
+    """Rank 0 writes one file: state_dict()s, other values as is, the RNGs, metrics.jsonl's rows.
+    Every rank calls it (a sharded model's state is gathered first)."""
+    whole = whole_state_dicts(state)
     if get_rank() != 0:
         return
     log = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
     rows = sum(1 for _ in open(log, encoding="utf-8")) if os.path.exists(log) else 0
-    payload = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
+    payload = {k: whole[k] if k in whole else v.state_dict() if hasattr(v, "state_dict") else v
+               for k, v in state.items()}
     rng = {"python": random.getstate(), "numpy": np.random.get_state(),
            "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -332,8 +432,10 @@ def load_checkpoint(path, **objects):
     # CPU: set_rng_state refuses a GPU tensor, and no second copy of the weights on the GPU;
     # mmap: every rank reading the file shares its pages
     ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    done = whole_state_dicts(objects, load=ck)   # the sharded models and their optimizers
     for name, obj in objects.items():
-        obj.load_state_dict(ck.pop(name))
+        if name not in done:
+            obj.load_state_dict(ck.pop(name))
     rng = ck.pop("rng")
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -394,6 +496,8 @@ def arg_parser(description, out, student="smollm2-135m"):
     g.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="padded tokens per forward/backward (reference: 12288 per GPU)")
     g.add_argument("--chunk-size", type=int, default=128, help="positions per full-vocab chunk")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the student's (and GAD's D's) decoder layers over the ranks (FSDP2)")
     add_generate_flags(g)
     return p
 

@@ -9,10 +9,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from common import all_reduce_sum, clip_and_step
+from common import all_reduce_max, all_reduce_sum, clip_and_step
 import losses
 import models
-from sample import position_ids_from_mask
+from sample import position_ids_from_mask, split_to
 
 
 def from_student(student):
@@ -91,6 +91,8 @@ def update(d, optimizer, teacher, student, args):
     s_resp = student.response_mask.sum(1).tolist()
     batches = pair_batches(t_prompt, t_resp, s_resp, n, args.micro_batch_size or B * (n + 1),
                            args.micro_batch_tokens)
+    if getattr(args, "fsdp", False):   # as many passes on every rank: each one is a collective
+        batches = split_to(batches, all_reduce_max(len(batches)))
     optimizer.zero_grad(set_to_none=True)
     total, t_sum, s_sum, t_all, s_all, tokens = 0.0, 0.0, 0.0, [], [], 0
     for rows in batches:

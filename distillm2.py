@@ -126,6 +126,8 @@ def parse_args(argv=None):
         args.reduction = "token" if baseline and not args.both_responses else "sequence"
     if args.beta_schedule is None:
         args.beta_schedule = "constant" if args.released else "linear"
+    if args.fsdp and args.lora_r:
+        p.error("--fsdp shards a fully fine-tuned student: add --lora-r 0")
     if args.max_len is not None and args.max_len <= args.max_prompt_len:
         raise ValueError(f"--max-len {args.max_len} must exceed "
                          f"--max-prompt-len {args.max_prompt_len}")
@@ -195,8 +197,9 @@ def step_batch(train, step, args):
 def respond(model, rows, tag, args, teacher=False, **sampling):
     """One response (token ids) a prompt row, keyed by (tag, row id); --temperature, --top-p."""
     sampling = dict(temperature=args.temperature, top_p=args.top_p) | sampling
-    ro = sample.rollout(model, [r["prompt"] for r in rows], [f"{tag}|{r['id']}" for r in rows],
-                        **common.rollout_settings(args), **sampling)
+    with common.gathered(model):   # --fsdp: the student's layers gathered once for the call
+        ro = sample.rollout(model, [r["prompt"] for r in rows], [f"{tag}|{r['id']}" for r in rows],
+                            **common.rollout_settings(args), **sampling)
     calls = math.ceil(len(rows) / (args.gen_batch_size or len(rows)))
     common.compute.generate(model, ro, teacher=teacher, calls=calls)
     return ro.responses()
@@ -279,8 +282,9 @@ def mean_logprob(model, ro, args):
     """Per-sequence mean log-probability of the response [N], in a scoring pass (eval mode)."""
     model.eval()
     logprobs = lambda r: sample.sequence_logprobs(model, r, chunk_size=args.chunk_size)
-    return ro.map(lambda r: losses.masked_mean(logprobs(r), r.response_mask.bool(), dim=-1),
-                  args.micro_batch_size, args.micro_batch_tokens)
+    with common.gathered(model):
+        return ro.map(lambda r: losses.masked_mean(logprobs(r), r.response_mask.bool(), dim=-1),
+                      args.micro_batch_size, args.micro_batch_tokens)
 
 
 def curriculum_alphas(student, teacher, rollouts, epoch, n_seqs, args):
@@ -354,7 +358,8 @@ def accumulate(student, teacher, rollouts, terms, args):
     returns this rank's share of it and DistiLLM-2's per-sequence mean of each term."""
     student.train()   # from_pretrained leaves eval mode, where HF layers skip checkpointing
     total, means, n_rows = 0.0, {}, rollouts[0].prompt_ids.shape[0]
-    for a, b in row_groups(rollouts, args.micro_batch_size, args.micro_batch_tokens):
+    groups = row_groups(rollouts, args.micro_batch_size, args.micro_batch_tokens)
+    for a, b in sample.equalize(groups) if args.fsdp else groups:
         for (name, fn, kw, weights), ro in zip(terms, rollouts):
             part = ro.rows(slice(a, b)).trim()
             part_kw = {k: v[a:b] if torch.is_tensor(v) else v for k, v in kw.items()}   # alphas
@@ -381,6 +386,8 @@ def main(argv=None):
     rank, world, device = common.setup(args)
     args.device, args.amp = device, models.autocast(device, args.dtype)   # fixed for the run
     tok, student, teacher, lora = load_models(args)
+    if args.fsdp:
+        student = common.shard(student, args.dtype)
     vocab = student.get_output_embeddings().weight.shape[0]
     args.eos_ids, args.pad_id = sample.stop_ids(tok, student, teacher), tok.pad_token_id
     print0(f"teacher {args.teacher}: {models.num_params(teacher) / 1e6:.2f}M, "

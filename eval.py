@@ -168,11 +168,12 @@ def white_box_final(student, teacher, tok, val, val_records, pad, args, device):
     by_id = {r["id"]: r for r in val_records}
     recs = [dict(by_id[r["id"]], teacher_response=tok.decode(r["y_t"], skip_special_tokens=True))
             for r in val]
-    table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, args.chunk_size),
-                    **evaluate(model, tok, recs, teacher=teacher,
-                               max_new_tokens=args.max_new_tokens,
-                               max_prompt_len=args.max_prompt_len)}
-             for when, model in (("before", fresh), ("after", student))}
+    kw = dict(teacher=teacher, max_new_tokens=args.max_new_tokens,
+              max_prompt_len=args.max_prompt_len)
+    with common.gathered(student):   # --fsdp: no collective in a shared evaluation
+        table = {when: {**heldout_divergence(model.eval(), teacher, val, pad, args.chunk_size),
+                        **evaluate(model, tok, recs, **kw)}
+                 for when, model in (("before", fresh), ("after", student))}
     write_table(table, recs, args, os.path.join(args.out, "eval.json"))
 
 

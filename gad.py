@@ -130,9 +130,11 @@ def teacher_rollout(batch, args):
 
 def student_rollout(G, batch, step, args):
     """n samples a prompt from G, keyed by (prompt, step): the same on any rank or resume."""
-    ro = sample.rollout(G, [ex["prompt"] for ex in batch], [f"{ex['key']}|{step}" for ex in batch],
-                        n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                        **common.rollout_settings(args))
+    with common.gathered(G):   # --fsdp: G's layers gathered once, not at every decode step
+        ro = sample.rollout(G, [ex["prompt"] for ex in batch],
+                            [f"{ex['key']}|{step}" for ex in batch], n=args.samples_per_prompt,
+                            temperature=args.temperature, top_p=args.top_p,
+                            **common.rollout_settings(args))
     common.compute.generate(G, ro, args.samples_per_prompt)
     return ro
 
@@ -141,7 +143,7 @@ def student_rollout(G, batch, step, args):
 def response_logprobs(model, ro, args):
     """[N, T] logprobs of the responses at the rollout temperature (a scoring pass: eval mode)."""
     model.eval()
-    with args.amp:
+    with args.amp, common.gathered(model):
         return ro.map(lambda r: sample.sequence_logprobs(model, r, args.temperature,
                                                          chunk_size=args.chunk_size),
                       args.micro_batch_size, args.micro_batch_tokens, per_position=True)
@@ -152,7 +154,7 @@ def sft_step(model, opt, ro, args):
     model.train()
     tokens = common.all_reduce_sum(ro.response_mask.sum().item())   # the global batch's
     total = 0.0
-    for _, r in ro.micro_batches(args.micro_batch_size, args.micro_batch_tokens):
+    for _, r in ro.micro_batches(args.micro_batch_size, args.micro_batch_tokens, equal=args.fsdp):
         with args.amp:
             lp = sample.sequence_logprobs(model, r, chunk_size=args.chunk_size)          # [b, t]
             loss = -(lp * r.response_mask).sum() / max(tokens, 1)
@@ -176,7 +178,8 @@ def gad_step(G, D, ref, opt_g, opt_d, batch, step, args):
     with common.phase("sampling"):   # 1. rollout: n samples per prompt from G
         ro = student_rollout(G, batch, step, args)
     with common.phase("scoring"):    # 2. reward: D scores each sample BEFORE this step's D update
-        rewards = discriminator.score_rollout(D, ro, args)                        # [B*n]
+        with common.gathered(D):
+            rewards = discriminator.score_rollout(D, ro, args)                    # [B*n]
         # 3. advantages: each reward against its prompt's group (GRPO)
         advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)        # [B*n]
         # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones
@@ -256,8 +259,10 @@ def evaluate(G, D, tok, val_recs, args):
     kw = dict(teacher=teacher, score_fn=score_fn, max_new_tokens=args.eval_max_new_tokens,
               max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len)
     val = val_recs[:args.eval_prompts]
-    table = {"before": eval_lib.evaluate(load_student(args, fp32=False).eval(), tok, val, **kw),
-             "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
+    with common.gathered(G), common.gathered(D):   # --fsdp: no collective in a shared evaluation
+        table = {"before": eval_lib.evaluate(load_student(args, fp32=False).eval(), tok, val,
+                                             **kw),
+                 "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
     eval_lib.write_table(table, val, args, os.path.join(args.out, "eval.json"))
 
 
@@ -272,6 +277,11 @@ def main(argv=None):
     if args.gradient_checkpointing:
         for m in (G, D):
             models.checkpoint_activations(m)
+    # --fsdp: the reference is made before G is sharded (a sharded module cannot be copied); its
+    # weights are set to G's when the GAD stage starts
+    ref0 = models.frozen_copy(G, args.dtype) if args.fsdp and args.stage in ("all", "gad") else None
+    if args.fsdp:
+        G, D = common.shard(G, args.dtype), common.shard(D, args.dtype)
     args.eos_ids, args.pad_id = sample.stop_ids(tok, G), tok.pad_token_id
     args.amp = models.autocast(device, args.dtype)   # forward passes only, fixed for the run
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, "
@@ -302,7 +312,7 @@ def main(argv=None):
             for group in opt_g.param_groups:
                 group["lr"] = args.lr
         if stage == "gad":   # pi_ref = G at the start of the stage (matmul weights in --dtype)
-            ref = models.frozen_copy(G, args.dtype)
+            ref = models.load_weights(ref0, G) if args.fsdp else models.frozen_copy(G, args.dtype)
             if state is not None and state["stage"] == "gad":
                 ref.load_state_dict(state.pop("ref"))
         for step in range(starts[stage], total):

@@ -407,9 +407,25 @@ def cast_parameters(model, dtype):
     return model
 
 
+def load_weights(dst, src):
+    """dst's parameters set to src's (a sharded one's gathered whole), cast to dst's dtypes."""
+    from torch.distributed.tensor import DTensor
+
+    for p, q in zip(dst.parameters(), src.parameters()):
+        p.data.copy_(q.full_tensor() if isinstance(q, DTensor) else q.detach())
+    return dst
+
+
 def save_hf(model, tokenizer, folder, dtype):
     """Export to a Hugging Face folder in `dtype` (rank 0 writes); every rank casts in place, so it
-    then evaluates the model on disk."""
+    then evaluates the model on disk (a sharded model: gathered on rank 0, not cast)."""
+    whole = common.whole_state_dicts({"model": model}).get("model")
+    if whole is not None:
+        if common.get_rank() == 0:
+            model.save_pretrained(folder, state_dict={k: v.to(to_dtype(dtype))
+                                                      for k, v in whole.items()})
+            tokenizer.save_pretrained(folder)
+        return
     cast_parameters(model, dtype)
     if common.get_rank() == 0:
         model.save_pretrained(folder)

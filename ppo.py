@@ -51,6 +51,7 @@ class PPOConfig:
     temperature: float = 1.0          # the rollout's: logprobs of what was sampled
     chunk_size: int = LOGIT_CHUNK
     dtype: str = "float32"            # autocast dtype of the forward passes
+    fsdp: bool = False                # a sharded model: as many micro-batches on every rank
 
 
 def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs=None,
@@ -89,7 +90,8 @@ def ppo_update(model, optimizer, rollout, advantages, old_logprobs, ref_logprobs
             # every micro-batch's denominator: the mini-batch's token count summed over ranks
             n_tokens = float(common.all_reduce_sum(n_local)) or 1.0
             sums = {}                                          # stat -> sum over this rank's tokens
-            for rows, r in rollout.micro_batches(micro_batch_size, cfg.micro_batch_tokens, mb_rows):
+            for rows, r in rollout.micro_batches(micro_batch_size, cfg.micro_batch_tokens, mb_rows,
+                                                 equal=cfg.fsdp):
                 t = r.response_ids.shape[1]                        # this micro-batch's own width
                 mask = response_mask[rows, :t]                     # [n, t]
                 with amp:

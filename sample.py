@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+import common
 import data as data_lib
 import fast_losses
 import fast_decode
@@ -48,9 +49,9 @@ class Rollout:
         return Rollout(self.prompt_ids[:, start:], self.prompt_mask[:, start:],
                        self.response_ids[:, :end], self.response_mask[:, :end])
 
-    def micro_batches(self, max_rows, max_tokens=None, rows=None):
+    def micro_batches(self, max_rows, max_tokens=None, rows=None, equal=False):
         """(index, trimmed sub-Rollout) pairs covering `rows` in groups of at most max_rows rows
-        and max_tokens padded tokens (split_by_budget)."""
+        and max_tokens padded tokens (split_by_budget); equal: as many groups on every rank."""
         # more than one group: sorted by length first, so a group pads to lengths close to its own
         # (a gradient accumulated over the groups is the same sum in another order)
         rows = torch.arange(self.prompt_ids.shape[0]) if rows is None else rows.cpu()
@@ -62,7 +63,7 @@ class Rollout:
             order = sorted(range(len(sizes)), key=lambda i: sizes[i][1] + sizes[i][2])
             rows, sizes = rows[order], [sizes[i] for i in order]
             groups = split_by_budget(sizes, max_rows, max_tokens)
-        for a, b in groups:
+        for a, b in equalize(groups) if equal else groups:
             index = rows[a:b].to(self.prompt_ids.device)
             yield index, self.rows(index).trim()
 
@@ -109,6 +110,25 @@ def split_by_budget(sizes, max_rows, max_tokens=None):
     if rows:
         groups.append((start, len(sizes)))
     return groups
+
+
+def split_to(groups, count):
+    """Groups (ranges or lists of rows), the largest halved first, until there are `count`: under
+    --fsdp every rank must run as many micro-batches, each of their passes being a collective."""
+    groups = list(groups)
+    while len(groups) < count:
+        i = max(range(len(groups)), key=lambda k: len(groups[k]))
+        g, half = groups[i], len(groups[i]) // 2
+        if half == 0:
+            raise RuntimeError(f"{sum(map(len, groups))} rows cannot make {count} micro-batches")
+        groups[i:i + 1] = [g[:half], g[half:]]
+    return groups
+
+
+def equalize(groups):
+    """Groups [(start, end)] split up to the largest count over the ranks (split_to)."""
+    spans = split_to([range(a, b) for a, b in groups], common.all_reduce_max(len(groups)))
+    return [(s.start, s.stop) for s in spans]
 
 
 def left_pad(seqs, pad_id, device=None):

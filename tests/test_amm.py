@@ -330,6 +330,24 @@ def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_p
     assert [m["d_on"] for m in metrics(cut)] == [m["d_on"] for m in two]
 
 
+def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):
+    """--fsdp (issue 25): the student's decoder layers sharded over two gloo ranks (the adversaries
+    stay whole). The first step is one process's (as above); stopped after step 2 and resumed,
+    the run equals the uninterrupted one bit for bit."""
+    full, cut, fsdp = tmp_path / "full", tmp_path / "cut", TINY + ["--fsdp", "--save-every", "1"]
+    run(fsdp + ["--out", str(full)], torchrun=True)
+    one, two = metrics(one_process), metrics(full)
+    assert len(one) == len(two) == 4
+    for key in ("d_on", "d_off", "loss", "grad_norm", "response_len"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
+    run(fsdp + ["--out", str(cut), "--stop-after", "2"], torchrun=True)
+    run(fsdp + ["--out", str(cut), "--resume"], torchrun=True)
+    wb, wc = student_weights(full), student_weights(cut)
+    for k in wb:
+        assert torch.equal(wb[k], wc[k]), k
+    assert [m["d_on"] for m in metrics(cut)] == [m["d_on"] for m in two]
+
+
 def test_bad_baseline_settings_are_rejected():
     with pytest.raises(ValueError, match="samples-per-prompt"):
         amm.parse_args(["--student", "tiny", "--samples-per-prompt", "1"])

@@ -323,6 +323,17 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
         json.loads((cut / "eval.json").read_text())
 
 
+def assert_same_inputs_agree(m1, m2):
+    """The first two steps' numbers that have the same inputs in both runs (see below): the same
+    rows and weights summed in another order, float32 reordering (~1e-7), far inside 1e-5; a wrong
+    reduction over the ranks is off by a factor."""
+    same_inputs = [(0, ("d_loss", "d_acc", "d_grad_norm", "d_score_teacher", "response_len")),
+                   (1, ("response_len", "sft_loss", "g_grad_norm"))]
+    for i, keys in same_inputs:
+        for key in keys:
+            assert m2[i][key] == pytest.approx(m1[i][key], rel=1e-5, abs=1e-6), (i, key)
+
+
 def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):
     """Two gloo ranks equal one process (sft_loss included: fault 8 of issue 9, each rank's share of
     the global loss was averaged, halving it), and a two-rank run stopped in the GAD stage and
@@ -336,13 +347,7 @@ def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_p
     run(ONE + ["--out", str(two)], torchrun=True)
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) == 7
-    # the same rows and weights summed in another order: float32 reordering (~1e-7), far inside
-    # 1e-5; a wrong reduction over the ranks is off by a factor
-    same_inputs = [(0, ("d_loss", "d_acc", "d_grad_norm", "d_score_teacher", "response_len")),
-                   (1, ("response_len", "sft_loss", "g_grad_norm"))]
-    for i, keys in same_inputs:
-        for key in keys:
-            assert m2[i][key] == pytest.approx(m1[i][key], rel=1e-5, abs=1e-6), (i, key)
+    assert_same_inputs_agree(m1, m2)
     assert sum("sft_loss" in x for x in m1) == 2
     run(ONE + ["--out", str(cut), "--stop-after", "5"], torchrun=True)  # after the 2nd GAD step
     run(ONE + ["--out", str(cut), "--resume"], torchrun=True)
@@ -351,6 +356,32 @@ def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_p
     for k in b:
         assert torch.equal(b[k], c[k]), k
     assert [x.get("pg_loss") for x in metrics(cut)] == [x.get("pg_loss") for x in m2]
+
+
+def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):
+    """--fsdp (issue 25): G's and D's decoder layers sharded over two gloo ranks (FSDP2). The steps
+    with one process's inputs give its numbers, as the DDP test above; a run stopped in the GAD
+    stage and resumed equals the uninterrupted one bit for bit (the sharded optimizers' state and
+    the reference restored); and the exported student is the whole model (not rank 0's shards),
+    the checkpoint's gathered G, loadable by from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    full, cut, fsdp = tmp_path / "full", tmp_path / "cut", ONE + ["--fsdp"]
+    run(fsdp + ["--out", str(full)], torchrun=True)
+    m1, m2 = metrics(one_process), metrics(full)
+    assert len(m1) == len(m2) == 7
+    assert_same_inputs_agree(m1, m2)
+    run(fsdp + ["--out", str(cut), "--stop-after", "5"], torchrun=True)  # after the 2nd GAD step
+    run(fsdp + ["--out", str(cut), "--resume"], torchrun=True)
+    b, c = student_weights(full), student_weights(cut)
+    for k in b:
+        assert torch.equal(b[k], c[k]), k
+    assert [x.get("pg_loss") for x in metrics(cut)] == [x.get("pg_loss") for x in m2]
+    exported = AutoModelForCausalLM.from_pretrained(full / "student").state_dict()
+    gathered = torch.load(full / "ckpt.pt", weights_only=False)["G"]
+    assert exported.keys() == gathered.keys()
+    for k, v in exported.items():
+        assert torch.equal(v, gathered[k]), k
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
