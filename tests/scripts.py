@@ -34,6 +34,19 @@ def student_weights(folder):
     return load_file(os.path.join(folder, "student", "model.safetensors"))
 
 
+def resumed_on_two_ranks(script, args, full, cut, stop):
+    """`script args` on two ranks stopped after `stop` steps and resumed into `cut` equals the
+    uninterrupted two-rank run in `full`: the exported student bit for bit (the same ops in the
+    same order, every state restored). Returns cut's metrics."""
+    import torch
+    run_script(script, args + ["--out", str(cut), "--stop-after", str(stop)], torchrun=True)
+    run_script(script, args + ["--out", str(cut), "--resume"], torchrun=True)
+    a, b = student_weights(full), student_weights(cut)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return metrics(cut)
+
+
 def reference_run(script, args):
     """A module fixture: one uninterrupted single-process run of `script args`, the reference of
     both a trainer's resume test and its torchrun test (each makes only its own stopped, resumed or

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import amm
 import common
-from scripts import metrics, reference_run, run_script, student_weights
+from scripts import metrics, reference_run, resumed_on_two_ranks, run_script, student_weights
 
 # 36 train: 4 steps
 TINY = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--eval-prompts", "4"]
@@ -340,12 +340,8 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_proce
     assert len(one) == len(two) == 4
     for key in ("d_on", "d_off", "loss", "grad_norm", "response_len"):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
-    run(fsdp + ["--out", str(cut), "--stop-after", "2"], torchrun=True)
-    run(fsdp + ["--out", str(cut), "--resume"], torchrun=True)
-    wb, wc = student_weights(full), student_weights(cut)
-    for k in wb:
-        assert torch.equal(wb[k], wc[k]), k
-    assert [m["d_on"] for m in metrics(cut)] == [m["d_on"] for m in two]
+    resumed = resumed_on_two_ranks("amm.py", fsdp, full, cut, stop=2)
+    assert [m["d_on"] for m in resumed] == [m["d_on"] for m in two]
 
 
 def test_bad_baseline_settings_are_rejected():
