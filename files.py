@@ -9,6 +9,10 @@ import time
 import torch
 
 
+_UMASK = os.umask(0o022)   # read once, at import (os.umask sets it to read it), then put back
+os.umask(_UMASK)
+
+
 def get_rank():
     return int(os.environ.get("RANK", 0))   # torchrun's; common.py holds the collectives
 
@@ -57,6 +61,7 @@ def atomic_file(path):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + ".")
+    os.chmod(tmp, 0o666 & ~_UMASK)   # the mode open() gives (mkstemp's is 0600: owner only)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -32,6 +32,17 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     assert (tmp_path / "a.txt").read_text() == "new"
 
 
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
+    """A checkpoint, eval.json or teacher.jsonl is as readable as a file written by open() (under
+    the same umask), not mkstemp's owner-only 0600."""
+    with open(tmp_path / "plain.txt", "w") as f:
+        f.write("x")
+    files.atomic_write_text(tmp_path / "atomic.txt", "x")
+    files.atomic_torch_save({"step": 1}, tmp_path / "ckpt.pt")
+    mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777
+    assert mode("atomic.txt") == mode("ckpt.pt") == mode("plain.txt"), oct(mode("atomic.txt"))
+
+
 def test_a_checkpoint_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
     """Fault 7 (issue 22): atomic_torch_save renamed its temp file without an fsync, so after a
     machine crash the rename could be on disk and the data not: an empty checkpoint in place of the
