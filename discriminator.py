@@ -9,7 +9,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from common import all_reduce_max, all_reduce_sum, clip_and_step
+from common import all_reduce_max, all_reduce_sum, clip_and_step, gathered
 import losses
 import models
 from sample import position_ids_from_mask, split_to
@@ -49,9 +49,11 @@ def score(d, prompt_ids, prompt_mask, response_ids, response_mask):
 
 
 def score_rollout(d, ro, args=None):
-    """Rewards of a Rollout [N], no grad, in eval mode, in args' micro-batches and --dtype."""
+    """Rewards of a Rollout [N], no grad, in eval mode, in args' micro-batches and --dtype (a
+    sharded D gathered once for the pass)."""
     d.eval()
-    with torch.no_grad(), models.autocast(ro.prompt_ids.device, getattr(args, "dtype", "float32")):
+    amp = models.autocast(ro.prompt_ids.device, getattr(args, "dtype", "float32"))
+    with torch.no_grad(), amp, gathered(d):
         return ro.map(lambda r: score(d, r.prompt_ids, r.prompt_mask, r.response_ids,
                                       r.response_mask),
                       getattr(args, "micro_batch_size", None) or ro.prompt_ids.shape[0],

@@ -178,8 +178,7 @@ def gad_step(G, D, ref, opt_g, opt_d, batch, step, args):
     with common.phase("sampling"):   # 1. rollout: n samples per prompt from G
         ro = student_rollout(G, batch, step, args)
     with common.phase("scoring"):    # 2. reward: D scores each sample BEFORE this step's D update
-        with common.gathered(D):
-            rewards = discriminator.score_rollout(D, ro, args)                    # [B*n]
+        rewards = discriminator.score_rollout(D, ro, args)                        # [B*n]
         # 3. advantages: each reward against its prompt's group (GRPO)
         advantages = ppo.grpo_advantages(rewards, args.samples_per_prompt)        # [B*n]
         # one epoch, one mini-batch (the reference): the update's own logprobs are the old ones
