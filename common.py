@@ -4,9 +4,11 @@ checkpoints, a run's life (start, resume, log a step, stop). Why: docs/implement
 import argparse
 import contextlib
 import datetime
+import glob
 import importlib
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -378,63 +380,92 @@ def _sharded(obj):
             and any(isinstance(p, DTensor) for p in obj.parameters()))
 
 
-def whole_state_dicts(objects, load=None):
-    """--fsdp: the state dicts of the sharded models among `objects` and of their optimizers,
-    gathered whole on the CPU (a collective); with `load` ({name: state}), loaded into them instead
-    (-> {name: ...} of those it handled)."""
+def sharded_state_dicts(objects, load=False):
+    """--fsdp: {name: state dict} of the sharded models among `objects` and of their optimizers,
+    each rank's shards (DTensors) for torch.distributed.checkpoint. Saving (not `load`), an
+    optimizer that has not stepped is left out (kept whole): reading its state first makes it, by a
+    step on zero gradients, and a resumed first step's bias correction would be off."""
     from torch.distributed.checkpoint import state_dict as sd
 
-    opts = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
     sharded = [m for m in objects.values() if _sharded(m)]
     out = {}
     for name, obj in objects.items():
         if obj in sharded:
-            if load is None:
-                out[name] = sd.get_model_state_dict(obj, options=opts)
-            else:
-                out[name] = sd.set_model_state_dict(obj, load.pop(name), options=opts)
-        elif isinstance(obj, torch.optim.Optimizer):
-            first = obj.param_groups[0]["params"][0]
-            model = next((m for m in sharded if any(p is first for p in m.parameters())), None)
-            # an optimizer that has not stepped stays so: either call would first make its state by
-            # a step on zero gradients, and the first real step's bias correction would be off
-            if model is None:
-                continue
-            if load is None:
-                out[name] = (sd.get_optimizer_state_dict(model, obj, options=opts) if obj.state
-                             else {"state": {}})
-            elif load[name]["state"]:
-                out[name] = sd.set_optimizer_state_dict(model, obj, load.pop(name), options=opts)
-            else:
-                out[name] = load.pop(name)
+            out[name] = sd.get_model_state_dict(obj)
+        elif isinstance(obj, torch.optim.Optimizer) and (obj.state or load):
+            model = _owner(obj, sharded)
+            if model is not None:
+                out[name] = sd.get_optimizer_state_dict(model, obj)
     return out
+
+
+def _owner(optimizer, models):
+    """The model among `models` whose parameters `optimizer` steps (None: none of them)."""
+    first = optimizer.param_groups[0]["params"][0]
+    return next((m for m in models if any(p is first for p in m.parameters())), None)
+
+
+def whole_state_dict(model):
+    """A sharded model's state dict gathered whole on rank 0's CPU (a collective); None when the
+    model is not sharded."""
+    from torch.distributed.checkpoint import state_dict as sd
+
+    if not _sharded(model):
+        return None
+    return sd.get_model_state_dict(
+        model, options=sd.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_checkpoint(path, **state):
     """Rank 0 writes one file: state_dict()s, other values as is, the RNGs, metrics.jsonl's rows.
-    Every rank calls it (a sharded model's state is gathered first)."""
-    whole = whole_state_dicts(state)
+    --fsdp: the sharded models and optimizers go to a folder beside it (torch.distributed.checkpoint,
+    each rank writing its shards) that the file, written last, names; a kill mid-save leaves the
+    previous pair whole. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    shards, folder = sharded_state_dicts(state), None
+    if shards:   # a new name each save (rank 0's, broadcast): the previous folder stays intact
+        token = [os.urandom(4).hex()]
+        dist.broadcast_object_list(token, src=0)
+        folder = f"{os.path.basename(path)}.{token[0]}.dcp"
+        dcp.save(shards, checkpoint_id=os.path.join(os.path.dirname(path), folder))
     if get_rank() != 0:
         return
     log = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
     rows = sum(1 for _ in open(log, encoding="utf-8")) if os.path.exists(log) else 0
-    payload = {k: whole[k] if k in whole else v.state_dict() if hasattr(v, "state_dict") else v
-               for k, v in state.items()}
+    payload = {k: v.state_dict() if hasattr(v, "state_dict") else v
+               for k, v in state.items() if k not in shards}
     rng = {"python": random.getstate(), "numpy": np.random.get_state(),
            "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
-    atomic_torch_save(payload | {"rng": rng, "log_rows": rows}, path)
+    atomic_torch_save(payload | {"rng": rng, "log_rows": rows, "dcp": folder}, path)
+    for old in glob.glob(glob.escape(path) + ".*.dcp"):   # killed saves' and the previous one
+        if os.path.basename(old) != folder:
+            shutil.rmtree(old)
 
 
 def load_checkpoint(path, **objects):
     """Copy each named state into its object, restore the RNGs; returns the file's other values."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
     # CPU: set_rng_state refuses a GPU tensor, and no second copy of the weights on the GPU;
     # mmap: every rank reading the file shares its pages
     ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    done = whole_state_dicts(objects, load=ck)   # the sharded models and their optimizers
+    folder = ck.pop("dcp", None)
+    if folder:   # the sharded ones: this run's shards as templates, filled in place
+        shards = sharded_state_dicts({k: v for k, v in objects.items() if k not in ck}, load=True)
+        dcp.load(shards, checkpoint_id=os.path.join(os.path.dirname(path), folder))
+        sharded = [v for v in objects.values() if _sharded(v)]
+        for name, state in shards.items():
+            obj = objects[name]
+            if obj in sharded:
+                sd.set_model_state_dict(obj, state)
+            else:
+                sd.set_optimizer_state_dict(_owner(obj, sharded), obj, state)
     for name, obj in objects.items():
-        if name not in done:
+        if name in ck:
             obj.load_state_dict(ck.pop(name))
     rng = ck.pop("rng")
     random.setstate(rng["python"])
@@ -496,7 +527,7 @@ def arg_parser(description, out, student="smollm2-135m"):
     g.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="padded tokens per forward/backward (reference: 12288 per GPU)")
     g.add_argument("--chunk-size", type=int, default=128, help="positions per full-vocab chunk")
-    g.add_argument("--fsdp", action="store_true",
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="shard the student's (and GAD's D's) decoder layers over the ranks (FSDP2)")
     add_generate_flags(g)
     return p

@@ -45,6 +45,9 @@ RANDOM_QWEN = {
     "random-qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                               tie_word_embeddings=False),
+    "random-qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                               num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                               tie_word_embeddings=False),
 }
 TINY = {"tiny": None, "tiny-teacher": 12345}  # name -> fixed seed (None: the caller's seed)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -419,7 +422,7 @@ def load_weights(dst, src):
 def save_hf(model, tokenizer, folder, dtype):
     """Export to a Hugging Face folder in `dtype` (rank 0 writes); every rank casts in place, so it
     then evaluates the model on disk (a sharded model: gathered on rank 0, not cast)."""
-    whole = common.whole_state_dicts({"model": model}).get("model")
+    whole = common.whole_state_dict(model)
     if whole is not None:
         if common.get_rank() == 0:
             model.save_pretrained(folder, state_dict={k: v.to(to_dtype(dtype))

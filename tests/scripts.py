@@ -40,11 +40,26 @@ def resumed_on_two_ranks(script, args, full, cut, stop):
     same order, every state restored). Returns cut's metrics."""
     import torch
     run_script(script, args + ["--out", str(cut), "--stop-after", str(stop)], torchrun=True)
+    # what a save killed before its ckpt.pt leaves (--fsdp: a sharded folder ckpt.pt does not name)
+    (cut / "ckpt.pt.0badc0de.dcp").mkdir()
+    (cut / "ckpt.pt.0badc0de.dcp" / "__0_0.distcp").write_bytes(b"torn")
     run_script(script, args + ["--out", str(cut), "--resume"], torchrun=True)
     a, b = student_weights(full), student_weights(cut)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the next save removed it: the sharded folder ckpt.pt names is the only one (--fsdp)
+    named = torch.load(cut / "ckpt.pt", weights_only=False).get("dcp")
+    assert sorted(p.name for p in cut.glob("ckpt.pt.*.dcp")) == ([named] if named else [])
     return metrics(cut)
+
+
+def sharded_checkpoint(out, path):
+    """A --fsdp run's checkpoint, its sharded folder made one torch.save file at `path` (no process
+    group needed) -> the whole state: {"G": {name: tensor}, ...}."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(out / torch.load(out / "ckpt.pt", weights_only=False)["dcp"], path)
+    return torch.load(path, weights_only=False)
 
 
 def reference_run(script, args):

@@ -301,15 +301,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
             == [m["d_on"] for m in metrics(tmp_path / "cut")])
 
 
-def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):
+def test_torchrun_two_ranks_match_one_process(tmp_path, one_process):
     """Two gloo ranks take the step one process takes: at the first step (the same weights, the
     same samples) the distances, the loss and the global gradient norm agree up to float
     reordering, where a wrong sum or count over ranks is off by a factor. Later steps are not
     compared across rank counts: every step samples the student, whose weights differ in the last
     bits after one step of two differently batched runs, so a token drawn at a near tie of its
     logits can differ and the runs part ways (issue 22 saw it on an AVX-512 CPU: d_on 1.22243 vs
-    1.21908 at step 2). Bit for bit instead: two ranks stopped after step 2 and resumed equal the
-    uninterrupted two-rank run."""
+    1.21908 at step 2). Bit for bit instead: two ranks stopped and resumed equal the uninterrupted
+    two-rank run (the --fsdp test below)."""
     run(TINY + ["--out", str(tmp_path / "two")], torchrun=True)
     one, two = metrics(one_process), metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
@@ -319,15 +319,6 @@ def test_torchrun_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_p
     before = [json.loads((out / "eval.json").read_text())["before"]
               for out in (one_process, tmp_path / "two")]
     assert before[1] == pytest.approx(before[0], rel=1e-6)
-    wb = student_weights(tmp_path / "two")
-    # two ranks stopped after step 2 and resumed: the uninterrupted two-rank run
-    cut = tmp_path / "cut"
-    run(TINY + ["--out", str(cut), "--save-every", "1", "--stop-after", "2"], torchrun=True)
-    run(TINY + ["--out", str(cut), "--save-every", "1", "--resume"], torchrun=True)
-    wc = student_weights(cut)
-    for k in wb:
-        assert torch.equal(wb[k], wc[k]), k
-    assert [m["d_on"] for m in metrics(cut)] == [m["d_on"] for m in two]
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):

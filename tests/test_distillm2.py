@@ -167,10 +167,10 @@ def test_each_loss_lowers_the_held_out_divergence(tmp_path, loss):
 one_process = reference_run("distillm2.py", TINY)
 
 
-def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path, one_process):
-    """Two gloo ranks equal one process; two ranks stopped in the middle of epoch 2 and resumed
-    equal the uninterrupted two-rank run (fault 7 of issue 9: rank 0's checkpoint held only its own
-    epoch rows, and every other rank raised KeyError on resume).
+def test_torchrun_two_ranks_match_one_process(tmp_path, one_process):
+    """Two gloo ranks equal one process. Stopped mid epoch 2 and resumed on two ranks: the --fsdp
+    test below (fault 7 of issue 9: rank 0's checkpoint held only its own epoch rows, and every
+    other rank raised KeyError on resume; the epoch rows are the same files under --fsdp).
     Across rank counts: the first step (the same weights and epoch-1 samples: float32 reordering
     only, far inside 1e-5) and epoch 1's samples. Not later losses nor the weights: AdamW turns
     reordering noise in a near-zero gradient into a step of about lr, and epoch 2 samples those
@@ -188,20 +188,12 @@ def test_torchrun_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path, one
     before = [json.loads((out / "eval.json").read_text())["before"]
               for out in (one_process, tmp_path / "two")]
     assert before[1] == pytest.approx(before[0], rel=1e-6)
-    cut = tmp_path / "cut"
-    run(TINY + ["--out", str(cut), "--save-every", "1", "--stop-after", "6"],
-        torchrun=True)   # mid epoch 2
-    run(TINY + ["--out", str(cut), "--save-every", "1", "--resume"], torchrun=True)
-    wb, wc = student_weights(tmp_path / "two"), student_weights(cut)
-    for k in wb:   # tolerance 0: the same ops in the same order, every rank's epoch rows read back
-        assert torch.equal(wb[k], wc[k]), k
-    assert [m["loss"] for m in metrics(cut)] == [m["loss"] for m in two]
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_mid_epoch(tmp_path, one_process):
     """--fsdp (issue 25): the student's decoder layers sharded over two gloo ranks. The first step
     is one process's (as above); stopped mid epoch 2 and resumed, the run equals the uninterrupted
-    one bit for bit (the sharded AdamW state gathered into the checkpoint and sharded back)."""
+    one bit for bit (the sharded AdamW state saved and read back by each rank, its shards)."""
     full, cut, fsdp = tmp_path / "full", tmp_path / "cut", TINY + ["--fsdp", "--save-every", "1"]
     run(fsdp + ["--out", str(full)], torchrun=True)
     one, two = metrics(one_process), metrics(full)
