@@ -47,7 +47,7 @@ PAPER = dict(
     # instead of 2 x 545M (1.28 GB instead of 17.4 GB with AdamW). r / H = 1/14 is a milder cut than
     # rank 16 of SmolLM2's H = 576 (1/36), which on the CPU default still finds most of the full
     # adversaries' estimates (README, AMM section).
-    adv_rank=256,
+    adv_rank=256, fsdp=False,
 )
 PRESETS = {
     "tiny": dict(PAPER, teacher="tiny-teacher", data="tiny", epochs=3, prompts_per_step=8,

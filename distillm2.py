@@ -61,7 +61,7 @@ PAPER = dict(
     # ours: the evaluation, sampling batch, and micro-batches (bounded by a token budget; the update
     # is the same)
     eval_prompts=256, limit=None, gen_batch_size=32, val_fraction=0.1, micro_batch_size=8,
-    micro_batch_tokens=12288,
+    micro_batch_tokens=12288, fsdp=False,
 )
 # The CPU presets train all weights (no LoRA, no warmup, no length cap): tiny runs that show the
 # methods move.

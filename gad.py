@@ -40,7 +40,7 @@ PAPER = dict(  # the reference recipe (LMOps gad/scripts/train): 7B-14B students
     gradient_checkpointing=True, micro_batch_tokens=12288,   # ppo_max_token_len_per_gpu
     # ours: a generate() call's KV cache <= 1M tokens (26.7 GiB at 1.5B): every GPU command's
     # rollout fits an 80 GB card with 8 GiB to spare (`python dev/bench.py gpu --predict-only`)
-    gen_batch_tokens=1_000_000,
+    gen_batch_tokens=1_000_000, fsdp=False,
 )
 PRESETS = {
     # a D much faster than G (d_lr 3e-3) keeps the tiny student's reward flat; with these, 80 GAD

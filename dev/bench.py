@@ -621,7 +621,7 @@ GiB = 2**30
 # arithmetic does not see (CUDA context, workspaces, NCCL buffers, fragmentation)
 GPU_GIB, HEADROOM_GIB = 79.2, 8.0
 # the presets' model names -> their shapes (models.RANDOM_QWEN: the hub configs, random weights)
-SHAPES = {f"qwen2.5-{s}": f"random-qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b")}
+SHAPES = {f"qwen2.5-{s}": f"random-qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b", "14b")}
 # every GPU command of the README: (label, script, arguments, ranks)
 GPU_COMMANDS = [
     ("gad.py, 8 GPUs", "gad.py", ["--student", "qwen2.5-1.5b"], 8),
@@ -655,6 +655,7 @@ class Arch:
     layer_linear: int   # the decoder layers' matmul weights and biases: what autocast casts
     tensors: int        # parameter tensors (AdamW keeps a step count for each)
     buckets: tuple      # the numbers of each gradient all-reduce bucket (common.all_reduce_grads)
+    layer_shapes: tuple = ()   # a decoder layer's parameters as (dim 0, numbers a dim-0 row)
 
     @classmethod
     def of(cls, model):
@@ -667,7 +668,8 @@ class Arch:
         return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, out.shape[0],
                    head_dim, c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim,
                    sum(sizes), embed.numel(), 0 if out is embed else out.numel(), linear,
-                   len(sizes), all_reduce_buckets(sizes))
+                   len(sizes), all_reduce_buckets(sizes),
+                   tuple((p.shape[0], p[0].numel()) for p in model.model.layers[0].parameters()))
 
 
 def all_reduce_buckets(sizes, bucket_numel=2**24):
@@ -696,6 +698,11 @@ class Net:
     rb: int
     cb: int
     lora: int = 0       # peft's adapter rank (0: none)
+    fsdp: bool = False  # decoder layers gathered in the compute dtype (common.shard), the rest fp32
+
+    @property
+    def casts(self):   # autocast keeps a bf16 copy of the layers' fp32 weights
+        return self.cb < self.wb and not self.fsdp
 
     @property
     def rope(self):   # keys and queries out of the rotary embedding: a bf16 key x fp32 cos is fp32
@@ -705,7 +712,7 @@ class Net:
     def head_cast(self):
         """The chunked paths' cast of the LM head to the compute dtype, when stored in another."""
         a = self.arch
-        stored = self.rb if a.head == 0 else self.wb
+        stored = self.rb if a.head == 0 and not self.fsdp else self.wb
         return 0 if stored == self.cb else self.cb * a.vocab * a.hidden
 
 
@@ -762,9 +769,10 @@ def adversary_params(st, te, args):
     return (rank * (a.hidden + vocab) if 0 < rank < a.hidden else a.hidden * vocab) + vocab
 
 
-def autocast_copy(a, with_head):
-    """autocast's cached bf16 casts of the trained weights (sampling's: the head's too)."""
-    return 2 * (a.layer_linear + ((a.head or a.embed) if with_head else 0))
+def autocast_copy(a, with_head, fsdp=False):
+    """autocast's cached bf16 casts of the trained weights (sampling's: the head's too; --fsdp:
+    the layers are gathered in bf16 already)."""
+    return 2 * ((0 if fsdp else a.layer_linear) + ((a.head or a.embed) if with_head else 0))
 
 
 def gradients(a, who):
@@ -774,6 +782,38 @@ def gradients(a, who):
 def all_reduce(a):
     """common.clip_and_step: a bucket's flat copy (torch.cat), then each gradient's norm."""
     return {"gradient all-reduce bucket": 4 * max(a.buckets) + 8 * a.tensors}
+
+
+# --- --fsdp: FSDP2 over the decoder layers (common.shard) ----------------------------------------
+
+def layer_numel(a, world=1):
+    """A decoder layer's numbers on one rank of `world`: each parameter split on dim 0, rank 0's
+    ceil(dim 0 / world) rows (FSDP2 pads the other ranks' to it)."""
+    return sum(-(-d0 // world) * row for d0, row in a.layer_shapes)
+
+
+def rank_share(a, world):
+    """--fsdp: what one rank holds of `a` (rank 0's, the largest share): its shards of the layers,
+    the embedding, final norm and heads whole (all that common.all_reduce_grads sums)."""
+    whole = a.params - a.layers * layer_numel(a)
+    sizes = [n for n in (a.embed, whole - a.embed - a.head, a.head) if n]
+    return replace(a, params=whole + a.layers * layer_numel(a, world),
+                   buckets=all_reduce_buckets(sizes))
+
+
+def gathered_layers(a, world, cb, who):
+    """common.gathered: every layer all-gathered in the compute dtype, padding included, and while
+    it gathers, a layer's flat all-gather output and input (its shard) not yet freed."""
+    shard = layer_numel(a, world)
+    return {f"{who}: layers gathered": cb * a.layers * world * shard,
+            f"{who}: a layer's all-gather buffers": cb * (world + 1) * shard}
+
+
+def layers_in_flight(a, world, cb, fsdp=True):
+    """A sharded training pass: two layers gathered (the next one's all-gather overlaps), and one
+    layer's gradient in the compute dtype with its fp32 reduce-scatter input."""
+    return ({"FSDP: two layers gathered, a layer's gradient and its fp32 copy":
+             (3 * cb + 4) * world * layer_numel(a, world)} if fsdp else {})
 
 
 # --- forward and backward passes ------------------------------------------------------------------
@@ -800,7 +840,7 @@ def layer_recompute(net, b):
     if net.lora:
         adapters = (LORA_MASK_BYTES + 2) * (5 * a.hidden + a.q_dim + a.inter) + 8 * a.inter
         return saved + b.tokens * adapters
-    weights = cb * a.layer_linear // a.layers if net.cb < net.wb else 0
+    weights = cb * a.layer_linear // a.layers if net.casts else 0
     return saved + weights + b.tokens * cb * a.inter + 6 * a.hidden * a.inter
 
 
@@ -832,7 +872,7 @@ def training_pass(net, b, chunk, head=True, passes=1):
     """The largest moment of a micro-batch's checkpointed forward and backward, of `passes`."""
     a, M = net.arch, b.rows * b.resp
     ckpt = {"pass: checkpointed layer inputs": passes * checkpoints(net, b)}
-    cache = {"pass: autocast bf16 copy": autocast_copy(a, False)} if net.cb < net.wb else {}
+    cache = {"pass: autocast bf16 copy": autocast_copy(a, False)} if net.casts else {}
     waiting = {"pass: LM head's fp32 gradient, waiting": 4 * a.vocab * a.hidden} if head else {}
     summed = passes + len(waiting) > 1      # autograd adds the embedding's gradients up first
     moments = [ckpt | cache | {"pass: a layer's forward": layer_forward(net, b)},
@@ -858,7 +898,7 @@ def kd_pass(s, t, b, chunk, kind="kd", teacher_forward=True):
     a, M = s.arch, b.rows * b.resp
     ckpt = {"pass: checkpointed layer inputs": checkpoints(s, b)}
     cache = {"pass: autocast bf16 copy": (2 * lora_params(a, s.lora) if s.lora      # adapters
-                                          else autocast_copy(a, False) if s.cb < s.wb else 0)}
+                                          else autocast_copy(a, False) if s.casts else 0)}
     waiting = {} if s.lora else {"pass: LM head's fp32 gradient, waiting": 4 * a.vocab * a.hidden}
     teacher = ({"KD: teacher's final hidden states": t.rb * b.tokens * t.arch.hidden}
                if teacher_forward else {})
@@ -949,18 +989,24 @@ def micro_batch(items, max_rows, max_tokens):
     return Batch(max(b - a for a, b in groups), p + r, r)
 
 
-def gad_states(g, args):
-    """What a GAD step holds throughout: G and D (fp32, AdamW) and the reference policy."""
-    return (trained(g, "G", args.adam8bit) | trained(discriminator_arch(g), "D", args.adam8bit)
+def gad_states(g, args, world=1):
+    """What a GAD step holds throughout: G and D (fp32, AdamW; --fsdp: a rank's share) and the
+    reference policy (whole on every rank)."""
+    share = rank_share(g, world) if args.fsdp else g
+    return (trained(share, "G", args.adam8bit)
+            | trained(discriminator_arch(share), "D", args.adam8bit)
             | {"reference policy": reference_bytes(g)})
 
 
 def gad_phases(args, world, g, prompt_len, response_len):
     """[(phase, {term: bytes})] of a GAD step and evaluation on one of `world` ranks."""
-    d, cb, new = discriminator_arch(g), cb_of(args), args.max_new_tokens
+    d, cb, new, fsdp = discriminator_arch(g), cb_of(args), args.max_new_tokens, args.fsdp
     prompts, n = args.prompts_per_step // world, args.samples_per_prompt
-    G, D, ref = Net(g, 4, 4, cb), Net(d, 4, 4, cb), Net(g, cb, 4, cb)
-    held = gad_states(g, args) | rollout_ids(prompts * (n + 1), prompt_len + response_len)
+    G, D = Net(g, 4, cb if fsdp else 4, cb, fsdp=fsdp), Net(d, 4, cb if fsdp else 4, cb, fsdp=fsdp)
+    ref = Net(g, cb, 4, cb)
+    gs, ds = (rank_share(g, world), rank_share(d, world)) if fsdp else (g, d)   # what a rank holds
+    gather = (lambda a, who: gathered_layers(a, world, cb, who)) if fsdp else (lambda a, who: {})
+    held = gad_states(g, args, world) | rollout_ids(prompts * (n + 1), prompt_len + response_len)
     call = generate_call(prompts, n, prompt_len, new, None, args.gen_batch_tokens)
     mb = micro_batch([(1, prompt_len, response_len)] * (prompts * n), args.micro_batch_size,
                      args.micro_batch_tokens)
@@ -972,28 +1018,33 @@ def gad_phases(args, world, g, prompt_len, response_len):
     pair = Batch(max(len(rows) for rows in pairs), prompt_len + response_len, 1)
     # G's own logprobs before the update, unless PPO is on-policy (GAD's one epoch, one batch)
     old_logprobs = ([] if (args.ppo_epochs, args.mini_batches) == (1, 1) else
-                    [{"G: autocast bf16 copy": autocast_copy(g, False)}
+                    [{"G: autocast bf16 copy": autocast_copy(g, False, fsdp)} | gather(g, "G")
                      | scoring_pass(G, mb, args.chunk_size)])
     return [
-        ("sampling", held | {"G: autocast bf16 copy": autocast_copy(g, True)}
-         | generate_peak(G, call, n, prompt_len, new, args.temperature, args.top_p)),
+        ("sampling", held | {"G: autocast bf16 copy": autocast_copy(g, True, fsdp)}
+         | gather(g, "G") | generate_peak(G, call, n, prompt_len, new, args.temperature,
+                                          args.top_p)),
         ("scoring", held | largest([
-            {"D: autocast bf16 copy": autocast_copy(d, False)}
+            {"D: autocast bf16 copy": autocast_copy(d, False, fsdp)} | gather(d, "D")
             | scoring_pass(D, mb, args.chunk_size, head=False),
             scoring_pass(ref, mb, args.chunk_size)] + old_logprobs)),
-        ("d_update", held | gradients(d, "D") | largest([
-            training_pass(D, pair, args.chunk_size, head=False, passes=2), all_reduce(d)])),
-        ("g_update", held | gradients(g, "G")
-         | largest([training_pass(G, mb, args.chunk_size), all_reduce(g)])),
-        ("eval", gad_eval(args, g, prompt_len)),
+        ("d_update", held | gradients(ds, "D") | layers_in_flight(d, world, cb, fsdp) | largest([
+            training_pass(D, pair, args.chunk_size, head=False, passes=2), all_reduce(ds)])),
+        ("g_update", held | gradients(gs, "G") | layers_in_flight(g, world, cb, fsdp)
+         | largest([training_pass(G, mb, args.chunk_size), all_reduce(gs)])),
+        ("eval", gad_eval(args, g, prompt_len, world)),
     ]
 
 
-def gad_eval(args, g, prompt_len):
-    """gad.evaluate after training: G, D, a local teacher and the initial student in --dtype."""
-    wb, new = cb_of(args), args.eval_max_new_tokens
-    held = {"G: weights in --dtype": wb * g.params,
-            "D: weights in --dtype": wb * discriminator_arch(g).params}
+def gad_eval(args, g, prompt_len, world=1):
+    """gad.evaluate after training: G, D, a local teacher and the initial student in --dtype
+    (--fsdp: G's and D's fp32 shards, their layers gathered in --dtype)."""
+    wb, new, d = cb_of(args), args.eval_max_new_tokens, discriminator_arch(g)
+    held = {"G: weights in --dtype": wb * g.params, "D: weights in --dtype": wb * d.params}
+    if args.fsdp:
+        held = ({"G: fp32 weights": 4 * rank_share(g, world).params,
+                 "D: fp32 weights": 4 * rank_share(d, world).params}
+                | gathered_layers(g, world, wb, "G") | gathered_layers(d, world, wb, "D"))
     if args.teacher and not args.teacher.startswith("api:"):
         held["teacher: weights"] = wb * arch(args.teacher).params
     # "before" is the larger moment: the initial student is held while its passes run

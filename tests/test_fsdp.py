@@ -1,5 +1,6 @@
 """--fsdp (FSDP2 over the decoder layers): gad.py's three training steps on two gloo ranks whose
-rows need different numbers of micro-batches give one process's loss and gradient norm."""
+rows need different numbers of micro-batches give one process's losses, gradient norms and weights;
+dev/bench.py's arithmetic of what a rank holds against the sharded tensors."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,30 +45,88 @@ out["d"] = {k: m[k] for k in ("d_loss", "d_grad_norm")}
 cfg = ppo.PPOConfig(micro_batch_size=8, micro_batch_tokens=40, chunk_size=4, fsdp=fsdp)
 adv = torch.tensor([a for _, _, a in rows])
 out["ppo"] = {"grad_norm": ppo.ppo_update(G, opt, ro, adv, None, cfg=cfg)["grad_norm"]}
+weights = {f"{name}.{k}": v for name, m in (("G", G), ("D", D))
+           for k, v in (common.whole_state_dict(m) or m.state_dict()).items()}
+if common.get_rank() == 0:
+    torch.save(weights, sys.argv[1])
+if fsdp:   # a rank's share of a bf16 run's states against dev/bench.py's arithmetic (rank 0's)
+    sys.path.insert(0, ROOT + "/tests")
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+    from dev import bench
+    from live_bytes import LiveBytes
+    cfg = models.tiny_config()
+    cfg.intermediate_size = 75   # odd rows: rank 0 holds 38 of the MLP's, rank 1 37 (padded to 38)
+    M = AutoModelForCausalLM.from_config(cfg)
+    a = bench.Arch.of(M)
+    M = common.shard(M, "bfloat16")
+    opt = common.make_optimizer(M.parameters(), 1e-3, 0.0)
+    with models.autocast("cpu", "bfloat16"):
+        M(input_ids=torch.arange(12)[None]).logits.float().mean().backward()
+    opt.step()
+    size = lambda ts: sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size()
+                          for t in ts)
+    with LiveBytes() as live, common.gathered(M):   # (the gathered parameters are M's meanwhile)
+        gathered = sum(p.untyped_storage().nbytes() for p in M.model.layers.parameters())
+    state = [t for s in opt.state.values() for t in s.values()]
+    predicted, layers = bench.rank_share(a, 2), bench.gathered_layers(a, 2, 2, "G")
+    out["mem"] = {"weights": [size(M.parameters()), 4 * predicted.params],
+                  "grads": [size(p.grad for p in M.parameters()), 4 * predicted.params],
+                  "adamw": [size(state), sum(bench.trained(predicted, "G").values())
+                            - 4 * predicted.params],
+                  "gathered": [gathered, layers["G: layers gathered"]],
+                  "gathering": [live.peak, sum(layers.values())]}
 common.print0("RESULT " + json.dumps(out))
 common.compute_cleanup()
 """
 
 
 def run_steps(tmp_path, torchrun):
-    script = tmp_path / "steps.py"
+    """-> (the steps' numbers, G's and D's weights after them)."""
+    script, weights = tmp_path / "steps.py", tmp_path / f"weights{int(torchrun)}.pt"
     script.write_text(textwrap.dedent(STEPS).replace("ROOT", repr(ROOT)))
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
-                               "--nproc_per_node=2"] if torchrun else []) + [str(script)]
+                               "--nproc_per_node=2"] if torchrun else []) + [str(script),
+                                                                             str(weights)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT "):]), torch.load(weights)
 
 
-def test_uneven_micro_batches_on_two_sharded_ranks_match_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The steps in one process and on two ranks: ((numbers, weights), (numbers, weights))."""
+    tmp_path = tmp_path_factory.mktemp("steps")
+    return run_steps(tmp_path, torchrun=False), run_steps(tmp_path, torchrun=True)
+
+
+def test_uneven_micro_batches_on_two_sharded_ranks_match_one_process(runs):
     """Each pass over a sharded layer is a collective: a rank with one micro-batch against one with
     three would pair the wrong collectives (gloo: a reset connection; NCCL: a hang). With --fsdp
     every rank splits its micro-batches up to the largest count, and the sums over ranks are one
     process's (PPO's grad_norm: the first mini-batch's, before any weight has moved apart)."""
-    one, two = run_steps(tmp_path, torchrun=False), run_steps(tmp_path, torchrun=True)
+    (one, w1), (two, w2) = runs
     for step, keys in (("sft", ("sft_loss", "g_grad_norm")), ("d", ("d_loss", "d_grad_norm")),
                        ("ppo", ("grad_norm",))):
         for key in keys:
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
+    # and the weights after them, G's (two AdamW steps at lr 1e-3) and D's (one), gathered whole:
+    # float reordering moves them ~1e-7 here, a thousandth of a step is the bound
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w2[k], w1[k], rtol=0, atol=1e-6), k
+
+
+def test_memory_arithmetic_of_a_ranks_share_is_the_sharded_tensors_size(runs):
+    """dev/bench.py's --fsdp states on a rank, against rank 0's sharded tensors in a bf16 run (MLP
+    rows split 38 + 37: FSDP2 pads rank 1's), and its layers gathered in bf16: [measured bytes,
+    predicted bytes]. While gathering, gloo frees the last layer's flat all-gather buffers sooner
+    or later: the peak is at most the count that keeps both, and above the gathered layers by at
+    least the output buffer."""
+    mem = runs[1][0]["mem"]
+    for term in ("weights", "grads", "adamw", "gathered"):
+        assert mem[term][0] == mem[term][1], (term, mem[term])
+    measured, predicted = mem["gathering"]
+    assert mem["gathered"][0] + 2 / 3 * (predicted - mem["gathered"][0]) <= measured <= predicted
