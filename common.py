@@ -418,9 +418,9 @@ def whole_state_dict(model):
 
 def save_checkpoint(path, **state):
     """Rank 0 writes one file: state_dict()s, other values as is, the RNGs, metrics.jsonl's rows.
-    --fsdp: the sharded models and optimizers go to a folder beside it (torch.distributed.checkpoint,
-    each rank writing its shards) that the file, written last, names; a kill mid-save leaves the
-    previous pair whole. Every rank calls it."""
+    --fsdp: the sharded models and optimizers go to a folder beside it (each rank writes its shards
+    by torch.distributed.checkpoint) that the file, written last, names; a kill mid-save leaves
+    the previous pair whole. Every rank calls it."""
     import torch.distributed.checkpoint as dcp
 
     shards, folder = sharded_state_dicts(state), None

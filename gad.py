@@ -60,6 +60,12 @@ PRESETS = {
                          max_response_len=32, max_new_tokens=32, micro_batch_size=8,
                          dtype="float32", eval_prompts=32, eval_max_new_tokens=32, limit=300,
                          val_fraction=0.2, gradient_checkpointing=False, micro_batch_tokens=None),
+    # the paper's bigger students: G's and D's decoder layers sharded over the ranks; per-rank
+    # peaks by `python dev/bench.py gpu --predict-only`: 3B 61.0 GiB on 8 GPUs; 7B 70.4 on 8 (a
+    # generate() call's KV cache cut to 100k tokens, 4.6 GiB), 61.2 on 16. 14B fits no node count
+    # until the reference, the embedding and the LM head are sharded too (README)
+    "qwen2.5-3b": dict(PAPER, fsdp=True),
+    "qwen2.5-7b": dict(PAPER, fsdp=True, gen_batch_tokens=100_000),
 }
 STAGES = ("seqkd", "warmup", "gad")
 LOG_KEYS = ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac", "sft_loss",

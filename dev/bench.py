@@ -407,11 +407,12 @@ def print_phases(title, rows, phases, cuda):
     return table
 
 
-def gpu_runs(size, device, data):
+def gpu_runs(size, device, data, fsdp=False):
     """[(script, arguments, --stop-after of the first run; the second resumes it)]."""
     shared = ["--dtype", "bfloat16", "--device", device, "--data", data, "--max-prompt-len", "1024",
               "--eval-prompts", str(size["eval_prompts"]), "--save-every", "1",
               "--student", size["student"], "--max-new-tokens", str(size["new_tokens"])]
+    shared += ["--fsdp"] if fsdp else []
     white_box = ["--teacher", size["teacher"], "--val-fraction", "0.2",
                  "--gen-batch-size", str(size["prompts"])]
     return [
@@ -430,7 +431,7 @@ def gpu_runs(size, device, data):
     ]
 
 
-def gad_peak_runs(size, device, work, log):
+def gad_peak_runs(size, device, work, log, fsdp=False):
     """GAD steps at the big shape -> {optimizer: measured peak GiB a phase}, and the arithmetic."""
     cuda, data = device == "cuda", os.path.join(work, "peak.jsonl")
     synthetic_data(data, 2 * size["peak_prompts"] + 16, size["peak_prompt_len"],
@@ -449,6 +450,7 @@ def gad_peak_runs(size, device, work, log):
                 "--max-new-tokens", str(size["peak_new_tokens"]),
                 "--max-response-len", str(size["peak_new_tokens"]),
                 "--max-prompt-len", "2048", "--eval-prompts", "0", "--save-every", "100"]
+    run_args += ["--fsdp"] if fsdp else []
     # the byte tokenizer's prompts: a token a character, and the chat template's few more
     lengths = (size["peak_prompt_len"] + 32, size["peak_new_tokens"])
     results = {}
@@ -508,7 +510,7 @@ def bench_gpu(args):
     print(f"bench gpu: device {gpu}, torch {torch.__version__}, size {name}, "
           f"runs under torchrun --nproc_per_node=1 (logs: {log})", flush=True)
     results = {"device": gpu, "torch": torch.__version__, "trainers": {}, "gad_peak": {}}
-    for script, run_args, stop in gpu_runs(size, device, data):
+    for script, run_args, stop in gpu_runs(size, device, data, args.fsdp):
         out, t0 = os.path.join(work, script.replace(".py", "")), time.time()
         torchrun(script, run_args + ["--out", out, "--stop-after", str(stop)], log)
         torchrun(script, run_args + ["--out", out, "--resume"], log)
@@ -521,7 +523,7 @@ def bench_gpu(args):
                              PHASES[script], cuda)
         results["trainers"][script] = {"phases": table, "steps": len(rows), "wall_s": wall}
     if not args.skip_peak:
-        results["gad_peak"] = gad_peak_runs(size, device, work, log)
+        results["gad_peak"] = gad_peak_runs(size, device, work, log, args.fsdp)
     results["sampling"] = gpu_sampling(size, torch.device(device))
     print()
     results["train"] = bench_train(argparse.Namespace(
@@ -629,7 +631,15 @@ GPU_COMMANDS = [
     ("distillm2.py, 8 GPUs", "distillm2.py",
      ["--teacher", "qwen2.5-7b", "--student", "qwen2.5-1.5b"], 8),
     ("amm.py, 8 GPUs", "amm.py", ["--teacher", "qwen2.5-7b", "--student", "qwen2.5-1.5b"], 8),
+    ("gad.py 3B --fsdp, 8 GPUs", "gad.py", ["--student", "qwen2.5-3b"], 8),
+    ("gad.py 7B --fsdp, 8 GPUs", "gad.py", ["--student", "qwen2.5-7b"], 8),
+    ("gad.py 7B --fsdp, 16 GPUs", "gad.py", ["--student", "qwen2.5-7b"], 16),
 ]
+# ... and what does not fit yet: 14B, whose whole reference, embedding and LM head (and D's
+# embedding) a rank holds at any node count
+BEYOND = [(f"gad.py 14B --fsdp, {n} GPUs", "gad.py", ["--student", "qwen2.5-14b", "--fsdp",
+                                                       "--gen-batch-tokens", "100000"], n)
+          for n in (16, 64)]
 # peft's LoRA dropout keeps a mask for backward: CUDA's a 1-byte one, the CPU's fp32 (the CPU
 # test sets 4)
 LORA_MASK_BYTES = 1
@@ -1208,7 +1218,7 @@ def print_memory(title, phases, measured=None):
 def print_predictions():
     """gpu --predict-only: each README GPU command's phases, then their peaks."""
     rows = []
-    for label, script, argv, world in GPU_COMMANDS:
+    for label, script, argv, world in GPU_COMMANDS + BEYOND:
         args, phases = command_phases(script, argv, world)
         n = getattr(args, "samples_per_prompt", None)
         print_memory(f"torchrun --nproc_per_node={world} {script} {' '.join(argv)}\n"
@@ -1222,7 +1232,7 @@ def print_predictions():
     print(f"\nper-rank peaks, GiB (2^30 B), against an 80 GB card's {GPU_GIB} GiB less "
           f"{HEADROOM_GIB:.0f} of headroom: {limit:.1f}")
     for label, phase, total in rows:
-        print(f"  {label:<22} {total:>6.1f}  {phase:<10} {'fits' if total <= limit else 'OVER'}")
+        print(f"  {label:<26} {total:>6.1f}  {phase:<10} {'fits' if total <= limit else 'OVER'}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1271,6 +1281,8 @@ def parse_args(argv=None):
     gp.add_argument("--out", default=None, help="working folder (default: a new temporary one)")
     gp.add_argument("--skip-peak", action="store_true", help="leave out the GAD peak-memory runs")
     gp.add_argument("--predict-only", action="store_true", help="print the memory arithmetic only")
+    gp.add_argument("--fsdp", action="store_true",
+                    help="the trainers with --fsdp: on one GPU, the sharded path's cost")
     return p.parse_args(argv)
 
 

@@ -1,6 +1,7 @@
 """dev/bench.py gpu on the CPU (tiny models, gloo): the command a GPU session runs, kept from
 rotting; its memory arithmetic against what the tensors it counts really take."""
 
+import itertools
 import json
 
 import pytest
@@ -78,10 +79,11 @@ def test_bench_gpu_arguments_parse_at_every_size():
     import amm
     import distillm2
     import gad
-    for name, size in bench.GPU_SIZES.items():
-        for script, args, _ in bench.gpu_runs(size, "cuda", "data.jsonl"):
+    for (name, size), fsdp in itertools.product(bench.GPU_SIZES.items(), (False, True)):
+        for script, args, _ in bench.gpu_runs(size, "cuda", "data.jsonl", fsdp):
             parsed = {"gad.py": gad, "distillm2.py": distillm2,
                       "amm.py": amm}[script].parse_args(args)
             assert parsed.dtype == "bfloat16" and parsed.student == size["student"], (name, script)
+            assert parsed.fsdp is fsdp, (name, script)   # `gpu --fsdp`: every run sharded
             if script == "distillm2.py":
                 assert parsed.lora_r == 0 and parsed.max_len > parsed.max_prompt_len, name
