@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import amm
 import common
-from scripts import metrics, reference_run, resumed_on_two_ranks, run_script, student_weights
+from scripts import (metrics, reference_run, resumed_on_two_ranks, run_here, run_script,
+                     student_weights)
 
 # 36 train: 4 steps
 TINY = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--eval-prompts", "4"]
@@ -291,8 +292,9 @@ one_process = reference_run("amm.py", TINY)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
-    run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--stop-after", "2"])
-    run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
+    cut = TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1"]
+    run_here("amm.py", cut + ["--stop-after", "2"])
+    run_here("amm.py", cut + ["--resume"])
     a = student_weights(one_process)
     b = student_weights(tmp_path / "cut")
     for k in a:   # tolerance 0: the adversaries, optimizers and sampling keys are all restored

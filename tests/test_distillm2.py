@@ -14,7 +14,8 @@ import torch
 import distillm2
 import models
 import sample
-from scripts import metrics, reference_run, resumed_on_two_ranks, run_script, student_weights
+from scripts import (metrics, reference_run, resumed_on_two_ranks, run_here, run_script,
+                     student_weights)
 
 # 36 train: 4 steps/epoch
 TINY = ["--student", "tiny", "--limit", "40", "--epochs", "2", "--eval-prompts", "4"]
@@ -217,9 +218,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
     (tmp_path / "cut" / "epoch_rows").mkdir(parents=True)
     torch.save({f"tiny-{i}": {"y_t": [5], "y_s": [6]} for i in range(40)},
                tmp_path / "cut" / "epoch_rows" / "epoch1.rank1.pt")
-    run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1",
-                "--stop-after", "6"])  # mid epoch 2
-    run(TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1", "--resume"])
+    cut = TINY + ["--out", str(tmp_path / "cut"), "--save-every", "1"]
+    run_here("distillm2.py", cut + ["--stop-after", "6"])  # mid epoch 2
+    run_here("distillm2.py", cut + ["--resume"])
     a = student_weights(one_process)
     b = student_weights(tmp_path / "cut")
     # tolerance 0: same ops in the same order on CPU, the epoch's responses restored from the

@@ -16,7 +16,7 @@ import gad
 import losses
 import models
 import sample
-from scripts import (ROOT, metrics, reference_run, resumed_on_two_ranks, run_script,
+from scripts import (ROOT, metrics, reference_run, resumed_on_two_ranks, run_here, run_script,
                      sharded_checkpoint, student_weights)
 
 PAD = 256
@@ -148,7 +148,8 @@ def test_discriminator_update_learns_and_accumulates_exactly():
 
 def test_pipeline_tiny_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = run(SMALL + ["--out", str(out), "--ppo-epochs", "2", "--mini-batches", "2"])
+    printed = run_here("gad.py", SMALL + ["--out", str(out), "--ppo-epochs", "2",
+                                          "--mini-batches", "2"])
     rows = metrics(out)
     assert [m["stage"] for m in rows] == ["warmup"] * 3 + ["gad"] * 4
     for key in ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac",
@@ -161,7 +162,7 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     table = json.loads((out / "eval.json").read_text())
     assert (set(table) == {"before", "after"} and "disc_score" in table["after"]
             and "teacher_nll" in table["after"])
-    assert "| rouge_l |" in r.stdout
+    assert "| rouge_l |" in printed
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     # the final student in Hugging Face format
     g = AutoModelForCausalLM.from_pretrained(out / "student")
@@ -234,16 +235,16 @@ def test_each_stage_runs_alone(tmp_path):
     seqkd = tmp_path / "seqkd"
     # SeqKD with bitsandbytes' 8-bit AdamW (the --adam8bit memory flag; bitsandbytes is in
     # requirements-dev.txt)
-    run(["--student", "tiny", "--stage", "seqkd", "--seqkd-epochs", "0.2", "--eval-prompts", "4",
-         "--adam8bit", "--out", str(seqkd)])
+    run_here("gad.py", ["--student", "tiny", "--stage", "seqkd", "--seqkd-epochs", "0.2",
+                        "--eval-prompts", "4", "--adam8bit", "--out", str(seqkd)])
     rows = metrics(seqkd)
     assert {m["stage"] for m in rows} == {"seqkd"} and rows[-1]["sft_loss"] < rows[0]["sft_loss"]
     warm = tmp_path / "warm"
-    run(SMALL + ["--stage", "warmup", "--out", str(warm)])
+    run_here("gad.py", SMALL + ["--stage", "warmup", "--out", str(warm)])
     assert ({m["stage"] for m in metrics(warm)} == {"warmup"}
             and (warm / "discriminator" / "config.json").exists())
     g = tmp_path / "gad"
-    run(SMALL + ["--stage", "gad", "--init-from", str(warm), "--out", str(g)])
+    run_here("gad.py", SMALL + ["--stage", "gad", "--init-from", str(warm), "--out", str(g)])
     rows = metrics(g)
     assert {m["stage"] for m in rows} == {"gad"}
     # GAD started from the warmup's D, not a fresh zero head: its first reward already separates
@@ -308,9 +309,9 @@ one_process = reference_run("gad.py", ONE)
 def test_resume_equals_an_uninterrupted_run(tmp_path, one_process):
     full, cut = one_process, tmp_path / "cut"
     # killed after step 5 of 7 (2nd GAD step)
-    r = run(ONE + ["--out", str(cut), "--stop-after", "5"])
-    assert "--stop-after 5" in r.stdout and not (cut / "student").exists()
-    run(ONE + ["--out", str(cut), "--resume"])
+    printed = run_here("gad.py", ONE + ["--out", str(cut), "--stop-after", "5"])
+    assert "--stop-after 5" in printed and not (cut / "student").exists()
+    run_here("gad.py", ONE + ["--out", str(cut), "--resume"])
     a, b = student_weights(full), student_weights(cut)
     for k in a:  # tolerance 0: the same ops in the same order on CPU
         assert torch.equal(a[k], b[k]), k
