@@ -22,7 +22,10 @@ TINY = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--eval-prompts",
 
 
 def run(args, torchrun=False):
-    return run_script("amm.py", args, torchrun)
+    """A run on two gloo ranks, or in this process (scripts.run_here: no new interpreter)."""
+    if torchrun:
+        return run_script("amm.py", args, torchrun=True)
+    return run_here("amm.py", args)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 import data
 import models
-from scripts import metrics, run_script
+from scripts import metrics, run_here
 
 
 def write_jsonl(path, rows):
@@ -313,10 +313,10 @@ def test_gad_trains_on_the_reference_parquet(tmp_path):
     multi-turn prompt is 84 tiny-tokenizer tokens, over the tiny preset's --max-prompt-len 64."""
     path = write_gad_parquet(tmp_path / "lmsys_gpt5_chat_filtered_train.parquet", GAD_ROWS)
     out = tmp_path / "run"
-    r = run_script("gad.py", ["--student", "tiny", "--data", path, "--stage", "seqkd",
-                              "--stop-after", "1", "--max-prompt-len", "128", "--val-fraction", "0",
-                              "--out", str(out)])
-    assert "data: 4 train prompts (0 over --max-prompt-len dropped)" in r.stdout
+    printed = run_here("gad.py", ["--student", "tiny", "--data", path, "--stage", "seqkd",
+                                  "--stop-after", "1", "--max-prompt-len", "128",
+                                  "--val-fraction", "0", "--out", str(out)])
+    assert "data: 4 train prompts (0 over --max-prompt-len dropped)" in printed
     assert ([(m["stage"], m["step"]) for m in metrics(out)] == [("seqkd", 0)]
             and metrics(out)[0]["sft_loss"] > 0)
 

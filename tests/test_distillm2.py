@@ -22,7 +22,10 @@ TINY = ["--student", "tiny", "--limit", "40", "--epochs", "2", "--eval-prompts",
 
 
 def run(args, torchrun=False):
-    return run_script("distillm2.py", args, torchrun)
+    """A run on two gloo ranks, or in this process (scripts.run_here: no new interpreter)."""
+    if torchrun:
+        return run_script("distillm2.py", args, torchrun=True)
+    return run_here("distillm2.py", args)
 
 
 def test_schedules_follow_their_formulas():

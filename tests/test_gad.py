@@ -265,12 +265,12 @@ def test_rows_without_a_response_are_sampled_from_the_teacher_once(tmp_path):
     out = tmp_path / "run"
     args = ["--student", "tiny", "--teacher", "tiny-teacher", "--data", str(data_file),
             "--stage", "seqkd", "--seqkd-epochs", "0.5", "--eval-prompts", "0", "--out", str(out)]
-    first = run(args)
+    first = run_here("gad.py", args)
     sampled = [json.loads(line) for line in open(out / "teacher.jsonl")]
     assert sorted(r["id"] for r in sampled) == sorted(f"q{i}" for i in range(1, 16))
-    assert all(r["teacher_response"] for r in sampled) and "15 to do" in first.stdout
-    second = run(args + ["--teacher-responses", "teacher"])
-    assert "15 already in" in second.stdout and "1 to do" in second.stdout
+    assert all(r["teacher_response"] for r in sampled) and "15 to do" in first
+    second = run_here("gad.py", args + ["--teacher-responses", "teacher"])
+    assert "15 already in" in second and "1 to do" in second
     sampled = [json.loads(line) for line in open(out / "teacher.jsonl")]
     assert sorted(r["id"] for r in sampled) == sorted(f"q{i}" for i in range(16))
     assert sampled[-1]["id"] == "q0" and sampled[-1]["teacher_response"] != "cats are small."
@@ -441,7 +441,7 @@ def test_resume_keeps_no_loaded_weights_alive(tmp_path, monkeypatch):
     import gc
     import weakref
     out = tmp_path / "run"
-    run(SMALL + ["--out", str(out), "--stop-after", "2"])   # checkpoint in the middle of the warmup
+    run_here("gad.py", SMALL + ["--out", str(out), "--stop-after", "2"])   # mid-warmup checkpoint
     watched, alive = [], []
     real_load, real_log = torch.load, common_lib.log_metrics
 

@@ -14,7 +14,7 @@ import amm
 import distillm2
 import gad
 import models
-from scripts import metrics, run_script
+from scripts import metrics, run_here
 
 # a Qwen-sized vocabulary on a 16-wide model: [CHUNK, V] is 4.8M numbers
 V, H, CHUNK = 150_000, 16, 32
@@ -35,9 +35,9 @@ def test_paper_presets_recompute_activations_and_bound_micro_batches_by_tokens(t
 def test_gradient_checkpointing_and_a_token_budget_change_no_result(tmp_path, script):
     base = ["--student", "tiny", "--limit", "40", "--epochs", "1", "--stop-after", "1",
             "--save-every", "1"]
-    run_script(script, base + ["--out", str(tmp_path / "plain")])
-    run_script(script, base + ["--gradient-checkpointing", "--micro-batch-tokens", "64",
-                               "--out", str(tmp_path / "ckpt")])
+    run_here(script, base + ["--out", str(tmp_path / "plain")])
+    run_here(script, base + ["--gradient-checkpointing", "--micro-batch-tokens", "64",
+                             "--out", str(tmp_path / "ckpt")])
     # The first step's loss and global gradient norm: the same weights and samples, computed in
     # other micro-batches, with or without recomputation. Not later steps, nor the weights: AdamW
     # moves an element by about lr (1e-2) whatever its gradient's size, so float-reordering noise

@@ -14,7 +14,7 @@ import fast_losses
 import losses
 import models
 import sample
-from scripts import run_script
+from scripts import run_here, run_script
 
 # a weight every step moves (init std 0.5: a bf16 ulp is 0.002)
 TRAINED = "model.layers.0.mlp.up_proj.weight"
@@ -39,7 +39,7 @@ def test_bf16_runs_train_fp32_master_weights_that_move_at_lr_1e_6(tmp_path, scri
     away (the backbone never moves); with fp32 master weights under autocast, two steps move nearly
     every element."""
     args, keys = RUNS[script]
-    run_script(script, args + ["--dtype", "bfloat16", "--save-every", "1", "--out", str(tmp_path)])
+    run_here(script, args + ["--dtype", "bfloat16", "--save-every", "1", "--out", str(tmp_path)])
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     initial = models.tiny_model(seed=0).state_dict()[TRAINED]
     for weights, opt in keys.items():
@@ -139,9 +139,9 @@ def test_a_bf16_runs_evaluation_is_that_of_its_exported_student(tmp_path):
     data_file = tmp_path / "data.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    run_script("gad.py", ["--student", "tiny", "--warmup-steps", "2", "--gad-steps", "2",
-                          "--dtype", "bfloat16", "--data", str(data_file), "--val-fraction", "0.2",
-                          "--eval-prompts", "6", "--out", str(out)])
+    run_here("gad.py", ["--student", "tiny", "--warmup-steps", "2", "--gad-steps", "2",
+                        "--dtype", "bfloat16", "--data", str(data_file), "--val-fraction", "0.2",
+                        "--eval-prompts", "6", "--out", str(out)])
     table = json.loads((out / "eval.json").read_text())["after"]
     run_script("eval.py", ["--model", str(out / "student"), "--data", str(data_file),
                            "--teacher", "tiny-teacher", "--dtype", "bfloat16",
