@@ -1,5 +1,5 @@
-"""Helpers for the tests that run an entry point as a subprocess, as a user would (gad.py,
-distillm2.py, amm.py)."""
+"""Helpers for the tests that run an entry point as a user would (gad.py, distillm2.py, amm.py):
+as a subprocess, under torchrun, or its main() in this process."""
 
 import contextlib
 import io
