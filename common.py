@@ -464,9 +464,9 @@ def load_checkpoint(path, **objects):
                 sd.set_model_state_dict(obj, state)
             else:
                 sd.set_optimizer_state_dict(_owner(obj, sharded), obj, state)
-    for name, obj in objects.items():
-        if name in ck:
-            obj.load_state_dict(ck.pop(name))
+    for name, obj in objects.items():   # a None was not saved (GAD's reference in its warmup)
+        if name in ck and (value := ck.pop(name)) is not None:
+            obj.load_state_dict(value)
     rng = ck.pop("rng")
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

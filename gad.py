@@ -60,12 +60,12 @@ PRESETS = {
                          max_response_len=32, max_new_tokens=32, micro_batch_size=8,
                          dtype="float32", eval_prompts=32, eval_max_new_tokens=32, limit=300,
                          val_fraction=0.2, gradient_checkpointing=False, micro_batch_tokens=None),
-    # the paper's bigger students: G's and D's decoder layers sharded over the ranks; per-rank
-    # peaks by `python dev/bench.py gpu --predict-only`: 3B 61.0 GiB on 8 GPUs; 7B 70.4 on 8 (a
-    # generate() call's KV cache cut to 100k tokens, 4.6 GiB), 61.2 on 16. 14B fits no node count
-    # until the reference, the embedding and the LM head are sharded too (README)
+    # the paper's bigger students: G's, D's and the reference's decoder layers sharded over the
+    # ranks; per-rank peaks by `python dev/bench.py gpu --predict-only`: 3B 56.5 GiB on 8 GPUs; 7B
+    # 68.0 on 8 (a generate() call's KV cache cut to 250k tokens, 12.2 GiB), 58.1 on 16. 14B fits
+    # no node count until the embeddings and the LM head are sharded too (README)
     "qwen2.5-3b": dict(PAPER, fsdp=True),
-    "qwen2.5-7b": dict(PAPER, fsdp=True, gen_batch_tokens=100_000),
+    "qwen2.5-7b": dict(PAPER, fsdp=True, gen_batch_tokens=250_000),
 }
 STAGES = ("seqkd", "warmup", "gad")
 LOG_KEYS = ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac", "sft_loss",
@@ -282,11 +282,12 @@ def main(argv=None):
     if args.gradient_checkpointing:
         for m in (G, D):
             models.checkpoint_activations(m)
-    # --fsdp: the reference is made before G is sharded (a sharded module cannot be copied); its
-    # weights are set to G's when the GAD stage starts
-    ref0 = models.frozen_copy(G, args.dtype) if args.fsdp and args.stage in ("all", "gad") else None
+    # the reference policy: a frozen copy (matmul weights in --dtype), set to G's weights when the
+    # GAD stage starts; made before G is sharded (a sharded module cannot be copied), sharded as G
+    ref = models.frozen_copy(G, args.dtype) if args.stage in ("all", "gad") else None
     if args.fsdp:
         G, D = common.shard(G, args.dtype), common.shard(D, args.dtype)
+        ref = ref if ref is None else common.shard(ref, args.dtype)
     args.eos_ids, args.pad_id = sample.stop_ids(tok, G), tok.pad_token_id
     args.amp = models.autocast(device, args.dtype)   # forward passes only, fixed for the run
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, "
@@ -304,7 +305,7 @@ def main(argv=None):
     lr = args.seqkd_lr if args.stage == "seqkd" else args.lr
     opt_g = common.make_optimizer(G.parameters(), lr, args.weight_decay, args.adam8bit)
     opt_d = common.make_optimizer(D.parameters(), args.d_lr, args.weight_decay, args.adam8bit)
-    state = common.resume(args, G=G, D=D, opt_g=opt_g, opt_d=opt_d)   # stage, step, GAD's ref
+    state = common.resume(args, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ref=ref)   # stage, step
     common.compute.resume(state)
     starts, bad, steps_done = stage_starts(state), 0, 0
 
@@ -312,14 +313,12 @@ def main(argv=None):
     for stage in ["warmup", "gad"] if args.stage == "all" else [args.stage]:
         if starts[stage] is None:
             continue
-        total, ref = stage_steps(stage, args, len(train)), None
+        total = stage_steps(stage, args, len(train))
         if stage == "warmup":
             for group in opt_g.param_groups:
                 group["lr"] = args.lr
-        if stage == "gad":   # pi_ref = G at the start of the stage (matmul weights in --dtype)
-            ref = models.load_weights(ref0, G) if args.fsdp else models.frozen_copy(G, args.dtype)
-            if state is not None and state["stage"] == "gad":
-                ref.load_state_dict(state.pop("ref"))
+        if stage == "gad" and (state is None or state["stage"] != "gad"):
+            models.load_weights(ref, G)   # pi_ref = G at the start of the stage (resumed: loaded)
         for step in range(starts[stage], total):
             t0 = time.time()
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed,
@@ -337,7 +336,8 @@ def main(argv=None):
             common.log_step(args, stage, step, total, m, LOG_KEYS)
             bad, steps_done = count_bad(m, bad, args.max_bad_steps), steps_done + 1
             if common.end_step(args, step, total, steps_done, stage=stage, G=G, D=D, opt_g=opt_g,
-                               opt_d=opt_d, ref=ref, compute=common.compute):
+                               opt_d=opt_d, ref=ref if stage == "gad" else None,
+                               compute=common.compute):
                 return common.compute_cleanup()
 
     # save and evaluate: training state freed first (at 1.5B the two AdamW states are 25 GB)

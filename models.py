@@ -411,11 +411,13 @@ def cast_parameters(model, dtype):
 
 
 def load_weights(dst, src):
-    """dst's parameters set to src's (a sharded one's gathered whole), cast to dst's dtypes."""
+    """dst's parameters set to src's, cast to dst's dtypes (both sharded alike: shard by shard)."""
     from torch.distributed.tensor import DTensor
 
-    for p, q in zip(dst.parameters(), src.parameters()):
-        p.data.copy_(q.full_tensor() if isinstance(q, DTensor) else q.detach())
+    with torch.no_grad():
+        for p, q in zip(dst.parameters(), src.parameters()):
+            local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+            local(p).copy_(local(q))
     return dst
 
 

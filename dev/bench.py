@@ -665,7 +665,7 @@ class Arch:
     layer_linear: int   # the decoder layers' matmul weights and biases: what autocast casts
     tensors: int        # parameter tensors (AdamW keeps a step count for each)
     buckets: tuple      # the numbers of each gradient all-reduce bucket (common.all_reduce_grads)
-    layer_shapes: tuple = ()   # a decoder layer's parameters as (dim 0, numbers a dim-0 row)
+    layer_shapes: tuple = ()   # a decoder layer's parameters: (dim 0, numbers a dim-0 row, matmul?)
 
     @classmethod
     def of(cls, model):
@@ -675,11 +675,14 @@ class Arch:
         sizes = [p.numel() for p in model.parameters()]
         linear = sum(p.numel() for m in model.model.layers.modules()
                      if isinstance(m, torch.nn.Linear) for p in m.parameters())
+        layer = model.model.layers[0]
+        matmul = {id(p) for m in layer.modules() if isinstance(m, torch.nn.Linear)
+                  for p in m.parameters()}
         return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, out.shape[0],
                    head_dim, c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim,
                    sum(sizes), embed.numel(), 0 if out is embed else out.numel(), linear,
                    len(sizes), all_reduce_buckets(sizes),
-                   tuple((p.shape[0], p[0].numel()) for p in model.model.layers[0].parameters()))
+                   tuple((p.shape[0], p[0].numel(), id(p) in matmul) for p in layer.parameters()))
 
 
 def all_reduce_buckets(sizes, bucket_numel=2**24):
@@ -755,10 +758,15 @@ def trained(a, who, adam8bit=False):
             f"{who}: AdamW state": (2 if adam8bit else 8) * a.params + 4 * a.tensors}
 
 
-def reference_bytes(a):
-    """models.frozen_copy: the matmul weights in bf16, the embedding and the norms in fp32."""
+def reference_bytes(a, world=None):
+    """models.frozen_copy: the matmul weights in bf16, the embedding and the norms in fp32 (--fsdp:
+    rank 0's share of the layers)."""
     matmul = a.layer_linear + a.head
-    return 2 * matmul + 4 * (a.params - matmul)
+    whole = 2 * matmul + 4 * (a.params - matmul)
+    if world is None:
+        return whole
+    layer = lambda w: sum((2 if mm else 4) * -(-d0 // w) * row for d0, row, mm in a.layer_shapes)
+    return whole - a.layers * (layer(1) - layer(world))
 
 
 def discriminator_arch(a):
@@ -799,7 +807,7 @@ def all_reduce(a):
 def layer_numel(a, world=1):
     """A decoder layer's numbers on one rank of `world`: each parameter split on dim 0, rank 0's
     ceil(dim 0 / world) rows (FSDP2 pads the other ranks' to it)."""
-    return sum(-(-d0 // world) * row for d0, row in a.layer_shapes)
+    return sum(-(-d0 // world) * row for d0, row, _ in a.layer_shapes)
 
 
 def rank_share(a, world):
@@ -1000,12 +1008,12 @@ def micro_batch(items, max_rows, max_tokens):
 
 
 def gad_states(g, args, world=1):
-    """What a GAD step holds throughout: G and D (fp32, AdamW; --fsdp: a rank's share) and the
-    reference policy (whole on every rank)."""
+    """What a GAD step holds throughout: G and D (fp32, AdamW) and the reference policy (--fsdp:
+    a rank's share of each)."""
     share = rank_share(g, world) if args.fsdp else g
     return (trained(share, "G", args.adam8bit)
             | trained(discriminator_arch(share), "D", args.adam8bit)
-            | {"reference policy": reference_bytes(g)})
+            | {"reference policy": reference_bytes(g, world if args.fsdp else None)})
 
 
 def gad_phases(args, world, g, prompt_len, response_len):
@@ -1037,7 +1045,7 @@ def gad_phases(args, world, g, prompt_len, response_len):
         ("scoring", held | largest([
             {"D: autocast bf16 copy": autocast_copy(d, False, fsdp)} | gather(d, "D")
             | scoring_pass(D, mb, args.chunk_size, head=False),
-            scoring_pass(ref, mb, args.chunk_size)] + old_logprobs)),
+            gather(g, "reference") | scoring_pass(ref, mb, args.chunk_size)] + old_logprobs)),
         ("d_update", held | gradients(ds, "D") | layers_in_flight(d, world, cb, fsdp) | largest([
             training_pass(D, pair, args.chunk_size, head=False, passes=2), all_reduce(ds)])),
         ("g_update", held | gradients(gs, "G") | layers_in_flight(g, world, cb, fsdp)

@@ -70,8 +70,8 @@ if fsdp:   # a rank's share of a bf16 run's states against dev/bench.py's arithm
     cfg = models.tiny_config()
     cfg.intermediate_size = 75   # odd rows: rank 0 holds 38 of the MLP's, rank 1 37 (padded to 38)
     M = AutoModelForCausalLM.from_config(cfg)
-    a = bench.Arch.of(M)
-    M = common.shard(M, "bfloat16")
+    a, R = bench.Arch.of(M), models.frozen_copy(M, "bfloat16")   # R: GAD's reference, as gad.py
+    M, R = common.shard(M, "bfloat16"), common.shard(R, "bfloat16")
     opt = common.make_optimizer(M.parameters(), 1e-3, 0.0)
     with models.autocast("cpu", "bfloat16"):
         M(input_ids=torch.arange(12)[None]).logits.float().mean().backward()
@@ -86,6 +86,7 @@ if fsdp:   # a rank's share of a bf16 run's states against dev/bench.py's arithm
                   "grads": [size(p.grad for p in M.parameters()), 4 * predicted.params],
                   "adamw": [size(state), sum(bench.trained(predicted, "G").values())
                             - 4 * predicted.params],
+                  "reference": [size(R.parameters()), bench.reference_bytes(a, 2)],
                   "gathered": [gathered, layers["G: layers gathered"]],
                   "gathering": [live.peak, sum(layers.values())]}
 common.print0("RESULT " + json.dumps(out))
@@ -137,12 +138,12 @@ def test_uneven_micro_batches_on_two_sharded_ranks_match_one_process(runs):
 
 def test_memory_arithmetic_of_a_ranks_share_is_the_sharded_tensors_size(runs):
     """dev/bench.py's --fsdp states on a rank, against rank 0's sharded tensors in a bf16 run (MLP
-    rows split 38 + 37: FSDP2 pads rank 1's), and its layers gathered in bf16: [measured bytes,
-    predicted bytes]. While gathering, gloo frees the last layer's flat all-gather buffers sooner
-    or later: the peak is at most the count that keeps both, and above the gathered layers by at
-    least the output buffer."""
+    rows split 38 + 37: FSDP2 pads rank 1's; the reference's matmul weights bf16, its norms fp32),
+    and the layers gathered in bf16: [measured bytes, predicted bytes]. While gathering, gloo frees
+    the last layer's flat all-gather buffers sooner or later: the peak is at most the count that
+    keeps both, and above the gathered layers by at least the output buffer."""
     mem = runs[1][0]["mem"]
-    for term in ("weights", "grads", "adamw", "gathered"):
+    for term in ("weights", "grads", "adamw", "reference", "gathered"):
         assert mem[term][0] == mem[term][1], (term, mem[term])
     measured, predicted = mem["gathering"]
     assert mem["gathered"][0] + 2 / 3 * (predicted - mem["gathered"][0]) <= measured <= predicted
