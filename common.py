@@ -205,22 +205,24 @@ def clip_and_step(params, optimizer, max_grad_norm, sync=all_reduce_grads):
 
 
 def shard(model, dtype):
-    """--fsdp (FSDP2): each decoder layer's weights, gradients and AdamW state split over the ranks;
-    the embedding, final norm and heads stay whole on every rank, their gradients summed by
-    all_reduce_grads (the trainers call model.model and the head apart: a sharded root's hooks
-    would never gather them)."""
+    """--fsdp (FSDP2): the weights, gradients and AdamW state of each decoder layer, and of the
+    embedding unless the LM head shares it, split over the ranks; the final norm and heads stay
+    whole on every rank, their gradients summed by all_reduce_grads (the trainers call model.model
+    and the head apart: a sharded root's hooks would never gather them, nor a tied head's)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not is_initialized():
         raise ValueError("--fsdp shards over the ranks of a process group: launch with torchrun")
     bf16 = torch.bfloat16 if dtype in ("bfloat16", "bf16") else None
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=bf16,
-                                                          reduce_dtype=torch.float32))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    for unit in list(model.model.layers) + ([] if tied else [embedding]):
+        fully_shard(unit, mp_policy=MixedPrecisionPolicy(param_dtype=bf16,
+                                                         reduce_dtype=torch.float32))
         # a sum over ranks, as all_reduce_grads (losses are divided by global counts); plain SUM
         # collectives: gloo has no PREMUL_SUM
-        layer.set_gradient_divide_factor(1.0)
-        layer.set_force_sum_reduction_for_comms(True)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
     return model
 
 

@@ -60,12 +60,13 @@ PRESETS = {
                          max_response_len=32, max_new_tokens=32, micro_batch_size=8,
                          dtype="float32", eval_prompts=32, eval_max_new_tokens=32, limit=300,
                          val_fraction=0.2, gradient_checkpointing=False, micro_batch_tokens=None),
-    # the paper's bigger students: G's, D's and the reference's decoder layers sharded over the
-    # ranks; per-rank peaks by `python dev/bench.py gpu --predict-only`: 3B 56.5 GiB on 8 GPUs; 7B
-    # 68.0 on 8 (a generate() call's KV cache cut to 250k tokens, 12.2 GiB), 58.1 on 16. 14B fits
-    # no node count until the embeddings and the LM head are sharded too (README)
+    # the paper's bigger students: G's, D's and the reference's decoder layers (and untied
+    # embeddings) sharded over the ranks; per-rank peaks (`python dev/bench.py gpu --predict-only`):
+    # 3B 53.5 GiB on 8 GPUs; 7B 57.3 on 8 (generate() calls of 250k KV-cache tokens); 14B 69.6 on
+    # 32 (4 nodes; 100k-token calls), 77.5 on 16 (over the 71.2 an 80 GB card leaves)
     "qwen2.5-3b": dict(PAPER, fsdp=True),
     "qwen2.5-7b": dict(PAPER, fsdp=True, gen_batch_tokens=250_000),
+    "qwen2.5-14b": dict(PAPER, fsdp=True, gen_batch_tokens=100_000),
 }
 STAGES = ("seqkd", "warmup", "gad")
 LOG_KEYS = ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac", "sft_loss",
@@ -264,10 +265,12 @@ def evaluate(G, D, tok, val_recs, args):
     kw = dict(teacher=teacher, score_fn=score_fn, max_new_tokens=args.eval_max_new_tokens,
               max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len)
     val = val_recs[:args.eval_prompts]
-    with common.gathered(G), common.gathered(D):   # --fsdp: no collective in a shared evaluation
+    # --fsdp: no collective in a shared evaluation; G gathered once the initial student is freed
+    with common.gathered(D):
         table = {"before": eval_lib.evaluate(load_student(args, fp32=False).eval(), tok, val,
-                                             **kw),
-                 "after": eval_lib.evaluate(G.eval(), tok, val, **kw)}
+                                             **kw)}
+        with common.gathered(G):
+            table["after"] = eval_lib.evaluate(G.eval(), tok, val, **kw)
     eval_lib.write_table(table, val, args, os.path.join(args.out, "eval.json"))
 
 

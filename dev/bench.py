@@ -633,13 +633,11 @@ GPU_COMMANDS = [
     ("amm.py, 8 GPUs", "amm.py", ["--teacher", "qwen2.5-7b", "--student", "qwen2.5-1.5b"], 8),
     ("gad.py 3B --fsdp, 8 GPUs", "gad.py", ["--student", "qwen2.5-3b"], 8),
     ("gad.py 7B --fsdp, 8 GPUs", "gad.py", ["--student", "qwen2.5-7b"], 8),
-    ("gad.py 7B --fsdp, 16 GPUs", "gad.py", ["--student", "qwen2.5-7b"], 16),
+    ("gad.py 14B --fsdp, 32 GPUs", "gad.py", ["--student", "qwen2.5-14b"], 32),
 ]
-# ... and what does not fit yet: 14B, whose whole reference, embedding and LM head (and D's
-# embedding) a rank holds at any node count
-BEYOND = [(f"gad.py 14B --fsdp, {n} GPUs", "gad.py", ["--student", "qwen2.5-14b", "--fsdp",
-                                                       "--gen-batch-tokens", "100000"], n)
-          for n in (16, 64)]
+# ... and what does not fit: 14B on two nodes (its final evaluation: the initial student whole
+# beside D gathered, and every rank's whole LM head)
+BEYOND = [("gad.py 14B --fsdp, 16 GPUs", "gad.py", ["--student", "qwen2.5-14b"], 16)]
 # peft's LoRA dropout keeps a mask for backward: CUDA's a 1-byte one, the CPU's fp32 (the CPU
 # test sets 4)
 LORA_MASK_BYTES = 1
@@ -666,6 +664,7 @@ class Arch:
     tensors: int        # parameter tensors (AdamW keeps a step count for each)
     buckets: tuple      # the numbers of each gradient all-reduce bucket (common.all_reduce_grads)
     layer_shapes: tuple = ()   # a decoder layer's parameters: (dim 0, numbers a dim-0 row, matmul?)
+    tied: bool = True   # the LM head is the embedding (D: False, no head shares its embedding)
 
     @classmethod
     def of(cls, model):
@@ -682,7 +681,8 @@ class Arch:
                    head_dim, c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim,
                    sum(sizes), embed.numel(), 0 if out is embed else out.numel(), linear,
                    len(sizes), all_reduce_buckets(sizes),
-                   tuple((p.shape[0], p[0].numel(), id(p) in matmul) for p in layer.parameters()))
+                   tuple((p.shape[0], p[0].numel(), id(p) in matmul) for p in layer.parameters()),
+                   out is embed)
 
 
 def all_reduce_buckets(sizes, bucket_numel=2**24):
@@ -760,19 +760,20 @@ def trained(a, who, adam8bit=False):
 
 def reference_bytes(a, world=None):
     """models.frozen_copy: the matmul weights in bf16, the embedding and the norms in fp32 (--fsdp:
-    rank 0's share of the layers)."""
+    rank 0's share of the layers and of an untied embedding)."""
     matmul = a.layer_linear + a.head
     whole = 2 * matmul + 4 * (a.params - matmul)
     if world is None:
         return whole
     layer = lambda w: sum((2 if mm else 4) * -(-d0 // w) * row for d0, row, mm in a.layer_shapes)
-    return whole - a.layers * (layer(1) - layer(world))
+    return (whole - a.layers * (layer(1) - layer(world))
+            - 4 * (embed_numel(a) - embed_numel(a, world)))
 
 
 def discriminator_arch(a):
     """GAD's D: the student's backbone with a scalar head instead of the LM head."""
     return replace(a, params=a.params - a.head + a.hidden, head=0,
-                   tensors=a.tensors + (0 if a.head else 1))
+                   tensors=a.tensors + (0 if a.head else 1), tied=False)
 
 
 def lora_params(a, r):
@@ -810,21 +811,28 @@ def layer_numel(a, world=1):
     return sum(-(-d0 // world) * row for d0, row, _ in a.layer_shapes)
 
 
+def embed_numel(a, world=1):
+    """The embedding's numbers on one rank of `world` (--fsdp shards it unless the head is it)."""
+    return a.embed if a.tied else -(-a.embed // a.hidden // world) * a.hidden
+
+
 def rank_share(a, world):
-    """--fsdp: what one rank holds of `a` (rank 0's, the largest share): its shards of the layers,
-    the embedding, final norm and heads whole (all that common.all_reduce_grads sums)."""
-    whole = a.params - a.layers * layer_numel(a)
-    sizes = [n for n in (a.embed, whole - a.embed - a.head, a.head) if n]
-    return replace(a, params=whole + a.layers * layer_numel(a, world),
+    """--fsdp: what one rank holds of `a` (rank 0's, the largest share): its shards of the layers
+    and of an untied embedding, the final norm and heads whole (what common.all_reduce_grads
+    sums)."""
+    rest = a.params - a.layers * layer_numel(a) - a.embed   # the final norm and heads
+    sizes = [n for n in ((a.embed,) if a.tied else ()) + (rest - a.head, a.head) if n]
+    return replace(a, params=embed_numel(a, world) + rest + a.layers * layer_numel(a, world),
                    buckets=all_reduce_buckets(sizes))
 
 
 def gathered_layers(a, world, cb, who):
-    """common.gathered: every layer all-gathered in the compute dtype, padding included, and while
-    it gathers, a layer's flat all-gather output and input (its shard) not yet freed."""
-    shard = layer_numel(a, world)
-    return {f"{who}: layers gathered": cb * a.layers * world * shard,
-            f"{who}: a layer's all-gather buffers": cb * (world + 1) * shard}
+    """common.gathered: every layer (and a sharded embedding) all-gathered in the compute dtype,
+    padding included, and while it gathers, a unit's flat all-gather output and input (its shard)
+    not yet freed."""
+    shard, embed = layer_numel(a, world), 0 if a.tied else embed_numel(a, world)
+    return {f"{who}: layers gathered": cb * world * (a.layers * shard + embed),
+            f"{who}: a layer's all-gather buffers": cb * (world + 1) * max(shard, embed)}
 
 
 def layers_in_flight(a, world, cb, fsdp=True):
@@ -1010,9 +1018,9 @@ def micro_batch(items, max_rows, max_tokens):
 def gad_states(g, args, world=1):
     """What a GAD step holds throughout: G and D (fp32, AdamW) and the reference policy (--fsdp:
     a rank's share of each)."""
-    share = rank_share(g, world) if args.fsdp else g
-    return (trained(share, "G", args.adam8bit)
-            | trained(discriminator_arch(share), "D", args.adam8bit)
+    d = discriminator_arch(g)
+    gs, ds = (rank_share(g, world), rank_share(d, world)) if args.fsdp else (g, d)
+    return (trained(gs, "G", args.adam8bit) | trained(ds, "D", args.adam8bit)
             | {"reference policy": reference_bytes(g, world if args.fsdp else None)})
 
 
@@ -1056,18 +1064,24 @@ def gad_phases(args, world, g, prompt_len, response_len):
 
 def gad_eval(args, g, prompt_len, world=1):
     """gad.evaluate after training: G, D, a local teacher and the initial student in --dtype
-    (--fsdp: G's and D's fp32 shards, their layers gathered in --dtype)."""
+    (--fsdp: G's and D's fp32 shards, D gathered throughout, G once the initial student is
+    freed)."""
     wb, new, d = cb_of(args), args.eval_max_new_tokens, discriminator_arch(g)
-    held = {"G: weights in --dtype": wb * g.params, "D: weights in --dtype": wb * d.params}
+    b = Batch(8, prompt_len + new, new)
+    before = ({"initial student": wb * g.params}
+              | eval_passes(Net(g, wb, wb, wb), b, args.chunk_size))
+    # without --fsdp "before" is the larger moment: the initial student is held while its passes run
+    held, moments = {"G: weights in --dtype": wb * g.params,
+                     "D: weights in --dtype": wb * d.params}, [before]
     if args.fsdp:
         held = ({"G: fp32 weights": 4 * rank_share(g, world).params,
                  "D: fp32 weights": 4 * rank_share(d, world).params}
-                | gathered_layers(g, world, wb, "G") | gathered_layers(d, world, wb, "D"))
+                | gathered_layers(d, world, wb, "D"))
+        moments.append(gathered_layers(g, world, wb, "G")
+                       | eval_passes(Net(g, 4, wb, wb, fsdp=True), b, args.chunk_size))
     if args.teacher and not args.teacher.startswith("api:"):
         held["teacher: weights"] = wb * arch(args.teacher).params
-    # "before" is the larger moment: the initial student is held while its passes run
-    return (held | {"initial student": wb * g.params}
-            | eval_passes(Net(g, wb, wb, wb), Batch(8, prompt_len + new, new), args.chunk_size))
+    return held | largest(moments)
 
 
 def eval_passes(net, b, chunk):

@@ -45,9 +45,13 @@ out["d"] = {k: m[k] for k in ("d_loss", "d_grad_norm")}
 cfg = ppo.PPOConfig(micro_batch_size=8, micro_batch_tokens=40, chunk_size=4, fsdp=fsdp)
 adv = torch.tensor([a for _, _, a in rows])
 out["ppo"] = {"grad_norm": ppo.ppo_update(G, opt, ro, adv, None, cfg=cfg)["grad_norm"]}
-# DistiLLM-2's step (distillm2.accumulate, then the clipped AdamW step): the rows as the
-# teacher's responses, the other tokens as the student's, SKL and SRKL at fixed alphas
-S = models.load_model("tiny", seed=1)
+# DistiLLM-2's step (distillm2.accumulate, then the clipped AdamW step) with an untied student: the
+# rows as the teacher's responses, the other tokens as the student's, SKL and SRKL at fixed alphas
+from transformers import AutoModelForCausalLM
+untied = models.tiny_config()
+untied.tie_word_embeddings = False   # (as 7B and 14B): the embedding sharded, the head whole
+torch.manual_seed(1)
+S = AutoModelForCausalLM.from_config(untied)
 S = common.shard(S, "float32") if fsdp else S
 opt_s = common.make_optimizer(S.parameters(), 1e-3, 0.0)
 kd = argparse.Namespace(**vars(args), loss="distillm2", released=False)
@@ -85,11 +89,11 @@ if common.get_rank() == 0:
 if fsdp:   # a rank's share of a bf16 run's states against dev/bench.py's arithmetic (rank 0's)
     sys.path.insert(0, ROOT + "/tests")
     from torch.distributed.tensor import DTensor
-    from transformers import AutoModelForCausalLM
     from dev import bench
     from live_bytes import LiveBytes
     cfg = models.tiny_config()
     cfg.intermediate_size = 75   # odd rows: rank 0 holds 38 of the MLP's, rank 1 37 (padded to 38)
+    cfg.tie_word_embeddings = False   # (as 7B and 14B): the embedding is sharded too, 259 rows
     M = AutoModelForCausalLM.from_config(cfg)
     a, R = bench.Arch.of(M), models.frozen_copy(M, "bfloat16")   # R: GAD's reference, as gad.py
     M, R = common.shard(M, "bfloat16"), common.shard(R, "bfloat16")
@@ -100,7 +104,8 @@ if fsdp:   # a rank's share of a bf16 run's states against dev/bench.py's arithm
     size = lambda ts: sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size()
                           for t in ts)
     with LiveBytes() as live, common.gathered(M):   # (the gathered parameters are M's meanwhile)
-        gathered = sum(p.untyped_storage().nbytes() for p in M.model.layers.parameters())
+        gathered = sum(p.untyped_storage().nbytes() for m in (M.model.layers, M.model.embed_tokens)
+                       for p in m.parameters())
     state = [t for s in opt.state.values() for t in s.values()]
     predicted, layers = bench.rank_share(a, 2), bench.gathered_layers(a, 2, 2, "G")
     out["mem"] = {"weights": [size(M.parameters()), 4 * predicted.params],
@@ -149,8 +154,8 @@ def test_uneven_micro_batches_on_two_sharded_ranks_match_one_process(runs):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
     # and the weights after them (G: two AdamW steps at lr 1e-3; D, DistiLLM-2's student S and AMM's
     # T: one), gathered whole. Float reordering moves them ~1e-7; an element whose gradient is at
-    # that noise level can move by up to AdamW's whole step (lr, either sign): here one element of
-    # S and three of T's 27k by 1.4e-6 to 5.5e-6. A rank's share of a gradient missing moves most
+    # that noise level can move by up to AdamW's whole step (lr, either sign): here three of T's
+    # 27k numbers by 1.4e-6 to 5.5e-6. A rank's share of a gradient missing moves most
     # elements (a halved sum, which AdamW's first step does not see, the gradient norms above catch)
     assert w1.keys() == w2.keys()
     for model in "GDST":
