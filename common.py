@@ -217,8 +217,10 @@ def shard(model, dtype):
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
     for unit in list(model.model.layers) + ([] if tied else [embedding]):
-        fully_shard(unit, mp_policy=MixedPrecisionPolicy(param_dtype=bf16,
-                                                         reduce_dtype=torch.float32))
+        # reshard_after_forward given: left unset, a unit that runs as FSDP's root (each one
+        # here) would keep its weights gathered from forward to backward
+        fully_shard(unit, reshard_after_forward=True,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=torch.float32))
         # a sum over ranks, as all_reduce_grads (losses are divided by global counts); plain SUM
         # collectives: gloo has no PREMUL_SUM
         unit.set_gradient_divide_factor(1.0)
@@ -456,6 +458,10 @@ def load_checkpoint(path, **objects):
     # mmap: every rank reading the file shares its pages
     ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     folder = ck.pop("dcp", None)
+    if bool(folder) != any(_sharded(v) for v in objects.values()):
+        how = "with" if folder else "without"
+        raise ValueError(f"{path} was written {how} --fsdp: resume it {how} --fsdp (or start "
+                         f"over without --resume)")
     if folder:   # the sharded ones: this run's shards as templates, filled in place
         shards = sharded_state_dicts({k: v for k, v in objects.items() if k not in ck}, load=True)
         dcp.load(shards, checkpoint_id=os.path.join(os.path.dirname(path), folder))
@@ -466,8 +472,8 @@ def load_checkpoint(path, **objects):
                 sd.set_model_state_dict(obj, state)
             else:
                 sd.set_optimizer_state_dict(_owner(obj, sharded), obj, state)
-    for name, obj in objects.items():   # a None was not saved (GAD's reference in its warmup)
-        if name in ck and (value := ck.pop(name)) is not None:
+    for name, obj in objects.items():   # a None is not saved (GAD's reference in its warmup)
+        if name in ck and (value := ck.pop(name)) is not None and obj is not None:
             obj.load_state_dict(value)
     rng = ck.pop("rng")
     random.setstate(rng["python"])

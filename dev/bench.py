@@ -836,10 +836,12 @@ def gathered_layers(a, world, cb, who):
 
 
 def layers_in_flight(a, world, cb, fsdp=True):
-    """A sharded training pass: two layers gathered (the next one's all-gather overlaps), and one
-    layer's gradient in the compute dtype with its fp32 reduce-scatter input."""
-    return ({"FSDP: two layers gathered, a layer's gradient and its fp32 copy":
-             (3 * cb + 4) * world * layer_numel(a, world)} if fsdp else {})
+    """A sharded training pass: two units gathered (the next one's all-gather overlaps), and one
+    unit's gradient in the compute dtype with its fp32 reduce-scatter input (a sharded embedding is
+    the largest unit)."""
+    unit = max(layer_numel(a, world), 0 if a.tied else embed_numel(a, world))
+    return ({"FSDP: two units gathered, a unit's gradient and its fp32 copy":
+             (3 * cb + 4) * world * unit} if fsdp else {})
 
 
 # --- forward and backward passes ------------------------------------------------------------------

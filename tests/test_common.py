@@ -2,16 +2,19 @@
 (gloo, 2 processes)."""
 
 import os
+import random
 import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 import common
 import files
+import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,3 +179,24 @@ def test_prompts_per_step_that_do_not_split_over_the_ranks_are_refused(tmp_path,
         common.setup(args)
     args.prompts_per_step = 4
     assert common.setup(args) == (0, 2, "cpu")
+
+
+def test_a_checkpoint_resumes_only_in_the_sharding_it_was_written_in(tmp_path):
+    """A --fsdp checkpoint keeps the models in a folder of shards that ckpt.pt names; resumed
+    without --fsdp it once loaded nothing and trained on from the initial weights, saying it had
+    resumed. Both mismatches now stop with the file's name and the flag to use; a matching one
+    loads (a saved None is skipped, as a GAD warmup's reference; so is a state this run has no
+    object for, as a GAD-stage reference resumed with --stage warmup)."""
+    model = models.tiny_model(seed=0)
+    path = tmp_path / "ckpt.pt"
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(),
+           "torch": torch.get_rng_state()}
+    torch.save({"model": model.state_dict(), "ref": None, "rng": rng, "dcp": "ckpt.pt.1.dcp",
+                "step": 3}, path)
+    with pytest.raises(ValueError, match=f"{path} was written with --fsdp: resume it with --fsdp"):
+        common.load_checkpoint(str(path), model=model)
+    for ref in (None, model.state_dict()):
+        torch.save({"model": model.state_dict(), "ref": ref, "rng": rng, "step": 3}, path)
+        other = models.tiny_model(seed=1)
+        assert common.load_checkpoint(str(path), model=other, ref=None) == {"step": 3}
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))

@@ -356,8 +356,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, one_process):
 def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path, one_process):
     """--fsdp (issue 25): G's and D's decoder layers sharded over two gloo ranks (FSDP2). The steps
     with one process's inputs give its numbers, as the DDP test above; a run stopped in the GAD
-    stage and resumed equals the uninterrupted one bit for bit (the sharded optimizers' state from
-    the checkpoint's sharded folder, the reference from ckpt.pt); the exported student is the
+    stage and resumed equals the uninterrupted one bit for bit (the sharded optimizers' state and
+    the sharded reference from the checkpoint's folder); the exported student is the
     whole model (not rank 0's shards), the checkpoint's G, loadable by from_pretrained; and
     eval.py on it gives the table the sharded run's own evaluation wrote."""
     from transformers import AutoModelForCausalLM
