@@ -457,15 +457,14 @@ def load_checkpoint(path, **objects):
     # CPU: set_rng_state refuses a GPU tensor, and no second copy of the weights on the GPU;
     # mmap: every rank reading the file shares its pages
     ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    folder = ck.pop("dcp", None)
-    if bool(folder) != any(_sharded(v) for v in objects.values()):
+    folder, sharded = ck.pop("dcp", None), [v for v in objects.values() if _sharded(v)]
+    if bool(folder) != bool(sharded):
         how = "with" if folder else "without"
         raise ValueError(f"{path} was written {how} --fsdp: resume it {how} --fsdp (or start "
                          f"over without --resume)")
     if folder:   # the sharded ones: this run's shards as templates, filled in place
         shards = sharded_state_dicts({k: v for k, v in objects.items() if k not in ck}, load=True)
         dcp.load(shards, checkpoint_id=os.path.join(os.path.dirname(path), folder))
-        sharded = [v for v in objects.values() if _sharded(v)]
         for name, state in shards.items():
             obj = objects[name]
             if obj in sharded:
@@ -536,7 +535,8 @@ def arg_parser(description, out, student="smollm2-135m"):
                    help="padded tokens per forward/backward (reference: 12288 per GPU)")
     g.add_argument("--chunk-size", type=int, default=128, help="positions per full-vocab chunk")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
-                   help="shard the student's (and GAD's D's) decoder layers over the ranks (FSDP2)")
+                   help="shard the trained models' decoder layers (and untied embeddings) over "
+                   "the ranks (FSDP2)")
     add_generate_flags(g)
     return p
 

@@ -414,9 +414,9 @@ def load_weights(dst, src):
     """dst's parameters set to src's, cast to dst's dtypes (both sharded alike: shard by shard)."""
     from torch.distributed.tensor import DTensor
 
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
     with torch.no_grad():
         for p, q in zip(dst.parameters(), src.parameters()):
-            local = lambda t: t.to_local() if isinstance(t, DTensor) else t
             local(p).copy_(local(q))
     return dst
 

@@ -826,13 +826,18 @@ def rank_share(a, world):
                    buckets=all_reduce_buckets(sizes))
 
 
+def held_share(a, args, world):
+    """What a rank holds of a trained model: rank_share under --fsdp, else all of it."""
+    return rank_share(a, world) if args.fsdp else a
+
+
 def gathered_layers(a, world, cb, who):
     """common.gathered: every layer (and a sharded embedding) all-gathered in the compute dtype,
     padding included, and while it gathers, a unit's flat all-gather output and input (its shard)
     not yet freed."""
     shard, embed = layer_numel(a, world), 0 if a.tied else embed_numel(a, world)
     return {f"{who}: layers gathered": cb * world * (a.layers * shard + embed),
-            f"{who}: a layer's all-gather buffers": cb * (world + 1) * max(shard, embed)}
+            f"{who}: a unit's all-gather buffers": cb * (world + 1) * max(shard, embed)}
 
 
 def layers_in_flight(a, world, cb, fsdp=True):
@@ -1021,8 +1026,8 @@ def gad_states(g, args, world=1):
     """What a GAD step holds throughout: G and D (fp32, AdamW) and the reference policy (--fsdp:
     a rank's share of each)."""
     d = discriminator_arch(g)
-    gs, ds = (rank_share(g, world), rank_share(d, world)) if args.fsdp else (g, d)
-    return (trained(gs, "G", args.adam8bit) | trained(ds, "D", args.adam8bit)
+    return (trained(held_share(g, args, world), "G", args.adam8bit)
+            | trained(held_share(d, args, world), "D", args.adam8bit)
             | {"reference policy": reference_bytes(g, world if args.fsdp else None)})
 
 
@@ -1032,7 +1037,7 @@ def gad_phases(args, world, g, prompt_len, response_len):
     prompts, n = args.prompts_per_step // world, args.samples_per_prompt
     G, D = Net(g, 4, cb if fsdp else 4, cb, fsdp=fsdp), Net(d, 4, cb if fsdp else 4, cb, fsdp=fsdp)
     ref = Net(g, cb, 4, cb)
-    gs, ds = (rank_share(g, world), rank_share(d, world)) if fsdp else (g, d)   # what a rank holds
+    gs, ds = held_share(g, args, world), held_share(d, args, world)
     gather = (lambda a, who: gathered_layers(a, world, cb, who)) if fsdp else (lambda a, who: {})
     held = gad_states(g, args, world) | rollout_ids(prompts * (n + 1), prompt_len + response_len)
     call = generate_call(prompts, n, prompt_len, new, None, args.gen_batch_tokens)
