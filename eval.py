@@ -138,7 +138,8 @@ def write_table(table, records, judge_args, out_path):
         add_judgements(table, records, judge_args,
                        os.path.join(os.path.dirname(out_path), "judge.jsonl"))
         print0(format_table(table))
-    summary = {when: {k: v for k, v in d.items() if k != "samples"} for when, d in table.items()}
+    summary = {when: {k: v for k, v in d.items() if k not in ("samples", "teacher_nll_sums")}
+               for when, d in table.items()}
     if common.get_rank() == 0:
         files.atomic_write_text(out_path, json.dumps(summary, indent=1))
     return summary
@@ -263,6 +264,8 @@ def evaluate(student, tokenizer, records, *, teacher=None, score_fn=None, **sett
         metrics["student_nll"] = pooled(rows["student_nll"])
     if teacher is not None:
         metrics["teacher_nll"] = pooled(rows["teacher_nll"])
+        # each sample's (NLL sum, tokens): a benchmark's paired bootstrap resamples prompts
+        metrics["teacher_nll_sums"] = rows["teacher_nll"]
     if score_fn is not None:
         scores = rows["disc"]                                                    # [N*n]
         metrics["disc_score"] = _mean(scores)

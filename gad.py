@@ -6,9 +6,14 @@ teacher's responses from G's; only the teacher's text is used. Details: docs/gad
     python gad.py --student tiny --out runs/tiny  # tiny random models, < 1 minute
     torchrun --nproc_per_node=8 gad.py --student qwen2.5-1.5b --data teacher.jsonl
 
+    python gad.py --stage soda --init-from runs/gad-warmup        # SODA (arXiv 2604.03873) after it
+
 Departures from the reference (each a flag): PPO defaults to one epoch and one mini-batch as there,
 --ppo-epochs / --mini-batches give real PPO; D's head starts at zero; prompts over --max-prompt-len
-are dropped, not cut; the CPU default's teacher is SmolLM2-135M-Instruct, sampled once.
+are dropped, not cut; the CPU default's teacher is SmolLM2-135M-Instruct, sampled once. Every stage
+trains the policy it samples from, softmax(logits / --temperature), as the reference's SFT does; SODA's
+paper (DPO on plain logits, no public code) is followed otherwise: its rejected responses are the raw
+--student's, sampled once, its reference the student at the stage's start (--init-from's).
 """
 
 import functools
@@ -24,6 +29,7 @@ import data as data_lib
 import discriminator
 import eval as eval_lib
 import judge
+import losses
 import models
 import ppo
 import sample
@@ -33,7 +39,7 @@ import teacher as teacher_lib
 PAPER = dict(  # the reference recipe (LMOps gad/scripts/train): 7B-14B students on 8 GPUs
     data="sharegpt", samples_per_prompt=8, prompts_per_step=256, temperature=0.8, top_p=1.0,
     lr=1e-6, d_lr=1e-6, weight_decay=0.01, grad_clip=0.2, clip_eps=0.2, dual_clip=3.0,
-    kl_coef=0.001, freeze_g_steps=10, warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0,
+    kl_coef=0.001, soda_beta=0.1, freeze_g_steps=10, warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0, soda_epochs=1.0,
     seqkd_lr=5e-6, max_prompt_len=2048, max_response_len=1536, max_new_tokens=1536,
     eval_max_new_tokens=1536, micro_batch_size=8, dtype="bfloat16", eval_prompts=256,
     val_fraction=0.1, teacher_responses="data",
@@ -68,15 +74,17 @@ PRESETS = {
     "qwen2.5-7b": dict(PAPER, fsdp=True, gen_batch_tokens=250_000),
     "qwen2.5-14b": dict(PAPER, fsdp=True, gen_batch_tokens=100_000),
 }
-STAGES = ("seqkd", "warmup", "gad")
+STAGES = ("seqkd", "warmup", "gad", "soda")   # --stage: one, or several in this order
 LOG_KEYS = ("d_loss", "d_acc", "reward_mean", "reward_std", "pg_loss", "kl", "clipfrac", "sft_loss",
-            "response_len")
+            "dpo_loss", "dpo_acc", "response_len")
 
 
 def parse_args(argv=None):
     p = common.arg_parser("GAD: generative adversarial distillation (black-box)", out="runs/gad")
     g = p.add_argument_group("GAD (reference values in brackets)")
-    g.add_argument("--stage", default="all", choices=STAGES + ("all",), help="all: warmup, gad")
+    g.add_argument("--stage", default="all",
+                   help="seqkd | warmup | gad | soda, a comma list of them in that order, or all: "
+                        "warmup,gad")
     g.add_argument("--teacher-responses", choices=["data", "teacher"], help="which --teacher fills")
     g.add_argument("--init-from", default=None, help="folder with student/ (and discriminator/)")
     g.add_argument("--max-response-len", type=int, default=None, help="cut teacher responses")
@@ -88,6 +96,7 @@ def parse_args(argv=None):
     g.add_argument("--clip-eps", type=float, default=None, help="PPO clip [0.2]")
     g.add_argument("--dual-clip", type=float, default=None, help="dual clip c for A < 0 [3]")
     g.add_argument("--kl-coef", type=float, default=None, help="k3 KL(G || ref) coefficient [1e-3]")
+    g.add_argument("--soda-beta", type=float, default=None, help="SODA's DPO beta [0.1]")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout [1]")
     g.add_argument("--mini-batches", type=int, default=1, help="optimizer steps a pass [1]")
     g.add_argument("--freeze-g-steps", type=int, default=None, help="warmup: D alone first [10]")
@@ -96,6 +105,8 @@ def parse_args(argv=None):
     g.add_argument("--gad-steps", type=int, default=None, help="overrides --gad-epochs")
     g.add_argument("--gad-epochs", type=float, default=None, help="GAD length [2]")
     g.add_argument("--seqkd-epochs", type=float, default=None, help="SeqKD length [3]")
+    g.add_argument("--soda-steps", type=int, default=None, help="overrides --soda-epochs")
+    g.add_argument("--soda-epochs", type=float, default=None, help="SODA length [1]")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy eval length")
     g.add_argument("--skip-bad", action="store_true", help="skip bad data rows, not stop")
     g.add_argument("--attn", default="sdpa", help="sdpa | eager | flash_attention_2")
@@ -103,10 +114,13 @@ def parse_args(argv=None):
     judge.add_flags(p)
     args = p.parse_args(argv)
     common.fill_preset(args, PRESETS, PAPER)
+    args.stages = ["warmup", "gad"] if args.stage == "all" else args.stage.split(",")
+    if [s for s in STAGES if s in args.stages] != args.stages:
+        p.error(f"--stage {args.stage}: one of {', '.join(STAGES)} or several in that order")
     if args.teacher_responses == "teacher" and not args.teacher:
         p.error("--teacher-responses teacher needs --teacher (a local model or api:URL:MODEL)")
-    if args.stage == "gad" and not args.init_from and not args.resume:
-        print0("note: --stage gad without --init-from starts GAD from the raw student (no warmup)")
+    if args.stages in (["gad"], ["soda"]) and not args.init_from and not args.resume:
+        print0(f"note: --stage {args.stage} without --init-from starts from the raw student")
     return args
 
 
@@ -135,14 +149,15 @@ def teacher_rollout(batch, args):
     return sample.pack(prompts, responses, args.pad_id, args.device)
 
 
-def student_rollout(G, batch, step, args):
+def student_rollout(G, batch, step, args, n=None):
     """n samples a prompt from G, keyed by (prompt, step): the same on any rank or resume."""
+    n = n or args.samples_per_prompt
     with common.gathered(G):   # --fsdp: G's layers gathered once, not at every decode step
         ro = sample.rollout(G, [ex["prompt"] for ex in batch],
-                            [f"{ex['key']}|{step}" for ex in batch], n=args.samples_per_prompt,
+                            [f"{ex['key']}|{step}" for ex in batch], n=n,
                             temperature=args.temperature, top_p=args.top_p,
                             **common.rollout_settings(args))
-    common.compute.generate(G, ro, args.samples_per_prompt)
+    common.compute.generate(G, ro, n)
     return ro
 
 
@@ -163,7 +178,8 @@ def sft_step(model, opt, ro, args):
     total = 0.0
     for _, r in ro.micro_batches(args.micro_batch_size, args.micro_batch_tokens, equal=args.fsdp):
         with args.amp:
-            lp = sample.sequence_logprobs(model, r, chunk_size=args.chunk_size)          # [b, t]
+            lp = sample.sequence_logprobs(model, r, args.temperature,
+                                          chunk_size=args.chunk_size)                    # [b, t]
             loss = -(lp * r.response_mask).sum() / max(tokens, 1)
         loss.backward()
         total += loss.item()
@@ -217,6 +233,40 @@ def warmup_step(G, D, opt_g, opt_d, batch, step, args):
         with common.phase("g_update"):
             m.update(sft_step(G, opt_g, teacher_rollout(batch, args), args))
     m["response_len"] = ro.response_mask.sum(-1).float().mean().item()
+    return m, ro.response_mask.sum().item()
+
+
+def soda_step(G, ref, base, opt_g, batch, args):
+    """SODA: one DPO step, each prompt's teacher response chosen over the raw student's (base),
+    which is keyed by the prompt alone: sampled once, the same in every epoch, on any rank."""
+    with common.phase("sampling"):
+        rejected = student_rollout(base, [dict(ex, key=ex["id"]) for ex in batch], "soda", args, 1)
+    B, pairs = len(batch), common.all_reduce_sum(len(batch))
+    prompts = [ex["prompt"] for ex in batch]
+    ro = sample.pack(prompts + prompts, [ex["response"] for ex in batch] + rejected.responses(),
+                     args.pad_id, args.device)                          # rows: B chosen, B rejected
+    with common.phase("scoring"):   # each response's logprob under G and the reference, no grad
+        lp, ref_lp = (response_logprobs(m, ro, args).sum(-1) for m in (G, ref))       # [2B] each
+        common.compute.forward(G, ro, 1), common.compute.forward(ref, ro, 1)
+    lp.requires_grad_()
+    loss = losses.dpo(lp[:B], lp[B:], ref_lp[:B], ref_lp[B:], args.soda_beta).sum() / pairs
+    # the loss depends on G only through each response's logprob: its gradient is the sum of the
+    # responses' logprob gradients weighted by dloss/dlogprob, any micro-batches (pairs may part)
+    weight, = torch.autograd.grad(loss, lp)                                         # [2B]
+    with common.phase("g_update"):
+        G.train()
+        for idx, r in ro.micro_batches(args.micro_batch_size, args.micro_batch_tokens,
+                                       equal=args.fsdp):
+            with args.amp:
+                lp_r = sample.sequence_logprobs(G, r, args.temperature, chunk_size=args.chunk_size)
+            (weight[idx] * lp_r.sum(-1)).sum().backward()
+        grad_norm, skipped = common.clip_and_step(G.parameters(), opt_g, args.grad_clip)
+    common.compute.train(G, ro)
+    margin = ((lp - ref_lp)[:B] - (lp - ref_lp)[B:]).detach()
+    m = dict(dpo_loss=common.all_reduce_sum(loss.item()), g_grad_norm=grad_norm,
+             g_skipped=int(skipped), dpo_acc=(margin > 0).float().mean().item(),
+             dpo_margin=margin.mean().item())
+    m["response_len"] = rejected.response_mask.sum(-1).float().mean().item()
     return m, ro.response_mask.sum().item()
 
 
@@ -281,16 +331,22 @@ def main(argv=None):
     models.prefetch(args.student, args.teacher)
     tok = models.load_tokenizer(args.student)
     G = load_student(args)
-    D = load_discriminator(args, G)
+    adversarial = "warmup" in args.stages or "gad" in args.stages   # D is trained
+    D = load_discriminator(args, G) if adversarial else None
     if args.gradient_checkpointing:
         for m in (G, D):
-            models.checkpoint_activations(m)
+            if m is not None:
+                models.checkpoint_activations(m)
     # the reference policy: a frozen copy (matmul weights in --dtype), set to G's weights when the
-    # GAD stage starts; made before G is sharded (a sharded module cannot be copied), sharded as G
-    ref = models.frozen_copy(G, args.dtype) if args.stage in ("all", "gad") else None
+    # GAD or SODA stage starts; made before G is sharded (a sharded module cannot be copied)
+    ref = models.frozen_copy(G, args.dtype) if {"gad", "soda"} & set(args.stages) else None
+    # SODA's rejected responses come from the raw student, before any training
+    base = None
+    if "soda" in args.stages:
+        base = models.load_model(args.student, dtype=args.dtype, attn=args.attn, device=args.device,
+                                 seed=args.seed, layers=args.student_layers).eval()
     if args.fsdp:
-        G, D = common.shard(G, args.dtype), common.shard(D, args.dtype)
-        ref = ref if ref is None else common.shard(ref, args.dtype)
+        G, D, ref, base = (m if m is None else common.shard(m, args.dtype) for m in (G, D, ref, base))
     args.eos_ids, args.pad_id = sample.stop_ids(tok, G), tok.pad_token_id
     args.amp = models.autocast(device, args.dtype)   # forward passes only, fixed for the run
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, "
@@ -305,32 +361,34 @@ def main(argv=None):
            f"{len(val_recs)} held out")
 
     # optimizers (fp32 state), and the checkpoint when resuming
-    lr = args.seqkd_lr if args.stage == "seqkd" else args.lr
-    opt_g = common.make_optimizer(G.parameters(), lr, args.weight_decay, args.adam8bit)
-    opt_d = common.make_optimizer(D.parameters(), args.d_lr, args.weight_decay, args.adam8bit)
+    opt_g = common.make_optimizer(G.parameters(), args.lr, args.weight_decay, args.adam8bit)
+    opt_d = None if D is None else common.make_optimizer(D.parameters(), args.d_lr,
+                                                         args.weight_decay, args.adam8bit)
     state = common.resume(args, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ref=ref)   # stage, step
     common.compute.resume(state)
     starts, bad, steps_done = stage_starts(state), 0, 0
 
     # the loop: stage by stage, step by step
-    for stage in ["warmup", "gad"] if args.stage == "all" else [args.stage]:
+    for stage in args.stages:
         if starts[stage] is None:
             continue
         total = stage_steps(stage, args, len(train))
-        if stage == "warmup":
-            for group in opt_g.param_groups:
-                group["lr"] = args.lr
-        if stage == "gad" and (state is None or state["stage"] != "gad"):
+        for group in opt_g.param_groups:   # SeqKD's SFT rate; the warmup, GAD and SODA at --lr
+            group["lr"] = args.seqkd_lr if stage == "seqkd" else args.lr
+        if ref is not None and stage in ("gad", "soda") and (state is None or state["stage"] != stage):
             models.load_weights(ref, G)   # pi_ref = G at the start of the stage (resumed: loaded)
         for step in range(starts[stage], total):
             t0 = time.time()
+            # every stage walks one seeded order: branches from one checkpoint see the same prompts
             batch, keys = data_lib.batch_at_step(train, step, args.prompts_per_step, args.seed,
-                                                 stage, rank, world)
+                                                 "train", rank, world)
             batch = [dict(ex, key=k) for ex, k in zip(batch, keys)]
             if stage == "seqkd":
                 m, tokens = seqkd_step(G, opt_g, batch, args)
             elif stage == "warmup":
                 m, tokens = warmup_step(G, D, opt_g, opt_d, batch, step, args)
+            elif stage == "soda":
+                m, tokens = soda_step(G, ref, base, opt_g, batch, args)
             else:
                 m, tokens = gad_step(G, D, ref, opt_g, opt_d, batch, step, args)
             m = common.reduce_metrics(m | common.step_stats())
@@ -339,17 +397,16 @@ def main(argv=None):
             common.log_step(args, stage, step, total, m, LOG_KEYS)
             bad, steps_done = count_bad(m, bad, args.max_bad_steps), steps_done + 1
             if common.end_step(args, step, total, steps_done, stage=stage, G=G, D=D, opt_g=opt_g,
-                               opt_d=opt_d, ref=ref if stage == "gad" else None,
+                               opt_d=opt_d, ref=ref if stage in ("gad", "soda") else None,
                                compute=common.compute):
                 return common.compute_cleanup()
 
     # save and evaluate: training state freed first (at 1.5B the two AdamW states are 25 GB)
-    opt_g = opt_d = state = ref = None
-    D = None if args.stage == "seqkd" else D   # SeqKD trains no D
+    opt_g = opt_d = state = ref = base = None
     for name, m in (("student", G), ("discriminator", D)):
         if m is not None:   # every rank casts, rank 0 writes
             models.save_hf(m, tok, os.path.join(args.out, name), args.dtype)
-    if args.stage != "warmup" and args.eval_prompts > 0:
+    if args.stages != ["warmup"] and args.eval_prompts > 0:
         evaluate(G, D, tok, val_recs, args)
     common.compute_cleanup()
 

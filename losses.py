@@ -34,6 +34,17 @@ def bt_accuracy(teacher_scores, student_scores):
 
 
 # --------------------------------------------------------------------------------------------------
+# DPO (Rafailov et al. 2023, arXiv 2305.18290): SODA's loss (arXiv 2604.03873), the teacher's
+# response chosen over the student's
+
+def dpo(chosen, rejected, ref_chosen, ref_rejected, beta):
+    """-log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))) per pair, from the
+    responses' summed logprobs [B] under the policy and the frozen reference."""
+    margin = (chosen.float() - ref_chosen.float()) - (rejected.float() - ref_rejected.float())
+    return -F.logsigmoid(beta * margin)
+
+
+# --------------------------------------------------------------------------------------------------
 # PPO
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, clip_eps=0.2, dual_clip=3.0):

@@ -411,8 +411,9 @@ def records_with_responses(args, tok):
     else:
         source = dict(model=args.teacher, max_prompt_len=args.max_prompt_len,
                       gen_batch_tokens=args.gen_batch_tokens)
-    cfg = settings(out=path, max_new_tokens=args.max_response_len, temperature=1.0, top_p=1.0,
-                   seed=args.seed, **source)
+    # at the student's rollout temperature: else D could tell the two apart by entropy alone
+    cfg = settings(out=path, max_new_tokens=args.max_response_len, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, **source)
     stats = sample_records(missing, cfg)
     if common.all_reduce_sum(stats["failed"]):
         raise RuntimeError(f"sampling the teacher into {path} failed; rerun to resume it")

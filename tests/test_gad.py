@@ -144,6 +144,84 @@ def test_discriminator_update_learns_and_accumulates_exactly():
     assert last["d_loss"] < 0.2 and last["d_acc"] == 1.0
 
 
+# ------------------------------------------------------------------------------------ SODA
+
+def soda_args(**settings):
+    """gad.soda_step's settings, as gad.py's parsed args carry them."""
+    return argparse.Namespace(**{
+        "samples_per_prompt": 4, "temperature": 0.8, "top_p": 1.0, "max_new_tokens": 6,
+        "eos_ids": [258], "pad_id": PAD, "seed": 3, "amp": contextlib.nullcontext(),
+        "gen_batch_tokens": None, "decode": "plain", "micro_batch_size": None,
+        "micro_batch_tokens": None, "fsdp": False, "chunk_size": 128, "grad_clip": None,
+        "soda_beta": 0.5, "device": "cpu", **settings})
+
+
+def test_soda_step_is_dpo_whatever_the_micro_batches():
+    """One SODA step against DPO written directly (one batch, autograd through the loss): the
+    same update whether a micro-batch holds whole pairs or parts them."""
+    torch.manual_seed(0)
+    batch = [{"id": f"p{i}", "key": f"soda|0|p{i}", "prompt": p, "response": y}
+             for i, (p, y) in enumerate([([5, 6], [100, 101, 258]), ([7, 8, 9], [102, 258]),
+                                         ([10], [103, 104, 105, 106])])]
+    base = models.tiny_model(seed=1).eval()
+    start = models.tiny_model(seed=0)
+    start.lm_head.weight.data += 0.01 * torch.randn_like(start.lm_head.weight)   # untied for ref
+    ref = models.frozen_copy(start, "float32")
+    # the policy a step after its reference (else every margin is 0 and the weights all equal)
+    warm = models.tiny_model(seed=0)
+    warm.load_state_dict(start.state_dict())
+    with torch.no_grad():
+        for p in warm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    args = soda_args()
+    rejected = gad.student_rollout(base, [dict(ex, key=ex["id"]) for ex in batch], "soda", args, 1)
+    prompts = [ex["prompt"] for ex in batch]
+    ro = sample.pack(prompts * 2, [ex["response"] for ex in batch] + rejected.responses(), PAD)
+    # direct: the batch mean of DPO's loss, autograd through the policy's summed logprobs
+    G = models.tiny_model(seed=0)
+    G.load_state_dict(warm.state_dict())
+    lp = sample.sequence_logprobs(G, ro, 0.8).sum(-1)
+    with torch.no_grad():
+        ref_lp = sample.sequence_logprobs(ref, ro, 0.8).sum(-1)
+    want_loss = losses.dpo(lp[:3], lp[3:], ref_lp[:3], ref_lp[3:], 0.5).mean()
+    want_loss.backward()
+    want = [p.grad.clone() for p in G.parameters()]
+    assert max(g.abs().max().item() for g in want) > 1e-2   # a wrong weight errs by that much
+    for mb in (6, 4, 1):   # all 6 rows; 4 (a pair parted); one row a micro-batch
+        G = models.tiny_model(seed=0)
+        G.load_state_dict(warm.state_dict())
+        before = [p.detach().clone() for p in G.parameters()]
+        opt = torch.optim.SGD(G.parameters(), lr=1.0)   # the step is minus the gradient
+        m, tokens = gad.soda_step(G, ref, base, opt, batch, soda_args(micro_batch_size=mb))
+        assert m["dpo_loss"] == pytest.approx(want_loss.item(), rel=2e-5)   # fp32 sums, reordered
+        assert tokens == ro.response_mask.sum().item()
+        for p, b, g in zip(G.parameters(), before, want):
+            torch.testing.assert_close(b - p.detach(), g, atol=1e-5, rtol=1e-4)
+
+
+def test_soda_after_seqkd_lowers_its_loss_and_resumes_exactly(tmp_path):
+    """--stage seqkd,soda: the reference is the SeqKD student (first loss log 2), the DPO loss
+    falls; stopped mid-SODA and resumed, the same student bit for bit; stages out of order fail."""
+    flags = ["--student", "tiny", "--stage", "seqkd,soda", "--seqkd-epochs", "0.1",
+             "--soda-steps", "6", "--eval-prompts", "0", "--save-every", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_here("gad.py", flags + ["--out", str(full)])
+    rows = metrics(full)
+    soda = [m for m in rows if m["stage"] == "soda"]
+    assert [m["stage"] for m in rows] == ["seqkd"] * 2 + ["soda"] * 6
+    assert soda[0]["dpo_loss"] == pytest.approx(0.6931472, abs=1e-5)
+    assert soda[-1]["dpo_loss"] < 0.5 * soda[0]["dpo_loss"] and soda[-1]["dpo_acc"] == 1.0
+    assert not (full / "discriminator").exists()   # SODA trains no D
+    run_here("gad.py", flags + ["--out", str(cut), "--stop-after", "4"])
+    run_here("gad.py", flags + ["--out", str(cut), "--resume"])
+    a, b = student_weights(full), student_weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["dpo_loss"] for m in metrics(cut) if "dpo_loss" in m] == \
+        [m["dpo_loss"] for m in soda]
+    with pytest.raises(SystemExit):
+        gad.parse_args(["--student", "tiny", "--stage", "soda,seqkd"])
+
+
 # ------------------------------------------------------------------------------------ pipeline
 
 def test_pipeline_tiny_end_to_end(tmp_path):

@@ -53,6 +53,27 @@ def test_bt_accuracy_counts_strict_wins():
 
 
 # --------------------------------------------------------------------------------------------------
+# DPO
+
+def test_dpo_matches_its_formula_and_the_papers_gradient_in_float64():
+    g = torch.Generator().manual_seed(1)
+    c, r, rc, rr = (torch.randn(32, generator=g, dtype=torch.float64) * 5 for _ in range(4))
+    beta = 0.1
+    margin = (c - rc) - (r - rr)
+    want = torch.log1p(torch.exp(-beta * margin))                  # log(1 + e^(-beta m))
+    torch.testing.assert_close(losses.dpo(c, r, rc, rr, beta).double(), want, atol=1e-6, rtol=1e-6)
+    # arXiv 2305.18290 section 4: the gradient weighs each pair by sigma(-beta m), raising the
+    # chosen response's logprob and lowering the rejected one's by beta * that weight
+    c, r = c.clone().requires_grad_(), r.clone().requires_grad_()
+    losses.dpo(c, r, rc, rr, beta).sum().backward()
+    weight = beta / (1 + torch.exp(beta * margin))
+    torch.testing.assert_close(c.grad, -weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(r.grad, weight, atol=1e-6, rtol=1e-6)
+    # a policy equal to its reference: log 2 per pair, whatever the logprobs
+    assert torch.allclose(losses.dpo(c, r, c, r, beta), torch.full((32,), math.log(2)))
+
+
+# --------------------------------------------------------------------------------------------------
 # PPO clipped surrogate with dual clip
 
 def brute_force_ppo(r, a, eps, c):

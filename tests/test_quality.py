@@ -5,6 +5,7 @@ which checkpoints the curve scores, the trainers' flags at every budget)."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 import data as data_lib
@@ -54,7 +55,9 @@ def test_tiny_budget_has_every_row_metric_and_seed_and_a_rerun_trains_nothing(tm
     assert report["rows"]["teacher"]["seeds"][0]["metrics"]["heldout_fkl"] == pytest.approx(0)
     assert len(report["verdicts"]) == len(quality.CLAIMS)
     assert {v["verdict"] for v in report["verdicts"]} <= {"holds", "does not hold",
-                                                          "within noise"}
+                                                          "inconclusive at this power"}
+    for v in report["verdicts"]:   # the interval holds the observed difference
+        assert v["interval"][0] <= v["difference"] <= v["interval"][1], v
     md = (out / "quality.md").read_text()
     for label, *_ in quality.METHODS.values():
         assert f"| {label} |" in md, label
@@ -64,14 +67,25 @@ def test_tiny_budget_has_every_row_metric_and_seed_and_a_rerun_trains_nothing(tm
     assert without_wall(json.loads((out / "quality.json").read_text())) == without_wall(report)
 
 
-def test_verdict_holds_does_not_hold_or_within_noise():
-    # lower is better (a teacher NLL): the claimed-better row must be lower by more than the noise
-    assert quality.verdict([1.0, 1.1], [2.0, 2.1])[0] == "holds"
-    assert quality.verdict([2.0, 2.1], [1.0, 1.1])[0] == "does not hold"
-    v, d, noise = quality.verdict([1.0, 1.4], [1.2, 1.3])   # means 1.2 vs 1.25, range 0.4
-    assert v == "within noise" and d == pytest.approx(0.05) and noise == pytest.approx(0.4)
-    assert quality.verdict([3.0, 3.1], [1.0], lower_is_better=False)[0] == "holds"
-    assert quality.verdict([1.0], [1.0])[0] == "within noise"   # one seed, no difference
+def test_paired_bootstrap_pairs_seeds_and_prompts_and_verdicts_follow_the_interval():
+    rng = np.random.default_rng(0)
+    # per-prompt NLL sums that vary a lot between prompts, the same prompts for both rows: a row
+    # lower by exactly 0.1 a token everywhere gives [0.1, 0.1] paired (unpaired: ~+-0.5 wide)
+    tokens = rng.integers(5, 30, size=(3, 64)).astype(float)
+    other = np.stack([rng.gamma(2.0, 1.0, size=(3, 64)) * tokens, tokens], -1)   # [S, N, 2]
+    better = other.copy()
+    better[..., 0] -= 0.1 * tokens
+    d, (lo, hi), v = quality.verdict(better, other)
+    assert d == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    assert v == "holds"
+    assert quality.verdict(other, better)[2] == "does not hold"
+    # noise per prompt around the same mean: inconclusive, the interval around the difference
+    noisy = other.copy()
+    noisy[..., 0] = rng.permuted(other[..., 0] / tokens, axis=1) * tokens
+    d, (lo, hi), v = quality.verdict(noisy, other)
+    assert v == "inconclusive at this power" and lo < d < hi and lo < 0 < hi
+    # the statistic is the token-pooled mean, as eval.pooled: long responses weigh more
+    assert quality.ratio(np.array([[[10.0, 10], [1.0, 1]]])) == pytest.approx(11 / 11)
 
 
 def trainer_saves(stages, save_every, epoch_len=None):
@@ -91,7 +105,7 @@ def trainer_saves(stages, save_every, epoch_len=None):
 @pytest.mark.parametrize("budget", list(quality.BUDGETS))
 def test_curve_scores_only_checkpoints_the_trainers_write(budget):
     b = quality.BUDGETS[budget]
-    for method in ("seqkd", "gad", "distillm2", "amm"):
+    for method in ("seqkd", "gad", "soda", "distillm2", "amm"):
         stages, epoch_len = quality.stage_plan(method, b)
         total = sum(steps for _, steps in stages)
         assert quality.student_updates(method, b, total) == b["updates"], method
@@ -122,8 +136,7 @@ def test_trainer_flags_parse_and_give_every_row_the_budget(budget):
         assert (args.dtype, args.prompts_per_step, args.max_new_tokens, args.seed) == (
             b["dtype"], b["prompts_per_step"], b["max_new_tokens"], 3), method
         if script == "gad.py":
-            stages = ["seqkd"] if method == "seqkd" else ["warmup", "gad"]
-            steps = [gad.stage_steps(s, args, n) for s in stages]
+            steps = [gad.stage_steps(s, args, n) for s in args.stages]
             assert steps == [s for _, s in quality.stage_plan(method, b)[0]], method
             # the black-box rows train on the benchmark's teacher samples, never sample their own
             # (the smollm2-135m preset of gad.py would)

@@ -1,0 +1,61 @@
+"""The fork study (dev/fork.py, `dev/bench.py fork`): the tiny budget end to end and resumed, and
+the fresh discriminator of its two-sample test."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from dev import fork
+from scripts import metrics, run_script
+
+
+def test_tiny_fork_study_has_every_row_each_branch_starts_at_the_fork_and_resumes(tmp_path):
+    """Why it exists: the study's bookkeeping end to end (the shared warmup and its D gate, three
+    branches from it, every row and metric, the claims); a killed study, continued, trains only
+    what it lacked and reports the same. At the tiny budget the numbers are noise."""
+    out = tmp_path / "f"
+    run_script("dev/bench.py", ["fork", "--budget", "tiny", "--out", str(out)])
+    report = json.loads((out / "fork.json").read_text())
+    b = fork.BUDGETS["tiny"]
+    assert list(report["rows"]) == list(fork.ROWS)
+    for key, row in report["rows"].items():
+        assert all(math.isfinite(row["mean"][m]) for m in fork.METRICS), key
+    for seed, w in report["warmups"].items():
+        assert w["accuracy"] >= b["d_threshold"] and w["steps"] >= b["warmup_steps"], seed
+    for branch in fork.BRANCHES:   # K student updates each, on top of the warmup's
+        assert report["rows"][branch]["cost"]["student_updates"] == b["fork_steps"], branch
+        rows = metrics(out / "runs" / f"{branch}_s0")
+        assert [r["stage"] for r in rows] == [branch] * b["fork_steps"], branch
+    runs = out / "runs"
+    # every branch starts at the fork point: SODA's reference is the warmup's student (log 2),
+    # GAD's D the warmup's (its first rewards already separate samples)
+    assert metrics(runs / "soda_s0")[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics(runs / "gad_s0")[0]["reward_std"] > 0
+    assert len(report["verdicts"]) == 3 * len(fork.CLAIMS)
+    assert "| SODA |" in (out / "fork.md").read_text()
+    # killed before the last branch was scored: continued, it trains that branch only
+    shutil.rmtree(runs / "soda_s1")
+    (out / "fork.json").unlink()
+    again = run_script("dev/fork.py", ["--budget", "tiny", "--out", str(out)])
+    assert again.stdout.count("$ ") == 0   # no trainer output leaks; runs log to train.log
+    trained = [d.name for d in runs.iterdir() if (d / "train.log").exists()
+               and (d / "train.log").stat().st_mtime > (out / "teacher.jsonl").stat().st_mtime]
+    assert "soda_s1" in trained
+    redo = json.loads((out / "fork.json").read_text())
+    for key in fork.ROWS:
+        assert redo["rows"][key]["mean"] == report["rows"][key]["mean"], key
+
+
+def test_two_sample_test_is_chance_on_one_distribution_and_finds_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(200, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    same = sum(fork.two_sample_test(a, b)) / 200
+    assert 0.4 < same < 0.6
+    shifted = b.clone()
+    shifted[:, 3] += 1.5   # one feature moved by 1.5 standard deviations
+    # a pair's difference in it is N(1.5, 2): no scorer ranks more than Phi(1.5 / sqrt 2) = 0.855
+    # of the pairs right; one fitted on 100 pairs of 16 features gets most of the way
+    assert 0.7 < sum(fork.two_sample_test(a, shifted)) / 200 < 0.9
