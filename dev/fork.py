@@ -17,6 +17,7 @@ it stopped. OUT gets fork.json, fork.md and fork.png.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -58,6 +59,19 @@ BUDGETS = {
         max_warmup_steps=48, freeze_g_steps=4, fork_steps=24, sft_lr=2e-5, rl_lr=4e-6,
         d_lr=1e-4, soda_beta=0.1, d_threshold=0.8, grad_clip=1.0, micro_batch_size=8,
         save_every=8),
+    # a budget that can answer, for one GPU (needs the models; not run here): Qwen2.5-1.5B
+    # teaching 0.5B, 256 prompts x 8 samples of up to 1024 tokens a step, a warmup of one epoch
+    # over 8192 prompts, 500 steps a branch (SeqKD's: 15.6 epochs, as GAD's), 500 test prompts
+    # (the judge's, with --judge on quality.py's scorer); d_lr to be tuned on D's held-out
+    # accuracy. `python dev/bench.py fork --budget gpu --predict-only`: its hours on one H100
+    "gpu": dict(
+        teacher="qwen2.5-1.5b", student="qwen2.5-0.5b", student_layers=None, data="sharegpt",
+        dtype="bfloat16", temperature=0.8, max_new_tokens=1024, max_prompt_len=512,
+        ended_only=True, test_prompts=500, dev_prompts=256, train_prompts=8192, seeds=3,
+        threads=None, gen_batch=64, prompts_per_step=256, samples_per_prompt=8, warmup_steps=32,
+        max_warmup_steps=64, freeze_g_steps=10, fork_steps=500, sft_lr=5e-6, rl_lr=1e-6,
+        d_lr=1e-6, soda_beta=0.1, d_threshold=0.8, grad_clip=0.2, micro_batch_size=8,
+        save_every=50, gradient_checkpointing=True, micro_batch_tokens=12288),
 }
 BRANCHES = {"seqkd": "SeqKD (SFT continued)", "gad": "GAD", "soda": "SODA"}
 ROWS = {"student": "student (before)", "warmup": "fork point (warmup)", **BRANCHES,
@@ -81,7 +95,69 @@ def add_arguments(p):
     p.add_argument("--seeds", type=int, default=None, help="seeds (default: the budget's)")
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--predict-only", action="store_true",
+                   help="print the budget's predicted hours on one H100 and stop")
     return p
+
+
+# --------------------------------------------------------------------------------------------------
+# the hours a budget should take on one GPU: arithmetic, not a measurement
+
+# decode_step: the launch overhead of a decode step (a generate() call is --gen-batch-tokens, 1M
+# KV-cache tokens at most); an assumption until `bench.py gpu` measures it
+H100 = dict(name="H100 SXM", flops=989e12, bandwidth=3.35e12, mfu=0.4, bandwidth_share=0.6,
+            decode_step=0.01, call_tokens=1_000_000)
+
+
+def gpu_hours(b, hw=H100):
+    """Predicted seconds of each phase of one seed (and of the shared teacher sampling and scoring)
+    on one GPU: matmul FLOPs by common.Compute's rule (2 N a token forward, 6 N trained) at hw's
+    MFU; a decode step at the larger of its FLOPs and reading the bf16 weights and KV cache at
+    hw's share of the bandwidth, plus a fixed overhead a decode step of each generate() call.
+    Every response counted at the length limit (an upper bound)."""
+    from dev import bench
+    s, t = bench.arch(b["student"]), bench.arch(b["teacher"])
+    P, n, L, Lp = (b["prompts_per_step"], b["samples_per_prompt"], b["max_new_tokens"],
+                   b["max_prompt_len"])
+    rate = hw["flops"] * hw["mfu"]
+    fwd = lambda a, rows: 2 * a.params * rows * (Lp + L) / rate
+    train = lambda a, rows: 3 * fwd(a, rows)
+
+    def gen(a, rows):   # the prefill, then L decode steps over every row (KV: bf16 keys, values)
+        kv = rows * 2 * a.layers * a.kv_dim * 2 * (L * Lp + L * L / 2)
+        read = (L * 2 * a.params + kv) / (hw["bandwidth"] * hw["bandwidth_share"])
+        calls = math.ceil(rows * (Lp + L) / hw["call_tokens"])
+        return (2 * a.params * rows * Lp / rate + max(read, 2 * a.params * rows * L / rate)
+                + calls * L * hw["decode_step"])
+
+    test = b["test_prompts"]   # scoring a model: greedy and sampled, the teacher's passes, entropy
+    score = 2 * gen(s, test) + 2 * fwd(t, test) + fwd(s, test)
+    steps = {   # (seconds a step, steps) of each phase of one seed
+        "warmup": (gen(s, P * n) + train(s, P * n + P) + train(s, P), b["warmup_steps"]),
+        "seqkd": (train(s, P), b["fork_steps"]),
+        "gad": (gen(s, P * n) + 2 * fwd(s, P * n) + train(s, P * n + P) + train(s, P * n),
+                b["fork_steps"]),
+        "soda": (gen(s, P) + 2 * fwd(s, 2 * P) + train(s, 2 * P), b["fork_steps"]),
+        "scoring": (score, 4)}
+    need = b["train_prompts"] + b["dev_prompts"] + b["test_prompts"]
+    once = {"teacher sampling": gen(t, need), "scoring the student and teacher": 2 * score}
+    return steps, once
+
+
+def print_hours(b, hw=H100):
+    steps, once = gpu_hours(b, hw)
+    seed = sum(sec * k for sec, k in steps.values())
+    print(f"predicted on one {hw['name']} ({hw['mfu']:.0%} MFU, {hw['bandwidth_share']:.0%} of "
+          f"its bandwidth when decoding, {hw['decode_step'] * 1e3:.0f} ms a decode step), "
+          "responses at the length limit:")
+    for phase, (sec, k) in steps.items():
+        print(f"  {phase:<10} {sec:8.1f} s a step x {k:4d} = {sec * k / 3600:6.2f} h")
+    for phase, sec in once.items():
+        print(f"  {phase}: {sec / 3600:.2f} h (once)")
+    total = seed * b["seeds"] + sum(once.values())
+    print(f"  one seed {seed / 3600:.1f} h; {b['seeds']} seeds and the shared work "
+          f"{total / 3600:.1f} h")
+    return total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,8 +204,13 @@ def gad_command(b, stage, run_dir, seed, lr, data_path, rows, device, init_from=
          "--d-lr", repr(b["d_lr"]), "--grad-clip", repr(b["grad_clip"]), "--soda-beta",
          repr(b["soda_beta"]), "--freeze-g-steps", str(b["freeze_g_steps"]), "--micro-batch-size",
          str(b["micro_batch_size"]), "--seed", str(seed), "--out", run_dir, "--save-every",
-         str(b["save_every"]), "--no-gradient-checkpointing"]
-    a += ["--student-layers", b["student_layers"]] if b["student_layers"] and not init_from else []
+         str(b["save_every"]), "--gradient-checkpointing" if b.get("gradient_checkpointing")
+         else "--no-gradient-checkpointing"]
+    tokens = b.get("micro_batch_tokens")
+    a += ["--micro-batch-tokens", str(tokens)] if tokens else []
+    # the cut: the warmup's student's, and SODA's raw student whose samples it rejects (a branch's
+    # G is --init-from's, already cut)
+    a += ["--student-layers", b["student_layers"]] if b["student_layers"] else []
     a += ["--init-from", init_from] if init_from else []
     a += ["--device", device] if device else []
     if stage == "seqkd":   # SeqKD's length is in epochs only: ceil(epochs * N / P) = steps
@@ -384,6 +465,9 @@ def cost(run_dirs):
 def main(args):
     t_start = time.time()
     b = dict(BUDGETS[args.budget])
+    if args.predict_only:
+        print_hours(b)
+        return 0
     out = os.path.abspath(args.out or os.path.join("runs", f"fork-{args.budget}"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if b["threads"] and "OMP_NUM_THREADS" not in os.environ:

@@ -59,3 +59,28 @@ def test_two_sample_test_is_chance_on_one_distribution_and_finds_a_shift():
     # a pair's difference in it is N(1.5, 2): no scorer ranks more than Phi(1.5 / sqrt 2) = 0.855
     # of the pairs right; one fitted on 100 pairs of 16 features gets most of the way
     assert 0.7 < sum(fork.two_sample_test(a, shifted)) / 200 < 0.9
+
+
+@pytest.mark.parametrize("budget", list(fork.BUDGETS))
+def test_every_budgets_commands_parse_and_run_its_steps(budget):
+    """The cpu and gpu budgets do not run here: their gad.py commands are checked against its
+    parser, stage lengths and rates."""
+    import gad
+    b = fork.BUDGETS[budget]
+    b = dict(b, student_path="student-folder" if b["student"] == "tiny" else b["student"])
+    rows, steps = b["train_prompts"], b["fork_steps"]
+    for stage in ("warmup", *fork.BRANCHES):
+        init = None if stage == "warmup" else "runs/warmup_s0"
+        k = b["warmup_steps"] if stage == "warmup" else steps
+        lr = b["sft_lr"] if stage in ("warmup", "seqkd") else b["rl_lr"]
+        args = gad.parse_args(fork.gad_command(b, stage, "run", 3, lr, "train.jsonl", rows, None,
+                                               init_from=init, steps=k)[1:])
+        assert args.stages == [stage] and gad.stage_steps(stage, args, rows) == k, stage
+        assert (args.lr, args.temperature, args.max_new_tokens, args.seed) == (
+            lr, b["temperature"], b["max_new_tokens"], 3), stage
+        assert args.teacher_responses == "data" and args.init_from == init, stage
+        # the warmup cuts the student, SODA's rejected responses are the raw cut student's (the
+        # branches' G is the warmup's, already cut: gad.load_student ignores the flag then)
+        assert args.student_layers == b["student_layers"], stage
+    # the RL and DPO rate a fifth of the SFT rate, as the reference's 1e-6 : 5e-6
+    assert b["rl_lr"] == pytest.approx(b["sft_lr"] / 5)
