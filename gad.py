@@ -10,12 +10,14 @@ teacher's responses from G's; only the teacher's text is used. Details: docs/gad
 
 Departures from the reference (each a flag): PPO defaults to one epoch and one mini-batch as there,
 --ppo-epochs / --mini-batches give real PPO; D's head starts at zero; prompts over --max-prompt-len
-are dropped, not cut; the CPU default's teacher is SmolLM2-135M-Instruct, sampled once. Every
+are dropped, not cut; the CPU default's teacher is SmolLM2-135M-Instruct, sampled once. The
+warmup's SFT runs at --seqkd-lr, the SFT rate (the reference runs it at the actor's). Every
 stage trains the policy it samples from, softmax(logits / --temperature), as the reference's SFT
 does; SODA's paper (DPO on plain logits, no public code) is followed otherwise: its rejected
 responses are the raw --student's, sampled once, its reference the student at the stage's start.
 """
 
+import argparse
 import functools
 import math
 import os
@@ -47,7 +49,7 @@ PAPER = dict(  # the reference recipe (LMOps gad/scripts/train): 7B-14B students
     gradient_checkpointing=True, micro_batch_tokens=12288,   # ppo_max_token_len_per_gpu
     # ours: a generate() call's KV cache <= 1M tokens (26.7 GiB at 1.5B): every GPU command's
     # rollout fits an 80 GB card with 8 GiB to spare (`python dev/bench.py gpu --predict-only`)
-    gen_batch_tokens=1_000_000, fsdp=False,
+    gen_batch_tokens=1_000_000, fsdp=False, drop_cut=False,
 )
 PRESETS = {
     # a D much faster than G (d_lr 3e-3) keeps the tiny student's reward flat; with these, 80 GAD
@@ -59,14 +61,17 @@ PRESETS = {
                  dtype="float32", eval_prompts=16, eval_max_new_tokens=16, limit=160,
                  gradient_checkpointing=False, micro_batch_tokens=None),
     # the CPU default: SmolLM2-135M-Instruct teaching itself without its 6 middle layers, its
-    # responses sampled once; 8 warmup steps (G frozen for 2) + 18 GAD steps of 4 x 4 samples
+    # responses sampled once at the rollout temperature, the prompts whose response ends within
+    # 32 tokens kept (7%); 8 warmup steps (G frozen for 2) + 18 GAD steps of 4 x 4 samples; SFT
+    # at 2e-5, GAD at a fifth of it (the reference's 5e-6 : 1e-6)
     "smollm2-135m": dict(PAPER, teacher="smollm2-135m", student_layers="0-11,18-29",
                          teacher_responses="teacher", samples_per_prompt=4, prompts_per_step=4,
-                         lr=2e-5, d_lr=1e-4, grad_clip=1.0, freeze_g_steps=2, warmup_steps=8,
+                         lr=4e-6, d_lr=1e-4, grad_clip=1.0, freeze_g_steps=2, warmup_steps=8,
                          gad_steps=18, seqkd_epochs=1.0, seqkd_lr=2e-5, max_prompt_len=64,
                          max_response_len=32, max_new_tokens=32, micro_batch_size=8,
-                         dtype="float32", eval_prompts=32, eval_max_new_tokens=32, limit=300,
-                         val_fraction=0.2, gradient_checkpointing=False, micro_batch_tokens=None),
+                         dtype="float32", eval_prompts=24, eval_max_new_tokens=32, limit=1400,
+                         val_fraction=0.25, gradient_checkpointing=False, micro_batch_tokens=None,
+                         drop_cut=True),
     # the paper's bigger students: G's, D's and the reference's decoder layers (and untied
     # embeddings) sharded over the ranks; per-rank peaks (`python dev/bench.py gpu --predict-only`):
     # 3B 53.5 GiB on 8 GPUs; 7B 57.3 on 8 (generate() calls of 250k KV-cache tokens); 14B 69.6 on
@@ -89,11 +94,15 @@ def parse_args(argv=None):
     g.add_argument("--teacher-responses", choices=["data", "teacher"], help="which --teacher fills")
     g.add_argument("--init-from", default=None, help="folder with student/ (and discriminator/)")
     g.add_argument("--max-response-len", type=int, default=None, help="cut teacher responses")
+    g.add_argument("--drop-cut", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop the prompts whose teacher response is cut at --max-response-len: "
+                        "every teacher response ends, and \"ends\" tells D nothing wrong")
     g.add_argument("--samples-per-prompt", type=int, default=None, help="the GRPO group [8]")
     g.add_argument("--temperature", type=float, default=None, help="rollout temperature [0.8]")
     g.add_argument("--top-p", type=float, default=None, help="rollout top-p [1.0]")
     g.add_argument("--d-lr", type=float, default=None, help="D learning rate [1e-6]")
-    g.add_argument("--seqkd-lr", type=float, default=None, help="SeqKD learning rate [5e-6]")
+    g.add_argument("--seqkd-lr", type=float, default=None,
+                   help="SFT learning rate: SeqKD, G in the warmup [5e-6]")
     g.add_argument("--clip-eps", type=float, default=None, help="PPO clip [0.2]")
     g.add_argument("--dual-clip", type=float, default=None, help="dual clip c for A < 0 [3]")
     g.add_argument("--kl-coef", type=float, default=None, help="k3 KL(G || ref) coefficient [1e-3]")
@@ -237,15 +246,34 @@ def warmup_step(G, D, opt_g, opt_d, batch, step, args):
     return m, ro.response_mask.sum().item()
 
 
-def soda_step(G, ref, base, opt_g, batch, args):
-    """SODA: one DPO step, each prompt's teacher response chosen over the raw student's (base),
-    which is keyed by the prompt alone: sampled once, the same in every epoch, on any rank."""
-    with common.phase("sampling"):
-        rejected = student_rollout(base, [dict(ex, key=ex["id"]) for ex in batch], "soda", args, 1)
+def raw_student_responses(train, args):
+    """SODA's rejected responses {prompt id: ids}: one sample of the raw student (--student, cut by
+    --student-layers, before any training) for every training prompt, drawn once in fixed batches
+    (the same on any number of ranks and after a resume), shared by the ranks."""
+    base = models.load_model(args.student, dtype=args.dtype, attn=args.attn, device=args.device,
+                             seed=args.seed, layers=args.student_layers).eval()
+    base = common.shard(base, args.dtype) if args.fsdp else base
+    size = args.prompts_per_step
+
+    def chunk(i):
+        rows = train[i:i + size]
+        ro = sample.rollout(base, [ex["prompt"] for ex in rows],
+                            [f"{ex['id']}|soda" for ex in rows], n=1,
+                            temperature=args.temperature, top_p=args.top_p,
+                            **common.rollout_settings(args))
+        common.compute.generate(base, ro, 1)
+        return ro.responses()
+    with common.gathered(base):   # --fsdp: gathered once; the ranks run different batch counts
+        parts = common.shard_map(chunk, list(range(0, len(train), size)))
+    return dict(zip([ex["id"] for ex in train], [y for part in parts for y in part]))
+
+
+def soda_step(G, ref, opt_g, batch, rejected, args):
+    """SODA: one DPO step, each prompt's teacher response chosen over its rejected response."""
     B, pairs = len(batch), common.all_reduce_sum(len(batch))
     prompts = [ex["prompt"] for ex in batch]
-    ro = sample.pack(prompts + prompts, [ex["response"] for ex in batch] + rejected.responses(),
-                     args.pad_id, args.device)                          # rows: B chosen, B rejected
+    ro = sample.pack(prompts + prompts, [ex["response"] for ex in batch]
+                     + [rejected[ex["id"]] for ex in batch], args.pad_id, args.device)
     with common.phase("scoring"):   # each response's logprob under G and the reference, no grad
         lp, ref_lp = (response_logprobs(m, ro, args).sum(-1) for m in (G, ref))       # [2B] each
         common.compute.forward(G, ro, 1), common.compute.forward(ref, ro, 1)
@@ -267,7 +295,6 @@ def soda_step(G, ref, base, opt_g, batch, args):
     m = dict(dpo_loss=common.all_reduce_sum(loss.item()), g_grad_norm=grad_norm,
              g_skipped=int(skipped), dpo_acc=(margin > 0).float().mean().item(),
              dpo_margin=margin.mean().item())
-    m["response_len"] = rejected.response_mask.sum(-1).float().mean().item()
     return m, ro.response_mask.sum().item()
 
 
@@ -341,14 +368,8 @@ def main(argv=None):
     # the reference policy: a frozen copy (matmul weights in --dtype), set to G's weights when the
     # GAD or SODA stage starts; made before G is sharded (a sharded module cannot be copied)
     ref = models.frozen_copy(G, args.dtype) if {"gad", "soda"} & set(args.stages) else None
-    # SODA's rejected responses come from the raw student, before any training
-    base = None
-    if "soda" in args.stages:
-        base = models.load_model(args.student, dtype=args.dtype, attn=args.attn, device=args.device,
-                                 seed=args.seed, layers=args.student_layers).eval()
     if args.fsdp:
-        G, D, ref, base = (m if m is None else common.shard(m, args.dtype)
-                           for m in (G, D, ref, base))
+        G, D, ref = (m if m is None else common.shard(m, args.dtype) for m in (G, D, ref))
     args.eos_ids, args.pad_id = sample.stop_ids(tok, G), tok.pad_token_id
     args.amp = models.autocast(device, args.dtype)   # forward passes only, fixed for the run
     print0(f"student {args.student}: {models.num_params(G) / 1e6:.2f}M params, world {world}, "
@@ -356,6 +377,12 @@ def main(argv=None):
 
     # data: teacher responses (sampled once if missing), a held-out split
     records = teacher_lib.records_with_responses(args, tok)
+    if args.drop_cut:
+        ends = [not data_lib.encode_response(tok, r["teacher_response"], args.max_response_len)[1]
+                for r in records]
+        print0(f"data: {ends.count(True)} of {len(records)} teacher responses end within "
+               f"--max-response-len {args.max_response_len}; the others' prompts dropped")
+        records = [r for r, end in zip(records, ends) if end]
     train_recs, val_recs = data_lib.train_val_split(records, args.val_fraction, seed=args.seed)
     train, dropped = data_lib.encode_examples(train_recs, tok, args.max_prompt_len,
                                               args.max_response_len)
@@ -375,10 +402,13 @@ def main(argv=None):
         if starts[stage] is None:
             continue
         total = stage_steps(stage, args, len(train))
-        for group in opt_g.param_groups:   # SeqKD's SFT rate; the warmup, GAD and SODA at --lr
-            group["lr"] = args.seqkd_lr if stage == "seqkd" else args.lr
+        for group in opt_g.param_groups:   # SFT at the SFT rate; GAD and SODA at --lr
+            group["lr"] = args.seqkd_lr if stage in ("seqkd", "warmup") else args.lr
         if stage in ("gad", "soda") and (state is None or state["stage"] != stage):
             models.load_weights(ref, G)   # pi_ref = G at the start of the stage (resumed: loaded)
+        if stage == "soda":
+            with common.phase("sampling"):
+                rejected = raw_student_responses(train, args)
         for step in range(starts[stage], total):
             t0 = time.time()
             # every stage walks one seeded order: branches from one checkpoint see the same prompts
@@ -390,7 +420,7 @@ def main(argv=None):
             elif stage == "warmup":
                 m, tokens = warmup_step(G, D, opt_g, opt_d, batch, step, args)
             elif stage == "soda":
-                m, tokens = soda_step(G, ref, base, opt_g, batch, args)
+                m, tokens = soda_step(G, ref, opt_g, batch, rejected, args)
             else:
                 m, tokens = gad_step(G, D, ref, opt_g, opt_d, batch, step, args)
             m = common.reduce_metrics(m | common.step_stats())
@@ -404,7 +434,7 @@ def main(argv=None):
                 return common.compute_cleanup()
 
     # save and evaluate: training state freed first (at 1.5B the two AdamW states are 25 GB)
-    opt_g = opt_d = state = ref = base = None
+    opt_g = opt_d = state = ref = None
     for name, m in (("student", G), ("discriminator", D)):
         if m is not None:   # every rank casts, rank 0 writes
             models.save_hf(m, tok, os.path.join(args.out, name), args.dtype)

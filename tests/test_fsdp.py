@@ -30,7 +30,7 @@ ro = sample.pack([p for p, _, _ in rows], [r for _, r, _ in rows], pad_id=0)
 other = sample.pack([p for p, _, _ in rows], [[t + 100 for t in r] for _, r, _ in rows], pad_id=0)
 args = argparse.Namespace(fsdp=fsdp, micro_batch_size=8, micro_batch_tokens=40, chunk_size=4,
                           amp=contextlib.nullcontext(), dtype="float32", grad_clip=1.0,
-                          samples_per_prompt=1)
+                          samples_per_prompt=1, temperature=0.8)
 G = models.load_model("tiny", seed=0)
 D = discriminator.from_student(G)
 if fsdp:

@@ -173,10 +173,11 @@ def test_soda_step_is_dpo_whatever_the_micro_batches():
     with torch.no_grad():
         for p in warm.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    args = soda_args()
-    rejected = gad.student_rollout(base, [dict(ex, key=ex["id"]) for ex in batch], "soda", args, 1)
+    drawn = sample.generate(base, [ex["prompt"] for ex in batch], prompt_keys=range(3),
+                            max_new_tokens=6, temperature=0.8, eos_ids=[258], pad_id=PAD, seed=3)
+    rejected = {ex["id"]: y for ex, y in zip(batch, drawn.responses())}
     prompts = [ex["prompt"] for ex in batch]
-    ro = sample.pack(prompts * 2, [ex["response"] for ex in batch] + rejected.responses(), PAD)
+    ro = sample.pack(prompts * 2, [ex["response"] for ex in batch] + drawn.responses(), PAD)
     # direct: the batch mean of DPO's loss, autograd through the policy's summed logprobs
     G = models.tiny_model(seed=0)
     G.load_state_dict(warm.state_dict())
@@ -192,11 +193,29 @@ def test_soda_step_is_dpo_whatever_the_micro_batches():
         G.load_state_dict(warm.state_dict())
         before = [p.detach().clone() for p in G.parameters()]
         opt = torch.optim.SGD(G.parameters(), lr=1.0)   # the step is minus the gradient
-        m, tokens = gad.soda_step(G, ref, base, opt, batch, soda_args(micro_batch_size=mb))
+        m, tokens = gad.soda_step(G, ref, opt, batch, rejected, soda_args(micro_batch_size=mb))
         assert m["dpo_loss"] == pytest.approx(want_loss.item(), rel=2e-5)   # fp32 sums, reordered
         assert tokens == ro.response_mask.sum().item()
         for p, b, g in zip(G.parameters(), before, want):
             torch.testing.assert_close(b - p.detach(), g, atol=1e-5, rtol=1e-4)
+
+
+def test_soda_rejects_the_raw_students_samples_whatever_the_batches(tmp_path):
+    """The rejected responses are the raw --student's (not --init-from's), one a prompt, drawn in
+    fixed batches (the same at any rank count, after a resume); on CPU also with other batches."""
+    import models as models_lib
+    batch = [{"id": f"p{i}", "prompt": [5 + i, 6, 7][:1 + i % 3]} for i in range(5)]
+    args = soda_args(student="tiny", student_layers=None, dtype="float32", attn="sdpa",
+                     max_new_tokens=6, eos_ids=[258], gen_batch_size=None, prompts_per_step=2)
+    two = gad.raw_student_responses(batch, args)
+    three = gad.raw_student_responses(batch, argparse.Namespace(**{**vars(args),
+                                                                  "prompts_per_step": 3}))
+    assert two == three and set(two) == {ex["id"] for ex in batch}
+    raw = models_lib.load_model("tiny", seed=3)   # the raw student of --seed 3
+    for ex in batch:
+        want = sample.rollout(raw, [ex["prompt"]], [f"{ex['id']}|soda"], temperature=0.8,
+                              max_new_tokens=6, eos_ids=[258], pad_id=PAD, seed=3)
+        assert two[ex["id"]] == want.responses()[0], ex["id"]
 
 
 def test_soda_after_seqkd_lowers_its_loss_and_resumes_exactly(tmp_path):

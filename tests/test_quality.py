@@ -84,8 +84,9 @@ def test_paired_bootstrap_pairs_seeds_and_prompts_and_verdicts_follow_the_interv
     noisy[..., 0] = rng.permuted(other[..., 0] / tokens, axis=1) * tokens
     d, (lo, hi), v = quality.verdict(noisy, other)
     assert v == "inconclusive at this power" and lo < d < hi and lo < 0 < hi
-    # the statistic is the token-pooled mean, as eval.pooled: long responses weigh more
-    assert quality.ratio(np.array([[[10.0, 10], [1.0, 1]]])) == pytest.approx(11 / 11)
+    # the statistic is the token-pooled mean, as eval.pooled: long responses weigh more (the mean
+    # of the per-prompt means would be (2 + 1) / 2)
+    assert quality.ratio(np.array([[[10.0, 5], [1.0, 1]]])) == pytest.approx(11 / 6)
 
 
 def trainer_saves(stages, save_every, epoch_len=None):
