@@ -143,7 +143,8 @@ def gpu_hours(b, hw=H100):
         "seqkd": (train(s, P), b["fork_steps"]),
         "gad": (gen(s, P * n) + 2 * fwd(s, P * n) + train(s, P * n + P) + train(s, P * n),
                 b["fork_steps"]),
-        "soda": (gen(s, P) + 2 * fwd(s, 2 * P) + train(s, 2 * P), b["fork_steps"]),
+        "soda rejected": (gen(s, b["train_prompts"]), 1),   # sampled once, at the stage's start
+        "soda": (2 * fwd(s, 2 * P) + train(s, 2 * P), b["fork_steps"]),
         "scoring": (score, 4)}
     need = b["train_prompts"] + b["dev_prompts"] + b["test_prompts"]
     teacher_score = 2 * gen(t, test) + 3 * fwd(t, test)
@@ -159,7 +160,7 @@ def print_hours(b, hw=H100):
           f"its bandwidth when decoding, {hw['decode_step'] * 1e3:.0f} ms a decode step), "
           "responses at the length limit:")
     for phase, (sec, k) in steps.items():
-        print(f"  {phase:<10} {sec:8.1f} s a step x {k:4d} = {sec * k / 3600:6.2f} h")
+        print(f"  {phase:<13} {sec:8.1f} s a step x {k:4d} = {sec * k / 3600:6.2f} h")
     for phase, sec in once.items():
         print(f"  {phase}: {sec / 3600:.2f} h (once)")
     total = seed * b["seeds"] + sum(once.values())
