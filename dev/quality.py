@@ -146,14 +146,14 @@ def add_arguments(p):
 # --------------------------------------------------------------------------------------------------
 # data: prompts split once by a hash of their id, teacher responses sampled once
 
-def candidate_prompts(b, tok, need):
-    """At least `need` prompts of at most max_prompt_len tokens, in split order."""
+def candidate_prompts(b, tok, need, depth=8):
+    """At least `need` prompts of at most max_prompt_len tokens, in split order, from the first
+    depth x need rows (a deeper pool reorders the split: a budget keeps its depth)."""
     if b["data"] == "tiny":
         records = data_lib.tiny_prompts(2 * need, SPLIT_SEED)
     else:
-        # drop_cut keeps one prompt in 14 (cpu budget): a deeper pool
         records, _ = data_lib.read_records(data_lib.resolve_data_path(b["data"]), skip_bad=True,
-                                           limit=(40 if b["drop_cut"] else 8) * need)
+                                           limit=depth * need)
     short = [r for r in records
              if len(data_lib.encode_prompt(tok, r["messages"])) <= b["max_prompt_len"]]
     if len(short) < need:
@@ -169,7 +169,8 @@ def prepare_data(b, out, tok, seed, device):
     (drop_cut) does not end within max_new_tokens, are dropped."""
     n_train = b["updates"] * b["prompts_per_step"] // EPOCHS
     need = b["test_prompts"] + b["dev_prompts"] + n_train
-    pool = candidate_prompts(b, tok, need)
+    # drop_cut keeps one prompt in 14 at 32 tokens (cpu budget): a deeper pool
+    pool = candidate_prompts(b, tok, need, depth=40 if b["drop_cut"] else 8)
     path = os.path.join(out, "teacher.jsonl")
     take = need + need // 4 + 4
     while True:
