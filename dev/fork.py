@@ -53,11 +53,12 @@ BUDGETS = {
     # SmolLM2-135M-Instruct teaching its 24-layer cut (the CPU defaults' pair), ShareGPT prompts
     # of at most 64 tokens whose teacher response ends within 96 tokens at T = 0.8 (32% do). D's
     # gate: 0.8 was missed (seed 0: 0.750 after 24 warmup steps, 0.781 = 50 of 64 after 48), so
-    # 0.75: far above chance (binomial p < 1e-5), short of what the paper's D reaches
+    # 0.75: far above chance (binomial p < 1e-5), short of what the paper's D reaches. One seed:
+    # a seed takes ~70 min here (its 48 warmup steps ~25); the intervals are over prompts only
     "cpu": dict(
         teacher="smollm2-135m", student="smollm2-135m", student_layers="0-11,18-29",
         data="sharegpt", dtype="float32", temperature=0.8, max_new_tokens=96, max_prompt_len=64,
-        drop_cut=True, test_prompts=128, dev_prompts=64, train_prompts=96, seeds=2,
+        drop_cut=True, test_prompts=128, dev_prompts=64, train_prompts=96, seeds=1,
         threads=None, gen_batch=64, prompts_per_step=4, samples_per_prompt=4, warmup_steps=24,
         max_warmup_steps=48, freeze_g_steps=4, fork_steps=24, sft_lr=2e-5, rl_lr=4e-6,
         d_lr=1e-4, soda_beta=0.1, d_threshold=0.75, grad_clip=1.0, micro_batch_size=8,
