@@ -10,7 +10,8 @@ Rows (every delta is against the first): the student before; SeqKD (Kim & Rush 2
 1606.07947), GAD (arXiv 2511.10643) and SODA (arXiv 2604.03873) by gad.py; DistiLLM-2 (arXiv
 2503.07067), DistiLLM's SKL and SRKL (arXiv 2402.03898), GKD (arXiv 2306.13649) and on-policy
 reverse KL by distillm2.py; AMM (arXiv 2406.02959, our reconstruction) by amm.py; the teacher.
-Primary metric: teacher_nll, nats/token of the student's own samples under the teacher. OUT gets quality.json, quality.md and quality.png.
+Primary metric: teacher_nll, nats/token of the student's own samples under the teacher. OUT gets
+quality.json, quality.md and quality.png.
 """
 
 import argparse
