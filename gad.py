@@ -160,9 +160,9 @@ def teacher_rollout(batch, args):
     return sample.pack(prompts, responses, args.pad_id, args.device)
 
 
-def student_rollout(G, batch, step, args, n=None):
+def student_rollout(G, batch, step, args):
     """n samples a prompt from G, keyed by (prompt, step): the same on any rank or resume."""
-    n = n or args.samples_per_prompt
+    n = args.samples_per_prompt
     with common.gathered(G):   # --fsdp: G's layers gathered once, not at every decode step
         ro = sample.rollout(G, [ex["prompt"] for ex in batch],
                             [f"{ex['key']}|{step}" for ex in batch], n=n,

@@ -286,8 +286,8 @@ class Scorer:
     """Each model's samples on the test prompts, greedy and at T, measured prompt by prompt; the
     teacher's hidden states of the samples feed a fresh two-sample test against its own text."""
 
-    def __init__(self, b, tok, teacher, records, device, seed):
-        self.b, self.tok, self.teacher, self.seed, self.device = b, tok, teacher, seed, device
+    def __init__(self, b, tok, teacher, records, device):
+        self.b, self.tok, self.teacher, self.device = b, tok, teacher, device
         self.prompts = [data_lib.encode_prompt(tok, r["messages"]) for r in records]
         self.refs = [data_lib.encode_response(tok, r["teacher_response"], b["max_new_tokens"])[0]
                      for r in records]
@@ -468,10 +468,7 @@ def cost(run_dirs):
     """The runs' counters (common.Compute, summed over the stages of gad.py), means over seeds."""
     rows = []
     for d in run_dirs:
-        c = quality.compute_counts("gad", d)
-        c["student_updates"] = sum(1 for line in open(os.path.join(d, "metrics.jsonl"))
-                                   if any(k in line for k in ('"sft_loss"', '"pg_loss"',
-                                                               '"dpo_loss"')))
+        c = quality.compute_counts("gad", d)   # updates: its rows with an SFT, PPO or DPO loss
         c["wall_s"] = (quality.read_json(os.path.join(d, "progress.json")) or {}).get("train_s", 0)
         rows.append(c)
     return {k: float(np.mean([r[k] for r in rows]))
@@ -530,7 +527,7 @@ def main(args):
           f"prompts ({kept['kept']} of {kept['sampled']} sampled kept); seeds {seeds}", flush=True)
     teacher = models.load_model(b["teacher"], dtype=b["dtype"], device=device).eval()
     setup = dict(b=b, out=out, tok=tok, dev=dev, data=data_path, rows=len(train), device=device,
-                 scorer=Scorer(b, tok, teacher, test, device, args.seed))
+                 scorer=Scorer(b, tok, teacher, test, device))
     runs = os.path.join(out, "runs")
     load = lambda path: lambda: models.load_model(path, dtype=b["dtype"], device=device)
     fixed = {"student": scored(setup, os.path.join(runs, "student"), lambda: models.load_model(
@@ -550,7 +547,7 @@ def main(args):
         if args.lr_sweep and not os.path.exists(sweep_path):   # the first seed's fork, dev prompts
             factors = [float(f) for f in args.sweep_factors.split(",")]
             files.atomic_write_text(sweep_path, json.dumps(lr_sweep(
-                setup, warm, seed, factors, Scorer(b, tok, teacher, dev, device, args.seed))))
+                setup, warm, seed, factors, Scorer(b, tok, teacher, dev, device))))
         if os.path.exists(sweep_path):   # a study resumed without --lr-sweep keeps its rates
             sweep = quality.read_json(sweep_path)
             lrs = {branch: r["best"] for branch, r in sweep.items()}
