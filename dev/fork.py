@@ -453,9 +453,9 @@ def plot(report, path):
 # --------------------------------------------------------------------------------------------------
 # main
 
-def scored(setup, run_dir, load, sample_seed):
-    """A model's per-prompt metrics, cached in run_dir/scores.json."""
-    path = os.path.join(run_dir, "scores.json")
+def scored(setup, run_dir, load, sample_seed, name="scores.json"):
+    """A model's per-prompt metrics by setup's scorer, cached in run_dir/name."""
+    path = os.path.join(run_dir, name)
     result = quality.read_json(path)
     if result is None:
         result = setup["scorer"](load(), sample_seed)
@@ -479,6 +479,12 @@ def branch_lr(b, branch):
     return b["sft_lr"] if branch == "seqkd" else b["rl_lr"]
 
 
+def branch_dir(out, branch, lr, seed):
+    """A branch's run from seed's fork point at rate lr: the sweep's run at the rate it keeps is
+    the study's run, trained once."""
+    return os.path.join(out, "runs", f"{branch}_lr{lr:g}_s{seed}")
+
+
 def lr_sweep(setup, warm, seed, factors, dev_scorer):
     """{branch: {"values": {lr: sampled teacher NLL on the dev prompts}, "best"}}: each branch
     from the first seed's warmup at each factor times its rate."""
@@ -487,11 +493,12 @@ def lr_sweep(setup, warm, seed, factors, dev_scorer):
         values = {}
         for f in factors:
             lr = float(f"{branch_lr(b, branch) * f:.6g}")
-            run_dir = os.path.join(setup["out"], "sweep", f"{branch}_lr{lr:g}_s{seed}")
+            run_dir = branch_dir(setup["out"], branch, lr, seed)
             run(gad_command(b, branch, run_dir, seed, lr, setup["data"], setup["rows"],
                             setup["device"], init_from=warm, steps=b["fork_steps"]), run_dir)
             m = scored(dict(setup, scorer=dev_scorer), run_dir, lambda: models.load_model(
-                os.path.join(run_dir, "student"), dtype=b["dtype"], device=setup["device"]), seed)
+                os.path.join(run_dir, "student"), dtype=b["dtype"], device=setup["device"]), seed,
+                name="dev_scores.json")
             values[repr(lr)] = float(quality.ratio(np.array(m["nll_sampled"], dtype=float)))
         best = min(values, key=values.get)
         sweep[branch] = {"values": values, "best": float(best),
@@ -543,7 +550,7 @@ def main(args):
             raise SystemExit(f"fork: seed {seed}: D's held-out accuracy {acc:.3f} after "
                              f"{steps} warmup steps is under the threshold {b['d_threshold']}: "
                              "no fork (raise max_warmup_steps or d_lr)")
-        sweep_path = os.path.join(out, "sweep", "sweep.json")
+        sweep_path = os.path.join(out, "sweep.json")
         if args.lr_sweep and not os.path.exists(sweep_path):   # the first seed's fork, dev prompts
             factors = [float(f) for f in args.sweep_factors.split(",")]
             files.atomic_write_text(sweep_path, json.dumps(lr_sweep(
@@ -554,7 +561,7 @@ def main(args):
         per_seed["warmup"].append(scored(setup, warm, load(os.path.join(warm, "student")), seed))
         run_dirs.setdefault("warmup", []).append(warm)
         for branch in BRANCHES:
-            run_dir = os.path.join(runs, f"{branch}_s{seed}")
+            run_dir = branch_dir(out, branch, lrs[branch], seed)
             run(gad_command(b, branch, run_dir, seed, lrs[branch], data_path, len(train), device,
                             init_from=warm, steps=b["fork_steps"]), run_dir)
             per_seed[branch].append(scored(setup, run_dir, load(os.path.join(run_dir, "student")),

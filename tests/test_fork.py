@@ -13,12 +13,14 @@ from scripts import metrics, run_script
 
 
 def test_tiny_fork_study_has_every_row_each_branch_starts_at_the_fork_and_resumes(tmp_path):
-    """Why it exists: the study's bookkeeping end to end (the shared warmup and its D gate, three
-    branches from it, every row and metric, the claims); a killed study, continued, trains only
-    what it lacked and reports the same. At the tiny budget the numbers are noise."""
+    """Why it exists: the study's bookkeeping end to end (the shared warmup and its D gate, the
+    learning-rate sweep, three branches from the fork point, every row and metric, the claims); a
+    killed study, continued, trains only what it lacked and reports the same. At the tiny budget
+    the numbers are noise."""
     out = tmp_path / "f"
     # one seed here (the suite's time): the bootstrap's seeds are checked in test_quality
-    run_script("dev/bench.py", ["fork", "--budget", "tiny", "--out", str(out), "--seeds", "1"])
+    run_script("dev/bench.py", ["fork", "--budget", "tiny", "--out", str(out), "--seeds", "1",
+                                "--lr-sweep", "--sweep-factors", "1,2"])
     report = json.loads((out / "fork.json").read_text())
     b = fork.BUDGETS["tiny"]
     assert list(report["rows"]) == list(fork.ROWS)
@@ -26,27 +28,40 @@ def test_tiny_fork_study_has_every_row_each_branch_starts_at_the_fork_and_resume
         assert all(math.isfinite(row["mean"][m]) for m in fork.METRICS), key
     for seed, w in report["warmups"].items():
         assert w["accuracy"] >= b["d_threshold"] and w["steps"] >= b["warmup_steps"], seed
-    for branch in fork.BRANCHES:   # K student updates each, on top of the warmup's
+    runs, dirs = out / "runs", {}
+    for branch in fork.BRANCHES:
+        # the sweep scored both rates on the dev prompts and the study kept the lower NLL's run
+        values = {float(lr): v for lr, v in report["sweep"][branch]["values"].items()}
+        rate = fork.branch_lr(b, branch)
+        assert sorted(values) == [rate, 2 * rate], branch
+        assert report["lr"][branch] == min(values, key=values.get), branch
+        dirs[branch] = runs / f"{branch}_lr{report['lr'][branch]:g}_s0"
+        dev = json.loads((dirs[branch] / "dev_scores.json").read_text())
+        test = json.loads((dirs[branch] / "scores.json").read_text())
+        assert len(dev["nll_sampled"]) == b["dev_prompts"] != len(test["nll_sampled"]), branch
+        # K student updates each, on top of the warmup's
         assert report["rows"][branch]["cost"]["student_updates"] == b["fork_steps"], branch
-        rows = metrics(out / "runs" / f"{branch}_s0")
-        assert [r["stage"] for r in rows] == [branch] * b["fork_steps"], branch
-    runs = out / "runs"
+        assert [r["stage"] for r in metrics(dirs[branch])] == [branch] * b["fork_steps"], branch
+    # the sweep's run at the kept rate is the study's: two runs a branch, not three
+    assert len([d for d in runs.iterdir() if d.name.split("_")[0] in fork.BRANCHES]) == 6
     # every branch starts at the fork point: SODA's reference is the warmup's student (log 2),
     # GAD's D the warmup's (its first rewards already separate samples)
-    assert metrics(runs / "soda_s0")[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert metrics(runs / "gad_s0")[0]["reward_std"] > 0
+    assert metrics(dirs["soda"])[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics(dirs["gad"])[0]["reward_std"] > 0
     assert len(report["verdicts"]) == 3 * len(fork.CLAIMS)
     assert "| SODA |" in (out / "fork.md").read_text()
-    # killed before the last branch was scored: continued, it trains that branch only
+    # killed before the last branch was scored: continued (without --lr-sweep, so the sweep's
+    # rates are kept), it trains that branch only
     logs = lambda: {d.name: (d / "train.log").stat().st_mtime_ns for d in runs.iterdir()
                     if (d / "train.log").exists()}
-    shutil.rmtree(runs / "soda_s0")
+    shutil.rmtree(dirs["soda"])
     (out / "fork.json").unlink()
     before = logs()
     run_script("dev/fork.py", ["--budget", "tiny", "--out", str(out), "--seeds", "1"])
     after = logs()
-    assert [d for d in after if after[d] != before.get(d)] == ["soda_s0"]
+    assert [d for d in after if after[d] != before.get(d)] == [dirs["soda"].name]
     redo = json.loads((out / "fork.json").read_text())
+    assert redo["lr"] == report["lr"]
     for key in fork.ROWS:
         assert redo["rows"][key]["mean"] == report["rows"][key]["mean"], key
 
