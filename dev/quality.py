@@ -756,7 +756,8 @@ def score_rows(setup, methods, seeds, lrs, scorer, teacher):
                                      seed=args.seed)
     rows = {"student": {"seeds": [score_model(setup, os.path.join(out, "runs", "student"),
                                               load_student, scorer)], "lr": None}}
-    runs = [Run(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_s{seed}"),
+    # a run is keyed by its rate: a rerun at another rate (--lr-sweep) trains anew
+    runs = [Run(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_lr{lrs[m]:g}_s{seed}"),
                 curve_k if i == 0 else 0)
             for m in methods
             for i, seed in enumerate(seeds if METHODS[m][3] else seeds[:n_other])]

@@ -58,6 +58,9 @@ def test_tiny_budget_has_every_row_metric_and_seed_and_a_rerun_trains_nothing(tm
                                                           "inconclusive at this power"}
     for v in report["verdicts"]:   # the interval holds the observed difference
         assert v["interval"][0] <= v["difference"] <= v["interval"][1], v
+    # each run's folder is keyed by its rate, so a rerun at a swept rate cannot reuse another's
+    trained = {f"{m}_lr{report['lr'][m]:g}_s0" for m, (_, s, _, _) in quality.METHODS.items() if s}
+    assert {p.name for p in (out / "runs").iterdir()} == trained | {"student", "teacher"}
     md = (out / "quality.md").read_text()
     for label, *_ in quality.METHODS.values():
         assert f"| {label} |" in md, label
