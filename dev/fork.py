@@ -479,12 +479,6 @@ def branch_lr(b, branch):
     return b["sft_lr"] if branch == "seqkd" else b["rl_lr"]
 
 
-def branch_dir(out, branch, lr, seed):
-    """A branch's run from seed's fork point at rate lr: the sweep's run at the rate it keeps is
-    the study's run, trained once."""
-    return os.path.join(out, "runs", f"{branch}_lr{lr:g}_s{seed}")
-
-
 def lr_sweep(setup, warm, seed, factors, dev_scorer):
     """{branch: {"values": {lr: sampled teacher NLL on the dev prompts}, "best"}}: each branch
     from the first seed's warmup at each factor times its rate."""
@@ -493,7 +487,7 @@ def lr_sweep(setup, warm, seed, factors, dev_scorer):
         values = {}
         for f in factors:
             lr = float(f"{branch_lr(b, branch) * f:.6g}")
-            run_dir = branch_dir(setup["out"], branch, lr, seed)
+            run_dir = quality.run_folder(os.path.join(setup["out"], "runs"), branch, lr, seed)
             run(gad_command(b, branch, run_dir, seed, lr, setup["data"], setup["rows"],
                             setup["device"], init_from=warm, steps=b["fork_steps"]), run_dir)
             m = scored(dict(setup, scorer=dev_scorer), run_dir, lambda: models.load_model(
@@ -561,7 +555,7 @@ def main(args):
         per_seed["warmup"].append(scored(setup, warm, load(os.path.join(warm, "student")), seed))
         run_dirs.setdefault("warmup", []).append(warm)
         for branch in BRANCHES:
-            run_dir = branch_dir(out, branch, lrs[branch], seed)
+            run_dir = quality.run_folder(os.path.join(out, "runs"), branch, lrs[branch], seed)
             run(gad_command(b, branch, run_dir, seed, lrs[branch], data_path, len(train), device,
                             init_from=warm, steps=b["fork_steps"]), run_dir)
             per_seed[branch].append(scored(setup, run_dir, load(os.path.join(run_dir, "student")),

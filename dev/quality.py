@@ -375,6 +375,12 @@ Setup = namedtuple("Setup", "b data args out device")
 Run = namedtuple("Run", "method seed lr run_dir curve_k", defaults=[0])
 
 
+def run_folder(folder, method, lr, seed):
+    """A run's folder, keyed by its rate: a rerun at another rate (--lr-sweep) trains anew, and a
+    run at the same rate is the same run (the fork study's sweep and study share it)."""
+    return os.path.join(folder, f"{method}_lr{lr:g}_s{seed}")
+
+
 def save_result(setup, run_dir, result, scorer):
     """The result into run_dir/result.json, with --judge its samples judged first (cached in
     OUT/judge.jsonl), also those of a result scored before --judge was given."""
@@ -732,7 +738,7 @@ def lr_sweep(setup, methods, dev_scorer):
     b, args = setup.b, setup.args
     factors = [float(f) for f in args.sweep_factors.split(",")]
     runs = [Run(m, args.seed, b["lr"][m] * f,
-                os.path.join(setup.out, "sweep", f"{m}_lr{b['lr'][m] * f:g}_s{args.seed}"))
+                run_folder(os.path.join(setup.out, "sweep"), m, b["lr"][m] * f, args.seed))
             for m in methods for f in factors]
     quiet = setup._replace(args=argparse.Namespace(**{**vars(args), "judge": None}))   # no judge
     sweep = {}
@@ -756,8 +762,7 @@ def score_rows(setup, methods, seeds, lrs, scorer, teacher):
                                      seed=args.seed)
     rows = {"student": {"seeds": [score_model(setup, os.path.join(out, "runs", "student"),
                                               load_student, scorer)], "lr": None}}
-    # a run is keyed by its rate: a rerun at another rate (--lr-sweep) trains anew
-    runs = [Run(m, seed, lrs[m], os.path.join(out, "runs", f"{m}_lr{lrs[m]:g}_s{seed}"),
+    runs = [Run(m, seed, lrs[m], run_folder(os.path.join(out, "runs"), m, lrs[m], seed),
                 curve_k if i == 0 else 0)
             for m in methods
             for i, seed in enumerate(seeds if METHODS[m][3] else seeds[:n_other])]
